@@ -1,0 +1,94 @@
+"""measureflow: simulate how probability measures move.
+
+A core engine advances weighted particles (:class:`Particles`) or Gaussian parameters
+(:class:`Gaussians`) through velocity-field plugins with pluggable integrators and writes
+trajectories to H5MD files. See README.md for a quickstart and ../MATH.md conventions (§0).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    CapabilityError,
+    MeasureflowError,
+    ParameterError,
+    PluginError,
+    ShapeError,
+    StateError,
+    TimeRangeError,
+    TrajectoryFileError,
+    UnknownPluginError,
+)
+from .fields import Field, from_potential  # noqa: E402
+from .plugins import get_registry, hookimpl, reload_registry  # noqa: E402
+from .state import Gaussians, Particles  # noqa: E402
+from .triggers import On, Periodic  # noqa: E402
+
+# Heavier pieces load on first use so that `import measureflow` stays fast.
+_LAZY = {
+    "Simulation": ("measureflow.simulation", "Simulation"),
+    "Result": ("measureflow.simulation", "Result"),
+    "open": ("measureflow.io.reader", "open_trajectory"),
+    "scenario": ("measureflow.scenario", "scenario"),
+    "measures": ("measureflow.measures", None),
+    "reductions": ("measureflow.reductions", None),
+    "observables": ("measureflow.observables", None),
+    "plot": ("measureflow.plot", None),
+}
+
+
+def __getattr__(name):
+    try:
+        module_name, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'measureflow' has no attribute {name!r}") from None
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def field(name: str, **params):
+    """Build a registered field by name: ``measureflow.field("linear", A=..., b=...)``."""
+    return get_registry().field(name, **params)
+
+
+def integrator(name: str, **params):
+    """Build a registered integrator by name: ``measureflow.integrator("rk4")``."""
+    return get_registry().integrator(name, **params)
+
+
+__all__ = [
+    "__version__",
+    "Particles",
+    "Gaussians",
+    "Field",
+    "from_potential",
+    "Periodic",
+    "On",
+    "hookimpl",
+    "get_registry",
+    "reload_registry",
+    "field",
+    "integrator",
+    "Simulation",
+    "Result",
+    "open",
+    "scenario",
+    "measures",
+    "reductions",
+    "observables",
+    "plot",
+    "MeasureflowError",
+    "ShapeError",
+    "StateError",
+    "CapabilityError",
+    "TimeRangeError",
+    "PluginError",
+    "UnknownPluginError",
+    "TrajectoryFileError",
+    "ParameterError",
+]

@@ -1,0 +1,42 @@
+"""Exceptions a user can cause; each message says what was wrong, where, and what to do."""
+
+from __future__ import annotations
+
+
+class MeasureflowError(Exception):
+    """Base class of every error measureflow raises on bad input."""
+
+
+class ShapeError(MeasureflowError, ValueError):
+    """A tensor has the wrong shape (the message names the expected and the received shape)."""
+
+
+class StateError(MeasureflowError, ValueError):
+    """A state or measure is invalid (non-SPD covariance, weights not summing to one, mixed devices)."""
+
+
+class CapabilityError(MeasureflowError, TypeError):
+    """A field lacks what the run needs (e.g. no Gaussian closure for a Gaussian state)."""
+
+
+class TimeRangeError(MeasureflowError, ValueError):
+    """A time lies outside a field's range; the message names the safe range."""
+
+
+class PluginError(MeasureflowError):
+    """Registration problem: duplicate names, broken plugins."""
+
+
+class UnknownPluginError(PluginError, KeyError):
+    """A name that no plugin registered; the message lists the registered names."""
+
+    def __str__(self) -> str:  # KeyError would wrap the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class TrajectoryFileError(MeasureflowError, OSError):
+    """A file that is unreadable or not a measureflow/H5MD trajectory."""
+
+
+class ParameterError(MeasureflowError, ValueError):
+    """A scenario parameter is unknown or cannot be converted to its declared type."""

@@ -1,0 +1,302 @@
+"""Plugin hooks, the plugin manager and the registry (DESIGN.md "Plugins").
+
+Every field, integrator, writer, observable, schedule and executor — built-in or third party — is
+registered the same way: a module (or any object) defines ``measureflow_register_<kind>(registry)``
+hook implementations marked with :data:`hookimpl`, and calls ``registry.add_<kind>(name, obj)``.
+
+* Built-ins are loaded from the fixed tuple :data:`BUILTIN_PLUGINS`.
+* Third-party packages are found through the entry-point group ``measureflow``; each loads inside
+  its own try/except so a broken one is reported by name and skipped (set the environment variable
+  ``MEASUREFLOW_STRICT_PLUGINS=1`` to make it fatal).
+* A name registered twice is an error naming both owners; an unknown name lists the registered ones.
+
+No hook is ever called inside a step loop: hooks only fill the registry, once per process.
+
+Example (a third-party package)::
+
+    import measureflow
+
+    @measureflow.hookimpl
+    def measureflow_register_fields(registry):
+        registry.add_field("harmonic", HarmonicField)
+
+and in its pyproject.toml::
+
+    [project.entry-points.measureflow]
+    harmonic = "my_package.plugin"
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import threading
+import warnings
+from importlib import metadata
+from typing import Any
+
+import attrs
+import pluggy
+
+from .errors import PluginError, UnknownPluginError
+
+__all__ = [
+    "hookimpl",
+    "hookspec",
+    "Registry",
+    "PluginEntry",
+    "get_registry",
+    "reload_registry",
+    "BUILTIN_PLUGINS",
+    "ENTRY_POINT_GROUP",
+    "KINDS",
+]
+
+PROJECT = "measureflow"
+ENTRY_POINT_GROUP = "measureflow"
+STRICT_ENV = "MEASUREFLOW_STRICT_PLUGINS"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+#: Registry kinds, in the order their hooks run; singular names are used by add_<kind>().
+KINDS = {
+    "fields": "field",
+    "integrators": "integrator",
+    "writers": "writer",
+    "observables": "observable",
+    "schedules": "schedule",
+    "executors": "executor",
+}
+
+#: Built-in plugin modules, loaded in this order before any third-party plugin.
+BUILTIN_PLUGINS = (
+    "measureflow.integrators.builtin",
+    "measureflow.io.builtin",
+    "measureflow.observables",
+    "measureflow_plugins.linear",
+)
+
+
+class HookSpecs:
+    """The registration hooks (one per registry kind)."""
+
+    @hookspec
+    def measureflow_register_fields(self, registry: "Registry") -> None:
+        """Register velocity fields: ``registry.add_field(name, factory)``."""
+
+    @hookspec
+    def measureflow_register_integrators(self, registry: "Registry") -> None:
+        """Register integrators: ``registry.add_integrator(name, factory)``."""
+
+    @hookspec
+    def measureflow_register_writers(self, registry: "Registry") -> None:
+        """Register writers (trajectory sinks): ``registry.add_writer(name, factory)``."""
+
+    @hookspec
+    def measureflow_register_observables(self, registry: "Registry") -> None:
+        """Register observables ``f(state, **params) -> (R,) or (R, ...)``: ``registry.add_observable``."""
+
+    @hookspec
+    def measureflow_register_schedules(self, registry: "Registry") -> None:
+        """Register interpolation schedules: ``registry.add_schedule(name, factory)``."""
+
+    @hookspec
+    def measureflow_register_executors(self, registry: "Registry") -> None:
+        """Register sweep executors: ``registry.add_executor(name, factory)``."""
+
+
+@attrs.frozen
+class PluginEntry:
+    """One registered object and where it came from."""
+
+    kind: str
+    name: str
+    obj: Any
+    owner: str  # the plugin (module or distribution) that registered it
+    version: str
+
+
+class Registry:
+    """Name → object tables for every plugin kind, filled by the registration hooks."""
+
+    def __init__(self):
+        self._tables: dict[str, dict[str, PluginEntry]] = {kind: {} for kind in KINDS}
+        self._owner = ("<user>", "")
+        self.failures: list[tuple[str, str]] = []  # (plugin, error) of skipped third-party plugins
+        self.plugins: dict[str, str] = {}  # loaded plugin name -> version
+
+    # -- adding -----------------------------------------------------------------------------------
+    def add(self, kind: str, name: str, obj: Any) -> None:
+        if kind not in self._tables:
+            raise PluginError(f"unknown registry kind {kind!r}; kinds are {', '.join(self._tables)}")
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"a {KINDS[kind]} must be registered under a non-empty string name, got {name!r}")
+        table = self._tables[kind]
+        owner, version = self._owner
+        if name in table:
+            raise PluginError(
+                f"duplicate {KINDS[kind]} name {name!r}: registered by {table[name].owner!r} "
+                f"and again by {owner!r}; rename one of them"
+            )
+        table[name] = PluginEntry(kind, name, obj, owner, version)
+
+    def add_field(self, name, factory):
+        self.add("fields", name, factory)
+
+    def add_integrator(self, name, factory):
+        self.add("integrators", name, factory)
+
+    def add_writer(self, name, factory):
+        self.add("writers", name, factory)
+
+    def add_observable(self, name, function):
+        self.add("observables", name, function)
+
+    def add_schedule(self, name, factory):
+        self.add("schedules", name, factory)
+
+    def add_executor(self, name, factory):
+        self.add("executors", name, factory)
+
+    # -- lookup -------------------------------------------------------------------------------------
+    def entry(self, kind: str, name: str) -> PluginEntry:
+        table = self._tables[kind]
+        try:
+            return table[name]
+        except KeyError:
+            known = ", ".join(sorted(table)) or "(none)"
+            raise UnknownPluginError(
+                f"no {KINDS[kind]} named {name!r}; registered {kind}: {known}"
+            ) from None
+
+    def get(self, kind: str, name: str) -> Any:
+        return self.entry(kind, name).obj
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._tables[kind])
+
+    def entries(self, kind: str) -> list[PluginEntry]:
+        return [self._tables[kind][n] for n in sorted(self._tables[kind])]
+
+    def field(self, name: str, **params):
+        """Build the registered field ``name`` with ``params``."""
+        field = self.get("fields", name)(**params)
+        if getattr(field, "name", "field") == "field":
+            try:
+                field.name = name
+            except AttributeError:
+                pass
+        return field
+
+    def integrator(self, name: str, **params):
+        return self.get("integrators", name)(**params)
+
+    def writer(self, name: str, *args, **params):
+        return self.get("writers", name)(*args, **params)
+
+    def owner_of(self, kind: str, name: str) -> str:
+        return self.entry(kind, name).owner
+
+    def version_of(self, obj_or_name, kind: str = "fields") -> str:
+        return self.entry(kind, obj_or_name).version
+
+    # -- loading ------------------------------------------------------------------------------------
+    def _load(self, pm: pluggy.PluginManager, plugin: Any, owner: str, version: str) -> None:
+        """Run one plugin's registration hooks into a staging registry, then commit atomically."""
+        staged = Registry()
+        staged._tables = {k: dict(v) for k, v in self._tables.items()}
+        staged._owner = (owner, version)
+        for kind in KINDS:
+            hook = getattr(pm.hook, f"measureflow_register_{kind}")
+            for impl in hook.get_hookimpls():
+                if impl.plugin is plugin:
+                    impl.function(registry=staged)
+        self._tables = staged._tables
+        self.plugins[owner] = version
+
+
+_lock = threading.Lock()
+_registry: Registry | None = None
+
+
+def _version_of_module(module_name: str) -> str:
+    top = module_name.split(".")[0]
+    if top in ("measureflow", "measureflow_plugins"):
+        from . import __version__
+
+        return __version__
+    mod = sys.modules.get(top)
+    return str(getattr(mod, "__version__", "unknown"))
+
+
+def _strict() -> bool:
+    return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _new_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(HookSpecs)
+    return pm
+
+
+def _build_registry(extra_plugins=()) -> Registry:
+    registry = Registry()
+    pm = _new_manager()
+    for module_name in BUILTIN_PLUGINS:
+        # A broken built-in is a bug in measureflow itself: always fatal.
+        module = importlib.import_module(module_name)
+        pm.register(module, name=module_name)
+        registry._load(pm, module, module_name, _version_of_module(module_name))
+
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        owner = dist.name if dist is not None else ep.value
+        version = dist.version if dist is not None else "unknown"
+        label = f"{owner}:{ep.name}" if dist is not None else ep.name
+        try:
+            plugin = ep.load()
+            if pm.is_registered(plugin):
+                continue
+            pm.register(plugin, name=label)
+            registry._load(pm, plugin, owner, version)
+        except Exception as exc:  # noqa: BLE001 - a third-party plugin must not break the engine
+            message = f"{type(exc).__name__}: {exc}"
+            if _strict():
+                raise PluginError(f"measureflow plugin {label!r} ({ep.value}) failed to load: {message}") from exc
+            registry.failures.append((label, message))
+            warnings.warn(
+                f"measureflow plugin {label!r} ({ep.value}) failed to load and was skipped: {message} "
+                f"(set {STRICT_ENV}=1 to make this fatal)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            try:
+                pm.unregister(name=label)
+            except Exception:  # noqa: BLE001
+                pass
+
+    for plugin in extra_plugins:
+        name = getattr(plugin, "__name__", repr(plugin))
+        pm.register(plugin, name=name)
+        registry._load(pm, plugin, name, _version_of_module(name))
+    return registry
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use."""
+    global _registry
+    if _registry is None:
+        with _lock:
+            if _registry is None:
+                _registry = _build_registry()
+    return _registry
+
+
+def reload_registry(extra_plugins=()) -> Registry:
+    """Rebuild the registry (after installing a plugin, or with extra in-process plugin objects)."""
+    global _registry
+    with _lock:
+        _registry = _build_registry(extra_plugins)
+    return _registry

@@ -1,0 +1,265 @@
+"""Scenarios: parameterised scripts that build a :class:`~measureflow.Simulation`.
+
+A scenario is a function whose keyword parameters all have type annotations and defaults; it
+returns a ``Simulation``. Decorate it with :func:`scenario`; optionally attach a ``report`` that
+receives the :class:`~measureflow.Result` (print numbers, draw a picture)::
+
+    from measureflow import Simulation, scenario
+
+    @scenario
+    def relax(n: int = 1000, steps: int = 100, out: str = "runs/relax.h5") -> Simulation:
+        ...
+        return Simulation(state, field, "rk4", 0.0, 1.0, steps=steps, writers=[out])
+
+    @relax.report
+    def _(result, params):
+        print(result.status)
+
+    if __name__ == "__main__":
+        relax.main()
+
+The same file runs as ``python relax.py --set n=500`` and as ``measureflow run relax.py --set n=500``.
+When the simulation writes an H5MD file, the runner keeps a checkpoint next to it
+(``<file>.ckpt``) so that ``--resume`` continues a killed run; the checkpoint is removed once the
+run completes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+
+from .errors import ParameterError
+
+__all__ = ["scenario", "Scenario", "Parameter", "load_scenarios", "parse_assignments"]
+
+_SUPPORTED = (int, float, str, bool)
+
+
+@attrs.frozen
+class Parameter:
+    """One scenario parameter: its name, type and default."""
+
+    name: str
+    type: Any
+    default: Any
+
+    def convert(self, text: str, scenario: str):
+        """Parse ``text`` (from ``--set name=text``) into this parameter's type."""
+        kind = self.type
+        try:
+            if kind is bool:
+                lowered = text.strip().lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError("expected true/false")
+            if kind in (int, float, str):
+                return kind(text)
+            origin = typing.get_origin(kind)
+            if origin in (list, tuple):
+                (inner,) = set(typing.get_args(kind)) - {Ellipsis} or {str}
+                items = [inner(v) for v in text.split(",") if v.strip()]
+                return tuple(items) if origin is tuple else items
+        except (ValueError, TypeError) as exc:
+            raise ParameterError(
+                f"scenario {scenario!r}: cannot read --set {self.name}={text!r} as {_type_name(kind)} ({exc})"
+            ) from None
+        raise ParameterError(f"scenario {scenario!r}: parameter {self.name!r} has unsupported type {_type_name(kind)}")
+
+
+def _type_name(kind) -> str:
+    return getattr(kind, "__name__", None) or str(kind)
+
+
+class Scenario:
+    """A decorated scenario function (see the module docstring)."""
+
+    def __init__(self, function: Callable, name: str | None = None):
+        self.function = function
+        self.name = name or function.__name__
+        self.doc = inspect.getdoc(function) or ""
+        self.parameters = self._read_signature(function)
+        self._report: Callable | None = None
+
+    def _read_signature(self, function) -> dict[str, Parameter]:
+        hints = typing.get_type_hints(function)
+        out = {}
+        for p in inspect.signature(function).parameters.values():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise ParameterError(f"scenario {self.name!r}: *args/**kwargs are not allowed; declare each parameter")
+            if p.default is inspect.Parameter.empty:
+                raise ParameterError(f"scenario {self.name!r}: parameter {p.name!r} needs a default value")
+            kind = hints.get(p.name, type(p.default) if p.default is not None else str)
+            out[p.name] = Parameter(p.name, kind, p.default)
+        return out
+
+    def report(self, function: Callable) -> Callable:
+        """Attach ``function(result, params)``, called after the run."""
+        self._report = function
+        return function
+
+    def resolve(self, overrides: dict | None = None) -> dict:
+        """Defaults updated with ``overrides`` (values or strings), validated."""
+        params = {name: p.default for name, p in self.parameters.items()}
+        for key, value in (overrides or {}).items():
+            if key not in self.parameters:
+                known = ", ".join(self.parameters) or "(none)"
+                raise ParameterError(f"scenario {self.name!r} has no parameter {key!r}; its parameters are: {known}")
+            param = self.parameters[key]
+            if isinstance(value, str) and param.type is not str:
+                value = param.convert(value, self.name)
+            elif param.type in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = param.type(value)
+            params[key] = value
+        return params
+
+    def build(self, overrides: dict | None = None):
+        """Call the scenario function with the resolved parameters; returns (simulation, params)."""
+        params = self.resolve(overrides)
+        simulation = self.function(**params)
+        from .simulation import Simulation
+
+        if not isinstance(simulation, Simulation):
+            raise ParameterError(
+                f"scenario {self.name!r} must return a measureflow.Simulation; it returned {type(simulation).__name__}"
+            )
+        simulation.parameters = {**params, **simulation.parameters}
+        simulation.description = simulation.description or self.doc.split("\n")[0]
+        return simulation, params
+
+    def run(self, overrides: dict | None = None, *, resume: bool = False, progress: bool | None = None):
+        """Build, run (with a checkpoint beside any H5MD output) and report; returns the Result."""
+        simulation, params = self.build(overrides)
+        h5_path = _h5_output(simulation)
+        if progress is not None:
+            simulation.progress = progress
+        if h5_path is not None and simulation.checkpoint_path is None:
+            from .triggers import as_trigger
+
+            simulation.checkpoint_path = Path(str(h5_path) + ".ckpt")
+            simulation.checkpoint_trigger = as_trigger(max(1, simulation.n_steps // 10))
+        if h5_path is not None:
+            Path(h5_path).parent.mkdir(parents=True, exist_ok=True)
+        simulation.resume = bool(resume) and simulation.checkpoint_path is not None
+        if simulation.resume and not simulation.checkpoint_path.exists() and h5_path is not None:
+            done = _completed_status(h5_path)
+            if done is not None:
+                print(f"{h5_path}: already completed ({done}); nothing to resume", file=sys.stderr)
+                return None
+        result = simulation.run()
+        if result.status.ok and simulation.checkpoint_path is not None:
+            simulation.checkpoint_path.unlink(missing_ok=True)
+        print(f"{self.name}: {result.status} in {result.wall_time:.2f} s", file=sys.stderr)
+        if self._report is not None:
+            self._report(result, params)
+        return result
+
+    def __call__(self, **overrides):
+        """Build the Simulation with these parameters (no run)."""
+        return self.build(overrides)[0]
+
+    def main(self, argv=None) -> int:
+        """Command-line entry used by ``python scenario.py`` (same options as ``measureflow run``)."""
+        parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name, description=self.doc or None)
+        add_run_arguments(parser)
+        args = parser.parse_args(argv)
+        return run_from_args(self, args)
+
+    def describe(self) -> str:
+        lines = [f"{self.name}: {self.doc.splitlines()[0] if self.doc else ''}".rstrip()]
+        for p in self.parameters.values():
+            lines.append(f"  {p.name} ({_type_name(p.type)}) = {p.default!r}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Scenario({self.name!r}, parameters={list(self.parameters)})"
+
+
+def scenario(function: Callable | None = None, *, name: str | None = None):
+    """Decorator turning a parameterised function into a :class:`Scenario`."""
+    if function is None:
+        return lambda f: Scenario(f, name=name)
+    return Scenario(function, name=name)
+
+
+def parse_assignments(items, scenario_name: str = "?") -> dict:
+    """``["n=10", "out=a.h5"]`` → ``{"n": "10", "out": "a.h5"}`` (conversion happens in resolve)."""
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ParameterError(f"scenario {scenario_name!r}: --set expects key=value, received {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a scenario parameter (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint beside the output file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--params", action="store_true", help="list the scenario's parameters and exit")
+
+
+def run_from_args(scn: Scenario, args) -> int:
+    if args.params:
+        print(scn.describe())
+        return 0
+    overrides = parse_assignments(args.assignments, scn.name)
+    result = scn.run(overrides, resume=args.resume, progress=False if args.no_progress else None)
+    if result is None:
+        return 0
+    return 0 if result.status.ok else 3
+
+
+def load_scenarios(path: str | Path) -> dict[str, Scenario]:
+    """Import a scenario file (without running its ``__main__`` block) and return its scenarios."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParameterError(f"scenario file {str(path)!r} does not exist")
+    module_name = f"measureflow_scenario_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ParameterError(f"cannot import {str(path)!r} as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    found = {obj.name: obj for obj in vars(module).values() if isinstance(obj, Scenario)}
+    if not found:
+        raise ParameterError(f"{str(path)!r} defines no @measureflow.scenario function")
+    return found
+
+
+def _h5_output(simulation):
+    for writer in simulation.writers:
+        path = getattr(writer, "path", None)
+        if path is not None:
+            return Path(path)
+    return None
+
+
+def _completed_status(h5_path) -> str | None:
+    if not Path(h5_path).exists():
+        return None
+    try:
+        from .io.reader import open_trajectory
+
+        with open_trajectory(h5_path) as traj:
+            status = getattr(traj, "status", None)
+    except Exception:  # noqa: BLE001 - an unreadable file simply is not "completed"
+        return None
+    if isinstance(status, dict) and status.get("code") == "completed":
+        return json.dumps(status)
+    if isinstance(status, str) and status.startswith("completed"):
+        return status
+    return None

@@ -1,0 +1,296 @@
+"""Simulation states: weighted particles and Gaussian parameters.
+
+Conventions follow MATH.md §0: a particle state is the measure μ = Σᵢ wᵢ δ_{xᵢ} (weights never
+change during a run), a Gaussian state is μ = N(m, Σ). Both carry R independent replicas in a
+leading batch dimension so that many simulations advance as one tensor operation.
+
+Validation happens at construction (the boundary where a user hands data in). Integrators build
+new states through :meth:`Particles.with_positions` / :meth:`Gaussians.with_parameters`, which skip
+validation so that a step never forces a device→host synchronisation.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import attrs
+import torch
+
+from .errors import ShapeError, StateError
+
+__all__ = ["Particles", "Gaussians", "State", "as_tensor"]
+
+
+def as_tensor(value, *, dtype=None, device=None, name="value") -> torch.Tensor:
+    """Convert array-likes (numpy, lists, tensors) to a torch tensor, keeping tensors' dtype/device."""
+    if isinstance(value, torch.Tensor):
+        out = value
+        if dtype is not None or device is not None:
+            out = out.to(dtype=dtype or out.dtype, device=device or out.device)
+        return out
+    try:
+        out = torch.as_tensor(value, device=device)
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        raise StateError(f"{name}: cannot convert {type(value).__name__} to a tensor ({exc})") from exc
+    if dtype is not None:
+        out = out.to(dtype)
+    elif not out.is_floating_point():
+        out = out.to(torch.get_default_dtype())
+    return out
+
+
+def _positions(value) -> torch.Tensor:
+    x = as_tensor(value, name="Particles.x")
+    if x.ndim == 2:
+        # A single replica given as (N, d) is common enough to accept.
+        x = x.unsqueeze(0)
+    if x.ndim != 3:
+        raise ShapeError(
+            f"Particles.x must have shape (R, N, d) (replicas, particles, dimensions); "
+            f"received shape {tuple(x.shape)}. Pass x[None] for a single replica."
+        )
+    if not x.is_floating_point():
+        raise StateError(f"Particles.x must be a floating-point tensor, received dtype {x.dtype}")
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ShapeError(f"Particles.x needs at least one particle and one dimension; received {tuple(x.shape)}")
+    return x
+
+
+@attrs.frozen(eq=False)
+class Particles:
+    """Weighted particles μ = Σᵢ wᵢ δ_{xᵢ}, batched over R replicas (MATH.md §0).
+
+    Parameters
+    ----------
+    x:
+        Positions, shape (R, N, d); an (N, d) array is read as one replica.
+    weights:
+        Optional weights, shape (R, N) (or (N,) shared by every replica), positive and summing to
+        one in each replica. ``None`` means uniform weights 1/N, stored implicitly.
+    """
+
+    x: torch.Tensor = attrs.field(converter=_positions)
+    weights: torch.Tensor | None = attrs.field(default=None)
+
+    def __attrs_post_init__(self):
+        if self.weights is None:
+            return
+        w = as_tensor(self.weights, dtype=self.x.dtype, device=self.x.device, name="Particles.weights")
+        R, N, _ = self.x.shape
+        if w.ndim == 1:
+            w = w.unsqueeze(0).expand(R, N) if w.shape[0] == N else w
+        if tuple(w.shape) != (R, N):
+            raise ShapeError(
+                f"Particles.weights must have shape (R, N) = {(R, N)} to match x of shape "
+                f"{tuple(self.x.shape)}; received {tuple(w.shape)}"
+            )
+        if isinstance(self.weights, torch.Tensor) and self.weights.device != self.x.device:
+            raise StateError(
+                f"Particles.weights is on {self.weights.device} but x is on {self.x.device}; "
+                "move both to the same device"
+            )
+        if bool((w < 0).any()):
+            raise StateError("Particles.weights must be non-negative")
+        sums = w.sum(dim=1)
+        tol = 1e-5 if w.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
+        bad = (sums - 1).abs() > tol * max(1.0, N ** 0.5)
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0, 0])
+            raise StateError(
+                f"Particles.weights must sum to one in every replica; replica {r} sums to "
+                f"{float(sums[r]):.8g}. Normalise them with w / w.sum(dim=1, keepdim=True)."
+            )
+        object.__setattr__(self, "weights", w.contiguous())
+
+    # -- shape --------------------------------------------------------------------------------
+    @property
+    def replicas(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def size(self) -> int:
+        """Number of particles N in each replica."""
+        return self.x.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.x.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+    def weights_or_uniform(self) -> torch.Tensor:
+        """Weights as an explicit (R, N) tensor (uniform 1/N when none were given)."""
+        if self.weights is not None:
+            return self.weights
+        R, N, _ = self.x.shape
+        return torch.full((R, N), 1.0 / N, dtype=self.x.dtype, device=self.x.device)
+
+    # -- derived states -------------------------------------------------------------------------
+    def with_positions(self, x: torch.Tensor) -> "Particles":
+        """Same weights, new positions; no validation (used inside the step loop)."""
+        new = copy.copy(self)
+        object.__setattr__(new, "x", x)
+        return new
+
+    def to(self, device=None, dtype=None) -> "Particles":
+        x = self.x.to(device=device, dtype=dtype)
+        w = None if self.weights is None else self.weights.to(device=device, dtype=dtype)
+        new = copy.copy(self)
+        object.__setattr__(new, "x", x)
+        object.__setattr__(new, "weights", w)
+        return new
+
+    def mean(self) -> torch.Tensor:
+        """Weighted mean, shape (R, d)."""
+        return torch.einsum("rn,rnd->rd", self.weights_or_uniform(), self.x)
+
+    def covariance(self) -> torch.Tensor:
+        """Weighted (population) covariance Σᵢ wᵢ (xᵢ − m)(xᵢ − m)ᵀ, shape (R, d, d)."""
+        w = self.weights_or_uniform()
+        centred = self.x - self.mean()[:, None, :]
+        return torch.einsum("rn,rni,rnj->rij", w, centred, centred)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that define the state (for checkpoints and writers)."""
+        out = {"x": self.x}
+        if self.weights is not None:
+            out["weights"] = self.weights
+        return out
+
+    def __repr__(self) -> str:
+        R, N, d = self.x.shape
+        weighted = "weighted" if self.weights is not None else "uniform"
+        return f"Particles(R={R}, N={N}, d={d}, {weighted}, dtype={self.dtype}, device={self.device})"
+
+
+def _symmetric_part(a: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (a + a.transpose(-1, -2))
+
+
+@attrs.frozen(eq=False)
+class Gaussians:
+    """Gaussian state μ = N(m, Σ), batched over R replicas (MATH.md §0, eq. 0.1).
+
+    ``mean`` has shape (R, d) (or (d,)), ``cov`` shape (R, d, d) (or (d, d)); the covariance must be
+    symmetric positive definite. An affine velocity v(x) = b + A(x − m) moves the state by
+    ṁ = b, Σ̇ = AΣ + ΣAᵀ.
+    """
+
+    mean: torch.Tensor = attrs.field()
+    cov: torch.Tensor = attrs.field()
+
+    def __attrs_post_init__(self):
+        m = as_tensor(self.mean, name="Gaussians.mean")
+        c = as_tensor(self.cov, name="Gaussians.cov")
+        if m.ndim == 1:
+            m = m.unsqueeze(0)
+        if c.ndim == 2:
+            c = c.unsqueeze(0)
+        if m.ndim != 2:
+            raise ShapeError(f"Gaussians.mean must have shape (R, d); received {tuple(m.shape)}")
+        if c.ndim != 3 or c.shape[-1] != c.shape[-2]:
+            raise ShapeError(f"Gaussians.cov must have shape (R, d, d); received {tuple(c.shape)}")
+        if c.shape[0] != m.shape[0] and m.shape[0] == 1:
+            m = m.expand(c.shape[0], -1)
+        if c.shape[0] != m.shape[0] and c.shape[0] == 1:
+            c = c.expand(m.shape[0], -1, -1)
+        if tuple(c.shape) != (m.shape[0], m.shape[1], m.shape[1]):
+            raise ShapeError(
+                f"Gaussians.cov must have shape (R, d, d) = {(m.shape[0], m.shape[1], m.shape[1])} "
+                f"to match mean of shape {tuple(m.shape)}; received {tuple(c.shape)}"
+            )
+        if m.device != c.device:
+            raise StateError(f"Gaussians.mean is on {m.device} but cov is on {c.device}; use one device")
+        if m.dtype != c.dtype:
+            raise StateError(f"Gaussians.mean has dtype {m.dtype} but cov has {c.dtype}; use one dtype")
+        asym = (c - c.transpose(-1, -2)).abs().amax(dim=(-1, -2))
+        scale = c.abs().amax(dim=(-1, -2)).clamp_min(1e-30)
+        tol = 1e-5 if c.dtype != torch.float64 else 1e-10
+        if bool((asym > tol * scale).any()):
+            r = int((asym > tol * scale).nonzero()[0, 0])
+            raise StateError(
+                f"Gaussians.cov must be symmetric; replica {r} has max |Σ − Σᵀ| = {float(asym[r]):.3g}. "
+                "Symmetrise it with (S + S.T) / 2."
+            )
+        c = _symmetric_part(c)
+        _, info = torch.linalg.cholesky_ex(c)
+        if bool((info != 0).any()):
+            r = int((info != 0).nonzero()[0, 0])
+            eig = torch.linalg.eigvalsh(c[r])
+            raise StateError(
+                f"Gaussians.cov must be positive definite; replica {r} has smallest eigenvalue "
+                f"{float(eig[0]):.6g}. Add a small multiple of the identity or fix the matrix."
+            )
+        object.__setattr__(self, "mean", m.contiguous())
+        object.__setattr__(self, "cov", c.contiguous())
+
+    @property
+    def replicas(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mean.dtype
+
+    def with_parameters(self, mean: torch.Tensor, cov: torch.Tensor) -> "Gaussians":
+        """New mean and covariance; no validation (used inside the step loop)."""
+        new = copy.copy(self)
+        object.__setattr__(new, "mean", mean)
+        object.__setattr__(new, "cov", cov)
+        return new
+
+    def to(self, device=None, dtype=None) -> "Gaussians":
+        return self.with_parameters(self.mean.to(device=device, dtype=dtype), self.cov.to(device=device, dtype=dtype))
+
+    def covariance(self) -> torch.Tensor:
+        return self.cov
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "cov": self.cov}
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Particles:
+        """Draw n particles per replica: x = m + L z with Σ = L Lᵀ (reproducible from ``generator``)."""
+        R, d = self.mean.shape
+        z = torch.randn((R, n, d), generator=generator, dtype=self.dtype, device=self.device)
+        chol = torch.linalg.cholesky(self.cov)
+        return Particles(self.mean[:, None, :] + z @ chol.transpose(-1, -2))
+
+    def __repr__(self) -> str:
+        R, d = self.mean.shape
+        return f"Gaussians(R={R}, d={d}, dtype={self.dtype}, device={self.device})"
+
+
+State = Particles | Gaussians
+
+
+def state_from_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> State:
+    """Rebuild a state from :meth:`tensors` output (used by checkpoints)."""
+    if kind == "particles":
+        return Particles(tensors["x"], tensors.get("weights"))
+    if kind == "gaussians":
+        return Gaussians(tensors["mean"], tensors["cov"])
+    raise StateError(f"unknown state kind {kind!r}; expected 'particles' or 'gaussians'")
+
+
+def state_kind(state) -> str:
+    if isinstance(state, Particles):
+        return "particles"
+    if isinstance(state, Gaussians):
+        return "gaussians"
+    raise StateError(
+        f"expected a measureflow.Particles or measureflow.Gaussians state, received {type(state).__name__}"
+    )
