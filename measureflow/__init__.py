@@ -24,6 +24,9 @@ from .errors import (  # noqa: E402
 )
 from .fields import Field, from_potential  # noqa: E402
 from .plugins import get_registry, hookimpl, reload_registry  # noqa: E402
+# Bound eagerly: the submodule shares the decorator's name, and a lazy lookup would hand out the
+# module once anything had imported `measureflow.scenario`.
+from .scenario import scenario  # noqa: E402
 from .state import Gaussians, Particles  # noqa: E402
 from .triggers import On, Periodic  # noqa: E402
 
@@ -32,7 +35,6 @@ _LAZY = {
     "Simulation": ("measureflow.simulation", "Simulation"),
     "Result": ("measureflow.simulation", "Result"),
     "open": ("measureflow.io.reader", "open_trajectory"),
-    "scenario": ("measureflow.scenario", "scenario"),
     "measures": ("measureflow.measures", None),
     "reductions": ("measureflow.reductions", None),
     "observables": ("measureflow.observables", None),

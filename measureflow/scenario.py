@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
-import json
 import sys
 import typing
 from pathlib import Path
@@ -258,8 +257,6 @@ def _completed_status(h5_path) -> str | None:
             status = getattr(traj, "status", None)
     except Exception:  # noqa: BLE001 - an unreadable file simply is not "completed"
         return None
-    if isinstance(status, dict) and status.get("code") == "completed":
-        return json.dumps(status)
-    if isinstance(status, str) and status.startswith("completed"):
-        return status
+    if isinstance(status, dict) and status.get("status") == "completed":
+        return f"step {status['step']}, t = {status['time']:.6g}"
     return None

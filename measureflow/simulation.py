@@ -10,8 +10,9 @@ Per-step order (documented contract; writers and observers may rely on it):
      controller needs and land exactly on tₖ);
   2. the health flags are updated on the device (non-finite values, the blow-up bound) without
      a host synchronisation; the first offending step is remembered on the device;
-  3. on a *check* step (every ``check_every`` steps, every step where a writer writes or a
-     checkpoint is saved, and the last step) the flags are read; an unhealthy state ends the run
+  3. on a *check* step (every step where a writer writes or a checkpoint is saved, the last step,
+     and every ``check_every`` steps when that is set) the flags are read — the only host
+     synchronisation of a fixed-step particle run; an unhealthy state ends the run
      with status ``nonfinite`` or ``blowup`` naming the first offending step and time, and that
      state is neither observed nor written;
   4. triggered observers measure the state (values stay on the device);
@@ -217,7 +218,8 @@ class Simulation:
         a checkpoint path, its trigger (default: every ``max(1, n // 10)`` steps), and whether
         :meth:`run` continues from an existing checkpoint.
     check_every:
-        how often the health flags are read (a host synchronisation).
+        also read the health flags every this many steps (a host synchronisation; by default they
+        are read only where data leaves the device anyway: writes, checkpoints, the last step).
     progress:
         None → a tqdm bar when stderr is a terminal; True/False force it.
     parameters:
@@ -244,7 +246,7 @@ class Simulation:
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every=None,
         resume: bool = False,
-        check_every: int = 10,
+        check_every: int | None = None,
         progress: bool | None = None,
         parameters: dict | None = None,
         description: str = "",
@@ -281,7 +283,7 @@ class Simulation:
         self.target = target
         self.blowup = None if blowup is None else float(blowup)
         self.wall_time = None if wall_time is None else float(wall_time)
-        self.check_every = max(1, int(check_every))
+        self.check_every = None if check_every is None else max(1, int(check_every))
         self.progress = progress
         self.parameters = dict(parameters or {})
         self.description = description
@@ -432,7 +434,8 @@ class Simulation:
                 last = step == self.n_steps
                 writes = any(_fires(w, step, last) for w in self.writers)
                 checkpoints = self.checkpoint_trigger(step)
-                if last or writes or checkpoints or step % self.check_every == 0:
+                periodic = self.check_every is not None and step % self.check_every == 0
+                if last or writes or checkpoints or periodic:
                     status = self._read_health(first_bad, bad_kind)
                     if status is not None:
                         break
@@ -442,11 +445,14 @@ class Simulation:
                     self._save_checkpoint(state, step, generator, history)
                 if bar is not None:
                     bar.update(1)
+                stop = None
                 if self.wall_time is not None and _time.monotonic() - start > self.wall_time:
-                    status = Status("time_budget", step, t_next, f"wall-clock budget of {self.wall_time:g} s reached")
-                    break
+                    stop = Status("time_budget", step, t_next, f"wall-clock budget of {self.wall_time:g} s reached")
                 if self._stop_flag.is_set():
-                    status = Status("terminated", step, t_next, "SIGTERM received; stopped cleanly")
+                    stop = Status("terminated", step, t_next, "SIGTERM received; stopped cleanly")
+                if stop is not None:
+                    # Never checkpoint a state that went bad since the last check.
+                    status = self._read_health(first_bad, bad_kind) or stop
                     break
             if status is None:
                 status = Status(STATUS_COMPLETED, step, self.time_at(step))

@@ -1,0 +1,97 @@
+"""H5MDWriter against a bare h5py append loop at the same frame sizes and chunking.
+
+The bare loop is the floor for appending to HDF5 from Python: per frame it resizes and assigns the
+value, step and time datasets of one element (what H5MD asks for), in the same chunk layout, with
+SWMR mode on as in the writer. The writer adds: host copy of a torch tensor, shape checks,
+book-keeping of complete rows and, on its schedule, two-phase flushes (data, then row counts).
+
+Usage::
+
+    python benchmarks/bench_writer.py [--frames 100] [--repeats 3] [--sizes 10000 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+import measureflow as mf
+from measureflow.io import RunInfo
+from measureflow.io import layout as L
+from measureflow.io.h5md import STEP_CHUNK, H5MDWriter
+
+
+def bench_writer(path: Path, x: torch.Tensor, frames: int, **options) -> float:
+    R, N, d = x.shape
+    start = time.perf_counter()
+    writer = H5MDWriter(path, **options)
+    writer.open(RunInfo(kind="particles", replicas=R, size=N, dim=d, dtype=str(x.dtype).removeprefix("torch.")))
+    state = mf.Particles(x)
+    for step in range(frames):
+        writer.write_frame(step, 0.01 * step, state)
+    writer.close()
+    return time.perf_counter() - start
+
+
+def bench_bare(path: Path, x: torch.Tensor, frames: int) -> float:
+    R, N, d = x.shape
+    start = time.perf_counter()
+    host = x.reshape(R * N, d).numpy()
+    with h5py.File(path, "w", libver="latest", rdcc_nbytes=L.CHUNK_CACHE_BYTES) as f:
+        sample = (R * N, d)
+        chunks = L.chunk_shape(sample, host.dtype.itemsize, L.FRAME_CHUNK_BYTES, L.FRAME_CHUNK_FRAMES)
+        value = f.create_dataset("value", shape=(0, *sample), maxshape=(None, *sample), chunks=chunks, dtype=host.dtype)
+        steps = f.create_dataset("step", shape=(0,), maxshape=(None,), chunks=(STEP_CHUNK,), dtype=np.int64)
+        times = f.create_dataset("time", shape=(0,), maxshape=(None,), chunks=(STEP_CHUNK,), dtype=np.float64)
+        f.swmr_mode = True
+        for i in range(frames):
+            value.resize(i + 1, axis=0)
+            value[i] = host
+            steps.resize(i + 1, axis=0)
+            steps[i] = i
+            times.resize(i + 1, axis=0)
+            times[i] = 0.01 * i
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--dim", type=int, default=2)
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    print(f"h5py {h5py.__version__}, HDF5 {h5py.version.hdf5_version}, torch {torch.__version__}")
+    print(f"R = 1, d = {args.dim}, {args.dtype}, {args.frames} frames, median of {args.repeats} runs")
+    print(
+        f"{'N':>8} {'MB/frame':>9} {'bare ms/frame':>14} {'writer ms/frame':>16} {'ratio':>6} "
+        f"{'writer, flush every 10':>24}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for n in args.sizes:
+            x = torch.randn(1, n, args.dim, dtype=dtype)
+            results = {"bare": [], "writer": [], "flush10": []}
+            for r in range(args.repeats):
+                results["bare"].append(bench_bare(tmp / f"bare{r}.h5", x, args.frames))
+                results["writer"].append(bench_writer(tmp / f"w{r}.h5", x, args.frames))
+                results["flush10"].append(bench_writer(tmp / f"f{r}.h5", x, args.frames, flush_every=10))
+            per = {k: 1e3 * statistics.median(v) / args.frames for k, v in results.items()}
+            mb = x.numel() * x.element_size() / 1e6
+            print(
+                f"{n:>8} {mb:>9.2f} {per['bare']:>14.3f} {per['writer']:>16.3f} "
+                f"{per['writer'] / per['bare']:>6.2f} {per['flush10']:>17.3f} ({per['flush10'] / per['bare']:.2f}×)"
+            )
+
+
+if __name__ == "__main__":
+    main()

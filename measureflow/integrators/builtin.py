@@ -1,0 +1,36 @@
+"""Registration of the built-in integrators (loaded through :data:`measureflow.plugins.BUILTIN_PLUGINS`).
+
+Every name maps to a factory taking keyword arguments:
+
+=================  ======================================  ====================================
+name               method                                   keyword arguments
+=================  ======================================  ====================================
+``euler``          explicit Euler, order 1                  max_halvings
+``heun``           Heun (explicit trapezoid), order 2       max_halvings
+``midpoint``       explicit midpoint, order 2               max_halvings
+``rk4``            classical Runge–Kutta, order 4           max_halvings
+``dopri5``         Dormand–Prince 5(4), adaptive            rtol, atol, dt_min, dt_max, safety,
+                                                            first_step, max_steps
+``euler_maruyama`` Euler–Maruyama, weak order 1, noise      max_halvings
+=================  ======================================  ====================================
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from ..plugins import hookimpl
+from .adaptive import DormandPrince5
+from .runge_kutta import ExplicitRungeKutta
+from .stochastic import EulerMaruyama
+from .tableau import EULER, HEUN, MIDPOINT, RK4
+
+__all__ = ["measureflow_register_integrators"]
+
+
+@hookimpl
+def measureflow_register_integrators(registry):
+    for tableau in (EULER, HEUN, MIDPOINT, RK4):
+        registry.add_integrator(tableau.name, partial(ExplicitRungeKutta, tableau))
+    registry.add_integrator("dopri5", DormandPrince5)
+    registry.add_integrator("euler_maruyama", EulerMaruyama)

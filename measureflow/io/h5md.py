@@ -1,0 +1,671 @@
+"""H5MD 1.1 trajectory writer (DESIGN.md "Trajectory files"; layout in :mod:`measureflow.io.layout`).
+
+Durability
+----------
+Every dataset is laid out when the file is opened, then the file switches to HDF5's single-writer /
+multiple-reader (SWMR) mode, in which HDF5 orders its metadata writes so that the file on disk is
+always a valid HDF5 file: a SIGKILL of the writing process loses at most the frames written since
+the last flush, and the file stays readable (measureflow's reader opens it in SWMR-read mode; a
+resumed run rewrites it into a plain file). Flushes happen on a schedule (every ``flush_frames``
+frames or ``flush_seconds`` seconds), on :meth:`H5MDWriter.flush`, on :meth:`H5MDWriter.close`
+and at interpreter exit. Each flush first makes the data durable, then records in
+``/measureflow/committed`` how many rows of each element are complete, then flushes that count: a
+reader never trusts a row beyond it, so a row whose data had not reached the disk is never shown.
+
+Growth
+------
+The frame axis of every time-dependent dataset is unlimited and grows by exactly one row per write
+(no over-allocated extent, no fill rows). Chunks hold about 1 MiB of frame data (several small
+frames, or one large frame split into equal parts).
+
+Interrupted writes
+------------------
+A row counts only once its ``value``, ``step`` and ``time`` are all written. If an exception (for
+instance raised by a SIGTERM handler) interrupts a write, :meth:`flush` / :meth:`close` cut the
+datasets back to the complete rows, so the file stays consistent; both are idempotent.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import time as _time
+import warnings
+import weakref
+from pathlib import Path
+
+import attrs
+import h5py
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import ShapeError, TrajectoryFileError
+from . import layout as L
+from .base import Writer
+from .runinfo import RunInfo
+
+__all__ = ["H5MDWriter", "rebuild_file", "STEP_CHUNK"]
+
+#: Rows per chunk of the step and time datasets (2 KiB each).
+STEP_CHUNK = 256
+#: Clock used by the flush schedule (replaceable in tests so that no test depends on wall time).
+_clock = _time.monotonic
+
+_OPEN_WRITERS: "weakref.WeakSet[H5MDWriter]" = weakref.WeakSet()
+_atexit_installed = False
+
+
+def _close_open_writers() -> None:
+    for writer in list(_OPEN_WRITERS):
+        try:
+            writer.close()
+        except Exception:  # noqa: BLE001 - at exit, keep closing the others
+            pass
+
+
+def _install_atexit() -> None:
+    global _atexit_installed
+    if not _atexit_installed:
+        atexit.register(_close_open_writers)
+        _atexit_installed = True
+
+
+@attrs.define(eq=False)
+class _Element:
+    """Book-keeping of one time-dependent element: complete rows and the last step written."""
+
+    path: str
+    sample_shape: tuple
+    rows: int = 0
+    last_step: int | None = None
+    value: h5py.Dataset | None = None
+    step: h5py.Dataset | None = None
+    time: h5py.Dataset | None = None
+
+    def bind(self, file: h5py.File) -> None:
+        group = file[self.path]
+        self.value, self.step, self.time = group["value"], group["step"], group["time"]
+
+    def lengths(self) -> tuple[int, int, int]:
+        return self.value.shape[0], self.step.shape[0], self.time.shape[0]
+
+    def cut(self, rows: int) -> None:
+        for ds in (self.value, self.step, self.time):
+            if ds.shape[0] != rows:
+                ds.resize(rows, axis=0)
+        self.rows = rows
+
+
+def _create_element(file: h5py.File, path: str, sample_shape, dtype, large: bool, compression=None, opts=None):
+    group = file.require_group(path)
+    dtype = np.dtype(dtype)
+    if large:
+        target, frames = L.FRAME_CHUNK_BYTES, L.FRAME_CHUNK_FRAMES
+    else:
+        target, frames = L.SMALL_CHUNK_BYTES, L.SMALL_CHUNK_FRAMES
+    group.create_dataset(
+        "value",
+        shape=(0, *sample_shape),
+        maxshape=(None, *sample_shape),
+        chunks=L.chunk_shape(tuple(sample_shape), dtype.itemsize, target, frames),
+        dtype=dtype,
+        compression=compression,
+        compression_opts=opts,
+    )
+    group.create_dataset("step", shape=(0,), maxshape=(None,), chunks=(STEP_CHUNK,), dtype=np.int64)
+    group.create_dataset("time", shape=(0,), maxshape=(None,), chunks=(STEP_CHUNK,), dtype=np.float64)
+    return _Element(path, tuple(int(n) for n in sample_shape))
+
+
+def _valid_rows(file: h5py.File) -> dict[str, int]:
+    """Rows of each time-dependent element that a reader may trust (see the module docstring)."""
+    committed = {}
+    if L.COMMITTED in file:
+        ds = file[L.COMMITTED]
+        names = L.text(ds.attrs.get("elements", np.array([], dtype="S1")))
+        counts = ds[()]
+        committed = {name: int(n) for name, n in zip(names, counts)}
+    out = {}
+
+    def visit(name, obj):
+        if L.is_element(obj):
+            lengths = [obj["value"].shape[0], obj["step"].shape[0]]
+            if isinstance(obj.get("time"), h5py.Dataset) and obj["time"].shape:
+                lengths.append(obj["time"].shape[0])
+            n = min(lengths)
+            if name in committed:
+                n = min(n, committed[name])
+            out[name] = n
+
+    file.visititems(visit)
+    return out
+
+
+def _rows_up_to(element: h5py.Group, valid: int, upto_step: int | None) -> int:
+    if upto_step is None or valid == 0:
+        return valid
+    steps = element["step"][:valid]
+    return int(np.searchsorted(steps, upto_step, side="right"))
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def rebuild_file(path, upto_step: int | None = None) -> dict[str, int]:
+    """Rewrite a trajectory keeping only trustworthy rows (and, if given, rows with step ≤ ``upto_step``).
+
+    Used when a file cannot be reopened in place (its writer was killed while in SWMR mode): the
+    valid content is copied into ``<path>.rebuild-<pid>`` in the same directory, which then
+    replaces ``path`` atomically. Returns the rows kept per element. The result is a plain HDF5
+    file that any reader opens.
+    """
+    path = Path(path)
+    try:
+        src = h5py.File(path, "r")
+    except OSError:
+        try:
+            src = h5py.File(path, "r", swmr=True)
+        except OSError as exc:
+            raise TrajectoryFileError(
+                f"{path}: cannot be opened even in SWMR-read mode ({exc}); the file is damaged beyond "
+                "what can be recovered, delete it and start the run again"
+            ) from exc
+    tmp = path.with_name(f"{path.name}.rebuild-{os.getpid()}")
+    try:
+        with src, h5py.File(tmp, "w", libver="latest") as dst:
+            keep = {name: _rows_up_to(src[name], n, upto_step) for name, n in _valid_rows(src).items()}
+            for key, value in src.attrs.items():
+                dst.attrs.create(key, value, dtype=src.attrs.get_id(key).dtype)
+            for name in src:
+                src.copy(src[name], dst, name=name)
+            for name, n in keep.items():
+                for child in dst[name].values():
+                    if isinstance(child, h5py.Dataset) and child.shape and child.shape[0] != n:
+                        child.resize(n, axis=0)
+            if L.COMMITTED in dst:
+                ds = dst[L.COMMITTED]
+                names = L.text(ds.attrs.get("elements", np.array([], dtype="S1")))
+                ds[...] = np.array([keep.get(n, 0) for n in names], dtype=np.int64)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    _fsync_directory(path.parent)
+    return keep
+
+
+class H5MDWriter(Writer):
+    """Write a run to an H5MD 1.1 file (layout: :mod:`measureflow.io.layout`).
+
+    Parameters
+    ----------
+    path:
+        Output file; an existing file is replaced unless the run is resumed
+        (``RunInfo.resume_step`` is not None), in which case it is reopened and cut back to the
+        resume step.
+    every:
+        Trigger of the steps on which frames are written (int k = every k steps).
+    flush_every:
+        Shorthand: an int sets ``flush_frames``, a float sets ``flush_seconds``.
+    flush_frames, flush_seconds:
+        Flush after this many frames or this many seconds since the last flush (either may be
+        None). A due flush runs right after the step's observables are written (or at the next
+        frame), so a step's frame and observables are committed together.
+    compression, compression_opts:
+        Passed to h5py for the value datasets (e.g. "gzip", 4); off by default for speed.
+    """
+
+    def __init__(
+        self,
+        path,
+        every=1,
+        *,
+        flush_every=None,
+        flush_frames: int | None = None,
+        flush_seconds: float | None = 5.0,
+        compression=None,
+        compression_opts=None,
+    ):
+        super().__init__(every)
+        self.path = Path(path)
+        if isinstance(flush_every, bool):
+            raise TypeError("flush_every must be an int (frames) or a float (seconds)")
+        if isinstance(flush_every, int):
+            flush_frames, flush_seconds = flush_every, None
+        elif isinstance(flush_every, float):
+            flush_seconds = flush_every
+        elif flush_every is not None:
+            raise TypeError(f"flush_every must be an int (frames) or a float (seconds), got {flush_every!r}")
+        if flush_frames is not None and int(flush_frames) < 1:
+            raise ValueError(f"flush_frames must be ≥ 1 or None, got {flush_frames}")
+        if flush_seconds is not None and float(flush_seconds) < 0:
+            raise ValueError(f"flush_seconds must be ≥ 0 or None, got {flush_seconds}")
+        self.flush_frames = None if flush_frames is None else int(flush_frames)
+        self.flush_seconds = None if flush_seconds is None else float(flush_seconds)
+        self.compression = compression
+        self.compression_opts = compression_opts
+        self.run: RunInfo | None = None
+        self.stats = {"frames": 0, "flushes": 0}
+        self._file: h5py.File | None = None
+        self._frame_elements: list[_Element] = []
+        self._observables: dict[str, _Element] = {}
+        self._order: list[str] = []  # element paths, the order of /measureflow/committed
+        self._committed: h5py.Dataset | None = None
+        self._pending_rows = 0
+        self._last_flush = 0.0
+        self._incomplete = False  # a write was interrupted: datasets may be longer than rows
+        self._status: tuple | None = None
+        self._closed = False
+
+    # -- opening ----------------------------------------------------------------------------------
+    def open(self, run: RunInfo) -> None:
+        if not isinstance(run, RunInfo):
+            raise TypeError(f"H5MDWriter.open expects a measureflow.io.RunInfo, received {type(run).__name__}")
+        if self.run is not None:
+            raise RuntimeError(f"H5MDWriter({self.path}) is already open; create one writer per run")
+        self.run = run
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if run.resume_step is not None and self.path.exists():
+            self._reopen_for_resume(run)
+        else:
+            self._create(run)
+            if run.resume_step is not None:
+                self._warn_lost_frames(run.resume_step)
+        self._start_swmr()
+        self._last_flush = _clock()
+        _OPEN_WRITERS.add(self)
+        _install_atexit()
+
+    def _h5(self, mode: str) -> h5py.File:
+        return h5py.File(self.path, mode, libver="latest", rdcc_nbytes=L.CHUNK_CACHE_BYTES)
+
+    def _create(self, run: RunInfo) -> None:
+        f = self._file = self._h5("w")
+        h5md = f.create_group("h5md")
+        h5md.attrs.create("version", np.array(L.H5MD_VERSION, dtype=np.int32))
+        L.set_text(f.create_group("h5md/author").attrs, "name", run.resolved_author())
+        creator = f.create_group("h5md/creator")
+        L.set_text(creator.attrs, "name", "measureflow")
+        L.set_text(creator.attrs, "version", __version__)
+        f.create_group("h5md/modules/measureflow").attrs.create(
+            "version", np.array(L.MODULE_VERSION, dtype=np.int32)
+        )
+
+        params = f.require_group("parameters").create_dataset(
+            "measureflow", data=json.dumps(run.parameters, sort_keys=False), dtype=h5py.string_dtype("utf-8")
+        )
+        L.set_text(params.attrs, "format", "json")
+        L.set_text(params.attrs, "kind", run.kind)
+        for key in ("replicas", "size", "dim"):
+            params.attrs.create(key, np.int64(getattr(run, key)))
+        L.set_text(params.attrs, "dtype", run.dtype)
+
+        if run.kind == "particles":
+            R, N, d = run.replicas, run.size, run.dim
+            box = f.create_group(L.BOX)
+            box.attrs.create("dimension", np.int32(d))
+            box.attrs.create("boundary", L.fixed_strings(["none"] * d))
+            weights = run.weights if run.weights is not None else np.full((R, N), 1.0 / N)
+            f.create_dataset(L.WEIGHT, data=weights.reshape(R * N).astype(np.float64))
+            f.create_dataset(L.REPLICA, data=np.repeat(np.arange(R, dtype=np.int32), N))
+            self._frame_elements = [self._new_element(f, L.POSITION, (R * N, d), run.dtype, True)]
+        else:
+            R, d = run.replicas, run.dim
+            self._frame_elements = [
+                self._new_element(f, L.MEAN, (R, d), run.dtype, True),
+                self._new_element(f, L.COV, (R, d, d), run.dtype, True),
+            ]
+        f.create_group(L.OBSERVABLES, track_order=True)
+        for name in run.observable_names:
+            if name in run.observable_shapes:
+                self._observables[name] = self._new_element(
+                    f, f"{L.OBSERVABLES}/{name}", run.observable_shapes[name], np.float64, False
+                )
+        self._order = [e.path for e in self._elements()]
+        committed = f.create_dataset(
+            L.COMMITTED, shape=(len(self._order),), maxshape=(None,), chunks=(64,), dtype=np.int64
+        )
+        committed.attrs.create("elements", L.fixed_strings(self._order))
+        status = f.create_group(L.STATUS)
+        self._write_status_attrs(status, "running", -1, float("nan"), "")
+
+    def _new_element(self, f, path, sample_shape, dtype, large: bool) -> _Element:
+        return _create_element(f, path, sample_shape, dtype, large, self.compression, self.compression_opts)
+
+    def _elements(self) -> list[_Element]:
+        return [*self._frame_elements, *self._observables.values()]
+
+    def _reopen_for_resume(self, run: RunInfo) -> None:
+        try:
+            f = self._h5("r+")
+        except OSError:
+            # The previous writer died in SWMR mode (or mid-write): copy what is valid.
+            rebuild_file(self.path, run.resume_step)
+            try:
+                f = self._h5("r+")
+            except OSError as exc:
+                raise TrajectoryFileError(f"{self.path}: cannot reopen the rebuilt trajectory ({exc})") from exc
+        self._file = f
+        try:
+            self._check_compatible(f, run)
+            valid = _valid_rows(f)
+            if run.kind == "particles":
+                frame_paths = [L.POSITION]
+            else:
+                frame_paths = [L.MEAN, L.COV]
+            paths = [p for p in valid if p not in frame_paths]
+            elements = {}
+            for p in frame_paths + paths:
+                group = f[p]
+                keep = _rows_up_to(group, valid.get(p, 0), run.resume_step)
+                el = _Element(p, tuple(group["value"].shape[1:]))
+                el.bind(f)
+                el.cut(keep)
+                el.last_step = int(el.step[keep - 1]) if keep else None
+                elements[p] = el
+            # Frames of one step must stay together (mean and cov of a Gaussian run).
+            common = min(elements[p].rows for p in frame_paths)
+            for p in frame_paths:
+                el = elements[p]
+                el.cut(common)
+                el.last_step = int(el.step[common - 1]) if common else None
+            self._frame_elements = [elements[p] for p in frame_paths]
+            prefix = L.OBSERVABLES + "/"
+            self._observables = {p[len(prefix):]: elements[p] for p in paths if p.startswith(prefix)}
+            for name in run.observable_names:
+                if name not in self._observables and name in run.observable_shapes:
+                    self._observables[name] = self._new_element(
+                        f, prefix + name, run.observable_shapes[name], np.float64, False
+                    )
+            self._write_order(f)
+            status = f.require_group(L.STATUS)
+            resumes = list(np.atleast_1d(status.attrs.get("resumed_from", np.array([], dtype=np.int64))))
+            status.attrs.create("resumed_from", np.array([*resumes, run.resume_step], dtype=np.int64))
+            self._write_status_attrs(status, "running", run.resume_step, float("nan"), "")
+            self._warn_lost_frames(run.resume_step)
+        except BaseException:
+            f.close()
+            self._file = None
+            raise
+
+    def _check_compatible(self, f: h5py.File, run: RunInfo) -> None:
+        if L.PARAMETERS not in f or "h5md" not in f:
+            raise TrajectoryFileError(
+                f"{self.path}: cannot resume into this file: it is not a measureflow trajectory "
+                "(no /parameters/measureflow); move it away or start the run without --resume"
+            )
+        attrs_ = f[L.PARAMETERS].attrs
+        found = {
+            "kind": L.text(attrs_.get("kind", b"?")),
+            "replicas": int(attrs_.get("replicas", -1)),
+            "size": int(attrs_.get("size", -1)),
+            "dim": int(attrs_.get("dim", -1)),
+            "dtype": L.text(attrs_.get("dtype", b"?")),
+        }
+        expected = {"kind": run.kind, "replicas": run.replicas, "size": run.size, "dim": run.dim, "dtype": run.dtype}
+        if found != expected:
+            raise TrajectoryFileError(
+                f"{self.path}: cannot resume: the file holds a run with {found}, the resumed run has "
+                f"{expected}; resume with the original parameters or write to another file"
+            )
+
+    def _warn_lost_frames(self, resume_step: int) -> None:
+        last = self._frame_elements[0].last_step
+        start = 0 if last is None else last + 1
+        # Bounded scan: the gap is normally a few steps; a huge gap is reported without listing.
+        missing = [s for s in range(start, min(resume_step, start + 100_000) + 1) if self.trigger(s)]
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (" …" if len(missing) > 5 else "")
+            warnings.warn(
+                f"{self.path}: resuming at step {resume_step} but the file's last complete frame is at step "
+                f"{last}; frames at steps {shown} were never flushed and are missing (flush the writers "
+                "before saving a checkpoint)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _write_order(self, f: h5py.File) -> None:
+        self._order = [e.path for e in self._elements()]
+        committed = f[L.COMMITTED] if L.COMMITTED in f else None
+        if committed is None:
+            committed = f.create_dataset(L.COMMITTED, shape=(0,), maxshape=(None,), chunks=(64,), dtype=np.int64)
+        committed.resize(len(self._order), axis=0)
+        committed[...] = np.array([e.rows for e in self._elements()], dtype=np.int64)
+        committed.attrs.create("elements", L.fixed_strings(self._order))
+
+    def _start_swmr(self) -> None:
+        f = self._file
+        for el in self._elements():
+            el.bind(f)
+        self._committed = f[L.COMMITTED]
+        f.swmr_mode = True
+        self._commit()
+
+    # -- writing ----------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._file is None:
+            state = "closed" if self._closed else "not open"
+            raise RuntimeError(f"H5MDWriter({self.path}) is {state}; call open(run) first")
+
+    def _append(self, el: _Element, step: int, time: float, value: np.ndarray) -> None:
+        if el.last_step is not None and step <= el.last_step:
+            raise ValueError(
+                f"{self.path}:{el.path}: step {step} is not after the last written step {el.last_step}; "
+                "H5MD needs increasing steps (resume with RunInfo.resume_step to rewrite a run's tail)"
+            )
+        i = el.rows
+        self._incomplete = True
+        el.value.resize(i + 1, axis=0)
+        if value.flags.c_contiguous and value.dtype == el.value.dtype:
+            el.value.write_direct(value, dest_sel=np.s_[i])
+        else:
+            el.value[i] = value
+        el.step.resize(i + 1, axis=0)
+        el.step[i] = step
+        el.time.resize(i + 1, axis=0)
+        el.time[i] = time
+        el.rows = i + 1
+        el.last_step = step
+        self._incomplete = False
+
+    def write_frame(self, step: int, time: float, state) -> None:
+        """Append the state at (step, time); the only place where positions leave the device."""
+        self._check_open()
+        self._maybe_flush()
+        run = self.run
+        step, time = int(step), float(time)
+        if run.kind == "particles":
+            x = getattr(state, "x", None)
+            if x is None or tuple(x.shape) != (run.replicas, run.size, run.dim):
+                raise ShapeError(
+                    f"{self.path}: expected a Particles state of shape (R, N, d) = "
+                    f"{(run.replicas, run.size, run.dim)}, received {state!r}"
+                )
+            host = x.detach().reshape(run.rows, run.dim).cpu().numpy()
+            self._append(self._frame_elements[0], step, time, host)
+        else:
+            mean, cov = getattr(state, "mean", None), getattr(state, "cov", None)
+            R, d = run.replicas, run.dim
+            if mean is None or tuple(mean.shape) != (R, d) or tuple(cov.shape) != (R, d, d):
+                raise ShapeError(
+                    f"{self.path}: expected a Gaussians state with mean (R, d) = {(R, d)} and cov "
+                    f"{(R, d, d)}, received {state!r}"
+                )
+            # One device→host transfer for both parameters.
+            flat = torch.cat([mean.detach().reshape(R, d), cov.detach().reshape(R, d * d).to(mean.dtype)], dim=1)
+            flat = flat.cpu().numpy()
+            m_el, c_el = self._frame_elements
+            self._append(m_el, step, time, np.ascontiguousarray(flat[:, :d]))
+            self._append(c_el, step, time, np.ascontiguousarray(flat[:, d:]).reshape(R, d, d))
+        self.stats["frames"] += 1
+        self._pending_rows += 1
+        if not self._observables and not self.run.observable_names:
+            self._maybe_flush()
+
+    def write_observables(self, step: int, time: float, values: dict) -> None:
+        """Append one sample of each observable (each (R,) or (R, ...)); values leave the device here."""
+        self._check_open()
+        host = _to_host(values)
+        missing = {name: arr.shape for name, arr in host.items() if name not in self._observables}
+        if missing:
+            self._add_observables(missing)
+        step, time = int(step), float(time)
+        for name, arr in host.items():
+            el = self._observables[name]
+            if arr.shape != el.sample_shape:
+                raise ShapeError(
+                    f"{self.path}: observable {name!r} has shape {el.sample_shape} per sample in this file, "
+                    f"received {arr.shape}"
+                )
+            self._append(el, step, time, arr)
+        self._maybe_flush()
+
+    def _add_observables(self, shapes: dict) -> None:
+        # New datasets cannot be created safely in SWMR mode: leave it (a clean close), add them,
+        # and enter it again. Giving RunInfo.observable_shapes avoids this.
+        self.flush()
+        self._file.close()
+        self._file = f = self._h5("r+")
+        for name, shape in shapes.items():
+            if not name or name.startswith("/") or "//" in name:
+                raise ValueError(f"{self.path}: {name!r} is not a valid observable name")
+            self._observables[name] = self._new_element(
+                f, f"{L.OBSERVABLES}/{name}", shape, np.float64, False
+            )
+        self._write_order(f)
+        self._start_swmr()
+
+    # -- flushing and closing ---------------------------------------------------------------------
+    def _maybe_flush(self) -> None:
+        if self._pending_rows == 0:
+            return
+        due = self.flush_frames is not None and self._pending_rows >= self.flush_frames
+        if not due and self.flush_seconds is not None:
+            due = _clock() - self._last_flush >= self.flush_seconds
+        if due:
+            self.flush()
+
+    def _repair(self) -> None:
+        """Cut datasets back to complete rows after an interrupted write."""
+        if self._incomplete:
+            for el in self._elements():
+                el.cut(el.rows)
+            self._incomplete = False
+        rows = [el.rows for el in self._frame_elements]
+        if len(set(rows)) > 1:  # a Gaussian frame with its mean but not its cov
+            common = min(rows)
+            for el in self._frame_elements:
+                el.cut(common)
+                el.last_step = int(el.step[common - 1]) if common else None
+
+    def _commit(self) -> None:
+        # Data first, then the count of trustworthy rows, each made durable by a flush.
+        self._file.flush()
+        self._committed[...] = np.array([el.rows for el in self._elements()], dtype=np.int64)
+        self._file.flush()
+
+    def flush(self) -> None:
+        """Make every complete row durable; safe after an interrupted write and when closed."""
+        if self._file is None:
+            return
+        self._repair()
+        self._commit()
+        self.stats["flushes"] += 1
+        self._pending_rows = 0
+        self._last_flush = _clock()
+
+    def set_status(self, status: str, step: int, time: float, message: str = "") -> None:
+        """Record the run's final status in /measureflow/status (written at close)."""
+        self._status = (str(status), int(step), float(time), str(message))
+        if self._file is None and self._closed:
+            self._store_status()
+
+    @staticmethod
+    def _write_status_attrs(group, status, step, time, message) -> None:
+        L.set_text(group.attrs, "status", status)
+        group.attrs.create("step", np.int64(step))
+        group.attrs.create("time", np.float64(time))
+        L.set_text(group.attrs, "message", message)
+
+    def _store_status(self) -> None:
+        status = self._status
+        if status is None:
+            last = self._frame_elements[0] if self._frame_elements else None
+            step = -1 if last is None or last.last_step is None else last.last_step
+            status = ("closed", step, float("nan"), "the writer was closed without a run status")
+        with self._h5("r+") as f:
+            self._write_status_attrs(f.require_group(L.STATUS), *status)
+
+    def close(self) -> None:
+        """Flush, leave SWMR mode, record the status; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN_WRITERS.discard(self)
+        f = self._file
+        if f is None:
+            return
+        try:
+            self.flush()
+        finally:
+            self._file = None
+            f.close()
+        self._store_status()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
+
+    @property
+    def frames(self) -> int:
+        """Frames written (complete rows of the position / mean dataset)."""
+        return self._frame_elements[0].rows if self._frame_elements else 0
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("open" if self._file is not None else "new")
+        return f"H5MDWriter({str(self.path)!r}, {state}, frames={self.frames})"
+
+
+def _to_host(values: dict) -> dict[str, np.ndarray]:
+    """Observables as float64 host arrays, with one device→host copy per (device, dtype) group."""
+    out: dict[str, np.ndarray] = {}
+    groups: dict[tuple, list[str]] = {}
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor):
+            if value.is_complex():
+                raise TypeError(f"observable {name!r} is complex; store its real and imaginary parts separately")
+            groups.setdefault((value.device, value.dtype), []).append(name)
+        else:
+            out[name] = np.asarray(value, dtype=np.float64)
+    for (device, _), names in groups.items():
+        tensors = [values[n].detach() for n in names]
+        if device.type == "cpu" or len(tensors) == 1:
+            arrays = [t.cpu().numpy() for t in tensors]
+        else:
+            flat = torch.cat([t.reshape(-1) for t in tensors]).cpu().numpy()
+            arrays, start = [], 0
+            for t in tensors:
+                arrays.append(flat[start : start + t.numel()].reshape(t.shape))
+                start += t.numel()
+        for name, arr in zip(names, arrays):
+            out[name] = np.ascontiguousarray(arr, dtype=np.float64)
+    return {name: out[name] for name in values}

@@ -1,0 +1,216 @@
+"""What a writer is told about a run before its first frame (DESIGN.md "Trajectory files").
+
+:class:`RunInfo` fixes the shapes every frame will have, the weights (fixed in time), the run
+parameters that go to ``/parameters/measureflow`` as JSON, the observables to expect and, for a
+resumed run, the step after which frames already in the file are dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from pathlib import PurePath
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from ..errors import ParameterError, ShapeError, StateError
+
+__all__ = ["RunInfo", "to_jsonable", "default_versions", "KINDS"]
+
+KINDS = ("particles", "gaussians")
+
+
+def to_jsonable(value: Any, where: str = "parameters") -> Any:
+    """A copy of ``value`` made of dict/list/str/int/float/bool/None only (what JSON round-trips).
+
+    numpy scalars and arrays, small tensors, tuples, paths, dtypes and devices are converted;
+    anything else is refused with the key path where it was found, so a run never starts with
+    parameters that cannot be written. Non-finite floats are kept (Python's json reads them back).
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item(), where)
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist(), where)
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.detach().cpu().tolist(), where)
+    if isinstance(value, (torch.dtype, torch.device, PurePath)):
+        return str(value)
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise ParameterError(
+                    f"{where}: key {key!r} of type {type(key).__name__} cannot be stored as JSON; use str keys"
+                )
+            out[str(key)] = to_jsonable(item, f"{where}[{key!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, (set, frozenset)):
+        return [to_jsonable(item, f"{where}[{i}]") for i, item in enumerate(sorted(value, key=repr))]
+    if attrs.has(type(value)):
+        return to_jsonable(attrs.asdict(value, recurse=False), where)
+    raise ParameterError(
+        f"{where}: a {type(value).__name__} ({value!r:.80}) cannot be stored in the trajectory's JSON "
+        "parameters; convert it to numbers, strings, lists or dicts"
+    )
+
+
+def default_versions(registry=None) -> dict[str, Any]:
+    """Versions to record with a run: measureflow, torch, numpy, h5py, Python and loaded plugins."""
+    from .. import __version__
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    out: dict[str, Any] = {
+        "measureflow": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "h5py": version("h5py"),
+        "python": platform.python_version(),
+    }
+    if registry is not None:
+        out["plugins"] = dict(sorted(registry.plugins.items()))
+    return out
+
+
+def _dtype_name(value) -> str:
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    try:
+        dtype = np.dtype(value)
+    except TypeError as exc:
+        raise StateError(f"RunInfo.dtype: {value!r} is not a dtype (use e.g. 'float32' or torch.float64)") from exc
+    if dtype.kind != "f":
+        raise StateError(f"RunInfo.dtype must be a floating-point dtype, received {dtype}")
+    return dtype.name
+
+
+def _weights(value):
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(value, dtype=np.float64))
+
+
+def _shapes(value) -> dict[str, tuple[int, ...]]:
+    if value is None:
+        return {}
+    return {str(k): tuple(int(n) for n in v) for k, v in dict(value).items()}
+
+
+def _resume(value):
+    if value is None:
+        return None
+    step = int(value)
+    if step < 0:
+        raise ParameterError(f"RunInfo.resume_step must be ≥ 0 or None, received {value!r}")
+    return step
+
+
+@attrs.frozen(eq=False)
+class RunInfo:
+    """The fixed facts of a run, given to :meth:`Writer.open`.
+
+    Parameters
+    ----------
+    kind:
+        "particles" or "gaussians".
+    replicas, size, dim:
+        R, N (0 for Gaussian runs) and d.
+    dtype:
+        Storage dtype of positions / Gaussian parameters (e.g. "float32").
+    weights:
+        (R, N) host array, or None for uniform weights 1/N.
+    parameters:
+        JSON-able dict: scenario parameters, seed, field, integrator, ``versions`` (see
+        :func:`default_versions`). Converted by :func:`to_jsonable`.
+    observable_names:
+        Observables the run will write, in order.
+    observable_shapes:
+        Optional shape of one sample of each observable, e.g. ``(R,)`` or ``(R, d)``. Known shapes
+        let the file writer lay out every dataset before writing starts (the crash-safe mode);
+        observables without a shape are laid out at their first write.
+    resume_step:
+        None for a fresh run; otherwise the step of the checkpoint being resumed: frames and
+        observable samples with a larger step are dropped from the existing file.
+    author:
+        Stored in ``/h5md/author/name``; defaults to $MEASUREFLOW_AUTHOR or the login name.
+    """
+
+    kind: str = attrs.field(validator=attrs.validators.in_(KINDS))
+    replicas: int = attrs.field(converter=int, validator=attrs.validators.ge(1))
+    size: int = attrs.field(converter=int, validator=attrs.validators.ge(0))
+    dim: int = attrs.field(converter=int, validator=attrs.validators.ge(1))
+    dtype: str = attrs.field(default="float64", converter=_dtype_name)
+    weights: np.ndarray | None = attrs.field(default=None, converter=_weights)
+    parameters: dict = attrs.field(factory=dict, converter=lambda p: to_jsonable(dict(p or {})))
+    observable_names: tuple[str, ...] = attrs.field(default=(), converter=lambda v: tuple(str(n) for n in v))
+    observable_shapes: dict[str, tuple[int, ...]] = attrs.field(factory=dict, converter=_shapes)
+    resume_step: int | None = attrs.field(default=None, converter=_resume)
+    author: str | None = attrs.field(default=None)
+
+    def __attrs_post_init__(self):
+        if self.kind == "particles" and self.size < 1:
+            raise ShapeError(f"RunInfo: a particle run needs size N ≥ 1, received {self.size}")
+        if self.kind == "gaussians" and self.size != 0:
+            raise ShapeError(f"RunInfo: a Gaussian run has size 0 (no particles), received {self.size}")
+        if self.weights is not None:
+            if self.kind != "particles":
+                raise StateError("RunInfo: weights only apply to particle runs")
+            if self.weights.shape != (self.replicas, self.size):
+                raise ShapeError(
+                    f"RunInfo.weights must have shape (R, N) = {(self.replicas, self.size)}; "
+                    f"received {self.weights.shape}"
+                )
+        if len(set(self.observable_names)) != len(self.observable_names):
+            raise ParameterError(f"RunInfo.observable_names has duplicates: {list(self.observable_names)}")
+        for name in self.observable_names:
+            if not name or name.startswith("/") or name.endswith("/") or "//" in name or name in (".", ".."):
+                raise ParameterError(f"RunInfo: {name!r} is not a valid observable name (use e.g. 'energy')")
+
+    @classmethod
+    def from_state(cls, state, **kwargs) -> "RunInfo":
+        """Describe a run that starts from ``state`` (Particles or Gaussians); kwargs as the class."""
+        from ..state import state_kind
+
+        kind = state_kind(state)
+        if kind == "particles":
+            R, N, d = state.x.shape
+            kwargs.setdefault("weights", state.weights)
+        else:
+            (R, d), N = state.mean.shape, 0
+        return cls(kind=kind, replicas=R, size=N, dim=d, dtype=state.dtype, **kwargs)
+
+    @property
+    def rows(self) -> int:
+        """R·N: rows of the position dataset in one frame."""
+        return self.replicas * self.size
+
+    def resolved_author(self) -> str:
+        if self.author:
+            return self.author
+        env = os.environ.get("MEASUREFLOW_AUTHOR")
+        if env:
+            return env
+        try:
+            import getpass
+
+            return getpass.getuser()
+        except Exception:  # noqa: BLE001 - no login name in some containers
+            return "unknown"

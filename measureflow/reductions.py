@@ -1,0 +1,949 @@
+"""Streaming kernel sums and softmax-weighted averages: the engine's numerical spine.
+
+Two reductions between query points xᵢ (N of them) and source points yⱼ (M of them), batched over
+R replicas (DESIGN.md, "The numerical spine"; weights follow MATH.md §0, uniform = 1/M):
+
+* :func:`kernel_sum`      Σⱼ wⱼ k(xᵢ, yⱼ) vⱼ   and its gradient Σⱼ wⱼ ∇ₓk(xᵢ, yⱼ);
+* :func:`softmax_average` Σⱼ softmaxⱼ(s(qᵢ, kⱼ) + log wⱼ) vⱼ   and its log-sum-exp.
+
+Every field that needs one of them calls these functions, so a speed-up here lands everywhere.
+Memory stays O((N + M)·d + block²) per replica on any device: the N×M matrix is never formed.
+
+Two execution paths compute the same numbers:
+
+* **fused** (``torch.compile``): one generated loop nest per column block evaluates distance, kernel
+  and all weighted sums without writing any N×M temporary. Used for d ≤ ``config.fused_max_dim``
+  and named kernels when compiling is allowed (``MEASUREFLOW_COMPILE``, see :class:`ReductionConfig`);
+  float32 uses a polynomial exp accurate to ~2·10⁻⁷ relative (float32 rounding), float64 uses
+  ``torch.exp``.
+* **blocked eager**: (bn × bm) blocks sized from a memory budget, GEMMs for the value sums, the
+  exp evaluated in place, a streaming max/rescale across column blocks for the softmax.
+
+Accuracy notes (why the code forms differences where it does): for d ≤ ``config.direct_max_dim``
+squared distances are formed from explicit differences, so k(x, x) is exact and near-diagonal
+values keep full relative accuracy (MMD² differences of nearly equal sums need this). For larger d
+the blocked path uses the GEMM identity |x − y|² = |x|² + |y|² − 2⟨x, y⟩ after centring both point
+sets on the sources' mean; its absolute error is about ε·(|x − c|² + |y − c|²)/h² in the exponent.
+Gradients of the non-smooth kernels ("laplace", "energy") are always formed from explicit
+differences, so that near-coincident pairs contribute their exact unit vectors.
+
+Neither reduction records autograd history (that would keep every block alive); use
+``gradient=True`` for ∇ₓ of a kernel sum.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import types
+import warnings
+from typing import Callable
+
+import attrs
+import torch
+
+from .errors import ShapeError, StateError
+
+__all__ = [
+    "kernel_sum",
+    "softmax_average",
+    "KERNELS",
+    "ReductionConfig",
+    "config",
+]
+
+#: Named kernels of :func:`kernel_sum`, with r = |x − y| and h the bandwidth.
+KERNELS: dict[str, str] = {
+    "gaussian": "exp(−r²/(2h²))",
+    "laplace": "exp(−r/h)",
+    "energy": "−r (bandwidth unused; ∇ₓ = −(x − y)/r, 0 at x = y)",
+    "imq": "(1 + r²/h²)^(−1/2)",
+    "poly2": "⟨x, y⟩² (bandwidth unused; closed form through second moments)",
+    "poly2_affine": "(1 + ⟨x, y⟩)² (bandwidth unused; closed form through moments)",
+}
+
+_RADIAL = ("gaussian", "laplace", "energy", "imq")
+_POLY = ("poly2", "poly2_affine")
+_SCORES = ("sqdist", "bilinear")
+_MiB = 1 << 20
+
+
+def _env_compile() -> str:
+    raw = os.environ.get("MEASUREFLOW_COMPILE", "").strip().lower()
+    if raw in ("", "auto"):
+        return "auto"
+    if raw in ("1", "true", "yes", "on"):
+        return "on"
+    if raw in ("0", "false", "no", "off"):
+        return "off"
+    raise StateError(f"MEASUREFLOW_COMPILE must be 0, 1 or auto; received {raw!r}")
+
+
+def _env_budget() -> int:
+    raw = os.environ.get("MEASUREFLOW_REDUCTION_MEMORY_MIB", "").strip()
+    if not raw:
+        return 128 * _MiB
+    try:
+        value = float(raw)
+    except ValueError:
+        raise StateError(f"MEASUREFLOW_REDUCTION_MEMORY_MIB must be a number of MiB; received {raw!r}") from None
+    if value <= 0:
+        raise StateError(f"MEASUREFLOW_REDUCTION_MEMORY_MIB must be positive; received {raw!r}")
+    return int(value * _MiB)
+
+
+@attrs.define
+class ReductionConfig:
+    """Tuning knobs of both reductions (module-level instance :data:`config`).
+
+    Attributes
+    ----------
+    memory_budget:
+        Bytes of temporaries one block of the eager path may use (default 128 MiB, environment
+        ``MEASUREFLOW_REDUCTION_MEMORY_MIB``). On CPU blocks are further capped at
+        ``cpu_block_elements`` so that a block stays in cache.
+    compile:
+        ``"auto"`` (default): use the fused ``torch.compile`` path for problems of at least
+        ``compile_min_pairs`` R·N·M pairs, where the one-off compile (seconds, cached on disk
+        by torch) pays for itself; ``"on"``: whenever possible; ``"off"``: never. Environment
+        ``MEASUREFLOW_COMPILE`` = ``auto`` | ``1`` | ``0``. A failed compile warns once and
+        falls back to the eager path for the rest of the process.
+    fused_columns:
+        Source points per call of the fused kernel (CPU: keep the block in L2).
+    fused_max_dim:
+        Largest d for the fused path (its loop unrolls over coordinates).
+    direct_max_dim:
+        Largest d for which the eager path forms explicit differences instead of the GEMM identity.
+    """
+
+    memory_budget: int = attrs.field(factory=_env_budget)
+    compile: str = attrs.field(factory=_env_compile, validator=attrs.validators.in_(("auto", "on", "off")))
+    compile_min_pairs: int = 1 << 27
+    cpu_block_elements: int = 1 << 20
+    fused_columns: int = 4096
+    fused_max_dim: int = 8
+    direct_max_dim: int = 4
+
+
+config = ReductionConfig()
+
+
+# ------------------------------------------------------------------------------------------------
+# argument handling
+# ------------------------------------------------------------------------------------------------
+
+
+def _tensor(value, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise StateError(f"{name} must be a torch.Tensor; received {type(value).__name__}")
+    if not value.is_floating_point():
+        raise StateError(f"{name} must be a floating-point tensor; received dtype {value.dtype}")
+    return value
+
+
+def _points(value, name: str, shape_name: str) -> tuple[torch.Tensor, bool]:
+    t = _tensor(value, name)
+    if t.ndim == 2:
+        return t.unsqueeze(0), False
+    if t.ndim != 3:
+        raise ShapeError(
+            f"{name} must have shape (R, {shape_name}, d) or ({shape_name}, d); received shape {tuple(t.shape)}"
+        )
+    return t, True
+
+
+def _same_place(fn: str, named: dict[str, torch.Tensor]) -> None:
+    first_name, first = next(iter(named.items()))
+    for name, t in named.items():
+        if t.device != first.device:
+            raise StateError(
+                f"{fn}: {name} is on {t.device} but {first_name} is on {first.device}; move every argument "
+                "to the same device"
+            )
+        if t.dtype != first.dtype:
+            raise StateError(
+                f"{fn}: {name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}; convert them to "
+                "one floating dtype (no silent promotion)"
+            )
+
+
+def _no_autograd(fn: str, named: dict[str, torch.Tensor]) -> None:
+    if not torch.is_grad_enabled():
+        return
+    for name, t in named.items():
+        if t.requires_grad:
+            raise StateError(
+                f"{fn}: {name} requires grad, but the streaming reduction records no autograd history "
+                "(it would keep every N×M block alive). Use kernel_sum(..., gradient=True) for ∇ₓ, or pass "
+                f"{name}.detach() / call it under torch.no_grad()"
+            )
+
+
+def _replicas(fn: str, shapes: dict[str, int]) -> int:
+    sizes = {n: r for n, r in shapes.items() if r != 1}
+    values = set(sizes.values())
+    if len(values) > 1:
+        listing = ", ".join(f"{n}: R={r}" for n, r in shapes.items())
+        raise ShapeError(f"{fn}: arguments disagree on the number of replicas R ({listing}); each must be R or 1")
+    return values.pop() if values else 1
+
+
+def _weights(fn: str, w, R: int, M: int, name: str = "weights") -> tuple[torch.Tensor | None, bool]:
+    if w is None:
+        return None, False
+    w = _tensor(w, name)
+    if w.ndim == 1:
+        w, batched = w.unsqueeze(0), False
+    elif w.ndim == 2:
+        batched = True
+    else:
+        raise ShapeError(f"{fn}: {name} must have shape (R, M) or (M,); received shape {tuple(w.shape)}")
+    if w.shape[1] != M:
+        raise ShapeError(
+            f"{fn}: {name} has {w.shape[1]} entries per replica but there are M = {M} source points "
+            f"(received {name} of shape {tuple(w.shape)})"
+        )
+    return w, batched
+
+
+def _values(fn: str, v, M: int, name: str = "values") -> tuple[torch.Tensor | None, bool]:
+    if v is None:
+        return None, False
+    v = _tensor(v, name)
+    if v.ndim == 2:
+        v, batched = v.unsqueeze(0), False
+    elif v.ndim == 3:
+        batched = True
+    else:
+        raise ShapeError(f"{fn}: {name} must have shape (R, M, k) or (M, k); received shape {tuple(v.shape)}")
+    if v.shape[1] != M:
+        raise ShapeError(
+            f"{fn}: {name} has {v.shape[1]} rows per replica but there are M = {M} source points "
+            f"(received {name} of shape {tuple(v.shape)})"
+        )
+    return v, batched
+
+
+def _number(value, name: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise StateError(f"{name} must be a real number; received {value!r}") from None
+    if not math.isfinite(out):
+        raise StateError(f"{name} must be finite; received {out}")
+    return out
+
+
+def _blocks(block_size, R: int, N: int, M: int, itemsize: int, device: torch.device, temporaries: int):
+    """(rows, cols) of one eager block: explicit, or the largest fitting the memory budget."""
+    if block_size is not None:
+        bn, bm = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+        if int(bn) < 1 or int(bm) < 1:
+            raise ShapeError(f"block_size must be positive; received {block_size!r}")
+        return min(int(bn), N), min(int(bm), M)
+    elements = config.memory_budget // max(1, itemsize * temporaries * R)
+    if device.type == "cpu":
+        elements = min(elements, max(1, config.cpu_block_elements // R))
+    elements = max(elements, 64 * 64)
+    bm = min(M, max(64, math.isqrt(elements)))
+    bn = min(N, max(1, elements // bm))
+    return bn, bm
+
+
+# ------------------------------------------------------------------------------------------------
+# fused (compiled) path
+# ------------------------------------------------------------------------------------------------
+
+_compile_lock = threading.Lock()
+_compiled: dict[tuple, Callable] = {}
+_compile_failure: str | None = None
+
+
+def _exp32(x: torch.Tensor) -> torch.Tensor:
+    """exp for float32 inside the fused kernels: 2ⁿ·p(r), r ∈ [−ln2/2, ln2/2].
+
+    p is a degree-5 near-minimax polynomial (relative error 7.5·10⁻⁸ on the interval, 2.2·10⁻⁷
+    including float32 evaluation) — it costs about half of the library exp and is as accurate as
+    the float32 sums it feeds. Arguments below −87 return exactly 0 (they would be subnormal).
+    """
+    xc = torch.clamp(x, min=-87.0)
+    n = torch.floor(xc * 1.4426950408889634 + 0.5)
+    r = xc - n * 0.693359375 + n * 2.12194440e-4  # Cody–Waite split of ln 2
+    p = r * 0.008297654273587793 + 0.04191538194777505
+    p = p * r + 0.16667574740735497
+    p = p * r + 0.4999889485174218
+    p = p * r + 0.999999691987992
+    p = p * r + 1.000000071654605
+    two_n = ((n.to(torch.int32) + 127) << 23).view(torch.float32)
+    return torch.where(x < -87.0, 0.0, p * two_n)
+
+
+def _specialise(fn: Callable, tag: str) -> Callable:
+    # torch.compile caches graphs on the code object and stops compiling after a few variants;
+    # one code object per static configuration keeps the variants from crowding each other out.
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _make_fused_kernel_sum(kernel: str, d: int, n_values: int, grad: bool, poly_exp: bool):
+    exp = _exp32 if poly_exp else torch.exp
+
+    def fused_kernel_sum(xs, ys, wv, w, acc):
+        # xs (R, d, N), ys (R, d, B), wv (R, C, B), w (R, B), acc (R, N, C [+ d])
+        if not torch.compiler.is_compiling():
+            # torch.compile gave up on this frame: never run the broadcast form eagerly (N×B×d).
+            return None
+        diffs = [xs[:, c, :, None] - ys[:, c, None, :] for c in range(d)]
+        r2 = diffs[0] * diffs[0]
+        for c in range(1, d):
+            r2 = r2 + diffs[c] * diffs[c]
+        if kernel == "gaussian":
+            k = exp(-r2)
+        elif kernel == "laplace":
+            r = torch.sqrt(r2)
+            k = exp(-r)
+        elif kernel == "energy":
+            r = torch.sqrt(r2)
+            k = -r
+        else:  # imq
+            k = torch.rsqrt(1.0 + r2)
+        sums = [(k * wv[:, c, None, :]).sum(-1) for c in range(n_values)]
+        if grad:
+            if kernel == "gaussian":
+                g = k * w[:, None, :]
+            elif kernel == "laplace":
+                g = torch.where(r > 0, k / r, 0.0) * w[:, None, :]
+            elif kernel == "energy":
+                g = torch.where(r > 0, 1.0 / r, 0.0) * w[:, None, :]
+            else:
+                g = k * k * k * w[:, None, :]
+            sums += [(g * diffs[c]).sum(-1) for c in range(d)]
+        return acc + torch.stack(sums, -1)
+
+    return fused_kernel_sum
+
+
+def _make_fused_softmax(score: str, d: int, n_values: int, negate: bool, poly_exp: bool):
+    exp = _exp32 if poly_exp else torch.exp
+
+    def fused_softmax(qs, ks, lw, v, m, acc):
+        # qs (R, d, N), ks (R, d, B), lw (R, B), v (R, C, B), m (R, N), acc (R, N, 1 + C)
+        if not torch.compiler.is_compiling():
+            return None
+        if score == "sqdist":
+            diff = qs[:, 0, :, None] - ks[:, 0, None, :]
+            s = diff * diff
+            for c in range(1, d):
+                diff = qs[:, c, :, None] - ks[:, c, None, :]
+                s = s + diff * diff
+            s = s if negate else -s
+        else:
+            s = qs[:, 0, :, None] * ks[:, 0, None, :]
+            for c in range(1, d):
+                s = s + qs[:, c, :, None] * ks[:, c, None, :]
+        s = s + lw[:, None, :]
+        m_new = torch.maximum(m, s.amax(-1))
+        p = exp(s - m_new[..., None])
+        sums = [p.sum(-1)] + [(p * v[:, c, None, :]).sum(-1) for c in range(n_values)]
+        rescale = torch.exp(m - m_new)
+        return m_new, acc * rescale[..., None] + torch.stack(sums, -1)
+
+    return fused_softmax
+
+
+def _fused(kind: str, key: tuple, make: Callable) -> Callable:
+    full = (kind,) + key
+    fn = _compiled.get(full)
+    if fn is None:
+        with _compile_lock:
+            fn = _compiled.get(full)
+            if fn is None:
+                tag = "_".join(str(int(k) if isinstance(k, bool) else k) for k in key)
+                fn = torch.compile(_specialise(make(*key), tag), dynamic=True, fullgraph=True)
+                _compiled[full] = fn
+    return fn
+
+
+def _use_fused(device: torch.device, d: int, pairs: int) -> bool:
+    if config.compile == "off" or _compile_failure is not None or d > config.fused_max_dim:
+        return False
+    if device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            return False
+    elif device.type != "cpu":
+        return False
+    return config.compile == "on" or pairs >= config.compile_min_pairs
+
+
+def _run_fused(fn: Callable, *args):
+    """Call a compiled kernel; on a compile failure warn once and report None (caller goes eager)."""
+    global _compile_failure
+    try:
+        out = fn(*args)
+    except Exception as exc:  # noqa: BLE001 - any backend failure means "use the eager path"
+        _compile_failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        warnings.warn(
+            "measureflow.reductions: torch.compile of the fused reduction failed "
+            f"({_compile_failure}); using the blocked eager path from now on. Set MEASUREFLOW_COMPILE=0 "
+            "to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return out
+
+
+def _row_slices(N: int, block_size) -> list[slice]:
+    if block_size is None:
+        return [slice(0, N)]
+    bn = block_size if isinstance(block_size, int) else block_size[0]
+    return [slice(i, min(i + bn, N)) for i in range(0, N, bn)]
+
+
+def _col_block(block_size) -> int:
+    if block_size is None:
+        return config.fused_columns
+    return block_size if isinstance(block_size, int) else block_size[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# kernel sum
+# ------------------------------------------------------------------------------------------------
+
+
+def kernel_sum(
+    x,
+    y,
+    values=None,
+    weights=None,
+    *,
+    kernel: str | Callable = "gaussian",
+    bandwidth: float = 1.0,
+    gradient: bool | str = False,
+    block_size: int | tuple[int, int] | None = None,
+):
+    r"""Kernel sums against a weighted empirical measure Σⱼ wⱼ δ_{yⱼ} (DESIGN.md, numerical spine).
+
+    .. math::  S_i = \sum_j w_j\,k(x_i, y_j)\,v_j, \qquad G_i = \sum_j w_j\,\nabla_x k(x_i, y_j).
+
+    Parameters
+    ----------
+    x:
+        Query points, shape (R, N, d) or (N, d).
+    y:
+        Source points, shape (R, M, d) or (M, d); a single set (R = 1) is shared by every replica.
+    values:
+        Optional (R, M, k) or (M, k) values vⱼ; ``None`` means vⱼ = 1.
+    weights:
+        (R, M) or (M,) weights wⱼ; ``None`` means uniform 1/M (MATH.md §0). They are not normalised.
+    kernel:
+        A name of :data:`KERNELS` (r = |x − y|, h = ``bandwidth``): ``"gaussian"`` exp(−r²/(2h²)),
+        ``"laplace"`` exp(−r/h), ``"energy"`` −r (energy distance; ∇ₓ = −(x − y)/r, 0 at x = y),
+        ``"imq"`` (1 + r²/h²)^(−1/2), ``"poly2"`` ⟨x, y⟩², ``"poly2_affine"`` (1 + ⟨x, y⟩)² (the last two
+        through moments, e.g. Σⱼ wⱼ⟨x, yⱼ⟩² = xᵀ(Σⱼ wⱼ yⱼyⱼᵀ)x, with no N×M work at all).
+        Or a callable ``f(sqdist) -> k`` of the squared distance |x − y|², applied elementwise
+        (bandwidth not applied: close over it); its gradient comes from autograd inside each block.
+    bandwidth:
+        h > 0 (unused by "energy", "poly2", "poly2_affine" and callables).
+    gradient:
+        ``False``: return S (shape (R, N, k), or (R, N) when ``values`` is None);
+        ``True``: return G (shape (R, N, d); ``values`` must be None);
+        ``"both"``: return (S, G) from one pass (the kernel is evaluated once per pair).
+    block_size:
+        Rows/columns per block (int or (rows, cols)); ``None`` sizes blocks from
+        :data:`config` (memory budget, cache size).
+
+    Returns
+    -------
+    Tensors on the inputs' device and dtype, with a leading R axis unless every argument was given
+    without one.
+    """
+    fn = "kernel_sum"
+    if gradient not in (False, True, "both"):
+        raise StateError(f"{fn}: gradient must be False, True or 'both'; received {gradient!r}")
+    want_value = gradient is not True
+    want_grad = gradient is not False
+    if callable(kernel) and not isinstance(kernel, str):
+        name = None
+    elif isinstance(kernel, str) and kernel in KERNELS:
+        name = kernel
+    else:
+        known = ", ".join(repr(k) for k in KERNELS)
+        raise StateError(
+            f"{fn}: unknown kernel {kernel!r}; known kernels are {known}, or pass a callable f(sqdist) -> k"
+        )
+    h = _number(bandwidth, f"{fn}: bandwidth")
+    if h <= 0:
+        raise StateError(f"{fn}: bandwidth must be positive; received {h}")
+    x, bx = _points(x, "x", "N")
+    y, by = _points(y, "y", "M")
+    if x.shape[2] != y.shape[2]:
+        raise ShapeError(
+            f"{fn}: x has d = {x.shape[2]} (shape {tuple(x.shape)}) but y has d = {y.shape[2]} "
+            f"(shape {tuple(y.shape)}); both point sets must live in the same space"
+        )
+    M = y.shape[1]
+    w, bw = _weights(fn, weights, 1, M)
+    v, bv = _values(fn, values, M)
+    if v is not None and gradient is True:
+        raise StateError(f"{fn}: gradient=True returns Σⱼ wⱼ ∇ₓk(xᵢ, yⱼ) and takes no values; pass values=None")
+    if v is not None and gradient == "both":
+        raise StateError(f"{fn}: gradient='both' takes no values; call kernel_sum twice for weighted values")
+    named = {"x": x, "y": y}
+    if w is not None:
+        named["weights"] = w
+    if v is not None:
+        named["values"] = v
+    _same_place(fn, named)
+    _no_autograd(fn, named)
+    R = _replicas(fn, {n: t.shape[0] for n, t in named.items()})
+    batched = bx or by or bw or bv
+    N, d = x.shape[1], x.shape[2]
+    if N == 0 or M == 0:
+        raise ShapeError(f"{fn}: need at least one query and one source point; received N = {N}, M = {M}")
+
+    if w is None:
+        w = torch.full((1, M), 1.0 / M, dtype=x.dtype, device=x.device)
+    x = x.expand(R, N, d)
+    y = y.expand(R, M, d)
+    w = w.expand(R, M)
+    if v is not None:
+        v = v.expand(R, M, v.shape[2])
+
+    with torch.no_grad():
+        if name in _POLY:
+            value, grad = _poly_sum(name, x, y, v, w, want_value, want_grad)
+        elif name is None:
+            value, grad = _callable_sum(kernel, x, y, v, w, want_value, want_grad, block_size)
+        else:
+            value, grad = None, None
+            if _use_fused(x.device, d, R * N * M):
+                out = _fused_kernel_sum(name, h, x, y, v, w, want_value, want_grad, block_size)
+                if out is not None:
+                    value, grad = out
+            if value is None and grad is None:
+                value, grad = _eager_kernel_sum(name, h, x, y, v, w, want_value, want_grad, block_size)
+
+    if value is not None and v is None:
+        value = value[..., 0]
+    if not batched:
+        value = value[0] if value is not None else None
+        grad = grad[0] if grad is not None else None
+    if gradient is True:
+        return grad
+    if gradient == "both":
+        return value, grad
+    return value
+
+
+def _scaled_points(name: str, h: float, x, y):
+    """Points in the kernel's natural units and the factor turning Σ g·Δ into the gradient."""
+    if name == "gaussian":
+        s = 1.0 / (h * math.sqrt(2.0))
+        return x * s, y * s, -math.sqrt(2.0) / h
+    if name == "energy":
+        return x, y, -1.0
+    return x / h, y / h, -1.0 / h  # laplace, imq
+
+
+def _value_channels(v, w):
+    """(R, M, C) weighted value channels: wⱼ vⱼ, or wⱼ alone."""
+    return w[..., None] if v is None else v * w[..., None]
+
+
+def _fused_kernel_sum(name, h, x, y, v, w, want_value, want_grad, block_size):
+    R, N, d = x.shape
+    M = y.shape[1]
+    xs, ys, factor = _scaled_points(name, h, x, y)
+    xs = xs.transpose(1, 2).contiguous()
+    ys = ys.transpose(1, 2).contiguous()
+    if want_value:
+        wv = _value_channels(v, w).transpose(1, 2).contiguous()
+    else:
+        wv = torch.empty(R, 0, M, dtype=x.dtype, device=x.device)
+    n_values = wv.shape[1]
+    w = w.contiguous()
+    poly = x.dtype == torch.float32
+    fn = _fused("kernel_sum", (name, d, n_values, want_grad, poly), _make_fused_kernel_sum)
+    width = n_values + (d if want_grad else 0)
+    out = torch.empty(R, N, width, dtype=x.dtype, device=x.device)
+    bm = _col_block(block_size)
+    for rows in _row_slices(N, block_size):
+        acc = torch.zeros(R, rows.stop - rows.start, width, dtype=x.dtype, device=x.device)
+        xr = xs[:, :, rows]
+        for j in range(0, M, bm):
+            cols = slice(j, min(j + bm, M))
+            acc = _run_fused(fn, xr, ys[:, :, cols], wv[:, :, cols], w[:, cols], acc)
+            if acc is None:
+                return None
+        out[:, rows] = acc
+    value = out[..., :n_values] if want_value else None
+    grad = out[..., n_values:] * factor if want_grad else None
+    return value, grad
+
+
+def _sqdist_direct(xt, yt, out, tmp):
+    """|xᵢ − yⱼ|² from explicit differences; xt (R, d, bn), yt (R, d, bm) → out (R, bn, bm)."""
+    torch.sub(xt[:, 0, :, None], yt[:, 0, None, :], out=out)
+    out.mul_(out)
+    for c in range(1, xt.shape[1]):
+        torch.sub(xt[:, c, :, None], yt[:, c, None, :], out=tmp)
+        out.addcmul_(tmp, tmp)
+    return out
+
+
+def _gemm_operands(x, y):
+    """Augmented operands with A·Bᵀ = |x|² + |y|² − 2⟨x, y⟩ (points already centred)."""
+    one_x = torch.ones_like(x[..., :1])
+    one_y = torch.ones_like(y[..., :1])
+    xa = torch.cat([x * -2.0, (x * x).sum(-1, keepdim=True), one_x], dim=-1)
+    ya = torch.cat([y, one_y, (y * y).sum(-1, keepdim=True)], dim=-1)
+    return xa, ya
+
+
+def _eager_kernel_sum(name, h, x, y, v, w, want_value, want_grad, block_size):
+    R, N, d = x.shape
+    M = y.shape[1]
+    xs, ys, factor = _scaled_points(name, h, x, y)
+    direct = d <= config.direct_max_dim
+    singular = name in ("laplace", "energy")
+    if not direct:
+        centre = ys.mean(dim=1, keepdim=True)
+        xs, ys = xs - centre, ys - centre
+        xa, ya = _gemm_operands(xs, ys)
+    xt = xs.transpose(1, 2).contiguous()
+    yt = ys.transpose(1, 2).contiguous()
+    wv = _value_channels(v, w) if want_value else None
+    smooth_grad = want_grad and not singular
+    if smooth_grad:
+        # Σⱼ gᵢⱼ(xᵢ − yⱼ) = xᵢ Σⱼ gᵢⱼ − Σⱼ gᵢⱼ yⱼ: one GEMM instead of d passes (smooth kernels only).
+        wy = torch.cat([w[..., None], w[..., None] * ys], dim=-1)
+    itemsize = x.element_size()
+    bn, bm = _blocks(block_size, R, N, M, itemsize, x.device, temporaries=3)
+    n_values = wv.shape[-1] if want_value else 0
+    value = torch.empty(R, N, n_values, dtype=x.dtype, device=x.device) if want_value else None
+    grad = torch.empty(R, N, d, dtype=x.dtype, device=x.device) if want_grad else None
+    buf = torch.empty(R, bn, bm, dtype=x.dtype, device=x.device)
+    tmp = torch.empty(R, bn, bm, dtype=x.dtype, device=x.device) if (direct or singular) else None
+    aux = torch.empty(R, bn, bm, dtype=x.dtype, device=x.device) if singular and want_grad else None
+    for i in range(0, N, bn):
+        rows = slice(i, min(i + bn, N))
+        nb = rows.stop - rows.start
+        acc_v = torch.zeros(R, nb, n_values, dtype=x.dtype, device=x.device) if want_value else None
+        acc_g = torch.zeros(R, nb, d, dtype=x.dtype, device=x.device) if want_grad else None
+        acc_s = torch.zeros(R, nb, d + 1, dtype=x.dtype, device=x.device) if smooth_grad else None
+        for j in range(0, M, bm):
+            cols = slice(j, min(j + bm, M))
+            mb = cols.stop - cols.start
+            k = buf[:, :nb, :mb]
+            t = tmp[:, :nb, :mb] if tmp is not None else None
+            if direct:
+                _sqdist_direct(xt[:, :, rows], yt[:, :, cols], k, t)
+            else:
+                torch.bmm(xa[:, rows], ya[:, cols].transpose(1, 2), out=k)
+                k.clamp_(min=0.0)
+            # k holds r² (natural units); turn it into the kernel in place
+            if name == "gaussian":
+                k.neg_().exp_()
+            elif name == "imq":
+                k.add_(1.0).rsqrt_()
+            else:
+                k.sqrt_()
+                if want_grad:
+                    r = aux[:, :nb, :mb]
+                    r.copy_(k)
+                if name == "laplace":
+                    k.neg_().exp_()
+                else:
+                    k.neg_()
+            if want_value:
+                acc_v.baddbmm_(k, wv[:, cols])
+            if not want_grad:
+                continue
+            wj = w[:, None, cols]
+            if name == "gaussian":
+                acc_s.baddbmm_(k, wy[:, cols])
+            elif name == "imq":
+                acc_s.baddbmm_(k.pow_(3), wy[:, cols])
+            else:
+                # g = k/r (laplace) or −1/r·(−1) (energy: k = −r, so g = 1/r), 0 at r = 0
+                g = k
+                if name == "laplace":
+                    g.div_(r)
+                else:
+                    torch.reciprocal(r, out=g)
+                g.masked_fill_(r == 0, 0.0).mul_(wj)
+                for c in range(d):
+                    torch.sub(xt[:, c, rows, None], yt[:, c, None, cols], out=t)
+                    acc_g[..., c] += (t.mul_(g)).sum(-1)
+        if want_value:
+            value[:, rows] = acc_v
+        if want_grad:
+            if smooth_grad:
+                acc_g = xs[:, rows] * acc_s[..., :1] - acc_s[..., 1:]
+            grad[:, rows] = acc_g * factor
+    return value, grad
+
+
+def _poly_sum(name, x, y, v, w, want_value, want_grad):
+    """poly2 / poly2_affine through moments: (1 + ⟨x, y⟩)² = ⟨x̃, ỹ⟩² with x̃ = (x, 1)."""
+    d = x.shape[2]
+    if name == "poly2_affine":
+        x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+        y = torch.cat([y, torch.ones_like(y[..., :1])], dim=-1)
+    value = grad = None
+    if want_value:
+        wv = _value_channels(v, w)  # (R, M, C)
+        # Σⱼ wⱼ vⱼ꜀ yⱼyⱼᵀ for each channel c: (R, C, D, D)
+        moments = torch.einsum("rmc,rma,rmb->rcab", wv, y, y)
+        value = torch.einsum("rna,rcab,rnb->rnc", x, moments, x)
+    if want_grad:
+        second = torch.einsum("rm,rma,rmb->rab", w, y, y)
+        grad = 2.0 * torch.einsum("rab,rnb->rna", second, x)[..., :d]
+    return value, grad
+
+
+def _callable_sum(f, x, y, v, w, want_value, want_grad, block_size):
+    R, N, d = x.shape
+    M = y.shape[1]
+    xt = x.transpose(1, 2).contiguous()
+    yt = y.transpose(1, 2).contiguous()
+    wv = _value_channels(v, w) if want_value else None
+    bn, bm = _blocks(block_size, R, N, M, x.element_size(), x.device, temporaries=6)
+    n_values = wv.shape[-1] if want_value else 0
+    value = torch.empty(R, N, n_values, dtype=x.dtype, device=x.device) if want_value else None
+    grad = torch.empty(R, N, d, dtype=x.dtype, device=x.device) if want_grad else None
+    for i in range(0, N, bn):
+        rows = slice(i, min(i + bn, N))
+        nb = rows.stop - rows.start
+        acc_v = torch.zeros(R, nb, n_values, dtype=x.dtype, device=x.device) if want_value else None
+        acc_g = torch.zeros(R, nb, d, dtype=x.dtype, device=x.device) if want_grad else None
+        for j in range(0, M, bm):
+            cols = slice(j, min(j + bm, M))
+            mb = cols.stop - cols.start
+            r2 = _sqdist_direct(
+                xt[:, :, rows], yt[:, :, cols],
+                torch.empty(R, nb, mb, dtype=x.dtype, device=x.device),
+                torch.empty(R, nb, mb, dtype=x.dtype, device=x.device),
+            )
+            if want_grad:
+                with torch.enable_grad():
+                    r2.requires_grad_(True)
+                    k = _call_kernel(f, r2)
+                    (dk,) = torch.autograd.grad(k, r2, grad_outputs=w[:, None, cols].expand_as(k))
+                k = k.detach()
+                # ∇ₓ f(|x − y|²) = 2 f'(r²)(x − y)
+                for c in range(d):
+                    diff = xt[:, c, rows, None] - yt[:, c, None, cols]
+                    acc_g[..., c] += (dk * diff).sum(-1) * 2.0
+            else:
+                k = _call_kernel(f, r2)
+            if want_value:
+                acc_v.baddbmm_(k, wv[:, cols])
+        if want_value:
+            value[:, rows] = acc_v
+        if want_grad:
+            grad[:, rows] = acc_g
+    return value, grad
+
+
+def _call_kernel(f, r2):
+    k = f(r2)
+    if not isinstance(k, torch.Tensor) or k.shape != r2.shape:
+        got = tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__
+        raise ShapeError(
+            f"kernel_sum: a callable kernel must map the squared-distance block elementwise to a tensor of "
+            f"the same shape {tuple(r2.shape)}; received {got}"
+        )
+    if k.dtype != r2.dtype:
+        k = k.to(r2.dtype)
+    return k
+
+
+# ------------------------------------------------------------------------------------------------
+# softmax average
+# ------------------------------------------------------------------------------------------------
+
+
+def softmax_average(
+    queries,
+    keys,
+    values=None,
+    weights=None,
+    *,
+    log_weights=None,
+    score: str = "sqdist",
+    scale: float = 1.0,
+    return_logsumexp: bool = False,
+    block_size: int | tuple[int, int] | None = None,
+):
+    r"""Softmax-weighted averages with a streaming log-sum-exp (DESIGN.md, numerical spine).
+
+    .. math::
+        \mathrm{out}_i = \sum_j \frac{e^{s(q_i, k_j) + \ell_j}}{\sum_{j'} e^{s(q_i, k_{j'}) + \ell_{j'}}}\,v_j,
+        \qquad \mathrm{LSE}_i = \log\sum_j e^{s(q_i, k_j) + \ell_j},
+
+    with s = −scale·|q − k|² (``score="sqdist"``) or scale·⟨q, k⟩ (``"bilinear"``; apply the Q and
+    K matrices beforehand) and ℓⱼ = log wⱼ or the given ``log_weights`` (any per-j additive term,
+    e.g. (gⱼ − …)/ε of log-domain Sinkhorn, where fᵢ = −ε·LSEᵢ). The running maximum is carried
+    across column blocks and the partial sums rescaled, so no exponent overflows or underflows
+    wholesale, whatever the scale.
+
+    Parameters
+    ----------
+    queries, keys:
+        (R, N, d) / (R, M, d), or 2-D for one replica (broadcast over R).
+    values:
+        (R, M, k) or (M, k); ``None`` averages the keys themselves (posterior mean).
+    weights, log_weights:
+        At most one: (R, M) or (M,) positive weights, or their logarithms (−inf excludes a point).
+        Neither: uniform 1/M (so LSE is a log-mean-exp).
+    return_logsumexp:
+        Also return LSE, shape (R, N).
+
+    Returns
+    -------
+    out (R, N, k) [and LSE (R, N)], with a leading R axis unless every argument was given without one.
+    A row whose log-weights are all −inf has no defined average.
+    """
+    fn = "softmax_average"
+    if score not in _SCORES:
+        raise StateError(f"{fn}: unknown score {score!r}; known scores are 'sqdist' and 'bilinear'")
+    scale = _number(scale, f"{fn}: scale")
+    if weights is not None and log_weights is not None:
+        raise StateError(f"{fn}: pass weights or log_weights, not both")
+    q, bq = _points(queries, "queries", "N")
+    k, bk = _points(keys, "keys", "M")
+    if q.shape[2] != k.shape[2]:
+        raise ShapeError(
+            f"{fn}: queries have d = {q.shape[2]} (shape {tuple(q.shape)}) but keys have d = {k.shape[2]} "
+            f"(shape {tuple(k.shape)}); apply the query/key maps so both live in the same space"
+        )
+    M = k.shape[1]
+    w, bw = _weights(fn, weights, 1, M)
+    lw, bl = _weights(fn, log_weights, 1, M, name="log_weights")
+    v, bv = _values(fn, values, M)
+    named = {"queries": q, "keys": k}
+    for n, t in (("weights", w), ("log_weights", lw), ("values", v)):
+        if t is not None:
+            named[n] = t
+    _same_place(fn, named)
+    _no_autograd(fn, named)
+    R = _replicas(fn, {n: t.shape[0] for n, t in named.items()})
+    batched = bq or bk or bw or bl or bv
+    N, d = q.shape[1], q.shape[2]
+    if N == 0 or M == 0:
+        raise ShapeError(f"{fn}: need at least one query and one key; received N = {N}, M = {M}")
+
+    with torch.no_grad():
+        if lw is None:
+            lw = torch.log(w) if w is not None else torch.full((1, M), -math.log(M), dtype=q.dtype, device=q.device)
+        # A finite floor for −inf keeps every running maximum finite (no inf − inf); exp of it is 0.
+        floor = -torch.finfo(q.dtype).max / 16
+        lw = lw.clamp(min=floor).expand(R, M)
+        q = q.expand(R, N, d)
+        k = k.expand(R, M, d)
+        v = k if v is None else v.expand(R, M, v.shape[2])
+        out = None
+        if _use_fused(q.device, d, R * N * M):
+            out = _fused_softmax(score, scale, q, k, v, lw, block_size)
+        if out is None:
+            out = _eager_softmax(score, scale, q, k, v, lw, block_size)
+        avg, lse = out
+
+    if not batched:
+        avg, lse = avg[0], lse[0]
+    return (avg, lse) if return_logsumexp else avg
+
+
+def _fused_softmax(score, scale, q, k, v, lw, block_size):
+    R, N, d = q.shape
+    M = k.shape[1]
+    negate = False
+    if score == "sqdist":
+        root = math.sqrt(abs(scale))
+        qs, ks, negate = q * root, k * root, scale < 0
+    else:
+        qs, ks = q * scale, k
+    qs = qs.transpose(1, 2).contiguous()
+    ks = ks.transpose(1, 2).contiguous()
+    vt = v.transpose(1, 2).contiguous()
+    lw = lw.contiguous()
+    n_values = vt.shape[1]
+    poly = q.dtype == torch.float32
+    fn = _fused("softmax", (score, d, n_values, negate, poly), _make_fused_softmax)
+    avg = torch.empty(R, N, n_values, dtype=q.dtype, device=q.device)
+    lse = torch.empty(R, N, dtype=q.dtype, device=q.device)
+    bm = _col_block(block_size)
+    for rows in _row_slices(N, block_size):
+        nb = rows.stop - rows.start
+        m = torch.full((R, nb), -math.inf, dtype=q.dtype, device=q.device)
+        acc = torch.zeros(R, nb, 1 + n_values, dtype=q.dtype, device=q.device)
+        qr = qs[:, :, rows]
+        for j in range(0, M, bm):
+            cols = slice(j, min(j + bm, M))
+            res = _run_fused(fn, qr, ks[:, :, cols], lw[:, cols], vt[:, :, cols], m, acc)
+            if res is None:
+                return None
+            m, acc = res
+        avg[:, rows] = acc[..., 1:] / acc[..., :1]
+        lse[:, rows] = m + torch.log(acc[..., 0])
+    return avg, lse
+
+
+def _eager_softmax(score, scale, q, k, v, lw, block_size):
+    R, N, d = q.shape
+    M = k.shape[1]
+    direct = score == "sqdist" and d <= config.direct_max_dim
+    row_term = None
+    if direct:
+        root = math.sqrt(abs(scale))
+        sign = 1.0 if scale < 0 else -1.0
+        qt = (q * root).transpose(1, 2).contiguous()
+        kt = (k * root).transpose(1, 2).contiguous()
+    elif score == "sqdist":
+        # −scale|q − k|² = 2 scale⟨q, k⟩ − scale|k|² − scale|q|²; the last term is constant in j, so
+        # it cancels in the softmax and only returns in the log-sum-exp.
+        centre = k.mean(dim=1, keepdim=True)
+        qc, kc = q - centre, k - centre
+        qa = torch.cat([qc * (2.0 * scale), torch.ones_like(qc[..., :1])], dim=-1)
+        ka = torch.cat([kc, lw[..., None] - scale * (kc * kc).sum(-1, keepdim=True)], dim=-1)
+        row_term = -scale * (qc * qc).sum(-1)
+    else:
+        qa = torch.cat([q * scale, torch.ones_like(q[..., :1])], dim=-1)
+        ka = torch.cat([k, lw[..., None]], dim=-1)
+    ones_v = torch.cat([torch.ones_like(v[..., :1]), v], dim=-1)  # (R, M, 1 + C)
+    n_values = v.shape[2]
+    bn, bm = _blocks(block_size, R, N, M, q.element_size(), q.device, temporaries=3)
+    avg = torch.empty(R, N, n_values, dtype=q.dtype, device=q.device)
+    lse = torch.empty(R, N, dtype=q.dtype, device=q.device)
+    buf = torch.empty(R, bn, bm, dtype=q.dtype, device=q.device)
+    tmp = torch.empty(R, bn, bm, dtype=q.dtype, device=q.device) if direct else None
+    for i in range(0, N, bn):
+        rows = slice(i, min(i + bn, N))
+        nb = rows.stop - rows.start
+        m = torch.full((R, nb), -math.inf, dtype=q.dtype, device=q.device)
+        acc = torch.zeros(R, nb, 1 + n_values, dtype=q.dtype, device=q.device)
+        for j in range(0, M, bm):
+            cols = slice(j, min(j + bm, M))
+            mb = cols.stop - cols.start
+            s = buf[:, :nb, :mb]
+            if direct:
+                _sqdist_direct(qt[:, :, rows], kt[:, :, cols], s, tmp[:, :nb, :mb])
+                if sign < 0:
+                    s.neg_()
+                s.add_(lw[:, None, cols])
+            else:
+                torch.bmm(qa[:, rows], ka[:, cols].transpose(1, 2), out=s)
+            m_new = torch.maximum(m, s.amax(dim=-1))
+            s.sub_(m_new[..., None]).exp_()
+            acc.mul_(torch.exp(m - m_new)[..., None]).baddbmm_(s, ones_v[:, cols])
+            m = m_new
+        avg[:, rows] = acc[..., 1:] / acc[..., :1]
+        lse[:, rows] = m + torch.log(acc[..., 0])
+    if row_term is not None:
+        lse = lse + row_term
+    return avg, lse
