@@ -5,6 +5,11 @@ value, step and time datasets of one element (what H5MD asks for), in the same c
 SWMR mode on as in the writer. The writer adds: host copy of a torch tensor, shape checks,
 book-keeping of complete rows and, on its schedule, two-phase flushes (data, then row counts).
 
+A second table answers the question a user asks: what does writing cost a whole run? It times
+the same ``Simulation`` (N particles, d = 2, an Ornstein–Uhlenbeck field under Euler–Maruyama,
+``--steps`` steps) with no writer and with an H5MD writer every 10th step (default flush schedule),
+interleaving the two so that machine noise hits both alike.
+
 Usage::
 
     python benchmarks/bench_writer.py [--frames 100] [--repeats 3] [--sizes 10000 100000]
@@ -61,6 +66,18 @@ def bench_bare(path: Path, x: torch.Tensor, frames: int) -> float:
     return time.perf_counter() - start
 
 
+def bench_run(path: Path | None, n: int, steps: int, every: int = 10) -> float:
+    """Wall time of a whole run, with an H5MD writer every ``every`` steps when ``path`` is given."""
+    field = mf.field("ornstein_uhlenbeck", theta=1.0, sigma=0.5)
+    x = torch.randn(1, n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    writers = [H5MDWriter(path, every=every)] if path is not None else []
+    simulation = mf.Simulation(mf.Particles(x), field, "euler_maruyama", 0.0, 1.0, steps=steps,
+                               writers=writers, seed=0, progress=False)
+    start = time.perf_counter()
+    simulation.run()
+    return time.perf_counter() - start
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=100)
@@ -68,6 +85,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--dim", type=int, default=2)
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--steps", type=int, default=500, help="steps of the whole-run comparison")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     print(f"h5py {h5py.__version__}, HDF5 {h5py.version.hdf5_version}, torch {torch.__version__}")
@@ -91,6 +109,17 @@ def main(argv=None) -> None:
                 f"{n:>8} {mb:>9.2f} {per['bare']:>14.3f} {per['writer']:>16.3f} "
                 f"{per['writer'] / per['bare']:>6.2f} {per['flush10']:>17.3f} ({per['flush10'] / per['bare']:.2f}×)"
             )
+
+        print(f"\nwhole run: {args.steps} Euler–Maruyama steps of an OU field, d = 2, frame every 10th step, "
+              f"median of {max(args.repeats, 5)} interleaved runs")
+        print(f"{'N':>8} {'no writer s':>12} {'h5md writer s':>14} {'overhead':>9}")
+        for n in args.sizes:
+            bare, written = [], []
+            for r in range(max(args.repeats, 5)):
+                bare.append(bench_run(None, n, args.steps))
+                written.append(bench_run(tmp / f"run{n}_{r}.h5", n, args.steps))
+            b, w = statistics.median(bare), statistics.median(written)
+            print(f"{n:>8} {b:>12.3f} {w:>14.3f} {100 * (w / b - 1):>8.1f}%")
 
 
 if __name__ == "__main__":
