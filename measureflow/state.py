@@ -75,6 +75,12 @@ class Particles:
     def __attrs_post_init__(self):
         if self.weights is None:
             return
+        # Checked before any conversion: a silent copy across devices would hide the mistake.
+        if isinstance(self.weights, torch.Tensor) and self.weights.device != self.x.device:
+            raise StateError(
+                f"Particles.weights is on {self.weights.device} but x is on {self.x.device}; "
+                "move both to the same device"
+            )
         w = as_tensor(self.weights, dtype=self.x.dtype, device=self.x.device, name="Particles.weights")
         R, N, _ = self.x.shape
         if w.ndim == 1:
@@ -83,11 +89,6 @@ class Particles:
             raise ShapeError(
                 f"Particles.weights must have shape (R, N) = {(R, N)} to match x of shape "
                 f"{tuple(self.x.shape)}; received {tuple(w.shape)}"
-            )
-        if isinstance(self.weights, torch.Tensor) and self.weights.device != self.x.device:
-            raise StateError(
-                f"Particles.weights is on {self.weights.device} but x is on {self.x.device}; "
-                "move both to the same device"
             )
         if bool((w < 0).any()):
             raise StateError("Particles.weights must be non-negative")

@@ -165,3 +165,40 @@ def test_progress_bar_is_silent_off_a_terminal(capsys):
     field = measureflow.field("linear", A=A, b=B)
     Simulation(Gaussians(M0, S0), field, "rk4", 0.0, 1.0, steps=5).run()
     assert "step" not in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_data_leaves_the_device_only_where_a_writer_writes(monkeypatch):
+    # CUDA's sync debug mode raises on any device→host synchronisation. It is switched off only
+    # inside the writer and the health read (which runs on writing steps), so a sync anywhere else
+    # in the loop — the integrator, the observers, the triggers — fails the run.
+    device = torch.device("cuda")
+    sync_ok = []
+
+    def allowing_syncs(function, label):
+        def wrapped(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                sync_ok.append(label)
+                torch.cuda.set_sync_debug_mode("error")
+        return wrapped
+
+    monkeypatch.setattr(Simulation, "_read_health", allowing_syncs(Simulation._read_health, "health"))
+    writer = memory_writer(every=Periodic(5))
+    monkeypatch.setattr(writer, "write_frame", allowing_syncs(writer.write_frame, "frame"))
+    monkeypatch.setattr(writer, "write_observables", allowing_syncs(writer.write_observables, "observables"))
+    field = measureflow.field("ornstein_uhlenbeck", theta=1.0, sigma=0.5)
+    start = Particles(torch.randn(2, 1000, 2, dtype=torch.float32, device=device))
+    sim = Simulation(start, field, "euler_maruyama", 0.0, 1.0, steps=20, writers=[writer],
+                     observers=["mean"], observe_every=1, seed=0, progress=False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = sim.run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert result.status.ok and result.state.x.device.type == "cuda"
+    assert list(writer.steps) == [0, 5, 10, 15, 20]
+    assert sync_ok.count("health") == 4  # steps 5, 10, 15 and 20: the writing steps after step 0

@@ -54,6 +54,15 @@ def test_gaussians_validation():
         Gaussians(torch.zeros(2, dtype=torch.float64), torch.eye(2))
 
 
+def test_mixed_devices_are_refused_before_any_copy():
+    # The "meta" device stands in for a second device on CPU-only machines: any copy from it fails,
+    # so reaching the message proves the check ran first.
+    with pytest.raises(StateError, match="weights is on meta but x is on cpu"):
+        Particles(torch.zeros(1, 3, 2), torch.full((1, 3), 1 / 3, device="meta"))
+    with pytest.raises(StateError, match="cov is on meta"):
+        Gaussians(torch.zeros(2), torch.eye(2, device="meta"))
+
+
 def test_gaussian_sampling_is_reproducible_and_has_the_right_moments():
     cov = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
     g = Gaussians(torch.tensor([1.0, -1.0], dtype=torch.float64), cov)
