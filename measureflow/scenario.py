@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import attrs
 
-from .errors import ParameterError
+from .errors import MeasureflowError, ParameterError
 
 __all__ = ["scenario", "Scenario", "Parameter", "load_scenarios", "parse_assignments"]
 
@@ -172,7 +172,12 @@ class Scenario:
         parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name, description=self.doc or None)
         add_run_arguments(parser)
         args = parser.parse_args(argv)
-        return run_from_args(self, args)
+        try:
+            return run_from_args(self, args)
+        except MeasureflowError as exc:
+            # Same behaviour as `measureflow run`: a message that names the problem, no traceback.
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     def describe(self) -> str:
         lines = [f"{self.name}: {self.doc.splitlines()[0] if self.doc else ''}".rstrip()]
