@@ -1,9 +1,10 @@
 """Streaming kernel sums and softmax-weighted averages: the engine's numerical spine.
 
 Two reductions between query points xᵢ (N of them) and source points yⱼ (M of them), batched over
-R replicas (DESIGN.md, "The numerical spine"; weights follow MATH.md §0, uniform = 1/M):
+R replicas (DESIGN.md, "The numerical spine"; weights follow MATH.md §0: a probability vector per
+replica, uniform = 1/M):
 
-* :func:`kernel_sum`      Σⱼ wⱼ k(xᵢ, yⱼ) vⱼ   and its gradient Σⱼ wⱼ ∇ₓk(xᵢ, yⱼ);
+* :func:`kernel_sum`      Sᵢ = Σⱼ wⱼ k(xᵢ, yⱼ) vⱼ   and its gradient Gᵢ = Σⱼ wⱼ ∇ₓk(xᵢ, yⱼ);
 * :func:`softmax_average` Σⱼ softmaxⱼ(s(qᵢ, kⱼ) + log wⱼ) vⱼ   and its log-sum-exp.
 
 Every field that needs one of them calls these functions, so a speed-up here lands everywhere.
@@ -11,21 +12,23 @@ Memory stays O((N + M)·d + block²) per replica on any device: the N×M matrix 
 
 Two execution paths compute the same numbers:
 
-* **fused** (``torch.compile``): one generated loop nest per column block evaluates distance, kernel
-  and all weighted sums without writing any N×M temporary. Used for d ≤ ``config.fused_max_dim``
-  and named kernels when compiling is allowed (``MEASUREFLOW_COMPILE``, see :class:`ReductionConfig`);
-  float32 uses a polynomial exp accurate to ~2·10⁻⁷ relative (float32 rounding), float64 uses
-  ``torch.exp``.
+* **fused** (``torch.compile``): one generated loop nest per (replica, column block) evaluates
+  distance, kernel and every weighted sum in registers, without writing any N×M temporary. Used for
+  d ≤ ``config.fused_max_dim`` and named kernels when compiling is allowed (``MEASUREFLOW_COMPILE``,
+  see :class:`ReductionConfig`). One compile serves every N, M and R (shapes are symbolic and the
+  replica loop runs in Python), so a process pays it once per static configuration (reduction,
+  kernel or score, d, number of value channels, gradient or not, dtype). float32 on CPU uses a
+  polynomial exp accurate to ~2·10⁻⁷ relative (float32 rounding); otherwise ``torch.exp``.
 * **blocked eager**: (bn × bm) blocks sized from a memory budget, GEMMs for the value sums, the
   exp evaluated in place, a streaming max/rescale across column blocks for the softmax.
 
-Accuracy notes (why the code forms differences where it does): for d ≤ ``config.direct_max_dim``
-squared distances are formed from explicit differences, so k(x, x) is exact and near-diagonal
-values keep full relative accuracy (MMD² differences of nearly equal sums need this). For larger d
-the blocked path uses the GEMM identity |x − y|² = |x|² + |y|² − 2⟨x, y⟩ after centring both point
-sets on the sources' mean; its absolute error is about ε·(|x − c|² + |y − c|²)/h² in the exponent.
-Gradients of the non-smooth kernels ("laplace", "energy") are always formed from explicit
-differences, so that near-coincident pairs contribute their exact unit vectors.
+Accuracy notes (why the code forms differences where it does): for d ≤ ``config.direct_max_dim``,
+and always for the non-smooth kernels ("laplace", "energy"), squared distances are formed from
+explicit differences, so k(x, x) is exact and near-diagonal values keep full relative accuracy
+(MMD² differences of nearly equal sums need this; for r = |x − y| the GEMM identity would leave an
+error of order √ε·|x| at r = 0). Otherwise the eager path uses the GEMM identity
+|x − y|² = |x|² + |y|² − 2⟨x, y⟩ after centring both point sets on the sources' mean; its absolute
+error is about ε·(|x − c|² + |y − c|²)/h² in the exponent.
 
 Neither reduction records autograd history (that would keep every block alive); use
 ``gradient=True`` for ∇ₓ of a kernel sum.
@@ -33,6 +36,7 @@ Neither reduction records autograd history (that would keep every block alive); 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -64,6 +68,7 @@ KERNELS: dict[str, str] = {
 }
 
 _RADIAL = ("gaussian", "laplace", "energy", "imq")
+_SINGULAR = ("laplace", "energy")
 _POLY = ("poly2", "poly2_affine")
 _SCORES = ("sqdist", "bilinear")
 _MiB = 1 << 20
@@ -104,17 +109,24 @@ class ReductionConfig:
         ``MEASUREFLOW_REDUCTION_MEMORY_MIB``). On CPU blocks are further capped at
         ``cpu_block_elements`` so that a block stays in cache.
     compile:
-        ``"auto"`` (default): use the fused ``torch.compile`` path for problems of at least
-        ``compile_min_pairs`` R·N·M pairs, where the one-off compile (seconds, cached on disk
-        by torch) pays for itself; ``"on"``: whenever possible; ``"off"``: never. Environment
-        ``MEASUREFLOW_COMPILE`` = ``auto`` | ``1`` | ``0``. A failed compile warns once and
-        falls back to the eager path for the rest of the process.
+        ``"auto"`` (default): use the fused ``torch.compile`` path once the pairs (R·N·M) evaluated
+        eagerly for one static configuration reach ``compile_min_pairs``, counting the current call
+        — so one large call compiles at once, and many small calls compile after they have spent
+        about as long in the eager path as the one-off compile takes (seconds, cached on disk by
+        torch); ``"on"``: whenever possible; ``"off"``: never. Environment ``MEASUREFLOW_COMPILE`` =
+        ``auto`` | ``1`` | ``0``. A failed compile warns once and falls back to the eager path for
+        the rest of the process.
     fused_columns:
         Source points per call of the fused kernel (CPU: keep the block in L2).
     fused_max_dim:
         Largest d for the fused path (its loop unrolls over coordinates).
     direct_max_dim:
-        Largest d for which the eager path forms explicit differences instead of the GEMM identity.
+        Largest d for which the eager path forms explicit differences instead of the GEMM identity
+        for the smooth kernels ("gaussian", "imq"); the non-smooth ones always use differences.
+    check_weights:
+        Check that ``weights`` are finite, non-negative and sum to one per replica (MATH.md §0).
+        The check reads one number back from the device per call; switch it off in a hot loop
+        whose weights are known to be valid.
     """
 
     memory_budget: int = attrs.field(factory=_env_budget)
@@ -124,6 +136,7 @@ class ReductionConfig:
     fused_columns: int = 4096
     fused_max_dim: int = 8
     direct_max_dim: int = 4
+    check_weights: bool = True
 
 
 config = ReductionConfig()
@@ -142,13 +155,13 @@ def _tensor(value, name: str) -> torch.Tensor:
     return value
 
 
-def _points(value, name: str, shape_name: str) -> tuple[torch.Tensor, bool]:
-    t = _tensor(value, name)
+def _points(fn: str, value, name: str, shape_name: str) -> tuple[torch.Tensor, bool]:
+    t = _tensor(value, f"{fn}: {name}")
     if t.ndim == 2:
         return t.unsqueeze(0), False
     if t.ndim != 3:
         raise ShapeError(
-            f"{name} must have shape (R, {shape_name}, d) or ({shape_name}, d); received shape {tuple(t.shape)}"
+            f"{fn}: {name} must have shape (R, {shape_name}, d) or ({shape_name}, d); received shape {tuple(t.shape)}"
         )
     return t, True
 
@@ -189,10 +202,10 @@ def _replicas(fn: str, shapes: dict[str, int]) -> int:
     return values.pop() if values else 1
 
 
-def _weights(fn: str, w, R: int, M: int, name: str = "weights") -> tuple[torch.Tensor | None, bool]:
+def _weights(fn: str, w, M: int, name: str = "weights") -> tuple[torch.Tensor | None, bool]:
     if w is None:
         return None, False
-    w = _tensor(w, name)
+    w = _tensor(w, f"{fn}: {name}")
     if w.ndim == 1:
         w, batched = w.unsqueeze(0), False
     elif w.ndim == 2:
@@ -207,10 +220,46 @@ def _weights(fn: str, w, R: int, M: int, name: str = "weights") -> tuple[torch.T
     return w, batched
 
 
+def _check_probability(fn: str, w: torch.Tensor, unnormalised_hint: str) -> None:
+    """Weights are a probability vector per replica (MATH.md §0): finite, ≥ 0, summing to one.
+
+    The tolerance is the one :class:`measureflow.Particles` uses, so every weight vector a state
+    accepts is accepted here: 10⁻⁵·max(1, √M) in float32 and below (the rounding of a float32 sum of
+    M terms grows like √M·ε at worst in practice), 10⁻¹⁰·max(1, √M) in float64.
+    """
+    if not config.check_weights:
+        return
+    M = w.shape[1]
+    with torch.no_grad():
+        sums = w.sum(dim=1, dtype=torch.float64)
+        # one read-back for the three checks: count of negative entries, of non-finite ones, worst sum
+        stats = torch.stack([(w < 0).sum().double(), (~torch.isfinite(w)).sum().double(), (sums - 1).abs().max()])
+        negative, nonfinite, worst = stats.tolist()
+    if nonfinite:
+        raise StateError(
+            f"{fn}: weights contain {int(nonfinite)} non-finite entries (NaN or inf); weights must be a finite "
+            "probability vector per replica"
+        )
+    if negative:
+        raise StateError(
+            f"{fn}: weights contain {int(negative)} negative entries; weights must be non-negative and sum to one "
+            f"per replica ({unnormalised_hint})"
+        )
+    low = w.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    tol = (1e-5 if low else 1e-10) * max(1.0, math.sqrt(M))
+    if worst > tol:
+        r = int(((sums - 1).abs() > tol).nonzero()[0, 0])
+        raise StateError(
+            f"{fn}: weights must sum to one in every replica (MATH.md §0); replica {r} sums to "
+            f"{float(sums[r]):.10g} (tolerance {tol:.1e}). Normalise them with w / w.sum(-1, keepdim=True), "
+            f"{unnormalised_hint}"
+        )
+
+
 def _values(fn: str, v, M: int, name: str = "values") -> tuple[torch.Tensor | None, bool]:
     if v is None:
         return None, False
-    v = _tensor(v, name)
+    v = _tensor(v, f"{fn}: {name}")
     if v.ndim == 2:
         v, batched = v.unsqueeze(0), False
     elif v.ndim == 3:
@@ -226,22 +275,35 @@ def _values(fn: str, v, M: int, name: str = "values") -> tuple[torch.Tensor | No
 
 
 def _number(value, name: str) -> float:
+    if isinstance(value, bool):
+        raise StateError(f"{name} must be a real number; received {value!r}")
     try:
         out = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):
         raise StateError(f"{name} must be a real number; received {value!r}") from None
     if not math.isfinite(out):
         raise StateError(f"{name} must be finite; received {out}")
     return out
 
 
-def _blocks(block_size, R: int, N: int, M: int, itemsize: int, device: torch.device, temporaries: int):
+def _block_arg(fn: str, block_size) -> tuple[int, int] | None:
+    """Validate ``block_size`` (int or (rows, cols), positive) once, for both paths."""
+    if block_size is None:
+        return None
+    pair = (block_size, block_size) if not isinstance(block_size, (tuple, list)) else tuple(block_size)
+    ok = len(pair) == 2 and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in pair)
+    if not ok:
+        raise ShapeError(
+            f"{fn}: block_size must be a positive int or a (rows, cols) pair of positive ints; received {block_size!r}"
+        )
+    return pair
+
+
+def _blocks(block: tuple[int, int] | None, R: int, N: int, M: int, itemsize: int, device: torch.device,
+            temporaries: int):
     """(rows, cols) of one eager block: explicit, or the largest fitting the memory budget."""
-    if block_size is not None:
-        bn, bm = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-        if int(bn) < 1 or int(bm) < 1:
-            raise ShapeError(f"block_size must be positive; received {block_size!r}")
-        return min(int(bn), N), min(int(bm), M)
+    if block is not None:
+        return min(block[0], N), min(block[1], M)
     elements = config.memory_budget // max(1, itemsize * temporaries * R)
     if device.type == "cpu":
         elements = min(elements, max(1, config.cpu_block_elements // R))
@@ -251,6 +313,13 @@ def _blocks(block_size, R: int, N: int, M: int, itemsize: int, device: torch.dev
     return bn, bm
 
 
+def _spans(n: int, size: int) -> list[slice]:
+    """Split range(n) into ⌈n/size⌉ near-equal slices (no one-element tail: see _fused_call)."""
+    count = -(-n // max(1, size))
+    step = -(-n // count)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 # ------------------------------------------------------------------------------------------------
 # fused (compiled) path
 # ------------------------------------------------------------------------------------------------
@@ -258,14 +327,16 @@ def _blocks(block_size, R: int, N: int, M: int, itemsize: int, device: torch.dev
 _compile_lock = threading.Lock()
 _compiled: dict[tuple, Callable] = {}
 _compile_failure: str | None = None
+_eager_pairs: dict[tuple, int] = {}
 
 
 def _exp32(x: torch.Tensor) -> torch.Tensor:
     """exp for float32 inside the fused kernels: 2ⁿ·p(r), r ∈ [−ln2/2, ln2/2].
 
     p is a degree-5 near-minimax polynomial (relative error 7.5·10⁻⁸ on the interval, 2.2·10⁻⁷
-    including float32 evaluation) — it costs about half of the library exp and is as accurate as
-    the float32 sums it feeds. Arguments below −87 return exactly 0 (they would be subnormal).
+    including float32 evaluation) — it costs about two thirds of the library exp and is as accurate
+    as the float32 sums it feeds. Arguments below −87 return exactly 0 (they would be subnormal);
+    arguments must be ≤ 88 (every caller passes a non-positive exponent).
     """
     xc = torch.clamp(x, min=-87.0)
     n = torch.floor(xc * 1.4426950408889634 + 0.5)
@@ -289,12 +360,13 @@ def _specialise(fn: Callable, tag: str) -> Callable:
 def _make_fused_kernel_sum(kernel: str, d: int, n_values: int, grad: bool, poly_exp: bool):
     exp = _exp32 if poly_exp else torch.exp
 
-    def fused_kernel_sum(xs, ys, wv, w, acc):
-        # xs (R, d, N), ys (R, d, B), wv (R, C, B), w (R, B), acc (R, N, C [+ d])
+    def fused_kernel_sum(xs, ys, v, w, acc):
+        # One replica, one column block: xs (d, n), ys (d, b), v (C, b) (C = 0: value Σ w k),
+        # w (b,), acc (n, [1 or C] + [d]). Coordinates are already in the kernel's natural units.
         if not torch.compiler.is_compiling():
-            # torch.compile gave up on this frame: never run the broadcast form eagerly (N×B×d).
+            # torch.compile gave up on this frame: never run the broadcast form eagerly (n×b×d).
             return None
-        diffs = [xs[:, c, :, None] - ys[:, c, None, :] for c in range(d)]
+        diffs = [xs[c, :, None] - ys[c, None, :] for c in range(d)]
         r2 = diffs[0] * diffs[0]
         for c in range(1, d):
             r2 = r2 + diffs[c] * diffs[c]
@@ -308,16 +380,21 @@ def _make_fused_kernel_sum(kernel: str, d: int, n_values: int, grad: bool, poly_
             k = -r
         else:  # imq
             k = torch.rsqrt(1.0 + r2)
-        sums = [(k * wv[:, c, None, :]).sum(-1) for c in range(n_values)]
+        wk = k * w[None, :]
+        if n_values:
+            sums = [(wk * v[c, None, :]).sum(-1) for c in range(n_values)]
+        else:
+            sums = [wk.sum(-1)]
         if grad:
+            # Σⱼ gᵢⱼ (xᵢ − yⱼ) with g = w·(−∂k/∂r)/r in natural units; the caller applies the sign/scale
             if kernel == "gaussian":
-                g = k * w[:, None, :]
+                g = wk
             elif kernel == "laplace":
-                g = torch.where(r > 0, k / r, 0.0) * w[:, None, :]
+                g = torch.where(r > 0, wk / r, 0.0)
             elif kernel == "energy":
-                g = torch.where(r > 0, 1.0 / r, 0.0) * w[:, None, :]
+                g = torch.where(r > 0, w[None, :] / r, 0.0)
             else:
-                g = k * k * k * w[:, None, :]
+                g = wk * k * k
             sums += [(g * diffs[c]).sum(-1) for c in range(d)]
         return acc + torch.stack(sums, -1)
 
@@ -328,26 +405,26 @@ def _make_fused_softmax(score: str, d: int, n_values: int, negate: bool, poly_ex
     exp = _exp32 if poly_exp else torch.exp
 
     def fused_softmax(qs, ks, lw, v, m, acc):
-        # qs (R, d, N), ks (R, d, B), lw (R, B), v (R, C, B), m (R, N), acc (R, N, 1 + C)
+        # One replica, one column block: qs (d, n), ks (d, b), lw (b,), v (C, b), m (n,), acc (n, 1 + C)
         if not torch.compiler.is_compiling():
             return None
         if score == "sqdist":
-            diff = qs[:, 0, :, None] - ks[:, 0, None, :]
+            diff = qs[0, :, None] - ks[0, None, :]
             s = diff * diff
             for c in range(1, d):
-                diff = qs[:, c, :, None] - ks[:, c, None, :]
+                diff = qs[c, :, None] - ks[c, None, :]
                 s = s + diff * diff
             s = s if negate else -s
         else:
-            s = qs[:, 0, :, None] * ks[:, 0, None, :]
+            s = qs[0, :, None] * ks[0, None, :]
             for c in range(1, d):
-                s = s + qs[:, c, :, None] * ks[:, c, None, :]
-        s = s + lw[:, None, :]
+                s = s + qs[c, :, None] * ks[c, None, :]
+        s = s + lw[None, :]
         m_new = torch.maximum(m, s.amax(-1))
-        p = exp(s - m_new[..., None])
-        sums = [p.sum(-1)] + [(p * v[:, c, None, :]).sum(-1) for c in range(n_values)]
+        p = exp(s - m_new[:, None])
+        sums = [p.sum(-1)] + [(p * v[c, None, :]).sum(-1) for c in range(n_values)]
         rescale = torch.exp(m - m_new)
-        return m_new, acc * rescale[..., None] + torch.stack(sums, -1)
+        return m_new, acc * rescale[:, None] + torch.stack(sums, -1)
 
     return fused_softmax
 
@@ -365,7 +442,21 @@ def _fused(kind: str, key: tuple, make: Callable) -> Callable:
     return fn
 
 
-def _use_fused(device: torch.device, d: int, pairs: int) -> bool:
+def _shape_options():
+    """Symbolic-shape settings under which the fused kernels are traced and called.
+
+    By default dynamo "duck-sizes" (n and b equal at the first call get one symbol, and a later
+    call with n ≠ b recompiles) and specialises sizes 0 and 1 (a one-row call recompiles). Both
+    cost a compile of several seconds for nothing here: no kernel relies on a size relation.
+    """
+    from torch.fx.experimental import _config as fx_config
+
+    wanted = {"use_duck_shape": False, "backed_size_oblivious": True}
+    known = {k: v for k, v in wanted.items() if hasattr(fx_config, k)}
+    return fx_config.patch(**known) if known else contextlib.nullcontext()
+
+
+def _use_fused(device: torch.device, d: int, pairs: int, key: tuple) -> bool:
     if config.compile == "off" or _compile_failure is not None or d > config.fused_max_dim:
         return False
     if device.type == "cuda":
@@ -375,14 +466,22 @@ def _use_fused(device: torch.device, d: int, pairs: int) -> bool:
             return False
     elif device.type != "cpu":
         return False
-    return config.compile == "on" or pairs >= config.compile_min_pairs
+    if config.compile == "on" or key in _compiled:
+        return True
+    # "auto": compile once the eager work spent on this configuration would have paid for it
+    total = _eager_pairs.get(key, 0) + pairs
+    if total >= config.compile_min_pairs:
+        return True
+    _eager_pairs[key] = total
+    return False
 
 
 def _run_fused(fn: Callable, *args):
     """Call a compiled kernel; on a compile failure warn once and report None (caller goes eager)."""
     global _compile_failure
     try:
-        out = fn(*args)
+        with _shape_options():
+            out = fn(*args)
     except Exception as exc:  # noqa: BLE001 - any backend failure means "use the eager path"
         _compile_failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         warnings.warn(
@@ -396,17 +495,12 @@ def _run_fused(fn: Callable, *args):
     return out
 
 
-def _row_slices(N: int, block_size) -> list[slice]:
-    if block_size is None:
-        return [slice(0, N)]
-    bn = block_size if isinstance(block_size, int) else block_size[0]
-    return [slice(i, min(i + bn, N)) for i in range(0, N, bn)]
-
-
-def _col_block(block_size) -> int:
-    if block_size is None:
-        return config.fused_columns
-    return block_size if isinstance(block_size, int) else block_size[1]
+def _fused_spans(N: int, M: int, block: tuple[int, int] | None) -> tuple[list[slice], list[slice]]:
+    """Row and column slices of the fused path: all rows at once (the kernel parallelises over
+    them), columns in blocks of ``config.fused_columns`` that stay in cache."""
+    rows = _spans(N, block[0]) if block is not None else [slice(0, N)]
+    cols = _spans(M, block[1] if block is not None else config.fused_columns)
+    return rows, cols
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,6 +523,9 @@ def kernel_sum(
 
     .. math::  S_i = \sum_j w_j\,k(x_i, y_j)\,v_j, \qquad G_i = \sum_j w_j\,\nabla_x k(x_i, y_j).
 
+    S with vⱼ = 1 is the kernel mean embedding of the source measure evaluated at xᵢ, G its gradient
+    (MMD and SVGD fields, MATH.md §6; kernel density estimates).
+
     Parameters
     ----------
     x:
@@ -436,9 +533,11 @@ def kernel_sum(
     y:
         Source points, shape (R, M, d) or (M, d); a single set (R = 1) is shared by every replica.
     values:
-        Optional (R, M, k) or (M, k) values vⱼ; ``None`` means vⱼ = 1.
+        Optional (R, M, k) or (M, k) values vⱼ; ``None`` means vⱼ = 1. Unnormalised per-point
+        factors belong here, not in ``weights``.
     weights:
-        (R, M) or (M,) weights wⱼ; ``None`` means uniform 1/M (MATH.md §0). They are not normalised.
+        (R, M) or (M,) weights wⱼ: finite, non-negative, summing to one in each replica
+        (MATH.md §0; checked, see :attr:`ReductionConfig.check_weights`). ``None`` means uniform 1/M.
     kernel:
         A name of :data:`KERNELS` (r = |x − y|, h = ``bandwidth``): ``"gaussian"`` exp(−r²/(2h²)),
         ``"laplace"`` exp(−r/h), ``"energy"`` −r (energy distance; ∇ₓ = −(x − y)/r, 0 at x = y),
@@ -462,7 +561,7 @@ def kernel_sum(
     without one.
     """
     fn = "kernel_sum"
-    if gradient not in (False, True, "both"):
+    if not (gradient is True or gradient is False or gradient == "both"):
         raise StateError(f"{fn}: gradient must be False, True or 'both'; received {gradient!r}")
     want_value = gradient is not True
     want_grad = gradient is not False
@@ -478,15 +577,16 @@ def kernel_sum(
     h = _number(bandwidth, f"{fn}: bandwidth")
     if h <= 0:
         raise StateError(f"{fn}: bandwidth must be positive; received {h}")
-    x, bx = _points(x, "x", "N")
-    y, by = _points(y, "y", "M")
+    block = _block_arg(fn, block_size)
+    x, bx = _points(fn, x, "x", "N")
+    y, by = _points(fn, y, "y", "M")
     if x.shape[2] != y.shape[2]:
         raise ShapeError(
             f"{fn}: x has d = {x.shape[2]} (shape {tuple(x.shape)}) but y has d = {y.shape[2]} "
             f"(shape {tuple(y.shape)}); both point sets must live in the same space"
         )
     M = y.shape[1]
-    w, bw = _weights(fn, weights, 1, M)
+    w, bw = _weights(fn, weights, M)
     v, bv = _values(fn, values, M)
     if v is not None and gradient is True:
         raise StateError(f"{fn}: gradient=True returns Σⱼ wⱼ ∇ₓk(xᵢ, yⱼ) and takes no values; pass values=None")
@@ -502,8 +602,12 @@ def kernel_sum(
     R = _replicas(fn, {n: t.shape[0] for n, t in named.items()})
     batched = bx or by or bw or bv
     N, d = x.shape[1], x.shape[2]
-    if N == 0 or M == 0:
-        raise ShapeError(f"{fn}: need at least one query and one source point; received N = {N}, M = {M}")
+    if N == 0 or M == 0 or d == 0:
+        raise ShapeError(
+            f"{fn}: need at least one query, one source point and one dimension; received N = {N}, M = {M}, d = {d}"
+        )
+    if w is not None:
+        _check_probability(fn, w, "or put unnormalised per-point factors into values")
 
     if w is None:
         w = torch.full((1, M), 1.0 / M, dtype=x.dtype, device=x.device)
@@ -517,15 +621,17 @@ def kernel_sum(
         if name in _POLY:
             value, grad = _poly_sum(name, x, y, v, w, want_value, want_grad)
         elif name is None:
-            value, grad = _callable_sum(kernel, x, y, v, w, want_value, want_grad, block_size)
+            value, grad = _callable_sum(kernel, x, y, v, w, want_value, want_grad, block)
         else:
-            value, grad = None, None
-            if _use_fused(x.device, d, R * N * M):
-                out = _fused_kernel_sum(name, h, x, y, v, w, want_value, want_grad, block_size)
-                if out is not None:
-                    value, grad = out
-            if value is None and grad is None:
-                value, grad = _eager_kernel_sum(name, h, x, y, v, w, want_value, want_grad, block_size)
+            out = None
+            poly = x.dtype == torch.float32 and x.device.type == "cpu"
+            n_values = 0 if v is None else v.shape[2]
+            key = ("kernel_sum", name, d, n_values, want_grad, poly)
+            if _use_fused(x.device, d, R * N * M, key):
+                out = _fused_kernel_sum(key, h, x, y, v, w, want_value, want_grad, block)
+            if out is None:
+                out = _eager_kernel_sum(name, h, x, y, v, w, want_value, want_grad, block)
+            value, grad = out
 
     if value is not None and v is None:
         value = value[..., 0]
@@ -540,7 +646,11 @@ def kernel_sum(
 
 
 def _scaled_points(name: str, h: float, x, y):
-    """Points in the kernel's natural units and the factor turning Σ g·Δ into the gradient."""
+    """Points in the kernel's natural units and the factor turning Σ g·Δ into the gradient.
+
+    gaussian: x/(h√2), so k = exp(−|Δ|²) and ∇ₓk = −(√2/h)·k·Δ; laplace and imq: x/h, so
+    ∇ₓk = −(1/h)·(k/r)·Δ resp. −(1/h)·k³·Δ; energy: unscaled, ∇ₓ(−r) = −Δ/r.
+    """
     if name == "gaussian":
         s = 1.0 / (h * math.sqrt(2.0))
         return x * s, y * s, -math.sqrt(2.0) / h
@@ -554,34 +664,40 @@ def _value_channels(v, w):
     return w[..., None] if v is None else v * w[..., None]
 
 
-def _fused_kernel_sum(name, h, x, y, v, w, want_value, want_grad, block_size):
-    R, N, d = x.shape
+def _fused_kernel_sum(key, h, x, y, v, w, want_value, want_grad, block):
+    _, name, d, n_values, grad_flag, poly = key
+    R, N, _ = x.shape
     M = y.shape[1]
     xs, ys, factor = _scaled_points(name, h, x, y)
-    xs = xs.transpose(1, 2).contiguous()
-    ys = ys.transpose(1, 2).contiguous()
-    if want_value:
-        wv = _value_channels(v, w).transpose(1, 2).contiguous()
-    else:
-        wv = torch.empty(R, 0, M, dtype=x.dtype, device=x.device)
-    n_values = wv.shape[1]
-    w = w.contiguous()
-    poly = x.dtype == torch.float32
-    fn = _fused("kernel_sum", (name, d, n_values, want_grad, poly), _make_fused_kernel_sum)
-    width = n_values + (d if want_grad else 0)
+    xs = xs.transpose(1, 2)
+    ys = ys.transpose(1, 2)
+    vt = v.transpose(1, 2) if v is not None else None
+    fn = _fused(key[0], key[1:], _make_fused_kernel_sum)
+    width = max(1, n_values) + (d if want_grad else 0)
     out = torch.empty(R, N, width, dtype=x.dtype, device=x.device)
-    bm = _col_block(block_size)
-    for rows in _row_slices(N, block_size):
-        acc = torch.zeros(R, rows.stop - rows.start, width, dtype=x.dtype, device=x.device)
-        xr = xs[:, :, rows]
-        for j in range(0, M, bm):
-            cols = slice(j, min(j + bm, M))
-            acc = _run_fused(fn, xr, ys[:, :, cols], wv[:, :, cols], w[:, cols], acc)
-            if acc is None:
-                return None
-        out[:, rows] = acc
-    value = out[..., :n_values] if want_value else None
-    grad = out[..., n_values:] * factor if want_grad else None
+    row_spans, col_spans = _fused_spans(N, M, block)
+    # One replica and one contiguous block per call: every call then has the same layout (only the
+    # sizes differ, and those are symbolic), so the compiled kernel is reused, never re-specialised.
+    for r in range(R):
+        blocks = [
+            (
+                ys[r, :, cols].contiguous(),
+                vt[r, :, cols].contiguous() if vt is not None else x.new_empty(0, cols.stop - cols.start),
+                w[r, cols].contiguous(),
+            )
+            for cols in col_spans
+        ]
+        for rows in row_spans:
+            xr = xs[r, :, rows].contiguous()
+            acc = torch.zeros(rows.stop - rows.start, width, dtype=x.dtype, device=x.device)
+            for yb, vb, wb in blocks:
+                acc = _run_fused(fn, xr, yb, vb, wb, acc)
+                if acc is None:
+                    return None
+            out[r, rows] = acc
+    nv = max(1, n_values)
+    value = out[..., :nv] if want_value else None
+    grad = out[..., nv:] * factor if want_grad else None
     return value, grad
 
 
@@ -595,92 +711,100 @@ def _sqdist_direct(xt, yt, out, tmp):
     return out
 
 
-def _gemm_operands(x, y):
-    """Augmented operands with A·Bᵀ = |x|² + |y|² − 2⟨x, y⟩ (points already centred)."""
-    one_x = torch.ones_like(x[..., :1])
+def _gemm_operands(x, y, sign: float = 1.0):
+    """Augmented operands with A·Bᵀ = sign·(|x|² + |y|² − 2⟨x, y⟩) (points already centred)."""
+    one_x = torch.full_like(x[..., :1], sign)
     one_y = torch.ones_like(y[..., :1])
-    xa = torch.cat([x * -2.0, (x * x).sum(-1, keepdim=True), one_x], dim=-1)
+    xa = torch.cat([x * (-2.0 * sign), sign * (x * x).sum(-1, keepdim=True), one_x], dim=-1)
     ya = torch.cat([y, one_y, (y * y).sum(-1, keepdim=True)], dim=-1)
     return xa, ya
 
 
-def _eager_kernel_sum(name, h, x, y, v, w, want_value, want_grad, block_size):
+def _eager_kernel_sum(name, h, x, y, v, w, want_value, want_grad, block):
     R, N, d = x.shape
     M = y.shape[1]
     xs, ys, factor = _scaled_points(name, h, x, y)
-    direct = d <= config.direct_max_dim
-    singular = name in ("laplace", "energy")
+    singular = name in _SINGULAR
+    direct = singular or d <= config.direct_max_dim
+    # Centre both sets on the sources' mean (differences are unchanged): it bounds the GEMM
+    # identity's error and the cancellation in xᵢ Σ g − Σ g y below by |x − c| instead of |x|.
+    centre = ys.mean(dim=1, keepdim=True)
+    xs, ys = xs - centre, ys - centre
     if not direct:
-        centre = ys.mean(dim=1, keepdim=True)
-        xs, ys = xs - centre, ys - centre
-        xa, ya = _gemm_operands(xs, ys)
+        # gaussian: the GEMM yields the exponent −r² itself (no negation pass); rounding can make it
+        # +O(ε·|x − c|²) for coincident points, i.e. k = 1 + O(ε) — the same error the identity has anyway
+        xa, ya = _gemm_operands(xs, ys, -1.0 if name == "gaussian" else 1.0)
     xt = xs.transpose(1, 2).contiguous()
     yt = ys.transpose(1, 2).contiguous()
-    wv = _value_channels(v, w) if want_value else None
     smooth_grad = want_grad and not singular
     if smooth_grad:
         # Σⱼ gᵢⱼ(xᵢ − yⱼ) = xᵢ Σⱼ gᵢⱼ − Σⱼ gᵢⱼ yⱼ: one GEMM instead of d passes (smooth kernels only).
         wy = torch.cat([w[..., None], w[..., None] * ys], dim=-1)
+    # gaussian without values: Σⱼ wⱼ kᵢⱼ is column 0 of that GEMM, no second GEMM needed
+    shared = smooth_grad and name == "gaussian" and v is None
+    wv = _value_channels(v, w) if want_value and not shared else None
     itemsize = x.element_size()
-    bn, bm = _blocks(block_size, R, N, M, itemsize, x.device, temporaries=3)
-    n_values = wv.shape[-1] if want_value else 0
+    bn, bm = _blocks(block, R, N, M, itemsize, x.device, temporaries=3)
+    n_values = 1 if v is None else v.shape[2]
     value = torch.empty(R, N, n_values, dtype=x.dtype, device=x.device) if want_value else None
     grad = torch.empty(R, N, d, dtype=x.dtype, device=x.device) if want_grad else None
     buf = torch.empty(R, bn, bm, dtype=x.dtype, device=x.device)
-    tmp = torch.empty(R, bn, bm, dtype=x.dtype, device=x.device) if (direct or singular) else None
+    tmp = torch.empty(R, bn, bm, dtype=x.dtype, device=x.device) if direct else None
     aux = torch.empty(R, bn, bm, dtype=x.dtype, device=x.device) if singular and want_grad else None
     for i in range(0, N, bn):
         rows = slice(i, min(i + bn, N))
         nb = rows.stop - rows.start
-        acc_v = torch.zeros(R, nb, n_values, dtype=x.dtype, device=x.device) if want_value else None
-        acc_g = torch.zeros(R, nb, d, dtype=x.dtype, device=x.device) if want_grad else None
+        acc_v = torch.zeros(R, nb, n_values, dtype=x.dtype, device=x.device) if wv is not None else None
+        acc_g = torch.zeros(R, nb, d, dtype=x.dtype, device=x.device) if want_grad and singular else None
         acc_s = torch.zeros(R, nb, d + 1, dtype=x.dtype, device=x.device) if smooth_grad else None
         for j in range(0, M, bm):
             cols = slice(j, min(j + bm, M))
             mb = cols.stop - cols.start
             k = buf[:, :nb, :mb]
             t = tmp[:, :nb, :mb] if tmp is not None else None
+            # turn the block into the kernel in place
             if direct:
-                _sqdist_direct(xt[:, :, rows], yt[:, :, cols], k, t)
+                _sqdist_direct(xt[:, :, rows], yt[:, :, cols], k, t)  # r² (natural units)
+                if name == "gaussian":
+                    k.neg_().exp_()
+                elif name == "imq":
+                    k.add_(1.0).rsqrt_()
+                else:
+                    k.sqrt_()
+                    if want_grad:
+                        r = aux[:, :nb, :mb]
+                        r.copy_(k)
+                    if name == "laplace":
+                        k.neg_().exp_()
+                    else:
+                        k.neg_()
             else:
                 torch.bmm(xa[:, rows], ya[:, cols].transpose(1, 2), out=k)
-                k.clamp_(min=0.0)
-            # k holds r² (natural units); turn it into the kernel in place
-            if name == "gaussian":
-                k.neg_().exp_()
-            elif name == "imq":
-                k.add_(1.0).rsqrt_()
-            else:
-                k.sqrt_()
-                if want_grad:
-                    r = aux[:, :nb, :mb]
-                    r.copy_(k)
-                if name == "laplace":
-                    k.neg_().exp_()
-                else:
-                    k.neg_()
-            if want_value:
+                if name == "gaussian":
+                    k.exp_()
+                else:  # imq
+                    k.clamp_(min=0.0).add_(1.0).rsqrt_()
+            if wv is not None:
                 acc_v.baddbmm_(k, wv[:, cols])
             if not want_grad:
                 continue
-            wj = w[:, None, cols]
             if name == "gaussian":
                 acc_s.baddbmm_(k, wy[:, cols])
             elif name == "imq":
                 acc_s.baddbmm_(k.pow_(3), wy[:, cols])
             else:
-                # g = k/r (laplace) or −1/r·(−1) (energy: k = −r, so g = 1/r), 0 at r = 0
+                # g = k/r (laplace) or 1/r (energy: ∇ₓ(−r) = −Δ/r, the sign is in factor), 0 at r = 0
                 g = k
                 if name == "laplace":
                     g.div_(r)
                 else:
                     torch.reciprocal(r, out=g)
-                g.masked_fill_(r == 0, 0.0).mul_(wj)
+                g.masked_fill_(r == 0, 0.0).mul_(w[:, None, cols])
                 for c in range(d):
                     torch.sub(xt[:, c, rows, None], yt[:, c, None, cols], out=t)
-                    acc_g[..., c] += (t.mul_(g)).sum(-1)
+                    acc_g[..., c] += t.mul_(g).sum(-1)
         if want_value:
-            value[:, rows] = acc_v
+            value[:, rows] = acc_s[..., :1] if shared else acc_v
         if want_grad:
             if smooth_grad:
                 acc_g = xs[:, rows] * acc_s[..., :1] - acc_s[..., 1:]
@@ -706,13 +830,13 @@ def _poly_sum(name, x, y, v, w, want_value, want_grad):
     return value, grad
 
 
-def _callable_sum(f, x, y, v, w, want_value, want_grad, block_size):
+def _callable_sum(f, x, y, v, w, want_value, want_grad, block):
     R, N, d = x.shape
     M = y.shape[1]
     xt = x.transpose(1, 2).contiguous()
     yt = y.transpose(1, 2).contiguous()
     wv = _value_channels(v, w) if want_value else None
-    bn, bm = _blocks(block_size, R, N, M, x.element_size(), x.device, temporaries=6)
+    bn, bm = _blocks(block, R, N, M, x.element_size(), x.device, temporaries=6)
     n_values = wv.shape[-1] if want_value else 0
     value = torch.empty(R, N, n_values, dtype=x.dtype, device=x.device) if want_value else None
     grad = torch.empty(R, N, d, dtype=x.dtype, device=x.device) if want_grad else None
@@ -733,12 +857,16 @@ def _callable_sum(f, x, y, v, w, want_value, want_grad, block_size):
                 with torch.enable_grad():
                     r2.requires_grad_(True)
                     k = _call_kernel(f, r2)
-                    (dk,) = torch.autograd.grad(k, r2, grad_outputs=w[:, None, cols].expand_as(k))
+                    # a kernel that ignores its argument (a constant) has f' = 0: allow_unused
+                    (dk,) = torch.autograd.grad(
+                        k, r2, grad_outputs=w[:, None, cols].expand_as(k), allow_unused=True
+                    )
                 k = k.detach()
-                # ∇ₓ f(|x − y|²) = 2 f'(r²)(x − y)
-                for c in range(d):
-                    diff = xt[:, c, rows, None] - yt[:, c, None, cols]
-                    acc_g[..., c] += (dk * diff).sum(-1) * 2.0
+                if dk is not None:
+                    # ∇ₓ f(|x − y|²) = 2 f'(r²)(x − y)
+                    for c in range(d):
+                        diff = xt[:, c, rows, None] - yt[:, c, None, cols]
+                        acc_g[..., c] += (dk * diff).sum(-1) * 2.0
             else:
                 k = _call_kernel(f, r2)
             if want_value:
@@ -788,9 +916,10 @@ def softmax_average(
 
     with s = −scale·|q − k|² (``score="sqdist"``) or scale·⟨q, k⟩ (``"bilinear"``; apply the Q and
     K matrices beforehand) and ℓⱼ = log wⱼ or the given ``log_weights`` (any per-j additive term,
-    e.g. (gⱼ − …)/ε of log-domain Sinkhorn, where fᵢ = −ε·LSEᵢ). The running maximum is carried
-    across column blocks and the partial sums rescaled, so no exponent overflows or underflows
-    wholesale, whatever the scale.
+    e.g. (gⱼ − …)/ε of log-domain Sinkhorn, where fᵢ = −ε·LSEᵢ). The running maximum mᵢ is carried
+    across column blocks and the partial sums rescaled by e^{m_old − m_new}, so no exponent
+    overflows or underflows wholesale, whatever the scale (MATH.md §1.1: "compute rᵢⱼ with
+    log-sum-exp").
 
     Parameters
     ----------
@@ -799,8 +928,9 @@ def softmax_average(
     values:
         (R, M, k) or (M, k); ``None`` averages the keys themselves (posterior mean).
     weights, log_weights:
-        At most one: (R, M) or (M,) positive weights, or their logarithms (−inf excludes a point).
-        Neither: uniform 1/M (so LSE is a log-mean-exp).
+        At most one: (R, M) or (M,) weights — finite, non-negative, summing to one per replica
+        (MATH.md §0; a zero excludes a point) — or any log-weights (−inf excludes a point; no
+        normalisation asked, they enter LSE as given). Neither: uniform 1/M (so LSE is a log-mean-exp).
     return_logsumexp:
         Also return LSE, shape (R, N).
 
@@ -815,16 +945,17 @@ def softmax_average(
     scale = _number(scale, f"{fn}: scale")
     if weights is not None and log_weights is not None:
         raise StateError(f"{fn}: pass weights or log_weights, not both")
-    q, bq = _points(queries, "queries", "N")
-    k, bk = _points(keys, "keys", "M")
+    block = _block_arg(fn, block_size)
+    q, bq = _points(fn, queries, "queries", "N")
+    k, bk = _points(fn, keys, "keys", "M")
     if q.shape[2] != k.shape[2]:
         raise ShapeError(
             f"{fn}: queries have d = {q.shape[2]} (shape {tuple(q.shape)}) but keys have d = {k.shape[2]} "
             f"(shape {tuple(k.shape)}); apply the query/key maps so both live in the same space"
         )
     M = k.shape[1]
-    w, bw = _weights(fn, weights, 1, M)
-    lw, bl = _weights(fn, log_weights, 1, M, name="log_weights")
+    w, bw = _weights(fn, weights, M)
+    lw, bl = _weights(fn, log_weights, M, name="log_weights")
     v, bv = _values(fn, values, M)
     named = {"queries": q, "keys": k}
     for n, t in (("weights", w), ("log_weights", lw), ("values", v)):
@@ -835,8 +966,14 @@ def softmax_average(
     R = _replicas(fn, {n: t.shape[0] for n, t in named.items()})
     batched = bq or bk or bw or bl or bv
     N, d = q.shape[1], q.shape[2]
-    if N == 0 or M == 0:
-        raise ShapeError(f"{fn}: need at least one query and one key; received N = {N}, M = {M}")
+    if N == 0 or M == 0 or d == 0:
+        raise ShapeError(
+            f"{fn}: need at least one query, one key and one dimension; received N = {N}, M = {M}, d = {d}"
+        )
+    if w is not None:
+        _check_probability(fn, w, "or pass log_weights for an unnormalised per-point term")
+    if lw is not None and bool(torch.isnan(lw).any()):
+        raise StateError(f"{fn}: log_weights contain NaN; use −inf to exclude a point")
 
     with torch.no_grad():
         if lw is None:
@@ -848,10 +985,12 @@ def softmax_average(
         k = k.expand(R, M, d)
         v = k if v is None else v.expand(R, M, v.shape[2])
         out = None
-        if _use_fused(q.device, d, R * N * M):
-            out = _fused_softmax(score, scale, q, k, v, lw, block_size)
+        poly = q.dtype == torch.float32 and q.device.type == "cpu"
+        key = ("softmax", score, d, v.shape[2], scale < 0 and score == "sqdist", poly)
+        if _use_fused(q.device, d, R * N * M, key):
+            out = _fused_softmax(key, scale, q, k, v, lw, block)
         if out is None:
-            out = _eager_softmax(score, scale, q, k, v, lw, block_size)
+            out = _eager_softmax(score, scale, q, k, v, lw, block)
         avg, lse = out
 
     if not batched:
@@ -859,42 +998,44 @@ def softmax_average(
     return (avg, lse) if return_logsumexp else avg
 
 
-def _fused_softmax(score, scale, q, k, v, lw, block_size):
-    R, N, d = q.shape
+def _fused_softmax(key, scale, q, k, v, lw, block):
+    _, score, d, n_values, negate, poly = key
+    R, N, _ = q.shape
     M = k.shape[1]
-    negate = False
     if score == "sqdist":
+        # s = −scale·|q − k|² = ∓|√|scale|·q − √|scale|·k|²: the kernel negates unless scale < 0
         root = math.sqrt(abs(scale))
-        qs, ks, negate = q * root, k * root, scale < 0
+        qs, ks = q * root, k * root
     else:
         qs, ks = q * scale, k
-    qs = qs.transpose(1, 2).contiguous()
-    ks = ks.transpose(1, 2).contiguous()
-    vt = v.transpose(1, 2).contiguous()
-    lw = lw.contiguous()
-    n_values = vt.shape[1]
-    poly = q.dtype == torch.float32
-    fn = _fused("softmax", (score, d, n_values, negate, poly), _make_fused_softmax)
+    qs = qs.transpose(1, 2)
+    ks = ks.transpose(1, 2)
+    vt = v.transpose(1, 2)
+    fn = _fused(key[0], key[1:], _make_fused_softmax)
     avg = torch.empty(R, N, n_values, dtype=q.dtype, device=q.device)
     lse = torch.empty(R, N, dtype=q.dtype, device=q.device)
-    bm = _col_block(block_size)
-    for rows in _row_slices(N, block_size):
-        nb = rows.stop - rows.start
-        m = torch.full((R, nb), -math.inf, dtype=q.dtype, device=q.device)
-        acc = torch.zeros(R, nb, 1 + n_values, dtype=q.dtype, device=q.device)
-        qr = qs[:, :, rows]
-        for j in range(0, M, bm):
-            cols = slice(j, min(j + bm, M))
-            res = _run_fused(fn, qr, ks[:, :, cols], lw[:, cols], vt[:, :, cols], m, acc)
-            if res is None:
-                return None
-            m, acc = res
-        avg[:, rows] = acc[..., 1:] / acc[..., :1]
-        lse[:, rows] = m + torch.log(acc[..., 0])
+    row_spans, col_spans = _fused_spans(N, M, block)
+    for r in range(R):
+        blocks = [
+            (ks[r, :, cols].contiguous(), lw[r, cols].contiguous(), vt[r, :, cols].contiguous())
+            for cols in col_spans
+        ]
+        for rows in row_spans:
+            nb = rows.stop - rows.start
+            qr = qs[r, :, rows].contiguous()
+            m = torch.full((nb,), -math.inf, dtype=q.dtype, device=q.device)
+            acc = torch.zeros(nb, 1 + n_values, dtype=q.dtype, device=q.device)
+            for kb, lb, vb in blocks:
+                res = _run_fused(fn, qr, kb, lb, vb, m, acc)
+                if res is None:
+                    return None
+                m, acc = res
+            avg[r, rows] = acc[:, 1:] / acc[:, :1]
+            lse[r, rows] = m + torch.log(acc[:, 0])
     return avg, lse
 
 
-def _eager_softmax(score, scale, q, k, v, lw, block_size):
+def _eager_softmax(score, scale, q, k, v, lw, block):
     R, N, d = q.shape
     M = k.shape[1]
     direct = score == "sqdist" and d <= config.direct_max_dim
@@ -917,7 +1058,7 @@ def _eager_softmax(score, scale, q, k, v, lw, block_size):
         ka = torch.cat([k, lw[..., None]], dim=-1)
     ones_v = torch.cat([torch.ones_like(v[..., :1]), v], dim=-1)  # (R, M, 1 + C)
     n_values = v.shape[2]
-    bn, bm = _blocks(block_size, R, N, M, q.element_size(), q.device, temporaries=3)
+    bn, bm = _blocks(block, R, N, M, q.element_size(), q.device, temporaries=3)
     avg = torch.empty(R, N, n_values, dtype=q.dtype, device=q.device)
     lse = torch.empty(R, N, dtype=q.dtype, device=q.device)
     buf = torch.empty(R, bn, bm, dtype=q.dtype, device=q.device)

@@ -471,30 +471,26 @@ flush = dict(flush_frames=5, flush_seconds=None) if mode != "atexit" else dict(f
 writer = H5MDWriter(path, **flush)
 writer.open(run)
 
-class Terminated(Exception):
-    pass
-
-def on_term(signum, frame):
-    raise Terminated()
-
-signal.signal(signal.SIGTERM, on_term)
-step = 0
-try:
-    for step in itertools.count():
-        x = positions(step)
-        writer.write_frame(step, step * 0.25, mf.Particles(x))
-        writer.write_observables(step, step * 0.25, {{"energy": x.sum(dim=(1, 2)), "mean": x.mean(dim=1)}})
-        if step == 12:
-            print("ready", flush=True)
-            if mode == "atexit":
-                break  # leave without closing: the interpreter's exit must close the file
-        if step > 12:
-            time.sleep(0.0005)
-        if step > 200_000:
-            break
-except Terminated:
-    writer.set_status("interrupted", step, step * 0.25, "SIGTERM")
-    writer.close()
+# A flag, as the simulation loop does: an exception raised from the handler could land inside a
+# finaliser, where Python ignores it.
+terminated = []
+signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
+for step in itertools.count():
+    if terminated:
+        writer.set_status("interrupted", step - 1, (step - 1) * 0.25, "SIGTERM")
+        writer.close()
+        break
+    x = positions(step)
+    writer.write_frame(step, step * 0.25, mf.Particles(x))
+    writer.write_observables(step, step * 0.25, {{"energy": x.sum(dim=(1, 2)), "mean": x.mean(dim=1)}})
+    if step == 12:
+        print("ready", flush=True)
+        if mode == "atexit":
+            break  # leave without closing: the interpreter's exit must close the file
+    if step > 12:
+        time.sleep(0.0005)
+    if step > 200_000:
+        break
 """
 
 

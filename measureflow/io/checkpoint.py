@@ -43,7 +43,7 @@ def _plain(value: Any, where: str) -> Any:
     )
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     # Makes the rename itself durable; not possible on every platform (e.g. Windows), where the
     # rename is still atomic.
     try:
@@ -79,7 +79,7 @@ def save_checkpoint(path, payload: dict) -> Path:
         except OSError:
             pass
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     return path
 
 

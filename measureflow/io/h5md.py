@@ -45,6 +45,7 @@ from ..errors import ShapeError, TrajectoryFileError
 from . import layout as L
 from .base import Writer
 from .runinfo import RunInfo
+from .checkpoint import fsync_directory
 
 __all__ = ["H5MDWriter", "rebuild_file", "STEP_CHUNK"]
 
@@ -150,19 +151,6 @@ def _rows_up_to(element: h5py.Group, valid: int, upto_step: int | None) -> int:
     return int(np.searchsorted(steps, upto_step, side="right"))
 
 
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def rebuild_file(path, upto_step: int | None = None) -> dict[str, int]:
     """Rewrite a trajectory keeping only trustworthy rows (and, if given, rows with step ≤ ``upto_step``).
 
@@ -207,7 +195,7 @@ def rebuild_file(path, upto_step: int | None = None) -> dict[str, int]:
         except OSError:
             pass
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     return keep
 
 
