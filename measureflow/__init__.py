@@ -39,6 +39,10 @@ _LAZY = {
     "reductions": ("measureflow.reductions", None),
     "observables": ("measureflow.observables", None),
     "plot": ("measureflow.plot", None),
+    "diagnostics": ("measureflow.diagnostics", None),
+    "schedules": ("measureflow.schedules", None),
+    "couplings": ("measureflow.couplings", None),
+    "learning": ("measureflow.learning", None),
 }
 
 
@@ -84,6 +88,10 @@ __all__ = [
     "reductions",
     "observables",
     "plot",
+    "diagnostics",
+    "schedules",
+    "couplings",
+    "learning",
     "MeasureflowError",
     "ShapeError",
     "StateError",

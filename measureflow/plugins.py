@@ -76,6 +76,10 @@ BUILTIN_PLUGINS = (
     "measureflow.io.builtin",
     "measureflow.observables",
     "measureflow_plugins.linear",
+    "measureflow_plugins.schedules",
+    "measureflow_plugins.flow_matching",
+    "measureflow_plugins.ou_bridge",
+    "measureflow_plugins.learned",
 )
 
 
@@ -195,6 +199,10 @@ class Registry:
 
     def writer(self, name: str, *args, **params):
         return self.get("writers", name)(*args, **params)
+
+    def schedule(self, name: str, **params):
+        """Build the registered interpolation schedule ``name`` with ``params``."""
+        return self.get("schedules", name)(**params)
 
     def owner_of(self, kind: str, name: str) -> str:
         return self.entry(kind, name).owner

@@ -1,0 +1,756 @@
+"""Learned velocity fields: regress a time-conditioned network on an interpolation (MATH.md §1).
+
+Flow matching replaces the exact conditional-expectation field (MATH.md eq. 1.1)
+
+    v_t(z) = E[a'_t X0 + b'_t X1 | Z_t = z],   Z_t = a_t X0 + b_t X1,   (X0, X1) ~ π,
+
+by its least-squares characterisation: v is the minimiser over all fields u of
+
+    L(u) = E_{t ~ U(t_lo, t_hi)} E_π |u_t(Z_t) − (a'_t X0 + b'_t X1)|²,
+
+whose minimum is L* = E_t E Var(a'_t X0 + b'_t X1 | Z_t), and for every u
+
+    L(u) − L* = E_t E |u_t(Z_t) − v_t(Z_t)|²                  (the irreducible-loss identity),
+
+so driving the sampled loss down drives the network towards the exact field in L²(path).
+:func:`train_velocity` does this with Adam on mini-batches: X0 from ``source``, X1 from ``target``,
+paired by a coupling (independent by default, mini-batch OT …), t uniform on ``t_range``.
+
+Conventions (MATH.md §0): the schedule is written in the noising convention, X0 at t = 0 and X1
+at t = 1, and the learned field moves Law(X0) at t = 0 to Law(X1) at t = 1 when integrated
+forward. With source = data and target = noise, generation integrates it backwards from t = 1.
+The loss is unhalved and summed over coordinates (a squared Euclidean norm), so its values are
+directly comparable with L*.
+
+A trained network becomes a field like any other through the ``learned`` field plugin
+(``measureflow.field("learned", model=result.model)`` or ``path="model.pt"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time as _time
+from pathlib import Path
+from typing import Callable
+
+import attrs
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CapabilityError, MeasureflowError, ParameterError, ShapeError, TrajectoryFileError
+
+__all__ = [
+    "VelocityMLP",
+    "TrainingResult",
+    "train_velocity",
+    "regression_loss",
+    "save_model",
+    "load_model",
+    "plot_loss",
+]
+
+CHECKPOINT_FORMAT = "measureflow-training-1"
+MODEL_FORMAT = "measureflow-velocity-model-1"
+
+
+# -- the network ----------------------------------------------------------------------------------------
+
+
+class VelocityMLP(nn.Module):
+    """A time-conditioned multilayer perceptron v_θ(x, t) : R^d × R → R^d.
+
+    The input is (x, e(t)) with the time embedding e(t) = (t, sin(kπt), cos(kπt))_{k=1..F}
+    (F = ``time_frequencies``; periods 2/k on the unit interval, so the network can represent fields
+    whose time dependence is sharp near an endpoint without a very deep stack); then ``depth``
+    hidden layers of width ``hidden`` with SiLU activations and a linear output layer.
+
+    ``forward(x, t)`` accepts x of shape (..., d) with any leading dimensions (a batch (B, d) in
+    training, a particle state (R, N, d) when used as a field) and t a Python number, a 0-dim
+    tensor, or a tensor of shape x.shape[:-1] (or x.shape[:-1] + (1,)); it returns (..., d).
+
+    ``config`` holds the constructor arguments; :func:`save_model` stores it next to the weights so
+    that :func:`load_model` can rebuild the network. ``generator`` draws the initial weights (see
+    :meth:`reset_parameters`); without it they come from the global torch random state.
+    """
+
+    def __init__(self, dim: int, hidden: int = 64, depth: int = 3, time_frequencies: int = 4,
+                 *, device=None, dtype=None, generator: torch.Generator | None = None):
+        super().__init__()
+        for name, value, low in (("dim", dim, 1), ("hidden", hidden, 1), ("depth", depth, 1),
+                                 ("time_frequencies", time_frequencies, 0)):
+            if isinstance(value, bool) or int(value) != value or int(value) < low:
+                raise ParameterError(f"VelocityMLP: {name} must be an integer >= {low}; received {value!r}")
+        self.config = {"dim": int(dim), "hidden": int(hidden), "depth": int(depth),
+                       "time_frequencies": int(time_frequencies)}
+        factory = {"device": device, "dtype": dtype}
+        freqs = math.pi * torch.arange(1, int(time_frequencies) + 1, **factory)
+        # Not a learned quantity: kept out of the state dict so the file holds weights only.
+        self.register_buffer("frequencies", freqs, persistent=False)
+        width_in = int(dim) + 1 + 2 * int(time_frequencies)
+        layers: list[nn.Module] = [nn.Linear(width_in, int(hidden), **factory), nn.SiLU()]
+        for _ in range(int(depth) - 1):
+            layers += [nn.Linear(int(hidden), int(hidden), **factory), nn.SiLU()]
+        layers.append(nn.Linear(int(hidden), int(dim), **factory))
+        self.net = nn.Sequential(*layers)
+        if generator is not None:
+            self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Re-draw the weights with PyTorch's default ``nn.Linear`` law (W, b ~ U(±1/√fan_in)),
+        from ``generator`` when given, so that an initialisation is reproducible without touching
+        the global random state."""
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                bound = 1.0 / math.sqrt(layer.in_features)
+                layer.weight.uniform_(-bound, bound, generator=generator)
+                layer.bias.uniform_(-bound, bound, generator=generator)
+
+    @property
+    def dim(self) -> int:
+        return self.config["dim"]
+
+    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        """e(t) for t of shape (..., 1): returns (..., 1 + 2F)."""
+        angles = t * self.frequencies
+        return torch.cat([t, torch.sin(angles), torch.cos(angles)], dim=-1)
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise ShapeError(
+                f"VelocityMLP: x must have shape (..., d) with d = {self.dim}; received {tuple(x.shape)}"
+            )
+        lead = x.shape[:-1]
+        if isinstance(t, torch.Tensor):
+            t = t.to(dtype=x.dtype)
+            if t.ndim == x.ndim and t.shape[-1] == 1:
+                t = t.expand(*lead, 1)
+            else:
+                t = t.expand(lead).unsqueeze(-1)
+        else:
+            # A fill from a Python number: no host→device copy.
+            t = torch.full((*lead, 1), float(t), dtype=x.dtype, device=x.device)
+        return self.net(torch.cat([x, self.embed_time(t)], dim=-1))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"dim={c['dim']}, hidden={c['hidden']}, depth={c['depth']}, time_frequencies={c['time_frequencies']}"
+
+
+# -- inputs ------------------------------------------------------------------------------------------------
+
+
+def _sampler(obj, role: str, device: torch.device, dtype: torch.dtype) -> tuple[Callable, int, str]:
+    """``draw(n, generator) -> (n, d)`` for a measure-like object or a tensor of points.
+
+    Returns (draw, d, description). Points are resampled i.i.d. with replacement (the empirical
+    law); measures are moved to the training device/dtype once, here, not at every step.
+    """
+    if isinstance(obj, np.ndarray):
+        obj = torch.from_numpy(obj)
+    if isinstance(obj, torch.Tensor):
+        if obj.ndim != 2 or 0 in obj.shape:
+            raise ShapeError(f"train_velocity: {role} points must have shape (M, d); received {tuple(obj.shape)}")
+        if not obj.is_floating_point():
+            raise ParameterError(f"train_velocity: {role} points must be floating point; received {obj.dtype}")
+        points = obj.detach().to(device=device, dtype=dtype).contiguous()
+        if not bool(torch.isfinite(points).all()):
+            raise ParameterError(f"train_velocity: {role} points contain non-finite values; remove them first")
+        size = points.shape[0]
+
+        def draw(n, generator):
+            return points[torch.randint(size, (n,), generator=generator, device=device)]
+
+        return draw, points.shape[1], f"points(M={size}, d={points.shape[1]})"
+    if callable(getattr(obj, "sample", None)):
+        to = getattr(obj, "to", None)
+        if callable(to):
+            obj = to(device=device, dtype=dtype)
+        measure = obj
+
+        def draw(n, generator):
+            return measure.sample(n, generator)
+
+        d = getattr(measure, "dim", None)
+        return draw, (int(d) if d is not None else None), repr(measure)
+    raise ParameterError(
+        f"train_velocity: {role} must be a measure (an object with sample(n, generator), e.g. "
+        f"measureflow.measures.Gaussian) or a tensor of points (M, d); received {type(obj).__name__}"
+    )
+
+
+def _resolve_schedule(schedule):
+    if isinstance(schedule, str):
+        from .plugins import get_registry
+
+        return get_registry().schedule(schedule)
+    if not callable(getattr(schedule, "coefficients", None)):
+        raise ParameterError(
+            "train_velocity: schedule must be a registered schedule name (e.g. 'linear') or an object "
+            f"with coefficients(t) -> (a, a', b, b'); received {type(schedule).__name__}"
+        )
+    return schedule
+
+
+def _identity_pairing(x0, x1, generator=None):
+    return x0, x1
+
+
+def _resolve_coupling(coupling, params):
+    """(callable or None for the independent pairing, JSON-able description)."""
+    if coupling is None or coupling == "independent":
+        # Independent samples paired row by row are already a sample of the product coupling.
+        return None, {"name": "independent"}
+    if isinstance(coupling, str):
+        from . import couplings
+
+        fn = couplings.get(coupling, **params)
+        describe = getattr(fn, "describe", None)
+        return fn, (describe() if callable(describe) else {"name": coupling, **params})
+    if params:
+        raise ParameterError("train_velocity: coupling_params apply only to a coupling given by name")
+    if not callable(coupling):
+        raise ParameterError(
+            "train_velocity: coupling must be a name ('independent', 'exact_ot', 'sinkhorn') or a callable "
+            f"coupling(x0, x1, generator=None) -> (x0, x1); received {type(coupling).__name__}"
+        )
+    describe = getattr(coupling, "describe", None)
+    desc = describe() if callable(describe) else {"name": getattr(coupling, "name", type(coupling).__name__)}
+    return coupling, desc
+
+
+def _check_t_range(t_range, schedule) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in t_range)
+    except (TypeError, ValueError):
+        raise ParameterError(f"train_velocity: t_range must be a pair (t_lo, t_hi); received {t_range!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ParameterError(f"train_velocity: t_range must be finite with t_lo < t_hi; received ({lo:g}, {hi:g})")
+    allowed = getattr(schedule, "time_range", None)
+    if allowed is not None:
+        a_lo, a_hi = (float(v) for v in allowed)
+        if lo < a_lo or hi > a_hi:
+            raise ParameterError(
+                f"train_velocity: t_range ({lo:g}, {hi:g}) leaves the schedule's time range "
+                f"[{a_lo:g}, {a_hi:g}]; choose t_range inside it"
+            )
+    return lo, hi
+
+
+def _default_device(model):
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _model_dtype(model) -> torch.dtype:
+    for p in model.parameters():
+        return p.dtype
+    return torch.get_default_dtype()
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def _progress_enabled(progress) -> bool:
+    if progress is not None:
+        return bool(progress)
+    if os.environ.get("CI"):
+        return False
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+# -- the result ---------------------------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class TrainingResult:
+    """What :func:`train_velocity` returns.
+
+    ``model`` is the trained network (on the training device, in train mode); ``steps`` and
+    ``losses`` the loss curve (``losses[i]`` is the mini-batch loss of optimiser step ``steps[i]``,
+    1-based); ``wall_time`` the seconds spent training in this call (a resumed run adds its earlier
+    time, recorded in the checkpoint); ``status`` is ``"completed"``, ``"stopped"`` (the callback
+    asked to stop) or ``"terminated"`` (SIGTERM); ``config`` the JSON-able training set-up.
+    """
+
+    model: nn.Module
+    steps: np.ndarray
+    losses: np.ndarray
+    wall_time: float
+    status: str = "completed"
+    config: dict = attrs.field(factory=dict)
+
+    @property
+    def final_loss(self) -> float:
+        """Mean mini-batch loss over the last 10 % of the steps (a smoothed end value)."""
+        if len(self.losses) == 0:
+            return math.nan
+        k = max(1, len(self.losses) // 10)
+        return float(np.mean(self.losses[-k:]))
+
+    def save_model(self, path) -> Path:
+        """Write the trained network to ``path`` (see :func:`save_model`)."""
+        return save_model(self.model, path)
+
+    def plot_loss(self, out=None, **kwargs):
+        """The loss curve on a log scale (see :func:`plot_loss`)."""
+        return plot_loss(self, out, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"TrainingResult(status={self.status!r}, steps={len(self.steps)}, "
+                f"final_loss={self.final_loss:.4g}, wall_time={self.wall_time:.3g}s)")
+
+
+# -- training -----------------------------------------------------------------------------------------------
+
+
+def train_velocity(
+    source,
+    target,
+    schedule="linear",
+    *,
+    coupling="independent",
+    coupling_params: dict | None = None,
+    model=None,
+    steps: int = 1000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    optimizer: Callable | None = None,
+    lr_scheduler: Callable | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    device=None,
+    dtype: torch.dtype | None = None,
+    t_range=(0.0, 1.0),
+    progress: bool | None = None,
+    checkpoint=None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    callback: Callable | None = None,
+) -> TrainingResult:
+    """Fit v_θ(z, t) to the flow-matching regression target (module docstring, MATH.md §1).
+
+    Each optimiser step draws a mini-batch of ``batch_size`` pairs: X0 from ``source`` and X1 from
+    ``target``, paired by ``coupling``; t ~ U(t_range); then Z_t = a_t X0 + b_t X1 and the loss
+    mean_i |v_θ(Z_t, t) − (a'_t X0 + b'_t X1)|².
+
+    Parameters
+    ----------
+    source, target:
+        measures (anything with ``sample(n, generator)``, e.g. :class:`~measureflow.measures.Gaussian`,
+        ``GaussianMixture``, ``Empirical``) or tensors of points (M, d), resampled with replacement.
+        Law(source) sits at t = 0, Law(target) at t = 1.
+    schedule:
+        a registered schedule name or an object with ``coefficients(t) -> (a, a', b, b')``
+        (noising convention, MATH.md §1.3).
+    coupling:
+        ``"independent"`` (default: the product coupling), another name of
+        :func:`measureflow.couplings.get` (``"exact_ot"``, ``"sinkhorn"``, with ``coupling_params``), or
+        a callable ``coupling(x0, x1, generator=None) -> (x0, x1)`` pairing the rows of a mini-batch.
+    model:
+        an ``nn.Module`` with ``forward(x, t)``, a dict of :class:`VelocityMLP` keyword arguments, or
+        None for ``VelocityMLP(d)``. It is trained in place.
+    steps, batch_size, lr:
+        optimiser steps (in total, counting those of a resumed run), mini-batch size, learning rate.
+    optimizer:
+        ``optimizer(parameters) -> torch.optim.Optimizer``; default Adam with ``lr``.
+    lr_scheduler:
+        ``lr_scheduler(optimizer) -> torch.optim.lr_scheduler.LRScheduler``, stepped once per
+        optimiser step and saved in checkpoints (e.g. ``lambda o: CosineAnnealingLR(o, T_max=steps)``,
+        which lowers the stochastic-gradient noise floor of the final loss).
+    seed, generator:
+        the run's randomness (data, pairing, times) comes from one generator on the training
+        device: ``generator`` if given, else one seeded with ``seed`` (default 0). Its state is part
+        of the checkpoint, so a resumed run draws the same batches.
+    device, dtype:
+        where and in which precision to train (default: the model's, else CUDA when available,
+        else CPU; float32 for a new model). Measures and points are moved there once.
+    t_range:
+        the interval of training times, inside the schedule's ``time_range`` (exclude a singular
+        endpoint here, e.g. (1e-3, 1) for a variance-preserving schedule near t = 0).
+    progress:
+        a tqdm bar; None shows it when stderr is a terminal and the CI variable is unset.
+    checkpoint, checkpoint_every, resume:
+        a checkpoint path written atomically every ``checkpoint_every`` steps (default steps // 10)
+        and at the end (model, optimiser, generator, loss history, step); with ``resume=True`` an
+        existing checkpoint is continued, and the result equals that of an uninterrupted run.
+    callback:
+        ``callback(step, loss, model)`` after every step (``loss`` a 0-dim tensor still on the
+        device); returning True ends training early (status ``"stopped"``).
+    """
+    if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
+        raise ParameterError(f"train_velocity: steps must be a positive integer; received {steps!r}")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
+        raise ParameterError(f"train_velocity: batch_size must be a positive integer; received {batch_size!r}")
+    if not (float(lr) > 0 and math.isfinite(float(lr))):
+        raise ParameterError(f"train_velocity: lr must be positive and finite; received {lr!r}")
+    steps, batch_size = int(steps), int(batch_size)
+    if generator is not None and seed is not None:
+        raise ParameterError("train_velocity: give seed or generator, not both")
+    if resume and checkpoint is None:
+        raise ParameterError("train_velocity: resume=True needs a checkpoint path (checkpoint='train.ckpt')")
+    if checkpoint_every is None:
+        checkpoint_every = max(1, steps // 10)
+    if isinstance(checkpoint_every, bool) or int(checkpoint_every) != checkpoint_every or int(checkpoint_every) < 1:
+        raise ParameterError(f"train_velocity: checkpoint_every must be a positive integer; received {checkpoint_every!r}")
+    checkpoint_every = int(checkpoint_every)
+
+    schedule = _resolve_schedule(schedule)
+    lo, hi = _check_t_range(t_range, schedule)
+    pair, coupling_desc = _resolve_coupling(coupling, dict(coupling_params or {}))
+
+    if generator is not None:
+        device = torch.device(generator.device) if device is None else torch.device(device)
+        if torch.device(generator.device).type != device.type:
+            raise ParameterError(
+                f"train_velocity: the generator is on {generator.device} but training runs on {device}; "
+                f"create it with torch.Generator(device={str(device)!r})"
+            )
+    device = torch.device(device) if device is not None else _default_device(model)
+
+    if isinstance(model, nn.Module):
+        if dtype is None:
+            dtype = _model_dtype(model)
+        model = model.to(device=device, dtype=dtype)
+    else:
+        dtype = dtype or torch.float32
+    draw0, d0, desc0 = _sampler(source, "source", device, dtype)
+    draw1, d1, desc1 = _sampler(target, "target", device, dtype)
+    if d0 is not None and d1 is not None and d0 != d1:
+        raise ShapeError(f"train_velocity: source has dimension {d0} but target has dimension {d1}")
+    dim = d0 if d0 is not None else d1
+    seed_used = None
+    if generator is None:
+        seed_used = 0 if seed is None else int(seed)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed_used)
+    if model is None or isinstance(model, dict):
+        if dim is None:
+            dim = int(draw0(1, None).shape[-1])
+        # Initialised from the run's generator: the seed fixes the initial weights too.
+        model = VelocityMLP(dim, **dict(model or {}), device=device, dtype=dtype, generator=generator)
+    elif not isinstance(model, nn.Module):
+        raise ParameterError(
+            f"train_velocity: model must be an nn.Module with forward(x, t), a dict of VelocityMLP "
+            f"arguments, or None; received {type(model).__name__}"
+        )
+    model_dim = getattr(model, "config", {}).get("dim") if isinstance(getattr(model, "config", None), dict) else None
+    if model_dim is not None and dim is not None and model_dim != dim:
+        raise ShapeError(f"train_velocity: the model has dimension {model_dim} but the data have dimension {dim}")
+
+    opt = optimizer(model.parameters()) if optimizer is not None else torch.optim.Adam(model.parameters(), lr=float(lr))
+    sched = lr_scheduler(opt) if lr_scheduler is not None else None
+
+    config = _jsonable({
+        "model": {"class": f"{type(model).__module__}.{type(model).__qualname__}",
+                  "config": getattr(model, "config", None)},
+        "source": desc0,
+        "target": desc1,
+        "schedule": schedule.describe() if callable(getattr(schedule, "describe", None)) else getattr(schedule, "name", type(schedule).__name__),
+        "coupling": coupling_desc,
+        "batch_size": batch_size,
+        "lr": float(lr),
+        "optimizer": type(opt).__name__,
+        "lr_scheduler": None if sched is None else type(sched).__name__,
+        "seed": seed_used,
+        "t_range": [lo, hi],
+        "dtype": str(dtype).replace("torch.", ""),
+    })
+    fingerprint = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in ("source", "target")},
+                                            sort_keys=True).encode()).hexdigest()[:16]
+
+    losses = torch.empty(steps, dtype=dtype, device=device)
+    start_step = 0
+    earlier_time = 0.0
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    if resume and ckpt_path.exists():
+        start_step, earlier_time, history = _load_training(ckpt_path, fingerprint, model, opt, sched, generator, steps)
+        losses[:start_step] = history.to(device=device, dtype=dtype)
+
+    def save(step_done: int, elapsed: float):
+        _save_training(ckpt_path, fingerprint, config, step_done, model, opt, sched, generator,
+                       losses[:step_done], earlier_time + elapsed)
+
+    def check_finite(upto: int, since: int):
+        window = losses[since:upto]
+        bad = ~torch.isfinite(window)
+        if bool(bad.any()):  # host sync, only at progress/checkpoint/end points
+            first = since + int(bad.nonzero()[0, 0]) + 1
+            raise MeasureflowError(
+                f"train_velocity: the loss became non-finite at step {first}; lower lr, check the "
+                "schedule on t_range (a singular coefficient), or scale the data"
+            )
+
+    model.train()
+    bar = None
+    status = "completed"
+    stop_flag = threading.Event()
+    restore_signal = _install_sigterm(stop_flag)
+    t_start = _time.monotonic()
+    checked = start_step
+    step = start_step
+    span = hi - lo
+    try:
+        if _progress_enabled(progress) and start_step < steps:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, initial=start_step, desc="train_velocity", unit="step",
+                       file=sys.stderr, dynamic_ncols=True)
+        refresh = max(1, steps // 100)
+        while step < steps:
+            x0 = draw0(batch_size, generator)
+            x1 = draw1(batch_size, generator)
+            if pair is not None:
+                x0, x1 = pair(x0, x1, generator=generator)
+            t = torch.rand(batch_size, generator=generator, device=device, dtype=dtype)
+            if lo != 0.0 or span != 1.0:
+                t = lo + span * t
+            a, da, b, db = schedule.coefficients(t)
+            a, da, b, db = (c.to(dtype).unsqueeze(-1) for c in (a, da, b, db))
+            z = a * x0 + b * x1
+            u = da * x0 + db * x1
+            v = model(z, t)
+            loss = (v - u).square().sum(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            losses[step] = loss.detach()
+            step += 1
+            stop = bool(callback(step, losses[step - 1], model)) if callback is not None else False
+            if bar is not None and (step % refresh == 0 or step == steps):
+                check_finite(step, checked)
+                checked = step
+                bar.update(step - bar.n)
+                bar.set_postfix(loss=f"{float(losses[step - 1]):.4g}", refresh=False)
+            if ckpt_path is not None and step % checkpoint_every == 0 and step < steps:
+                check_finite(step, checked)
+                checked = step
+                save(step, _time.monotonic() - t_start)
+            if stop or stop_flag.is_set():
+                status = "stopped" if stop else "terminated"
+                break
+        check_finite(step, checked)
+        elapsed = _time.monotonic() - t_start
+        if ckpt_path is not None and step > start_step:
+            save(step, elapsed)
+    finally:
+        if bar is not None:
+            bar.close()
+        restore_signal()
+    history = losses[:step].detach().to(torch.float64).cpu().numpy()
+    return TrainingResult(
+        model=model,
+        steps=np.arange(1, step + 1),
+        losses=history,
+        wall_time=earlier_time + elapsed,
+        status=status,
+        config=config,
+    )
+
+
+def _install_sigterm(flag: threading.Event) -> Callable[[], None]:
+    """Let SIGTERM end training at the end of the current step (with a checkpoint when configured)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    except (ValueError, OSError):
+        return lambda: None
+
+    def restore():
+        with contextlib.suppress(Exception):
+            signal.signal(signal.SIGTERM, previous)
+
+    return restore
+
+
+def _save_training(path, fingerprint, config, step, model, opt, sched, generator, losses, wall_time):
+    from .io.checkpoint import save_checkpoint
+
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "fingerprint": fingerprint,
+        "config": config,
+        "step": int(step),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "lr_scheduler": None if sched is None else sched.state_dict(),
+        "generator": generator.get_state(),
+        "losses": losses.detach().cpu(),
+        "wall_time": float(wall_time),
+    }
+    save_checkpoint(path, payload)
+
+
+def _load_training(path, fingerprint, model, opt, sched, generator, steps):
+    from .io.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(path)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise TrajectoryFileError(
+            f"checkpoint {path} is not a train_velocity checkpoint (format {payload.get('format')!r}); "
+            "point checkpoint= at the file a training run wrote, or delete it"
+        )
+    if payload.get("fingerprint") != fingerprint:
+        raise MeasureflowError(
+            f"checkpoint {path} belongs to a different training run (other model, schedule, coupling, "
+            "batch size, learning rate, seed or dtype); delete it or point checkpoint= elsewhere"
+        )
+    step = int(payload["step"])
+    if step > steps:
+        raise ParameterError(
+            f"train_velocity: checkpoint {path} is at step {step}, beyond steps = {steps}; "
+            f"ask for at least {step} steps"
+        )
+    model.load_state_dict(payload["model"])
+    opt.load_state_dict(payload["optimizer"])
+    if sched is not None and payload.get("lr_scheduler") is not None:
+        sched.load_state_dict(payload["lr_scheduler"])
+    generator.set_state(payload["generator"])
+    return step, float(payload.get("wall_time", 0.0)), payload["losses"]
+
+
+# -- evaluation -----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def regression_loss(model, source, target, schedule="linear", *, n: int = 10_000, coupling="independent",
+                    coupling_params: dict | None = None, generator: torch.Generator | None = None,
+                    t_range=(0.0, 1.0)) -> float:
+    """A fresh Monte-Carlo estimate of L(v_θ) = E_t E|v_θ(Z_t, t) − (a'_t X0 + b'_t X1)|² from n pairs.
+
+    Compare with the irreducible minimum L* (MATH.md §1): L(v_θ) − L* is the squared L² distance
+    between the network and the exact field along the path.
+    """
+    schedule = _resolve_schedule(schedule)
+    lo, hi = _check_t_range(t_range, schedule)
+    pair, _ = _resolve_coupling(coupling, dict(coupling_params or {}))
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    dtype = params[0].dtype if params else torch.get_default_dtype()
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(0)
+    draw0, _, _ = _sampler(source, "source", device, dtype)
+    draw1, _, _ = _sampler(target, "target", device, dtype)
+    x0, x1 = draw0(int(n), generator), draw1(int(n), generator)
+    if pair is not None:
+        x0, x1 = pair(x0, x1, generator=generator)
+    t = lo + (hi - lo) * torch.rand(int(n), generator=generator, device=device, dtype=dtype)
+    a, da, b, db = (c.to(dtype).unsqueeze(-1) for c in schedule.coefficients(t))
+    v = model(a * x0 + b * x1, t)
+    return float((v - (da * x0 + db * x1)).square().sum(-1).mean())
+
+
+# -- files -----------------------------------------------------------------------------------------------------
+
+
+def save_model(model: nn.Module, path) -> Path:
+    """Write ``model``'s weights (``state_dict``) and constructor ``config`` to ``path``, atomically.
+
+    The file is a torch.save dict readable with ``torch.load(path, weights_only=True)``:
+    ``{"format", "class", "config", "state_dict"}``. The model needs a ``config`` dict of its
+    constructor arguments (every :class:`VelocityMLP` has one).
+    """
+    from .io.checkpoint import save_checkpoint
+
+    config = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or not isinstance(config, dict):
+        raise CapabilityError(
+            f"save_model: expected an nn.Module with a `config` dict of its constructor arguments "
+            f"(e.g. VelocityMLP); received {type(model).__name__}. For another module, save "
+            "model.state_dict() with torch.save yourself"
+        )
+    payload = {
+        "format": MODEL_FORMAT,
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": _jsonable(config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    return save_checkpoint(path, payload)
+
+
+def load_model(path, cls: type | None = None, *, device=None) -> nn.Module:
+    """Rebuild a network written by :func:`save_model`: ``cls(**config)`` with the saved weights, in
+    the saved precision, on ``device`` (default CPU). ``cls`` defaults to :class:`VelocityMLP`; give
+    your own class for a model saved from another module."""
+    from .io.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(path)
+    if payload.get("format") != MODEL_FORMAT:
+        raise TrajectoryFileError(
+            f"load_model: {path} is not a model file written by save_model (format {payload.get('format')!r})"
+        )
+    saved_class = payload.get("class", "")
+    if cls is None:
+        if saved_class != f"{VelocityMLP.__module__}.{VelocityMLP.__qualname__}":
+            raise CapabilityError(
+                f"load_model: {path} holds a {saved_class}, not a VelocityMLP; pass its class: "
+                "load_model(path, cls=MyModel)"
+            )
+        cls = VelocityMLP
+    state = payload["state_dict"]
+    model = cls(**payload["config"])
+    floats = [v.dtype for v in state.values() if v.is_floating_point()]
+    if floats:
+        model = model.to(dtype=floats[0])
+    model.load_state_dict(state)
+    return model.to(device=device) if device is not None else model
+
+
+# -- plots -----------------------------------------------------------------------------------------------------
+
+
+def plot_loss(result, out=None, *, ax=None, minimum: float | None = None, window: int | None = None):
+    """The loss curve of a :class:`TrainingResult` (or a pair ``(steps, losses)``) on a log scale.
+
+    Draws the per-step mini-batch loss (light) and its moving average over ``window`` steps (default
+    steps // 50), and, when ``minimum`` is given, the irreducible loss L* as a dashed line (the gap
+    to it is E|v_θ − v|², MATH.md §1). Returns the matplotlib Figure, written to ``out`` when given.
+    """
+    from matplotlib.figure import Figure
+
+    if isinstance(result, TrainingResult):
+        steps, losses = result.steps, result.losses
+    else:
+        steps, losses = (np.asarray(v) for v in result)
+    steps = np.asarray(steps, dtype=np.float64)
+    losses = np.asarray(losses, dtype=np.float64)
+    if steps.shape != losses.shape or steps.ndim != 1 or len(steps) == 0:
+        raise ShapeError(
+            f"plot_loss: need matching 1-D steps and losses; received shapes {steps.shape} and {losses.shape}"
+        )
+    if ax is None:
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot(1, 1, 1)
+    else:
+        fig = ax.figure
+    ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="mini-batch loss")
+    k = window or max(1, len(losses) // 50)
+    if k > 1 and len(losses) >= k:
+        kernel = np.ones(k) / k
+        ax.plot(steps[k - 1:], np.convolve(losses, kernel, mode="valid"), color="tab:blue",
+                label=f"moving average ({k} steps)")
+    if minimum is not None:
+        ax.axhline(minimum, color="black", linestyle="--", linewidth=1, label="irreducible loss L*")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("regression loss")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    if out is not None:
+        fig.savefig(out, dpi=120)
+    return fig
