@@ -57,12 +57,12 @@ def __getattr__(name):
     return value
 
 
-def field(name: str, **params):
+def field(name: str, /, **params):
     """Build a registered field by name: ``measureflow.field("linear", A=..., b=...)``."""
     return get_registry().field(name, **params)
 
 
-def integrator(name: str, **params):
+def integrator(name: str, /, **params):
     """Build a registered integrator by name: ``measureflow.integrator("rk4")``."""
     return get_registry().integrator(name, **params)
 

@@ -7,8 +7,8 @@ any callable and any trajectory.
 coupled independently, the flow-matching field (1.5) transports Σ₀ to Σ₁ by the linear map
 T₁^FM = Σ₀^{1/2} C^{1/2} Σ₀^{-1/2} with C = Σ₀^{-1/2} Σ₁ Σ₀^{-1/2}, whatever the scalar schedule; the
 optimal (Brenier) map is T^OT = Σ₀^{-1/2} (Σ₀^{1/2} Σ₁ Σ₀^{1/2})^{1/2} Σ₀^{-1/2}. The two agree iff
-Σ₀Σ₁ = Σ₁Σ₀. :func:`fm_flow_map`, :func:`fm_terminal_map`, :func:`brenier_map`,
-:func:`transport_cost`, :func:`commute`.
+Σ₀Σ₁ = Σ₁Σ₀. :func:`fm_flow_map`, :func:`fm_terminal_map`, :func:`commute`, and
+:func:`brenier_map`, :func:`transport_cost` (those of :mod:`measureflow.couplings`, available here too).
 
 **Trajectories.** :func:`path_transport_cost` and :func:`straightness` from saved frames (a tensor,
 an array, or a trajectory object such as ``measureflow.open(path)`` or a ``MemoryWriter``).
@@ -34,7 +34,9 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from .errors import ParameterError, ShapeError, StateError
+from .couplings import brenier_map, transport_cost
+from .errors import ParameterError, ShapeError
+from .linalg import check_psd, covariance_pair, from_eigh, spd_roots, symmetrize
 from .state import as_tensor
 
 __all__ = [
@@ -69,51 +71,20 @@ __all__ = [
 # =====================================================================================================
 
 
-def _covariances(S0, S1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two symmetric positive-definite (..., d, d) tensors on one device and dtype, or a clear error."""
-    a = as_tensor(S0, name="S0")
-    b = as_tensor(S1, name="S1")
-    if a.device != b.device:
-        raise StateError(f"S0 is on {a.device} but S1 is on {b.device}; put both on the same device")
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    a, b = a.to(dtype), b.to(dtype)
-    for name, m in (("S0", a), ("S1", b)):
-        if m.ndim < 2 or m.shape[-1] != m.shape[-2] or m.shape[-1] == 0:
-            raise ShapeError(f"{name} must have shape (..., d, d) (a covariance matrix); received {tuple(m.shape)}")
-    if a.shape[-1] != b.shape[-1]:
-        raise ShapeError(f"S0 and S1 must have the same dimension d; received {tuple(a.shape)} and {tuple(b.shape)}")
-    return _symmetric(a), _symmetric(b)
-
-
-def _symmetric(a: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (a + a.transpose(-1, -2))
-
-
-def _spectral(evecs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """U diag(values) Uᵀ for an eigendecomposition (batched)."""
-    return (evecs * values[..., None, :]) @ evecs.transpose(-1, -2)
-
-
-def _roots(S: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S^{1/2}, S^{-1/2}) of a symmetric positive-definite S, spectrally; refuses a singular S."""
-    evals, evecs = torch.linalg.eigh(S)
-    smallest = evals[..., 0]
-    scale = evals[..., -1].abs().clamp_min(torch.finfo(S.dtype).tiny)
-    bad = smallest <= 16 * torch.finfo(S.dtype).eps * scale
-    if bool(bad.any()):
-        raise StateError(
-            f"{name} must be positive definite; its smallest eigenvalue is {float(smallest.min()):.6g}. "
-            "The Gaussian maps of MATH.md §1.5 need a non-degenerate source: add a small multiple of the identity."
-        )
-    root = evals.sqrt()
-    return _spectral(evecs, root), _spectral(evecs, 1.0 / root)
-
-
 def whitened_target(S0, S1) -> torch.Tensor:
     """C = Σ₀^{-1/2} Σ₁ Σ₀^{-1/2}, batched over leading dimensions (MATH.md §1.5)."""
-    a, b = _covariances(S0, S1)
-    _, inv_root = _roots(a, "S0")
-    return _symmetric(inv_root @ b @ inv_root)
+    a, b = covariance_pair(S0, S1, "whitened_target")
+    _, inv_root = spd_roots(a, "S0", "whitened_target")
+    return symmetrize(inv_root @ b @ inv_root)
+
+
+def _whitened(S0, S1, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Σ₀^{1/2}, Σ₀^{-1/2}, λ, U) with C = U diag(λ) Uᵀ; λ clamped at 0 after refusing an indefinite Σ₁."""
+    a, b = covariance_pair(S0, S1, where)
+    check_psd(b, "S1", where)
+    root, inv_root = spd_roots(a, "S0", where)
+    lam, U = torch.linalg.eigh(symmetrize(inv_root @ b @ inv_root))
+    return root, inv_root, lam.clamp_min(0), U
 
 
 def _coefficients(t, schedule, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,11 +132,9 @@ def fm_flow_map(t, S0, S1, schedule=None) -> torch.Tensor:
     of numbers ``(a_t, b_t)`` already evaluated at t. ``t`` may be a tensor: its shape broadcasts with
     the leading (batch) dimensions of the covariances. Requires a_t(0) = 1, b_t(0) = 0 for T_0 = I.
     """
-    a0, b1 = _covariances(S0, S1)
-    root, inv_root = _roots(a0, "S0")
-    lam, U = torch.linalg.eigh(_symmetric(inv_root @ b1 @ inv_root))
-    a, b = _coefficients(t, schedule, a0)
-    middle = _spectral(U, torch.sqrt(a[..., None] ** 2 + b[..., None] ** 2 * lam))
+    root, inv_root, lam, U = _whitened(S0, S1, "fm_flow_map")
+    a, b = _coefficients(t, schedule, root)
+    middle = from_eigh(U, torch.sqrt(a[..., None] ** 2 + b[..., None] ** 2 * lam))
     return root @ middle @ inv_root
 
 
@@ -176,52 +145,13 @@ def fm_terminal_map(S0, S1) -> torch.Tensor:
     every scalar schedule. Pushes Σ₀ to Σ₁ but is not symmetric (so not optimal) unless Σ₀Σ₁ = Σ₁Σ₀.
     Batched over leading dimensions; with means, T(x) = m₁ + T (x − m₀).
     """
-    a0, b1 = _covariances(S0, S1)
-    root, inv_root = _roots(a0, "S0")
-    lam, U = torch.linalg.eigh(_symmetric(inv_root @ b1 @ inv_root))
-    return root @ _spectral(U, lam.clamp_min(0).sqrt()) @ inv_root
-
-
-def brenier_map(S0, S1) -> torch.Tensor:
-    """T^OT = Σ₀^{-1/2} (Σ₀^{1/2} Σ₁ Σ₀^{1/2})^{1/2} Σ₀^{-1/2} (MATH.md §1.5, [B] (30), [S] Prop 4.3).
-
-    The optimal (Brenier) linear map from N(·, Σ₀) to N(·, Σ₁): symmetric positive definite, with cost
-    tr((T − I) Σ₀ (T − I)ᵀ) = W₂² (the Bures distance). Batched over leading dimensions.
-    """
-    a0, b1 = _covariances(S0, S1)
-    root, inv_root = _roots(a0, "S0")
-    lam, U = torch.linalg.eigh(_symmetric(root @ b1 @ root))
-    return _symmetric(inv_root @ _spectral(U, lam.clamp_min(0).sqrt()) @ inv_root)
-
-
-def transport_cost(T, S0, m0=None, m1=None) -> torch.Tensor:
-    """E|T(X) − X|² for X ~ N(m₀, Σ₀) and T(x) = m₁ + T(x − m₀) (MATH.md §1.5):
-
-        tr((T − I) Σ₀ (T − I)ᵀ) + |m₁ − m₀|².
-
-    For T = :func:`brenier_map` this is W₂² (unhalved, MATH.md §0); for :func:`fm_terminal_map` it is
-    the (larger) cost of the coupling that flow matching realises. Batched; returns shape (...).
-    """
-    T = as_tensor(T, name="T")
-    S0 = as_tensor(S0, dtype=T.dtype, device=T.device, name="S0")
-    if T.ndim < 2 or T.shape[-1] != T.shape[-2] or S0.shape[-2:] != T.shape[-2:]:
-        raise ShapeError(
-            "T and S0 must both have shape (..., d, d) with the same d; "
-            f"received {tuple(T.shape)} and {tuple(S0.shape)}"
-        )
-    D = T - torch.eye(T.shape[-1], dtype=T.dtype, device=T.device)
-    cost = ((D @ S0) * D).sum((-1, -2))
-    if m0 is not None or m1 is not None:
-        zero = torch.zeros(T.shape[-1], dtype=T.dtype, device=T.device)
-        m0 = zero if m0 is None else as_tensor(m0, dtype=T.dtype, device=T.device, name="m0")
-        m1 = zero if m1 is None else as_tensor(m1, dtype=T.dtype, device=T.device, name="m1")
-        cost = cost + ((m1 - m0) ** 2).sum(-1)
-    return cost
+    root, inv_root, lam, U = _whitened(S0, S1, "fm_terminal_map")
+    return root @ from_eigh(U, lam.sqrt()) @ inv_root
 
 
 def commutation_defect(S0, S1) -> torch.Tensor:
     """‖Σ₀Σ₁ − Σ₁Σ₀‖_F / (‖Σ₀‖_F ‖Σ₁‖_F), batched: 0 iff the covariances commute (MATH.md §1.5)."""
-    a, b = _covariances(S0, S1)
+    a, b = covariance_pair(S0, S1, "commutation_defect")
     bracket = a @ b - b @ a
     norm = torch.linalg.matrix_norm(a) * torch.linalg.matrix_norm(b)
     return torch.linalg.matrix_norm(bracket) / norm

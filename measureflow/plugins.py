@@ -184,7 +184,7 @@ class Registry:
     def entries(self, kind: str) -> list[PluginEntry]:
         return [self._tables[kind][n] for n in sorted(self._tables[kind])]
 
-    def field(self, name: str, **params):
+    def field(self, name: str, /, **params):
         """Build the registered field ``name`` with ``params``."""
         field = self.get("fields", name)(**params)
         if getattr(field, "name", "field") == "field":
@@ -194,13 +194,13 @@ class Registry:
                 pass
         return field
 
-    def integrator(self, name: str, **params):
+    def integrator(self, name: str, /, **params):
         return self.get("integrators", name)(**params)
 
     def writer(self, name: str, *args, **params):
         return self.get("writers", name)(*args, **params)
 
-    def schedule(self, name: str, **params):
+    def schedule(self, name: str, /, **params):
         """Build the registered interpolation schedule ``name`` with ``params``."""
         return self.get("schedules", name)(**params)
 

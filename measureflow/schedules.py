@@ -299,8 +299,11 @@ class ReparametrisedSchedule(Schedule):
         return _zeros_on(composite, lo, hi)
 
     def _coefficients(self, t):
-        s, ds = autograd_derivative(self.lam, t, "lam")
-        if self.lam_prime is not None:
+        if self.lam_prime is None:
+            s, ds = autograd_derivative(self.lam, t, "lam")
+        else:
+            s = self.lam(t)
+            s = s if isinstance(s, torch.Tensor) else torch.full_like(t, float(s))
             ds = self.lam_prime(t)
             ds = ds if isinstance(ds, torch.Tensor) else torch.full_like(t, float(ds))
         a, da, b, db = self.base.coefficients(s)
@@ -385,7 +388,7 @@ def _callable_name(fn) -> str:
 # -- lookup -------------------------------------------------------------------------------------------------
 
 
-def get(name: str, **params) -> Schedule:
+def get(name: str, /, **params) -> Schedule:
     """Build the registered schedule ``name`` (``registry.schedule(name, **params)``)."""
     from .plugins import get_registry
 

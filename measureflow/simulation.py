@@ -199,8 +199,10 @@ class Simulation:
         ``"euler_maruyama"`` for a field with a diffusion term on particles.
     t0, t1:
         start and end time; t1 < t0 integrates backwards (deterministic fields only).
-    steps, dt:
-        the output grid: ``steps`` intervals, or a step ``dt`` dividing t1 − t0.
+    steps, dt, times:
+        the time grid: ``steps`` equal intervals, a step ``dt`` dividing t1 − t0, or explicit
+        ``times`` (strictly monotone, first = t0 and last = t1; t0/t1 may then be left out) — e.g. the
+        geometric grid a flow-matching field's ``generation_times`` gives near a singular end.
     writers:
         writer objects, registered writer names, or paths ending in .h5 (an H5MD writer).
     observers:
@@ -250,6 +252,7 @@ class Simulation:
         progress: bool | None = None,
         parameters: dict | None = None,
         description: str = "",
+        times: Sequence[float] | None = None,
     ):
         kind = state_kind(state)
         registry = get_registry()
@@ -267,10 +270,13 @@ class Simulation:
         if callable(check):
             check(field, state)
 
+        self._times = None
+        if times is not None:
+            t0, t1 = self._explicit_grid(times, steps, dt, t0, t1)
         self.t0, self.t1 = float(t0), float(t1)
         if not (math.isfinite(self.t0) and math.isfinite(self.t1)) or self.t0 == self.t1:
             raise TimeRangeError(f"need finite t0 != t1; received t0 = {t0!r}, t1 = {t1!r}")
-        self.n_steps = self._grid_size(steps, dt)
+        self.n_steps = len(self._times) - 1 if self._times is not None else self._grid_size(steps, dt)
         for t in (self.t0, self.t1):
             field.check_time(t) if hasattr(field, "check_time") else None
         if self.t1 < self.t0 and "diffusion" in caps and kind == "particles":
@@ -323,6 +329,26 @@ class Simulation:
             )
         return n
 
+    def _explicit_grid(self, times, steps, dt, t0, t1) -> tuple[float, float]:
+        """Validate an explicit time grid; returns its ends (t0/t1 given beside it must agree)."""
+        if steps is not None or dt is not None:
+            raise MeasureflowError("give one of steps, dt or times, not several")
+        try:
+            grid = [float(t) for t in times]
+        except (TypeError, ValueError):
+            raise MeasureflowError(f"times must be a sequence of numbers; received {times!r}") from None
+        if len(grid) < 2 or not all(math.isfinite(t) for t in grid):
+            raise MeasureflowError(f"times must hold at least two finite times; received {len(grid)}")
+        gaps = [b - a for a, b in zip(grid[:-1], grid[1:])]
+        if not (all(g > 0 for g in gaps) or all(g < 0 for g in gaps)):
+            raise MeasureflowError("times must be strictly increasing or strictly decreasing")
+        # t0 = 0, t1 = 1 are the signature defaults: only explicit values that disagree are an error
+        for name, given, end, default in (("t0", t0, grid[0], 0.0), ("t1", t1, grid[-1], 1.0)):
+            if float(given) != default and float(given) != end:
+                raise MeasureflowError(f"{name} = {given:g} disagrees with times ({name} = {end:g}); leave {name} out")
+        self._times = grid
+        return grid[0], grid[-1]
+
     def _as_observer(self, obs) -> Observer:
         if isinstance(obs, Observer):
             return obs
@@ -332,6 +358,8 @@ class Simulation:
 
     def time_at(self, step: int) -> float:
         """tₖ computed from k (never accumulated, so the grid ends exactly at t1)."""
+        if self._times is not None:
+            return self._times[step]
         if step == self.n_steps:
             return self.t1
         return self.t0 + (self.t1 - self.t0) * step / self.n_steps
@@ -349,7 +377,8 @@ class Simulation:
                 "name": getattr(self.integrator, "name", type(self.integrator).__name__),
                 "options": _jsonable(getattr(self.integrator, "options", {})),
             },
-            "time": {"t0": self.t0, "t1": self.t1, "steps": self.n_steps},
+            "time": {"t0": self.t0, "t1": self.t1, "steps": self.n_steps,
+                     **({"times": list(self._times)} if self._times is not None else {})},
             "state": {"kind": state_kind(self.state), "replicas": self.state.replicas, "dim": self.state.dim,
                       "size": getattr(self.state, "size", 0), "dtype": str(self.state.dtype).replace("torch.", "")},
             "observables": [o.name for o in self.observers],
@@ -579,27 +608,34 @@ class Simulation:
         }
 
     def _install_sigterm(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def handler(signum, frame):
-            self._stop_flag.set()
-
-        try:
-            signal.signal(signal.SIGTERM, handler)
-        except (ValueError, OSError):
-            return lambda: None
-
-        def restore():
-            with contextlib.suppress(Exception):
-                signal.signal(signal.SIGTERM, previous)
-
-        return restore
+        return install_sigterm(self._stop_flag)
 
     def request_stop(self) -> None:
         """Ask the loop to end cleanly at the end of the current step (as SIGTERM does)."""
         self._stop_flag.set()
+
+
+def install_sigterm(flag: threading.Event) -> Callable[[], None]:
+    """Make SIGTERM set ``flag`` (a loop polling it can end cleanly at the end of its current step);
+    returns the function that puts the previous handler back. Outside the main thread, where
+    handlers cannot be installed, nothing is changed."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        flag.set()
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        return lambda: None
+
+    def restore():
+        with contextlib.suppress(Exception):
+            signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def _fires(writer, step, last) -> bool:

@@ -252,3 +252,12 @@ def test_describe_is_json():
               get("custom", a=lambda t: 1 - t, b=lambda t: t)):
         text = json.dumps(s.describe())
         assert s.name in text
+
+
+def test_a_schedule_parameter_called_name_is_not_the_lookup_name():
+    # The lookup name is positional-only, so a schedule's own ``name`` parameter passes through.
+    s = get("reparametrised", base="linear", lam=lambda t: t * t, lam_prime=lambda t: 2 * t, name="squared")
+    assert s.name == "squared"
+    a, da, b, db = s.coefficients(torch.tensor([0.5], dtype=torch.float64))
+    assert torch.allclose(torch.stack([a, da, b, db]).flatten(),
+                          torch.tensor([0.75, -1.0, 0.25, 1.0], dtype=torch.float64), atol=1e-15)

@@ -202,3 +202,26 @@ def test_data_leaves_the_device_only_where_a_writer_writes(monkeypatch):
     assert result.status.ok and result.state.x.device.type == "cuda"
     assert list(writer.steps) == [0, 5, 10, 15, 20]
     assert sync_ok.count("health") == 4  # steps 5, 10, 15 and 20: the writing steps after step 0
+
+
+def test_explicit_time_grid_is_followed_and_recorded(tmp_path):
+    # A geometric grid: each step is a fixed RK4 step between consecutive grid times, so the result
+    # equals advancing by hand over the same grid (bit for bit), and the file records those times.
+    field = measureflow.field("linear", A=torch.tensor([[-1.0, 0.5], [0.0, -2.0]], dtype=torch.float64))
+    start = measureflow.Particles(torch.randn(1, 50, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    times = [0.001 * (1000 ** (k / 20)) for k in range(21)]
+    out = tmp_path / "grid.h5"
+    result = Simulation(start, field, "rk4", times=times, writers=[str(out)], progress=False).run()
+    step = measureflow.integrator("rk4")
+    state = start
+    for a, b in zip(times[:-1], times[1:]):
+        state = step.advance(field, state, a, b)
+    assert torch.equal(result.state.x, state.x)
+    with measureflow.open(out) as traj:
+        assert np.allclose(traj.times, times, rtol=0, atol=1e-15)
+    with pytest.raises(measureflow.MeasureflowError, match="strictly"):
+        Simulation(start, field, "rk4", times=[0.0, 0.5, 0.5, 1.0])
+    with pytest.raises(measureflow.MeasureflowError, match="not several"):
+        Simulation(start, field, "rk4", times=[0.0, 1.0], steps=4)
+    with pytest.raises(measureflow.MeasureflowError, match="disagrees"):
+        Simulation(start, field, "rk4", t1=2.0, times=[0.0, 1.0])
