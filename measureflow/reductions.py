@@ -125,9 +125,11 @@ class ReductionConfig:
         Largest d for which the eager path forms explicit differences instead of the GEMM identity
         for the smooth kernels ("gaussian", "imq"); the non-smooth ones always use differences.
     check_weights:
-        Check that ``weights`` are finite, non-negative and sum to one per replica (MATH.md §0).
-        The check reads one number back from the device per call; switch it off in a hot loop
-        whose weights are known to be valid.
+        Check that ``weights`` are finite, non-negative and sum to one per replica, and that
+        ``log_weights`` hold no NaN (MATH.md §0). The check reads numbers back from the device, so
+        ``"auto"`` (default) checks tensors on the CPU only, where that costs nothing, and leaves
+        accelerator data on the device (fields get weights that :class:`~measureflow.Particles`
+        already validated); ``True`` always checks, ``False`` never.
     """
 
     memory_budget: int = attrs.field(factory=_env_budget)
@@ -137,7 +139,7 @@ class ReductionConfig:
     fused_columns: int = 4096
     fused_max_dim: int = 8
     direct_max_dim: int = 4
-    check_weights: bool = True
+    check_weights: bool | str = attrs.field(default="auto", validator=attrs.validators.in_((True, False, "auto")))
 
 
 config = ReductionConfig()
@@ -221,6 +223,12 @@ def _weights(fn: str, w, M: int, name: str = "weights") -> tuple[torch.Tensor | 
     return w, batched
 
 
+def _checking(t: torch.Tensor) -> bool:
+    """Whether input checks that read back from the device run for ``t`` (see ReductionConfig)."""
+    mode = config.check_weights
+    return mode is True or (mode == "auto" and t.device.type == "cpu")
+
+
 def _check_probability(fn: str, w: torch.Tensor, unnormalised_hint: str) -> None:
     """Weights are a probability vector per replica (MATH.md §0): finite, ≥ 0, summing to one.
 
@@ -229,7 +237,7 @@ def _check_probability(fn: str, w: torch.Tensor, unnormalised_hint: str) -> None
     to the dtype and summing M terms errs by about √M·ε in practice); half types, whose ε is 10⁻³
     or more, get 8ε·max(1, √M).
     """
-    if not config.check_weights:
+    if not _checking(w):
         return
     M = w.shape[1]
     with torch.no_grad():
@@ -1022,7 +1030,7 @@ def softmax_average(
         )
     if w is not None:
         _check_probability(fn, w, "or pass log_weights for an unnormalised per-point term")
-    if lw is not None and bool(torch.isnan(lw).any()):
+    if lw is not None and _checking(lw) and bool(torch.isnan(lw).any()):
         raise StateError(f"{fn}: log_weights contain NaN; use −inf to exclude a point")
 
     with torch.no_grad():

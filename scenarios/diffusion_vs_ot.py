@@ -1,18 +1,22 @@
 """Diffusion sampling paths against optimal-transport rays with the same endpoints (MATH.md §1.2, §1.5, §2; [B]).
 
 Noise z ~ N(0, σ²I) (n particles) is carried to a small data set by the exact reverse probability flow
-of a noising schedule (field ``flow_matching``, posterior-mean form (1.3), integrated backwards from
-the noise end to t_min):
+of a noising schedule, integrated backwards from the noise end to t_min:
 
-* ``schedule=cosine`` (default): aₜ = cos(πt/2), bₜ = sin(πt/2) — the OU / variance-preserving diffusion
-  after the time change τ = −log cos(πt/2), i.e. the same paths as the OU probability flow
-  dx/ds = x + σ²∇log p_{τ_max−s}(x) (MATH.md §1.3, §2), on the clock t ∈ [t_min, 1] of unit length;
-* ``schedule=vp``: the OU flow in its own time τ ∈ [t_min, 12]; ``schedule=linear``: flow matching
-  from Gaussian noise, Zₜ = (1 − t)X + tY.
+* ``schedule=cosine`` (default): field ``flow_matching`` (posterior-mean form (1.3)) with
+  aₜ = cos(πt/2), bₜ = sin(πt/2) — the OU / variance-preserving diffusion after the time change
+  τ = −log cos(πt/2), i.e. the same paths as the OU probability flow (MATH.md §1.3, §2), on the clock
+  t ∈ [t_min, 1] of unit length;
+* ``schedule=vp``: the OU probability flow itself, field ``ou_bridge`` (forward direction,
+  v_τ(x) = −x − σ²∇log ρ_τ(x), MATH.md §2) integrated backwards in its own time τ ∈ [t_min, 12];
+* ``schedule=linear``: ``flow_matching`` from Gaussian noise, Zₜ = (1 − t)X + tY.
 
 The data (``data``) are either ``atoms``: m Diracs drawn once with the seed (uniform weights), or
-``gaussian``: N(m₀, Σ₀). The integration runs on the clock s = log t (field (dt/ds)·vₜ = t·vₜ: the
-same paths, a geometric grid in t, MATH.md §1.3); the H5MD times are s.
+``gaussian``: N(m₀, Σ₀). Atoms make the field singular at the data end, so the run steps through the
+geometric grid tₖ = t_max (t_min/t_max)^{k/steps} (constant Δt/t, MATH.md §1.3:
+``FlowMatchingField.generation_times``, ``OUBridge.time_grid`` for vp); the smooth field of Gaussian
+data is stepped uniformly in t (still geometrically in τ for vp). The H5MD times are the schedule's
+own t (τ for vp).
 
 The straight rays join the same endpoints optimally: POT ``emd`` between the starting noise {zₖ} and
 the generated points {xₖ} gives a permutation σ, and the rays are (1 − u)zₖ + u x_{σ(k)}, u ∈ [0, 1].
@@ -34,8 +38,6 @@ atoms the flow's pairing costs more than W₂².
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -43,7 +45,6 @@ import measureflow
 from measureflow import Particles, Simulation, scenario
 from measureflow.diagnostics import path_transport_cost
 from measureflow.measures import Gaussian, GaussianMixture
-from measureflow.schedules import ReparametrisedSchedule
 
 NOISE_END = {"linear": 1.0, "cosine": 1.0, "vp": 12.0}
 DATA = ("atoms", "gaussian")
@@ -54,13 +55,8 @@ TITLES = {"cosine": "OU paths on the cosine clock", "vp": "OU in its own time τ
 FIGURE_PATHS = 120
 
 
-def time_of_clock(s):
-    """t = eˢ: the schedule's time at clock time s (and dt/ds)."""
-    return torch.exp(s)
-
-
-def log_clock(schedule: str, t_min: float):
-    """The schedule on the clock s = log t, s ∈ [log t_min, log t_max] (a ``reparametrised`` schedule)."""
+def reverse_flow(schedule: str, law, sigma: float, t_min: float, steps: int):
+    """(field, time grid from the noise end down to t_min) of the reverse probability flow to ``law``."""
     if schedule not in NOISE_END:
         raise measureflow.ParameterError(f"schedule must be one of {sorted(NOISE_END)}; received {schedule!r}")
     t_max = NOISE_END[schedule]
@@ -68,8 +64,12 @@ def log_clock(schedule: str, t_min: float):
         raise measureflow.ParameterError(
             f"t_min must lie in (0, {t_max:g}) for schedule {schedule!r}; received {t_min!r}"
         )
-    return ReparametrisedSchedule(base=schedule, lam=time_of_clock, lam_prime=time_of_clock,
-                                  time_range=(math.log(t_min), math.log(t_max)), name=f"{schedule} on s = log t")
+    if schedule == "vp":
+        # The OU flow in its own time: the forward field, run from τ_max down to τ_min.
+        field = measureflow.field("ou_bridge", data=law, sigma=sigma, tau_min=t_min, tau_max=t_max)
+        return field, field.time_grid(steps).flip(0).tolist()
+    field = measureflow.field("flow_matching", data=law, schedule=schedule, sigma=sigma, t_min=t_min, t_max=t_max)
+    return field, field.generation_times(steps)
 
 
 def data_law(data: str, m: int, seed: int, dtype=torch.float64):
@@ -101,13 +101,11 @@ def diffusion_vs_ot(
     """Reverse probability-flow paths from noise to data against straight OT rays between the same ends."""
     if n < 2:
         raise measureflow.ParameterError(f"n must be at least 2 particles; received {n}")
-    clock = log_clock(schedule, t_min)
-    field = measureflow.field("flow_matching", data=data_law(data, m, seed), schedule=clock, sigma=sigma)
+    field, times = reverse_flow(schedule, data_law(data, m, seed), sigma, t_min, steps)
     g = torch.Generator().manual_seed(seed)
     noise = sigma * torch.randn(1, n, 2, generator=g, dtype=torch.float64)
-    s_data, s_noise = clock.time_range
     writers = [measureflow.get_registry().writer("h5md", out, every=every)] if out else []
-    return Simulation(Particles(noise), field, "rk4", s_noise, s_data, steps=steps, writers=writers, seed=seed)
+    return Simulation(Particles(noise), field, "rk4", times=times, writers=writers, seed=seed)
 
 
 # -- the numbers ------------------------------------------------------------------------------------
@@ -165,7 +163,7 @@ def report(result, params):
         return
     with measureflow.open(params["out"]) as traj:
         frames = torch.as_tensor(np.asarray(traj.positions[:]))[:, 0]
-        times = time_of_clock(torch.as_tensor(np.asarray(traj.times, dtype=np.float64)))
+        times = torch.as_tensor(np.asarray(traj.times, dtype=np.float64))
     law = data_law(params["data"], params["m"], params["seed"])
     k = compare(frames, times, law, schedule, params["t_min"])
     flow, rays = k["flow"], k["rays"]

@@ -4,8 +4,9 @@
 Data: atoms c₁ = (2, 0), c₂ = (−1, √3), c₃ = (−1, −√3) with weights w = (0.5, 0.3, 0.2); noise
 N(0, σ²I), σ = 1. The exact flow-matching field (``flow_matching``, posterior form eq. 1.3) of the
 interpolant Zₜ = aₜX + bₜY is integrated backwards from the noise end (t = 1, or τ_max = 12 for
-``vp``) to t_min = 10⁻³ with RK4 on a geometric grid (Δt/t ≤ 0.02, MATH.md §1.3). Exactly, the
-particles land in N(a_{tmin}cⱼ, b_{tmin}²σ²I) with probabilities wⱼ, so
+``vp``) to t_min = 10⁻³ with RK4 on the geometric grid of ``generation_times`` (Δt/t ≤ ``ratio`` =
+0.02, MATH.md §1.3). Exactly, the particles land in N(a_{tmin}cⱼ, b_{tmin}²σ²I) with probabilities
+wⱼ, so
 
 * the fraction of particles nearest to each scaled atom a_{tmin}cⱼ is binomial(N, wⱼ)/N;
 * the RMS distance to the nearest scaled atom is b_{tmin}σ√2 (d = 2).
@@ -21,10 +22,10 @@ overshoot's r leaves 0 at t = 1 and is back at 0 at t = ½ (there z = z₁/2 exa
 the linear schedule's values; the variance-preserving r = e^{−τ}/√(1 − e^{−2τ}) covers nearly the same
 range. The report prints both identities from the figure's paths.
 
-The run writes an H5MD trajectory (frames evenly spaced in the field's time) with the RMS distance
-to the nearest centre aₜcⱼ. The report prints the cluster fractions and the RMS for the simulated
-schedule, repeats them with a few hundred particles for the other two, and draws the three sets of
-paths from the same noise draws side by side.
+The run writes an H5MD trajectory of ``frames`` + 1 frames, evenly spaced in log t (the grid is
+geometric), with the RMS distance to the nearest centre aₜcⱼ. The report prints the cluster
+fractions and the RMS for the simulated schedule, repeats them with a few hundred particles for the
+other two, and draws the three sets of paths from the same noise draws side by side.
 
     python scenarios/schedule_comparison.py --set schedule=overshoot
     measureflow run scenarios/schedule_comparison.py --set schedule=vp --set n=5000
@@ -39,9 +40,9 @@ import torch
 
 import measureflow
 from measureflow import Particles, Simulation, scenario
-from measureflow.integrators.base import Integrator
 from measureflow.measures import GaussianMixture
 from measureflow.simulation import Observer
+from measureflow.triggers import On
 
 SCHEDULES = ("linear", "vp", "overshoot")
 ATOMS = ((2.0, 0.0), (-1.0, math.sqrt(3.0)), (-1.0, -math.sqrt(3.0)))
@@ -64,46 +65,23 @@ def make_field(schedule: str, sigma: float = 1.0, t_min: float = 1e-3):
     return measureflow.field("flow_matching", data=data, schedule=schedule, sigma=sigma, t_min=t_min)
 
 
-class GeometricSubsteps(Integrator):
-    """Each output interval [t0, t1] is crossed in RK4 steps whose ratio (t1 − o)/(t0 − o) is constant
-    and at most e^{±ratio} away from 1, o being the singular data end of the schedule (t = 0).
+def generation_grid(field, ratio: float) -> list[float]:
+    """The field's geometric grid from the noise end to t_min with Δt/t ≤ ``ratio`` per RK4 step.
 
-    Near o the field's Lipschitz constant grows like 1/(t − o) (MATH.md §1.3), so steps with
-    |Δt|/(t − o) ≤ ratio keep RK4 stable and accurate however close to o the run ends, while the
-    output grid itself stays evenly spaced in t.
+    Near the singular data end t = 0 the field's Lipschitz constant grows like 1/t (MATH.md §1.3),
+    so a constant Δt/t keeps RK4 stable and accurate however close to 0 the run ends.
     """
+    if not ratio > 0:
+        raise measureflow.ParameterError(f"ratio must be a positive Δt/t per step; received {ratio!r}")
+    lo, hi = field.time_range
+    return field.generation_times(max(1, math.ceil(math.log(hi / lo) / ratio - 1e-9)))
 
-    name = "rk4_geometric"
-    order = 4
 
-    def __init__(self, origin: float = 0.0, ratio: float = RATIO):
-        super().__init__()
-        self.origin = float(origin)
-        self.ratio = float(ratio)
-        self.inner = measureflow.integrator("rk4")
-
-    @property
-    def options(self) -> dict:
-        return {"origin": self.origin, "ratio": self.ratio, "inner": "rk4"}
-
-    def times(self, t0: float, t1: float) -> list[float]:
-        d0, d1 = t0 - self.origin, t1 - self.origin
-        if not (d0 > 0 and d1 > 0):
-            raise measureflow.TimeRangeError(
-                f"{self.name}: the interval [{t1:g}, {t0:g}] must lie above the singular end t = {self.origin:g}"
-            )
-        m = max(1, math.ceil(abs(math.log(d1 / d0)) / self.ratio - 1e-9))
-        out = [self.origin + d0 * (d1 / d0) ** (k / m) for k in range(m + 1)]
-        out[0], out[-1] = t0, t1
-        return out
-
-    def advance(self, field, state, t0: float, t1: float, generator=None):
-        self.check(field, state)
-        grid = self.times(float(t0), float(t1))
-        for a, b in zip(grid[:-1], grid[1:]):
-            state = self.inner.advance(field, state, a, b)
-        self.stats = dict(self.inner.stats)
-        return state
+def frame_steps(steps: int, frames: int) -> On:
+    """The ``frames`` + 1 grid steps written (0, the last, and evenly spaced between): on the geometric
+    grid they are evenly spaced in log t."""
+    frames = max(1, min(int(frames), steps))
+    return On(round(k * steps / frames) for k in range(frames + 1))
 
 
 def noise_particles(field, n: int, seed: int) -> Particles:
@@ -154,7 +132,7 @@ def schedule_comparison(
     n: int = 20000,
     sigma: float = 1.0,
     t_min: float = 1e-3,
-    frames: int = 50,
+    frames: int = 20,
     ratio: float = RATIO,
     seed: int = 0,
     figure_particles: int = 300,
@@ -163,17 +141,15 @@ def schedule_comparison(
 ) -> Simulation:
     """Three Diracs generated from N(0, I) by the exact flow-matching field of one schedule."""
     field = make_field(schedule, sigma, t_min)
-    lo, hi = field.time_range
+    times = generation_grid(field, ratio)
+    written = frame_steps(len(times) - 1, frames)
     return Simulation(
         noise_particles(field, n, seed),
         field,
-        GeometricSubsteps(origin=float(field.schedule.time_range[0]), ratio=ratio),
-        t0=hi,
-        t1=lo,
-        steps=frames,
-        writers=[measureflow.get_registry().writer("h5md", out, every=1)] if out else [],
-        observers=[Observer(nearest_centre_rms, name="nearest_centre_rms")],
-        observe_every=1,
+        "rk4",
+        times=times,
+        writers=[measureflow.get_registry().writer("h5md", out, every=written)] if out else [],
+        observers=[Observer(nearest_centre_rms, name="nearest_centre_rms", every=written)],
         seed=seed,
     )
 
@@ -186,18 +162,14 @@ def generate_paths(schedule: str, params: dict) -> tuple[np.ndarray, np.ndarray,
     """
     field = make_field(schedule, params["sigma"], params["t_min"])
     lo, hi = field.time_range
-    stepper = GeometricSubsteps(origin=float(field.schedule.time_range[0]), ratio=params["ratio"])
-    grid = stepper.times(hi, lo)
+    grid = generation_grid(field, params["ratio"])
     if lo < 0.5 < hi:
         grid = sorted(set(grid) | {0.5}, reverse=True)
     # Same seed as the run: the draws coincide with the run's first particles.
     state = noise_particles(field, params["figure_particles"], params["seed"])
-    rk4 = measureflow.integrator("rk4")
-    path = [state.x[0]]
-    for a, b in zip(grid[:-1], grid[1:]):
-        state = rk4.advance(field, state, a, b)
-        path.append(state.x[0])
-    return np.stack([p.numpy() for p in path]), np.asarray(grid), cluster_numbers(state.x[0], field)
+    memory = measureflow.get_registry().writer("memory", every=1)
+    result = Simulation(state, field, "rk4", times=grid, writers=[memory], progress=False).run()
+    return memory.positions[:, 0], np.asarray(grid), cluster_numbers(result.state.x[0], field)
 
 
 def scaled_offsets(path: np.ndarray, times: np.ndarray, schedule: str, params: dict) -> np.ndarray:

@@ -16,12 +16,13 @@ nearest scaled atom (1.414·10⁻³ linear, 0.0632 OU at τ_min = 10⁻³).
 ``direction=forward`` noises: each particle carries its pair (X, Y) and moves with a'X + b'Y
 (``pair_interpolation``, MATH.md §1.1) from t_min to the noise end.
 
-Both directions run on the clock s = log t (t = τ for ``vp``): the field is (dt/ds)·vₜ = t·vₜ, the same
-paths, and a uniform step in s is the geometric grid the data end needs (RK4 with Δt/t ≲ 0.035 is
-converged there, MATH.md §1.3); the H5MD times are s. The report prints the cluster fractions against
-w with their binomial standard deviations and the RMS distance against b_{t_min}σ√2 (reverse), or the
-second moment of the noised cloud against its exact value (forward), and draws both schedules in
-both directions (the panels not run are recomputed on a few hundred particles).
+Both directions step through the geometric grid tₖ = t_max (t_min/t_max)^{k/steps} (t = τ for ``vp``;
+:meth:`FlowMatchingField.generation_times`), the constant Δt/t the singular data end needs (RK4 with
+Δt/t ≲ 0.035 is converged there, MATH.md §1.3); the H5MD times are the schedule's own t (τ). The
+report prints the cluster fractions against w with their binomial standard deviations and the RMS
+distance against b_{t_min}σ√2 (reverse), or the second moment of the noised cloud against its exact
+value (forward), and draws both schedules in both directions (the panels not run are recomputed on a
+few hundred particles).
 
     python scenarios/three_diracs.py
     measureflow run scenarios/three_diracs.py --set schedule=vp --set n=5000
@@ -38,7 +39,6 @@ import torch
 import measureflow
 from measureflow import Particles, Simulation, scenario
 from measureflow.measures import GaussianMixture
-from measureflow.schedules import ReparametrisedSchedule
 
 ATOMS = ((2.0, 0.0), (-1.0, math.sqrt(3.0)), (-1.0, -math.sqrt(3.0)))
 WEIGHTS = (0.5, 0.3, 0.2)
@@ -55,13 +55,8 @@ def atoms(dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(ATOMS, dtype=dtype), torch.tensor(WEIGHTS, dtype=dtype)
 
 
-def time_of_clock(s):
-    """t = eˢ: the schedule's time at clock time s (and dt/ds)."""
-    return torch.exp(s)
-
-
-def log_clock(schedule: str, t_min: float):
-    """The schedule on the clock s = log t, s ∈ [log t_min, log t_max] (a ``reparametrised`` schedule)."""
+def generation_field(schedule: str, sigma: float, t_min: float):
+    """The exact flow-matching field (1.3) of the three atoms against N(0, σ²I) on [t_min, t_max]."""
     if schedule not in NOISE_END:
         raise measureflow.ParameterError(f"schedule must be one of {sorted(NOISE_END)}; received {schedule!r}")
     t_max = NOISE_END[schedule]
@@ -69,27 +64,28 @@ def log_clock(schedule: str, t_min: float):
         raise measureflow.ParameterError(
             f"t_min must lie in (0, {t_max:g}) for schedule {schedule!r}; received {t_min!r}"
         )
-    return ReparametrisedSchedule(base=schedule, lam=time_of_clock, lam_prime=time_of_clock,
-                                  time_range=(math.log(t_min), math.log(t_max)), name=f"{schedule} on s = log t")
+    c, w = atoms()
+    return measureflow.field("flow_matching", data=GaussianMixture.diracs(c, w), schedule=schedule, sigma=sigma,
+                             t_min=t_min, t_max=t_max)
 
 
-def configure(schedule: str, direction: str, n: int, sigma: float, t_min: float, seed: int):
-    """(start state, field, s0, s1) of one run."""
+def configure(schedule: str, direction: str, n: int, sigma: float, t_min: float, seed: int, steps: int):
+    """(start state, field, time grid) of one run: the geometric grid from the noise end to t_min
+    (reverse), or the same grid the other way round (forward)."""
     if direction not in DIRECTIONS:
         raise measureflow.ParameterError(f"direction must be one of {DIRECTIONS}; received {direction!r}")
     if n < 1:
         raise measureflow.ParameterError(f"n must be a positive number of particles; received {n}")
-    clock = log_clock(schedule, t_min)
-    s_data, s_noise = clock.time_range
+    generation = generation_field(schedule, sigma, t_min)
+    times = generation.generation_times(steps)
     c, w = atoms()
     g = torch.Generator().manual_seed(seed)
     noise = sigma * torch.randn(n, 2, generator=g, dtype=c.dtype)
     if direction == "reverse":
-        field = measureflow.field("flow_matching", data=GaussianMixture.diracs(c, w), schedule=clock, sigma=sigma)
-        return Particles(noise[None]), field, s_noise, s_data
+        return Particles(noise[None]), generation, times
     labels = torch.multinomial(w, n, replacement=True, generator=g)
-    field = measureflow.field("pair_interpolation", x0=c[labels], x1=noise, schedule=clock)
-    return field.pairs.interpolate(s_data, clock), field, s_data, s_noise
+    field = measureflow.field("pair_interpolation", x0=c[labels], x1=noise, schedule=schedule)
+    return field.pairs.interpolate(t_min, schedule), field, times[::-1]
 
 
 @scenario
@@ -106,9 +102,9 @@ def three_diracs(
     picture: str = "runs/three_diracs.png",
 ) -> Simulation:
     """Three Diracs noised to N(0, σ²I) and generated back under the linear or the OU (vp) schedule."""
-    state, field, s0, s1 = configure(schedule, direction, n, sigma, t_min, seed)
+    state, field, times = configure(schedule, direction, n, sigma, t_min, seed, steps)
     writers = [measureflow.get_registry().writer("h5md", out, every=every)] if out else []
-    return Simulation(state, field, "rk4", s0, s1, steps=steps, writers=writers, seed=seed)
+    return Simulation(state, field, "rk4", times=times, writers=writers, seed=seed)
 
 
 # -- the numbers ------------------------------------------------------------------------------------
@@ -172,20 +168,20 @@ def report(result, params):
 
 def _frames(params, schedule: str, direction: str) -> np.ndarray:
     """(frames, N, 2) trajectories: the run's own (its first particles, which are i.i.d.) when it is
-    this panel, else a small run in memory with the same clock, steps and seed (noising: its closed form)."""
+    this panel, else a small run in memory with the same grid, steps and seed (noising: its closed form)."""
     if params["schedule"] == schedule and params["direction"] == direction and params["out"]:
         with measureflow.open(params["out"]) as traj:
             keep = min(traj.size, FIGURE_PARTICLES)
             return np.stack([np.asarray(traj.positions[k])[0][:keep] for k in range(len(traj))])
-    state, field, s0, s1 = configure(schedule, direction, FIGURE_PARTICLES, params["sigma"], params["t_min"],
-                                     params["seed"])
+    state, field, times = configure(schedule, direction, FIGURE_PARTICLES, params["sigma"], params["t_min"],
+                                    params["seed"], params["steps"])
+    every = max(1, params["every"])
     if direction == "forward":
-        # The noising run has a closed form: the pairs' interpolant on the same frames.
-        clock = log_clock(schedule, params["t_min"])
-        return np.stack([field.pairs.interpolate(float(s), clock).x[0].numpy()
-                         for s in np.linspace(s0, s1, params["steps"] // max(1, params["every"]) + 1)])
-    memory = measureflow.get_registry().writer("memory", every=max(1, params["every"]))
-    Simulation(state, field, "rk4", s0, s1, steps=params["steps"], writers=[memory], progress=False).run()
+        # The noising run has a closed form: the pairs' interpolant on the frames the run would write.
+        frames = [*times[::every], *([times[-1]] if (len(times) - 1) % every else [])]
+        return np.stack([field.pairs.interpolate(t, schedule).x[0].numpy() for t in frames])
+    memory = measureflow.get_registry().writer("memory", every=every)
+    Simulation(state, field, "rk4", times=times, writers=[memory], progress=False).run()
     return memory.positions[:, 0]
 
 

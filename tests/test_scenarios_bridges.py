@@ -68,8 +68,16 @@ def test_reverse_probability_flow_reaches_the_exact_mixture(tmp_path):
     with measureflow.open(out) as traj:
         assert traj.kind == "particles" and traj.size == n
         ks = np.asarray(traj.observables["ks_to_exact"].values[:])
+        # Frames evenly spaced in √τ, snapped to the 150 steps (two targets near τ_min share one): 30
+        # distinct, from τ_max to τ_min, 11 of them at τ ≤ 1 where the paths bend (31/√6 ≈ 13 targets
+        # there, less the shared ones; evenly spaced in τ would give 5).
+        written = sorted(g["frame_steps"](field, 150, 30).steps)
+        assert list(np.asarray(traj.steps)) == written and len(written) == 30
+        tau = np.array([field.tau(t) for t in traj.times])
+        assert tau[0] == pytest.approx(6.0) and tau[-1] == pytest.approx(1e-3)
+        assert np.sum(tau <= 1.0 + 1e-9) >= 10
         # The observer measured the same distance at the last frame (against ρ at τ_min).
-        assert ks.shape[0] == len(traj.times) == 31
+        assert ks.shape[0] == len(traj.times)
         assert abs(float(np.ravel(ks[-1])[0]) - numbers["ks"]) < 1e-12
 
 
@@ -111,8 +119,8 @@ def test_three_diracs_cluster_fractions_and_spread(tmp_path, schedule):
     scn, g = load("schedule_comparison")
     n = 2000
     drawn = schedule == "overshoot"
-    # ratio 0.05 (Δt/t per RK4 step) instead of 0.02: against ratio 0.005 the end points move by
-    # ≤ 0.75 % of b_tmin per particle and the RMS by < 1e-4 relative, far below the errors below.
+    # ratio 0.05 (|Δlog t| per RK4 step) instead of 0.02: against ratio 0.005 the end points move by
+    # ≤ 0.4 % of b_tmin per particle and the RMS by < 6e-5 relative, far below the errors below.
     result, params, out = run(scn, tmp_path, picture=drawn, schedule=schedule, n=n, frames=10, ratio=0.05,
                               figure_particles=40 if drawn else 0)
     field = g["make_field"](schedule)
@@ -128,9 +136,18 @@ def test_three_diracs_cluster_fractions_and_spread(tmp_path, schedule):
     assert numbers["exact_rms"] == pytest.approx(expected_b * math.sqrt(2), rel=1e-12)
     with measureflow.open(out) as traj:
         rms = np.ravel(np.asarray(traj.observables["nearest_centre_rms"].values[:]))
-        assert len(rms) == 11 and rms[-1] == pytest.approx(numbers["rms"], rel=1e-9)
+        times = np.asarray(traj.times)
+        assert len(rms) == len(times) == 11 and rms[-1] == pytest.approx(numbers["rms"], rel=1e-9)
         # Noise end: the cloud is N(0, I) around centres a ≈ 0, RMS ≈ √2 (d = 2); it collapses to b√2.
         assert rms[0] > 0.5 and rms[-1] < 0.1 * rms[0]
+    # The file's times are the field's own: 11 of the geometric grid's nodes from the noise end to t_min,
+    # evenly spaced in log t up to the rounding of 10 frames to the grid's steps.
+    t_max = field.time_range[1]
+    steps = math.ceil(math.log(t_max / 1e-3) / 0.05)
+    assert times[0] == t_max and times[-1] == pytest.approx(1e-3, rel=1e-12)
+    gaps = -np.diff(np.log(times)) / (math.log(t_max / 1e-3) / steps)
+    assert np.allclose(gaps, np.round(gaps), atol=1e-9)
+    assert set(np.round(gaps).astype(int)) <= {steps // 10, steps // 10 + 1}
 
 
 def test_overshoot_detour_comes_back_at_one_half():
@@ -142,14 +159,15 @@ def test_overshoot_detour_comes_back_at_one_half():
     assert over_t[half] == 0.5
     # z/b moves by du/dr = E[X | rX + Y = u], r = a/b, for any schedule (derived from eq. 1.3). The
     # overshoot's r leaves 0 at t = 1 and is back at 0 at t = ½, so z(½) = b(½)·z(1)/b(1) = z(1)/2
-    # exactly. RK4 error: 3.6e-8 at ratio 0.02, ×(2.5)⁴ ≈ 1.4e-6 at 0.05; a wrong a' gives O(0.1).
+    # exactly. RK4 error: 2.9e-8 at ratio 0.02, 1.1e-6 at 0.05 (×(2.5)⁴ ≈ 39); a wrong a' gives O(0.1).
     assert np.abs(over_path[half] - 0.5 * over_path[0]).max() < 1e-5
     # Between t = ½ and t_min, r runs over the linear schedule's values, so the two schedules send each
     # draw to the same place in its cluster, (x − a cⱼ)/b. Each integration's own error at ratio 0.05
-    # (against ratio 0.005) is ≤ 7.5e-3 in these units; different end points would differ by O(1).
+    # (against ratio 0.005) is ≤ 5e-4 in these units (3.5e-4 between the two measured); different end
+    # points would differ by O(1).
     over = g["scaled_offsets"](over_path, over_t, "overshoot", params)
     lin = g["scaled_offsets"](lin_path, lin_t, "linear", params)
-    assert np.abs(over - lin).max() < 2e-2
+    assert np.abs(over - lin).max() < 2e-3
     # Yet the paths differ: on (½, 1) the centres aₜcⱼ are reflected through 0 (a < 0).
     field = g["make_field"]("overshoot")
     assert all(field.coefficients(t)[0] < 0 for t in (0.6, 0.75, 0.9))

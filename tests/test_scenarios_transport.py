@@ -126,9 +126,15 @@ def test_interpolants_costs_and_straightness(tmp_path, capsys, coupling, n, m, d
 @pytest.mark.parametrize("schedule, exact_rms, draw", [("linear", 1.414e-3, True), ("vp", 0.0632, False)])
 def test_three_dirac_reverse_flow(tmp_path, capsys, schedule, exact_rms, draw):
     n = 2000
-    # 100 steps on s = log t (Δt/t = 0.069 linear, 0.094 vp): the positions agree with a 400-step run to
-    # 2·10⁻³·b_{t_min} (linear) and 2·10⁻⁴·b (vp), far inside the Monte-Carlo tolerances below.
+    # 100 geometric steps (|Δlog t| = 0.069 linear, 0.094 vp): the positions agree with a 1600-step run to
+    # 5.6·10⁻³·b_{t_min} (linear) and 6.8·10⁻⁴·b (vp) at worst, RMS 2·10⁻⁴·b: far inside the
+    # Monte-Carlo tolerances below.
     result, text, module = run("three_diracs", tmp_path, capsys, draw, schedule=schedule, n=n, steps=100, every=10)
+    t_max = module.NOISE_END[schedule]
+    with measureflow.open(tmp_path / "three_diracs.h5") as traj:
+        times = np.asarray(traj.times)
+    # The file holds the schedule's own times: every 10th node of tₖ = t_max (t_min/t_max)^{k/100}.
+    assert times == pytest.approx(t_max * (1e-3 / t_max) ** (np.arange(0, 101, 10) / 100), rel=1e-12)
     fractions = [float(v) for v in re.search(r"cluster fractions = ([\d. ]+)", text).group(1).split()]
     weights = np.array(module.WEIGHTS)
     # Binomial counts: each fraction within 3 standard deviations √(w(1 − w)/n) of its weight.
@@ -144,15 +150,18 @@ def test_three_dirac_reverse_flow(tmp_path, capsys, schedule, exact_rms, draw):
 
 
 def test_three_dirac_forward_noising(tmp_path, capsys):
-    """Forward pairs under the OU clock: the run reproduces Zτ = aτX + bτY of its own pairs, whose law
-    at τ = 12 has E|Z|² = e^{−24}Σwⱼ|cⱼ|² + 2(1 − e^{−24})σ² (MATH.md §1.4 (b))."""
+    """Forward pairs in OU time: the run reproduces Zτ = aτX + bτY of its own pairs, whose law at τ = 12
+    has E|Z|² = e^{−24}Σwⱼ|cⱼ|² + 2(1 − e^{−24})σ² (MATH.md §1.4 (b))."""
     n = 1500
     result, text, module = run("three_diracs", tmp_path, capsys, False, schedule="vp", direction="forward", n=n,
                                steps=100, every=10)
-    _, field, _, s_end = module.configure("vp", "forward", n, 1.0, 1e-3, 0)
-    exact_positions = field.pairs.interpolate(s_end, module.log_clock("vp", 1e-3)).x
-    # RK4 quadrature of the smooth label velocity λ'(s)(a'X + b'Y) on 100 steps: error ~10⁻⁸.
-    assert torch.allclose(result.state.x, exact_positions, rtol=0, atol=1e-6)
+    _, field, times = module.configure("vp", "forward", n, 1.0, 1e-3, 0, 100)
+    assert times[0] == 1e-3 and times[-1] == 12.0
+    exact_positions = field.pairs.interpolate(times[-1], "vp").x
+    # RK4 is Simpson's rule on the label velocity a'X + b'Y, b' ≈ (2τ)^{−1/2}; the geometric steps grow to
+    # Δτ ≈ 0.9 near τ = 12, where h⁵|f⁗|/2880 adds up to 1.0·10⁻⁶·|Y|: 3.3·10⁻⁶ measured (|Y| ≤ 3.2),
+    # 2.1·10⁻⁷ at 200 steps. A wrong clock or grid misses by O(1).
+    assert torch.allclose(result.state.x, exact_positions, rtol=0, atol=1e-5)
     got = value(text, r"E\|Z\|\^2 at t = 12 is")
     exact = value(text, r"; exact")
     assert exact == pytest.approx(2.0, rel=1e-9)
@@ -168,15 +177,24 @@ def path_numbers(text: str, label: str) -> dict:
     return {key: value(line, key) for key in ("cost", "kinetic", "duration", "straightness")}
 
 
-@pytest.mark.parametrize("data, draw", [("atoms", True), ("gaussian", False)])
-def test_diffusion_paths_against_ot_rays(tmp_path, capsys, data, draw):
+@pytest.mark.parametrize("data, schedule, draw", [("atoms", "cosine", True), ("gaussian", "cosine", False),
+                                                  ("atoms", "vp", False)])
+def test_diffusion_paths_against_ot_rays(tmp_path, capsys, data, schedule, draw):
     n = 150
-    result, text, module = run("diffusion_vs_ot", tmp_path, capsys, draw, data=data, n=n, steps=100, every=2)
+    result, text, module = run("diffusion_vs_ot", tmp_path, capsys, draw, data=data, schedule=schedule, n=n,
+                               steps=100, every=2)
     flow, rays = path_numbers(text, "probability flow:"), path_numbers(text, "OT rays:")
     with measureflow.open(tmp_path / "diffusion_vs_ot.h5") as traj:
         z = torch.as_tensor(np.asarray(traj.positions[0]))[0]
         x = torch.as_tensor(np.asarray(traj.positions[len(traj) - 1]))[0]
+        times = np.asarray(traj.times)
     assert torch.equal(x, result.state.x[0])
+    # The file holds the schedule's own times (τ for vp), every 2nd node of the grid: geometric from the
+    # noise end to t_min = 10⁻³ for atoms, uniform in t for the smooth field of Gaussian data.
+    t_max, k = module.NOISE_END[schedule], np.arange(0, 101, 2) / 100
+    grid = t_max + (1e-3 - t_max) * k if data == "gaussian" else t_max * (1e-3 / t_max) ** k
+    assert times == pytest.approx(grid, rel=1e-12, abs=1e-15)
+    assert flow["duration"] == pytest.approx(t_max - 1e-3, abs=5e-7)  # printed with 6 decimals
     w2 = ot.emd2(uniform(n), uniform(n), squared_distances(z, x).numpy())
     assert value(text, r"W2\^2\(noise, generated\) by POT emd2") == pytest.approx(w2, rel=1e-7)
     # The rays are the optimal pairing, straight at constant speed: cost = action = W₂², straightness 1.
@@ -197,7 +215,17 @@ def test_diffusion_paths_against_ot_rays(tmp_path, capsys, data, draw):
         target = a * a * law.cov + b * b * torch.eye(2, dtype=F64)
         T, shift = measureflow.couplings.gaussian_brenier_map(torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64),
                                                               a * law.mean(), target)
-        # RK4 on the clock s = log t (100 steps, h = 0.069): error 1.8·10⁻⁶, falling 16-fold per halving.
-        assert torch.allclose(x, z @ T.T + shift, rtol=0, atol=1e-5)
+        # RK4 on the uniform grid (100 steps, h = 0.01) of this smooth field: error 1.3·10⁻⁹, falling
+        # 16-fold per halving of h; a wrong grid or clock misses by O(1).
+        assert torch.allclose(x, z @ T.T + shift, rtol=0, atol=1e-8)
     else:
         assert 0.5 < agreement <= 1.0
+    if schedule == "vp":
+        # The OU flow (ou_bridge, −x − σ²∇log ρ_τ, run backwards in τ) is the flow-matching field of the vp
+        # schedule (a, b) = (e^{−τ}, √(1 − e^{−2τ})) (MATH.md §1.3, §2): on the same grid both land on the
+        # same points up to round-off (2·10⁻¹⁵ measured).
+        law = module.data_law(data, 6, 0)
+        fm = measureflow.field("flow_matching", data=law, schedule="vp", sigma=1.0, t_min=1e-3, t_max=12.0)
+        same = measureflow.Simulation(measureflow.Particles(z[None]), fm, "rk4", times=fm.generation_times(100),
+                                      progress=False).run()
+        assert torch.allclose(same.state.x[0], x, rtol=0, atol=1e-12)
