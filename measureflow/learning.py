@@ -28,12 +28,10 @@ A trained network becomes a field like any other through the ``learned`` field p
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import signal
 import sys
 import threading
 import time as _time
@@ -44,8 +42,10 @@ import attrs
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .errors import CapabilityError, MeasureflowError, ParameterError, ShapeError, TrajectoryFileError
+from .simulation import install_sigterm
 
 __all__ = [
     "VelocityMLP",
@@ -59,6 +59,9 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "measureflow-training-1"
 MODEL_FORMAT = "measureflow-velocity-model-1"
+
+# Step losses kept as separate 0-dim tensors before one stacked copy into the loss history.
+_LOSS_BUFFER = 256
 
 
 # -- the network ----------------------------------------------------------------------------------------
@@ -482,7 +485,20 @@ def train_velocity(
         _save_training(ckpt_path, fingerprint, config, step_done, model, opt, sched, generator,
                        losses[:step_done], earlier_time + elapsed)
 
+    # Detached step losses not yet copied into `losses`: one stacked copy every few steps instead
+    # of an indexed copy per step (the step's fixed cost matters for small networks).
+    pending: list[torch.Tensor] = []
+    written = start_step
+
+    def flush():
+        nonlocal written
+        if pending:
+            losses[written:written + len(pending)] = torch.stack(pending)
+            written += len(pending)
+            pending.clear()
+
     def check_finite(upto: int, since: int):
+        flush()
         window = losses[since:upto]
         bad = ~torch.isfinite(window)
         if bool(bad.any()):  # host sync, only at progress/checkpoint/end points
@@ -496,7 +512,8 @@ def train_velocity(
     bar = None
     status = "completed"
     stop_flag = threading.Event()
-    restore_signal = _install_sigterm(stop_flag)
+    # SIGTERM ends training at the end of the current step (with a checkpoint when configured).
+    restore_signal = install_sigterm(stop_flag)
     t_start = _time.monotonic()
     checked = start_step
     step = start_step
@@ -516,20 +533,25 @@ def train_velocity(
             t = torch.rand(batch_size, generator=generator, device=device, dtype=dtype)
             if lo != 0.0 or span != 1.0:
                 t = lo + span * t
-            a, da, b, db = schedule.coefficients(t)
-            a, da, b, db = (c.to(dtype).unsqueeze(-1) for c in (a, da, b, db))
-            z = a * x0 + b * x1
-            u = da * x0 + db * x1
+            # Coefficients of shape (B, 1), broadcasting against the (B, d) batch.
+            a, da, b, db = schedule.coefficients(t.unsqueeze(-1))
+            if a.dtype != dtype:
+                a, da, b, db = (c.to(dtype) for c in (a, da, b, db))
+            z = torch.addcmul(a * x0, b, x1)
+            u = torch.addcmul(da * x0, db, x1)
             v = model(z, t)
-            loss = (v - u).square().sum(-1).mean()
+            # mean_i |v_i − u_i|², one fused kernel with one backward node
+            loss = F.mse_loss(v, u, reduction="sum") / v.shape[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
-            losses[step] = loss.detach()
+            pending.append(loss.detach())
             step += 1
-            stop = bool(callback(step, losses[step - 1], model)) if callback is not None else False
+            stop = bool(callback(step, pending[-1], model)) if callback is not None else False
+            if len(pending) >= _LOSS_BUFFER:
+                flush()
             if bar is not None and (step % refresh == 0 or step == steps):
                 check_finite(step, checked)
                 checked = step
@@ -559,23 +581,6 @@ def train_velocity(
         status=status,
         config=config,
     )
-
-
-def _install_sigterm(flag: threading.Event) -> Callable[[], None]:
-    """Let SIGTERM end training at the end of the current step (with a checkpoint when configured)."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
-    except (ValueError, OSError):
-        return lambda: None
-
-    def restore():
-        with contextlib.suppress(Exception):
-            signal.signal(signal.SIGTERM, previous)
-
-    return restore
 
 
 def _save_training(path, fingerprint, config, step, model, opt, sched, generator, losses, wall_time):
@@ -733,7 +738,8 @@ def plot_loss(result, out=None, *, ax=None, minimum: float | None = None, window
         raise ShapeError(
             f"plot_loss: need matching 1-D steps and losses; received shapes {steps.shape} and {losses.shape}"
         )
-    if ax is None:
+    own = ax is None
+    if own:
         fig = Figure(figsize=(6, 4))
         ax = fig.add_subplot(1, 1, 1)
     else:
@@ -750,7 +756,8 @@ def plot_loss(result, out=None, *, ax=None, minimum: float | None = None, window
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("regression loss")
     ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
+    if own:  # a caller's figure keeps its own layout engine
+        fig.tight_layout()
     if out is not None:
         fig.savefig(out, dpi=120)
     return fig

@@ -15,7 +15,7 @@ import torch
 from .errors import ShapeError, StateError
 from .state import as_tensor
 
-__all__ = ["symmetrize", "from_eigh", "matrix_function", "spd_roots", "check_psd", "covariance_pair"]
+__all__ = ["symmetrize", "from_eigh", "matrix_function", "spd_roots", "spd_inverse", "check_psd", "covariance_pair"]
 
 # Eigenvalues within this many ulps of the largest one (in modulus) are rounding noise: a matrix whose
 # smallest eigenvalue is below that level is numerically singular.
@@ -98,3 +98,12 @@ def covariance_pair(S0, S1, where: str = "", names: tuple[str, str] = ("S0", "S1
             f"{prefix}{names[0]} and {names[1]} must have the same dimension d; received {tuple(a.shape)} and {tuple(b.shape)}"
         )
     return symmetrize(a), symmetrize(b)
+
+
+def spd_inverse(S: torch.Tensor) -> torch.Tensor:
+    """S⁻¹ of a batch of SPD matrices through Cholesky, without a host read.
+
+    A non-SPD S gives non-finite entries, which the integrators treat as a failed step.
+    """
+    L, _ = torch.linalg.cholesky_ex(S)
+    return symmetrize(torch.cholesky_inverse(L))

@@ -80,6 +80,11 @@ BUILTIN_PLUGINS = (
     "measureflow_plugins.flow_matching",
     "measureflow_plugins.ou_bridge",
     "measureflow_plugins.learned",
+    "measureflow_plugins.kl",
+    "measureflow_plugins.fisher",
+    "measureflow_plugins.mmd",
+    "measureflow_plugins.interaction",
+    "measureflow_plugins.sinkhorn",
 )
 
 

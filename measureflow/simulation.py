@@ -45,11 +45,11 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import CapabilityError, MeasureflowError, TimeRangeError, UnknownPluginError
+from .errors import CapabilityError, MeasureflowError, TimeRangeError
 from .fields import capabilities, check_compatible
 from .plugins import get_registry
-from .state import Gaussians, Particles, state_from_tensors, state_kind
-from .triggers import Periodic, as_trigger
+from .state import Particles, state_from_tensors, state_kind
+from .triggers import as_trigger
 
 __all__ = ["Simulation", "Result", "Status", "Observer", "Series"]
 

@@ -53,7 +53,6 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import attrs
 import torch
@@ -606,7 +605,7 @@ class FlowMatchingField(Field):
         a, _, b, _ = self.coefficients(t)
         lw0, mu, P = self._data.mixture_parts()
         lw1, nu, Rc = self._noise.mixture_parts()
-        K0, K1, d = mu.shape[0], nu.shape[0], mu.shape[1]
+        d = mu.shape[1]
         weights = torch.exp(lw0[:, None] + lw1[None, :]).reshape(-1)
         means = (a * mu[:, None] + b * nu[None, :]).reshape(-1, d)
         covs = (a * a * P[:, None] + b * b * Rc[None, :]).reshape(-1, d, d)

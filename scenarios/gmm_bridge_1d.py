@@ -310,7 +310,7 @@ def draw(params, field, final: torch.Tensor):
     hx = fig.add_subplot(grid[0, 1])
     edges = np.linspace(lo, hi, 90)
     hx.hist(final.numpy(), bins=edges, density=True, color="0.65", label=f"particles (N = {final.numel()})")
-    hx.plot(xs.numpy(), mixture_density(law, xs).numpy(), color="C0", lw=1.8, label=f"exact ρ_τ")
+    hx.plot(xs.numpy(), mixture_density(law, xs).numpy(), color="C0", lw=1.8, label="exact ρ_τ")
     ks = float(ks_distance(final[None], law)[0])
     hx.set_title(f"final law at τ = {tau_end:g}: KS distance {ks:.4f}", fontsize="medium")
     hx.set_xlabel("x")

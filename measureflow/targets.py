@@ -1,0 +1,164 @@
+"""Targets of the gradient-flow fields: a measure, a state or samples, normalised once.
+
+A field that pulls a state toward β (MATH.md §3–§9) accepts β as a measureflow.measures
+Gaussian / GaussianMixture / Empirical, a Particles state or a tensor of samples;
+:func:`as_target` turns any of them into a :class:`Target` whose tensors are converted to the
+state's dtype and device once, never inside the step loop. The small argument checks the fields
+share live here too (metadata only: none reads data back from the device).
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+
+from .errors import CapabilityError, ParameterError, ShapeError
+from .measures import Empirical, Gaussian, GaussianMixture
+from .state import Gaussians, Particles
+
+__all__ = ["Target", "as_target", "check_replicas", "check_state", "check_points", "gaussian_target", "positive"]
+
+
+def positive(value, name: str, where: str) -> float:
+    """A finite positive Python float, or a ParameterError naming ``name``."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{where}: {name} must be a positive number; received {value!r}") from None
+    if not (math.isfinite(out) and out > 0):
+        raise ParameterError(f"{where}: {name} must be positive and finite; received {value!r}")
+    return out
+
+
+def check_points(x: torch.Tensor, dim: int | None, where: str) -> None:
+    """Query points must be a floating (R, N', d) tensor with the field's d (metadata only, no sync)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ShapeError(f"{where}: x must be a floating-point tensor of shape (R, N', d); received {type(x).__name__}")
+    if x.ndim != 3 or (dim is not None and x.shape[-1] != dim):
+        want = "(R, N', d)" if dim is None else f"(R, N', {dim})"
+        raise ShapeError(f"{where}: x must have shape {want}; received {tuple(x.shape)}")
+
+
+def gaussian_target(target) -> Gaussian | None:
+    """The target as a Gaussian (a one-component mixture with a density counts), None when it is not one."""
+    if isinstance(target, Gaussian):
+        return target
+    if isinstance(target, GaussianMixture) and target.components == 1 and target.has_density:
+        return Gaussian(target.means[0], target.covs[0])
+    return None
+
+
+@attrs.frozen(eq=False)
+class Target:
+    """β as the fields use it: atoms and/or an analytic law, moments, per-(dtype, device) copies.
+
+    ``points`` (R_β, M, d) with ``weights`` (R_β, M) or None (uniform); ``law`` a Gaussian or
+    GaussianMixture (None for samples). R_β is 1 (shared) or the state's R.
+    """
+
+    points: torch.Tensor | None
+    weights: torch.Tensor | None
+    law: Gaussian | GaussianMixture | None
+    dim: int
+    replicas: int
+    _copies: dict = attrs.field(factory=dict, init=False, repr=False)
+
+    def tensors(self, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(points, weights) in ``like``'s dtype and device, converted once."""
+        key = ("points", like.dtype, like.device)
+        hit = self._copies.get(key)
+        if hit is None:
+            move = (lambda t: None if t is None else t.to(dtype=like.dtype, device=like.device))
+            hit = self._copies[key] = (move(self.points), move(self.weights))
+        return hit
+
+    def components(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The analytic law as mixture parts: means (K, d), covariances (K, d, d), weights (K,)."""
+        key = ("law", like.dtype, like.device)
+        hit = self._copies.get(key)
+        if hit is None:
+            law = self.law.to(dtype=like.dtype, device=like.device)
+            if isinstance(law, Gaussian):
+                hit = (law.mean()[None], law.cov[None], torch.ones(1, dtype=like.dtype, device=like.device))
+            else:
+                hit = (law.means, law.covs, law.weights)
+            self._copies[key] = hit
+        return hit
+
+    def moments(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (R_β, d) and covariance (R_β, d, d) in ``like``'s dtype and device."""
+        key = ("moments", like.dtype, like.device)
+        hit = self._copies.get(key)
+        if hit is None:
+            if self.law is not None:
+                law = self.law.to(dtype=like.dtype, device=like.device)
+                hit = (law.mean()[None], law.covariance()[None])
+            else:
+                y, q = self.tensors(like)
+                q = torch.full(y.shape[:2], 1.0 / y.shape[1], dtype=y.dtype, device=y.device) if q is None else q
+                m = torch.einsum("rm,rmd->rd", q, y)
+                c = y - m[:, None]
+                hit = (m, torch.einsum("rm,rma,rmb->rab", q, c, c))
+            self._copies[key] = hit
+        return hit
+
+    def describe(self) -> dict:
+        if self.law is not None:
+            kind = type(self.law).__name__
+            return {"kind": kind, "dim": self.dim, "samples": None if self.points is None else self.points.shape[1]}
+        return {"kind": "samples", "dim": self.dim, "size": self.points.shape[1], "replicas": self.replicas}
+
+
+def as_target(target, where: str, *, samples: int | None = None, seed: int = 0) -> Target:
+    """Normalise a target (measure, Particles or tensor of samples) for a field; ``samples`` > 0 also
+    draws that many points of an analytic law once, from ``torch.Generator().manual_seed(seed)``."""
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise ParameterError(f"{where}: samples must be a positive integer or None; received {samples!r}")
+    if isinstance(target, (Gaussian, GaussianMixture)):
+        points = None
+        if samples is not None:
+            generator = torch.Generator(device=target.device).manual_seed(int(seed))
+            points = target.sample(samples, generator)[None]
+        return Target(points, None, target, target.dim, 1)
+    if samples is not None:
+        raise ParameterError(f"{where}: samples= draws from an analytic target; the target given is already samples")
+    if isinstance(target, Empirical):
+        w = None if target.weights is None else target.weights[None]
+        return Target(target.points[None], w, None, target.dim, 1)
+    if isinstance(target, Particles):
+        return Target(target.x, target.weights, None, target.dim, target.replicas)
+    if isinstance(target, torch.Tensor):
+        if not target.is_floating_point() or target.ndim not in (2, 3) or 0 in target.shape:
+            raise ShapeError(
+                f"{where}: target samples must be a floating tensor of shape (M, d) or (R, M, d); received shape "
+                f"{tuple(target.shape)} and dtype {target.dtype}"
+            )
+        if not bool(torch.isfinite(target).all()):
+            raise ParameterError(f"{where}: target samples must be finite")
+        y = target if target.ndim == 3 else target[None]
+        return Target(y, None, None, y.shape[-1], y.shape[0])
+    raise ParameterError(
+        f"{where}: target must be a measureflow.measures Gaussian, GaussianMixture or Empirical, a Particles state or "
+        f"a tensor of samples (M, d) / (R, M, d); received {type(target).__name__}"
+    )
+
+
+def check_replicas(target: Target, R: int, where: str) -> None:
+    """The target has one replica (shared) or the state's R."""
+    if target.replicas not in (1, R):
+        raise ShapeError(
+            f"{where}: the target has {target.replicas} replicas but the state has R = {R}; give one target "
+            "shared by all replicas or exactly one per replica"
+        )
+
+
+def check_state(state, dim: int, where: str, kind=None) -> None:
+    """The state is a Particles/Gaussians of the field's dimension (metadata only, no sync)."""
+    kinds = (Particles, Gaussians) if kind is None else (kind,)
+    if not isinstance(state, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise CapabilityError(f"{where}: expected a measureflow {names} state; received {type(state).__name__}")
+    if state.dim != dim:
+        raise ShapeError(f"{where}: the target lives in d = {dim} but the state has d = {state.dim}")
