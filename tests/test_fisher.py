@@ -30,14 +30,7 @@ SIGMA_N = torch.tensor([[2.0, 0.3, 0.0], [0.3, 0.5, 0.1], [0.0, 0.1, 1.2]], dtyp
 MEAN_0 = torch.tensor([-1.0, 0.5, 1.0], dtype=F64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # 3×3 matrices and a few hundred points: intra-op threads only add contention on a shared machine
-    # (measured 4 s single-threaded against 29 s with two threads for the dopri5 runs below).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def target() -> Gaussian:

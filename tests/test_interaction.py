@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import measureflow
-from measureflow import CapabilityError, Gaussians, ParameterError, Particles, ShapeError, Simulation, reductions
+from measureflow import CapabilityError, Gaussians, ParameterError, Particles, ShapeError, Simulation
 from measureflow.measures import Empirical
 from measureflow_plugins.interaction import InteractionField
 from measureflow_plugins.mmd import MMDField
@@ -15,17 +15,7 @@ from measureflow_plugins.mmd import MMDField
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def small_reductions():
-    # Many small reductions: on a loaded two-core machine the intra-op thread pool costs more than it
-    # gains, and the reductions' automatic compile (seconds, triggered mid-file once the eager work
-    # reaches its threshold) more than the eager passes it would save. test_reductions covers that path.
-    threads, mode = torch.get_num_threads(), reductions.config.compile
-    torch.set_num_threads(1)
-    reductions.config.compile = "off"
-    yield
-    torch.set_num_threads(threads)
-    reductions.config.compile = mode
+pytestmark = pytest.mark.usefixtures("small_reductions")
 
 
 def _weighted(R, N, d, seed, shift=0.0):

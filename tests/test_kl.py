@@ -37,14 +37,7 @@ S02 = torch.tensor([[2.0, 0.0], [0.0, 0.5]], dtype=F64)
 M02 = torch.tensor([-1.0, 0.5], dtype=F64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Point clouds of 10³–10⁴ in d ≤ 3 gain nothing from intra-op threads; on a shared two-core
-    # machine a second thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

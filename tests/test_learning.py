@@ -49,14 +49,7 @@ TRAIN = dict(model=dict(hidden=64, depth=2), steps=600, batch_size=256, lr=5e-3,
 EARLY = 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Mini-batches of 256 points are far too small for intra-op threads to pay; on a shared
-    # two-core machine they only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def linear():

@@ -22,14 +22,7 @@ ATOM_WEIGHTS = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
 TAU_MIN = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Clouds of 10³–10⁴ points in d = 2 are far too small for intra-op threads to pay; on a shared
-    # two-core machine they only add contention (measured: 17 s single-threaded vs minutes with two).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def three_diracs() -> GaussianMixture:

@@ -15,14 +15,7 @@ SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These runs are thousands of steps on small tensors, where an intra-op thread pool only adds
-    fork-join overhead (and stalls badly on a shared, busy machine); the numbers do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def load(name):

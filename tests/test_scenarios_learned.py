@@ -34,13 +34,7 @@ TINY = dict(n_atoms=60, upper_mass=0.7, n=150, hidden=32, depth=2, train_steps=3
             every=5, exact_steps=20, diag_points=48, bridges=3, bridge_steps=200, device="cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tensors of a few thousand entries: intra-op threads only add contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

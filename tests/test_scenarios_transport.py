@@ -21,14 +21,7 @@ F64 = torch.float64
 NUMBER = r"([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These runs move at most a few thousand particles, where intra-op threads only add synchronisation
-    (on a shared 2-core machine they made the file several times slower); the numbers do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def load(name: str):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import measureflow
-from measureflow import CapabilityError, Gaussians, ParameterError, Particles, ShapeError, Simulation, reductions
+from measureflow import CapabilityError, Gaussians, ParameterError, Particles, ShapeError, Simulation
 from measureflow.measures import Empirical, Gaussian, GaussianMixture
 from measureflow.observables import gaussian_sinkhorn_divergence, sinkhorn as sinkhorn_observable
 from measureflow_plugins.sinkhorn import SinkhornField
@@ -19,17 +19,7 @@ MB3 = torch.tensor([0.4, -0.3, 0.2], dtype=F64)
 SB3 = torch.tensor([[0.9, -0.3, 0.1], [-0.3, 1.1, 0.25], [0.1, 0.25, 0.7]], dtype=F64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def small_reductions():
-    # Many small reductions: on a loaded two-core machine the intra-op thread pool costs more than it
-    # gains, and the reductions' automatic compile (seconds, triggered mid-file once the eager work
-    # reaches its threshold) more than the eager passes it would save. test_reductions covers that path.
-    threads, mode = torch.get_num_threads(), reductions.config.compile
-    torch.set_num_threads(1)
-    reductions.config.compile = "off"
-    yield
-    torch.set_num_threads(threads)
-    reductions.config.compile = mode
+pytestmark = pytest.mark.usefixtures("small_reductions")
 
 
 def whitened(n, mean, cov, seed):
