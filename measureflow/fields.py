@@ -273,10 +273,12 @@ def from_potential(potential: Callable, name: str = "potential", energy: Callabl
     return PotentialField(potential, name=name, energy=energy)
 
 
-def check_compatible(field, state, *, stochastic_integrator: bool | None = None) -> None:
+def check_compatible(field, state, *, stochastic_integrator: bool | None = None,
+                     needs: frozenset | None = None) -> None:
     """Refuse a field/state/integrator combination that cannot run, before any step.
 
-    * a Gaussian state needs ``affine``;
+    * a Gaussian state needs ``affine`` — unless the integrator says what it uses instead through
+      ``needs`` (its ``needs`` attribute: e.g. the JKO step minimises the field's ``energy``);
     * a field with a diffusion term on particles needs a stochastic integrator;
     * a deterministic field given a stochastic integrator is fine (no noise is drawn).
     """
@@ -287,7 +289,14 @@ def check_compatible(field, state, *, stochastic_integrator: bool | None = None)
     kind = state_kind(state)
     caps = capabilities(field)
     name = getattr(field, "name", type(field).__name__)
-    if kind == "gaussians" and "affine" not in caps:
+    if kind == "gaussians" and needs is not None:
+        missing = sorted(set(needs) - set(caps))
+        if missing:
+            raise CapabilityError(
+                f"field {name!r} ({type(field).__name__}) has no {' or '.join(missing)}, which this integrator "
+                "uses on a Gaussians state"
+            )
+    elif kind == "gaussians" and "affine" not in caps:
         raise CapabilityError(
             f"field {name!r} ({type(field).__name__}) has no Gaussian closure (no affine() method), "
             "so it cannot advance a Gaussians state; run it on Particles, or give the field an "

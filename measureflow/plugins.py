@@ -82,9 +82,12 @@ BUILTIN_PLUGINS = (
     "measureflow_plugins.learned",
     "measureflow_plugins.kl",
     "measureflow_plugins.fisher",
+    "measureflow_plugins.w2",
     "measureflow_plugins.mmd",
     "measureflow_plugins.interaction",
+    "measureflow_plugins.sliced_wasserstein",
     "measureflow_plugins.sinkhorn",
+    "measureflow_plugins.jko",
 )
 
 

@@ -265,7 +265,7 @@ class Simulation:
             integrator = "euler_maruyama" if ("diffusion" in caps and kind == "particles") else "rk4"
         self.integrator = _resolve_integrator(integrator)
         stochastic = bool(getattr(self.integrator, "stochastic", False))
-        check_compatible(field, state, stochastic_integrator=stochastic)
+        check_compatible(field, state, stochastic_integrator=stochastic, needs=getattr(self.integrator, "needs", None))
         check = getattr(self.integrator, "check", None)
         if callable(check):
             check(field, state)

@@ -1,9 +1,9 @@
 """Targets of the gradient-flow fields: a measure, a state or samples, normalised once.
 
 A field that pulls a state toward β (MATH.md §3–§9) accepts β as a measureflow.measures
-Gaussian / GaussianMixture / Empirical, a Particles state or a tensor of samples;
-:func:`as_target` turns any of them into a :class:`Target` whose tensors are converted to the
-state's dtype and device once, never inside the step loop. The small argument checks the fields
+Gaussian / GaussianMixture / Empirical, a Particles state or a tensor of samples (optionally
+weighted); :func:`as_target` turns any of them into a :class:`Target` whose tensors are converted to
+the state's dtype and device once, never inside the step loop. The small argument checks the fields
 share live here too (metadata only: none reads data back from the device).
 """
 
@@ -14,9 +14,9 @@ import math
 import attrs
 import torch
 
-from .errors import CapabilityError, ParameterError, ShapeError
+from .errors import CapabilityError, ParameterError, ShapeError, StateError
 from .measures import Empirical, Gaussian, GaussianMixture
-from .state import Gaussians, Particles
+from .state import Gaussians, Particles, as_tensor
 
 __all__ = ["Target", "as_target", "check_replicas", "check_state", "check_points", "gaussian_target", "positive"]
 
@@ -41,6 +41,10 @@ def check_points(x: torch.Tensor, dim: int | None, where: str) -> None:
         raise ShapeError(f"{where}: x must have shape {want}; received {tuple(x.shape)}")
 
 
+def _dim_mismatch(dim: int, d: int, where: str) -> ShapeError:
+    return ShapeError(f"{where}: the target has dimension d = {dim} but the state has d = {d}")
+
+
 def gaussian_target(target) -> Gaussian | None:
     """The target as a Gaussian (a one-component mixture with a density counts), None when it is not one."""
     if isinstance(target, Gaussian):
@@ -55,7 +59,8 @@ class Target:
     """β as the fields use it: atoms and/or an analytic law, moments, per-(dtype, device) copies.
 
     ``points`` (R_β, M, d) with ``weights`` (R_β, M) or None (uniform); ``law`` a Gaussian or
-    GaussianMixture (None for samples). R_β is 1 (shared) or the state's R.
+    GaussianMixture (None for samples). R_β is 1 (shared) or the state's R. ``owner`` names the
+    field in messages.
     """
 
     points: torch.Tensor | None
@@ -63,7 +68,68 @@ class Target:
     law: Gaussian | GaussianMixture | None
     dim: int
     replicas: int
+    owner: str = "target"
     _copies: dict = attrs.field(factory=dict, init=False, repr=False)
+
+    @property
+    def has_samples(self) -> bool:
+        return self.points is not None
+
+    @property
+    def gaussian_law(self) -> Gaussian | None:
+        """The analytic law as a Gaussian (a one-component mixture with a density counts), else None."""
+        if "gaussian_law" not in self._copies:
+            self._copies["gaussian_law"] = None if self.law is None else gaussian_target(self.law)
+        return self._copies["gaussian_law"]
+
+    @property
+    def is_gaussian(self) -> bool:
+        return self.gaussian_law is not None
+
+    def check_dim(self, d: int) -> None:
+        """The state's dimension ``d`` is the target's."""
+        if d != self.dim:
+            raise _dim_mismatch(self.dim, d, self.owner)
+
+    def samples(self, like: torch.Tensor, replicas: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y (R_β, M, d), q (R_β, M)) in ``like``'s dtype and device, uniform q filled in; R_β is 1 or
+        ``replicas``. A CapabilityError when β is analytic and no sample of it was drawn."""
+        if not self.has_samples:
+            law = type(self.law).__name__
+            why = (", whose closed-form map is the OT map only from a Gaussian μ" if self.is_gaussian
+                   else "") + "."
+            raise CapabilityError(
+                f"{self.owner}: particles need target samples, but the target is an analytic {law}{why} Pass "
+                "samples: Empirical(target.sample(M, generator))"
+                + (", or run a Gaussians state." if self.is_gaussian else ".")
+            )
+        self.check_dim(like.shape[-1])
+        check_replicas(self, replicas, self.owner)
+        key = ("samples", like.dtype, like.device)
+        hit = self._copies.get(key)
+        if hit is None:
+            y, q = self.tensors(like)
+            q = torch.full(y.shape[:2], 1.0 / y.shape[1], dtype=y.dtype, device=y.device) if q is None else q
+            hit = self._copies[key] = (y, q)
+        return hit
+
+    def gaussian(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m_β (d,), Σ_β (d, d)) of a Gaussian target in ``like``'s dtype and device; a CapabilityError
+        for samples or a mixture, toward which a Gaussian state does not stay Gaussian."""
+        if not self.is_gaussian:
+            given = ("given by samples" if self.law is None
+                     else f"a {type(self.law).__name__} with {self.law.components} components")
+            raise CapabilityError(
+                f"{self.owner}: a Gaussians state needs a Gaussian target (measureflow.measures.Gaussian); the "
+                f"target is {given}, toward which a Gaussian does not stay Gaussian. Run Particles instead."
+            )
+        self.check_dim(like.shape[-1])
+        key = ("gaussian", like.dtype, like.device)
+        hit = self._copies.get(key)
+        if hit is None:
+            law = self.gaussian_law.to(dtype=like.dtype, device=like.device)
+            hit = self._copies[key] = (law.mean(), law.covariance())
+        return hit
 
     def tensors(self, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(points, weights) in ``like``'s dtype and device, converted once."""
@@ -108,27 +174,70 @@ class Target:
         if self.law is not None:
             kind = type(self.law).__name__
             return {"kind": kind, "dim": self.dim, "samples": None if self.points is None else self.points.shape[1]}
-        return {"kind": "samples", "dim": self.dim, "size": self.points.shape[1], "replicas": self.replicas}
+        return {"kind": "samples", "dim": self.dim, "size": self.points.shape[1], "replicas": self.replicas,
+                "weighted": self.weights is not None}
 
 
-def as_target(target, where: str, *, samples: int | None = None, seed: int = 0) -> Target:
-    """Normalise a target (measure, Particles or tensor of samples) for a field; ``samples`` > 0 also
-    draws that many points of an analytic law once, from ``torch.Generator().manual_seed(seed)``."""
+def _sample_weights(weights, y: torch.Tensor, where: str) -> torch.Tensor:
+    """Weights (M,) or (R_β, M) for the points y (R_β, M, d), checked by Particles (shape, sign, sum)."""
+    q = as_tensor(weights, dtype=y.dtype, device=y.device, name=f"{where}: weights")
+    if q.ndim == 1:
+        q = q[None]
+    # Particles names what is wrong with a weight vector; a shared row is checked against every set of points.
+    try:
+        return Particles(y, q.expand(y.shape[0], -1) if q.ndim == 2 and q.shape[0] == 1 else q).weights
+    except (ShapeError, StateError) as exc:
+        raise type(exc)(
+            f"{where}: the target weights must be (M,) or (R, M), non-negative, summing to 1 per set of samples "
+            f"({exc})"
+        ) from None
+
+
+def as_target(target, where: str, *, weights=None, samples: int | None = None, seed: int = 0,
+              mixtures: bool = True, arrays: bool = False) -> Target:
+    """Normalise a target (measure, Particles or tensor of samples) for a field.
+
+    ``weights`` (M,) or (R, M) weigh samples given as a tensor (measures and states carry their own);
+    ``samples`` > 0 also draws that many points of an analytic law once, from
+    ``torch.Generator().manual_seed(seed)``; ``mixtures=False`` refuses a mixture of several components
+    (for fields whose analytic path needs a single Gaussian); ``arrays=True`` also reads array-likes
+    (numpy, nested lists) as samples. ``where`` names the field in every message.
+    """
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
         raise ParameterError(f"{where}: samples must be a positive integer or None; received {samples!r}")
     if isinstance(target, (Gaussian, GaussianMixture)):
+        if weights is not None:
+            raise ParameterError(
+                f"{where}: weights are for target samples; a {type(target).__name__} target takes none"
+            )
+        if not mixtures and gaussian_target(target) is None:
+            raise ParameterError(
+                f"{where}: a Gaussian-mixture target with {target.components} components has no closed form in "
+                "this field, which needs a single Gaussian; pass samples of it instead, e.g. "
+                "Empirical(mixture.sample(M, generator))"
+            )
         points = None
         if samples is not None:
             generator = torch.Generator(device=target.device).manual_seed(int(seed))
             points = target.sample(samples, generator)[None]
-        return Target(points, None, target, target.dim, 1)
+        return Target(points, None, target, target.dim, 1, where)
     if samples is not None:
         raise ParameterError(f"{where}: samples= draws from an analytic target; the target given is already samples")
+    if isinstance(target, (Empirical, Particles)) and weights is not None:
+        raise ParameterError(
+            f"{where}: a{'n' if isinstance(target, Empirical) else ''} {type(target).__name__} target carries its "
+            "own weights; do not pass weights"
+        )
     if isinstance(target, Empirical):
         w = None if target.weights is None else target.weights[None]
-        return Target(target.points[None], w, None, target.dim, 1)
+        return Target(target.points[None], w, None, target.dim, 1, where)
     if isinstance(target, Particles):
-        return Target(target.x, target.weights, None, target.dim, target.replicas)
+        return Target(target.x, target.weights, None, target.dim, target.replicas, where)
+    if arrays and not isinstance(target, (torch.Tensor, Gaussians, str, bytes)) and target is not None:
+        try:
+            target = as_tensor(target, name=f"{where}: target")
+        except StateError as exc:
+            raise ParameterError(f"{where}: cannot read the target as points ({exc})") from None
     if isinstance(target, torch.Tensor):
         if not target.is_floating_point() or target.ndim not in (2, 3) or 0 in target.shape:
             raise ShapeError(
@@ -138,10 +247,11 @@ def as_target(target, where: str, *, samples: int | None = None, seed: int = 0) 
         if not bool(torch.isfinite(target).all()):
             raise ParameterError(f"{where}: target samples must be finite")
         y = target if target.ndim == 3 else target[None]
-        return Target(y, None, None, y.shape[-1], y.shape[0])
+        q = None if weights is None else _sample_weights(weights, y, where)
+        return Target(y, q, None, y.shape[-1], y.shape[0], where)
     raise ParameterError(
         f"{where}: target must be a measureflow.measures Gaussian, GaussianMixture or Empirical, a Particles state or "
-        f"a tensor of samples (M, d) / (R, M, d); received {type(target).__name__}"
+        f"{'an array' if arrays else 'a tensor'} of samples (M, d) / (R, M, d); received {type(target).__name__}"
     )
 
 
@@ -149,8 +259,8 @@ def check_replicas(target: Target, R: int, where: str) -> None:
     """The target has one replica (shared) or the state's R."""
     if target.replicas not in (1, R):
         raise ShapeError(
-            f"{where}: the target has {target.replicas} replicas but the state has R = {R}; give one target "
-            "shared by all replicas or exactly one per replica"
+            f"{where}: the target has {target.replicas} replicas (sets of samples) but the state has R = {R}; give "
+            "one target shared by every replica, samples (M, d), or exactly one per replica, samples (R, M, d)"
         )
 
 
@@ -161,4 +271,4 @@ def check_state(state, dim: int, where: str, kind=None) -> None:
         names = " or ".join(k.__name__ for k in kinds)
         raise CapabilityError(f"{where}: expected a measureflow {names} state; received {type(state).__name__}")
     if state.dim != dim:
-        raise ShapeError(f"{where}: the target lives in d = {dim} but the state has d = {state.dim}")
+        raise _dim_mismatch(dim, state.dim, where)

@@ -19,6 +19,7 @@ from measureflow.errors import ParameterError, ShapeError, StateError
 from measureflow.io import MemoryWriter
 from measureflow.measures import GaussianMixture
 from measureflow.observables import bures_w2
+from samples import whitened
 
 F64 = torch.float64
 S0 = torch.tensor([[2.0, 0.0], [0.0, 0.5]], dtype=F64)
@@ -32,15 +33,6 @@ def rotation(d: int, omega: float) -> torch.Tensor:
     om = torch.zeros(d, d, dtype=F64)
     om[0, 1], om[1, 0] = -omega, omega
     return om
-
-
-def whitened_sample(n: int, cov: torch.Tensor, seed: int) -> torch.Tensor:
-    """n points whose empirical mean is 0 and empirical (population) covariance is exactly ``cov``."""
-    z = torch.randn(n, cov.shape[0], generator=torch.Generator().manual_seed(seed), dtype=F64)
-    z = z - z.mean(0)
-    emp = z.T @ z / n
-    z = z @ torch.linalg.inv(torch.linalg.cholesky(emp)).T
-    return z @ torch.linalg.cholesky(cov).T
 
 
 class LambdaSchedule:
@@ -251,7 +243,7 @@ def test_curved_and_accelerating_paths():
 
 def test_gaussian_paths_cost_fm_vs_mccann():
     # Exactly whitened samples of N(0, Σ₀): sample averages of quadratic forms are the population ones.
-    x = whitened_sample(4000, S0, seed=6)
+    x = whitened(4000, torch.zeros(2, dtype=F64), S0, seed=6)
     times = torch.linspace(0, 1, 41, dtype=F64)
     fm = torch.einsum("tij,nj->tni", D.fm_flow_map(times, S0, S1), x)
     To = D.brenier_map(S0, S1)

@@ -13,10 +13,10 @@ import torch
 
 import measureflow
 from measureflow import CapabilityError, Gaussians, ParameterError, Particles, ShapeError, Simulation
-from measureflow.linalg import matrix_function
 from measureflow.measures import Empirical, Gaussian
 from measureflow.simulation import Observer
 from measureflow_plugins.fisher import FisherField
+from samples import whitened
 
 F64 = torch.float64
 C0 = torch.diag(torch.tensor([4.0, 0.25], dtype=F64))
@@ -35,14 +35,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def target() -> Gaussian:
     return Gaussian(MEAN_B, SIGMA_B)
-
-
-def whitened(n: int, mean: torch.Tensor, cov: torch.Tensor, seed: int) -> torch.Tensor:
-    """(1, n, d) points with empirical mean and population covariance exactly (mean, cov)."""
-    z = torch.randn(n, mean.shape[0], generator=torch.Generator().manual_seed(seed), dtype=F64)
-    z = z - z.mean(0)
-    z = z @ matrix_function(z.T @ z / n, torch.rsqrt)
-    return (mean + z @ torch.linalg.cholesky(cov).T)[None]
 
 
 def test_reference_numbers_of_the_gamma_row():
@@ -114,7 +106,7 @@ def test_field_vanishes_at_the_target():
     field = FisherField(target())
     b, A = field.affine(0.0, Gaussians(MEAN_B, SIGMA_B))
     assert float(b.abs().max()) < 1e-14 and float(A.abs().max()) < 1e-13
-    cloud = Particles(whitened(500, MEAN_B, SIGMA_B, seed=2))
+    cloud = Particles(whitened(500, MEAN_B, SIGMA_B, seed=2, root="symmetric")[None])
     assert float(field.velocity(0.0, cloud.x, cloud).abs().max()) < 1e-12
     assert float(field.energy(cloud)) < 1e-13
 
@@ -124,7 +116,7 @@ def test_energy_closed_form_descent_and_identity():
     integrand is quadratic); γ: ½tr(C + C⁻¹ − 2I). Along the flow F decreases and dF/dt = −|b|² − tr(AΣAᵀ),
     checked by central differences along (ṁ, Σ̇) (δ = 1e-5: O(δ²) plus round-off 1e-11/δ, 1e-6 relative)."""
     field = FisherField(target())
-    x = whitened(400, MEAN_0, SIGMA_N, seed=3)
+    x = whitened(400, MEAN_0, SIGMA_N, seed=3, root="symmetric")[None]
     mu = Gaussian(MEAN_0, SIGMA_N)
     direct = 0.5 * ((mu.score(x) - target().score(x)) ** 2).sum(-1).mean()
     state = Gaussians(MEAN_0, SIGMA_N)

@@ -11,6 +11,7 @@ from measureflow import CapabilityError, Gaussians, ParameterError, Particles, S
 from measureflow.measures import Empirical, Gaussian, GaussianMixture
 from measureflow.observables import mmd as mmd_observable
 from measureflow_plugins.mmd import MMDField
+from samples import whitened
 
 F64 = torch.float64
 C0 = torch.diag(torch.tensor([4.0, 0.25], dtype=F64))
@@ -21,14 +22,6 @@ SB3 = torch.tensor([[0.9, -0.3, 0.1], [-0.3, 1.1, 0.25], [0.1, 0.25, 0.7]], dtyp
 
 
 pytestmark = pytest.mark.usefixtures("small_reductions")
-
-
-def whitened(n, mean, cov, seed):
-    """n points whose empirical mean and (population) covariance are exactly ``mean`` and ``cov``."""
-    z = torch.randn(n, cov.shape[0], generator=torch.Generator().manual_seed(seed), dtype=F64)
-    z = z - z.mean(0)
-    z = z @ torch.linalg.inv(torch.linalg.cholesky(z.T @ z / n)).T
-    return mean + z @ torch.linalg.cholesky(cov).T
 
 
 def gamma(d):
