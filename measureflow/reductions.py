@@ -110,11 +110,12 @@ class ReductionConfig:
         ``MEASUREFLOW_REDUCTION_MEMORY_MIB``). On CPU blocks are further capped at
         ``cpu_block_elements`` so that a block stays in cache.
     compile:
-        ``"auto"`` (default): use the fused ``torch.compile`` path once the pairs (R·N·M) evaluated
-        eagerly for one static configuration reach ``compile_min_pairs``, counting the current call
-        — so one large call compiles at once, and many small calls compile after they have spent
-        about as long in the eager path as the one-off compile takes (seconds, cached on disk by
-        torch); ``"on"``: whenever possible; ``"off"``: never. Environment ``MEASUREFLOW_COMPILE`` =
+        ``"auto"`` (default): use the fused ``torch.compile`` path for a call whose pairs (R·N·M)
+        reach ``compile_min_pairs`` — large enough that a run of such calls repays the one-off
+        compile (seconds, cached on disk by torch) — and the eager path below. The choice depends
+        on the call's size only, never on what ran before in the process: the two paths round
+        differently, and a run must give the same bits whether it is resumed in a fresh process or
+        not. ``"on"``: whenever possible; ``"off"``: never. Environment ``MEASUREFLOW_COMPILE`` =
         ``auto`` | ``1`` | ``0``. A failed compile warns once and falls back to the eager path for
         the rest of the process.
     fused_columns:
@@ -134,7 +135,7 @@ class ReductionConfig:
 
     memory_budget: int = attrs.field(factory=_env_budget)
     compile: str = attrs.field(factory=_env_compile, validator=attrs.validators.in_(("auto", "on", "off")))
-    compile_min_pairs: int = 1 << 27
+    compile_min_pairs: int = 1 << 22
     cpu_block_elements: int = 1 << 20
     fused_columns: int = 4096
     fused_max_dim: int = 8
@@ -339,7 +340,6 @@ def _spans(n: int, size: int) -> list[slice]:
 _compile_lock = threading.Lock()
 _compiled: dict[tuple, Callable] = {}
 _compile_failure: str | None = None
-_eager_pairs: dict[tuple, int] = {}
 
 
 def _exp32(x: torch.Tensor) -> torch.Tensor:
@@ -502,14 +502,9 @@ def _use_fused(device: torch.device, d: int, pairs: int, key: tuple) -> bool:
             return False
     elif device.type != "cpu":
         return False
-    if config.compile == "on" or key in _compiled:
+    if config.compile == "on":
         return True
-    # "auto": compile once the eager work spent on this configuration would have paid for it
-    total = _eager_pairs.get(key, 0) + pairs
-    if total >= config.compile_min_pairs:
-        return True
-    _eager_pairs[key] = total
-    return False
+    return pairs >= config.compile_min_pairs
 
 
 def _run_fused(fn: Callable, *args):

@@ -208,8 +208,9 @@ class Simulation:
     observers:
         :class:`Observer` objects or registered observable names (measured every ``observe_every``).
     seed:
-        seeds the run's torch.Generator (noise of stochastic integrators). The generator is saved
-        in checkpoints, so a resumed run draws the same noise.
+        seeds the run's torch.Generator (noise of stochastic integrators) through :func:`noise_seed`,
+        so the noise never replays a draw made with ``torch.Generator().manual_seed(seed)``. The
+        generator is saved in checkpoints, so a resumed run draws the same noise.
     target:
         default target measure handed to distance observables.
     blowup:
@@ -405,7 +406,7 @@ class Simulation:
         start = _time.monotonic()
         state = self.state
         generator = torch.Generator(device=state.device)
-        generator.manual_seed(self.seed)
+        generator.manual_seed(noise_seed(self.seed))
         step = 0
         history: dict[str, list] = {o.name: [] for o in self.observers}
         state_step = 0  # the grid step that `state` is at
@@ -613,6 +614,17 @@ class Simulation:
     def request_stop(self) -> None:
         """Ask the loop to end cleanly at the end of the current step (as SIGTERM does)."""
         self._stop_flag.set()
+
+
+def noise_seed(seed: int) -> int:
+    """The seed of a run's noise stream, derived from the run's ``seed`` by a hash.
+
+    Scripts commonly draw their initial particles with ``torch.Generator().manual_seed(seed)`` and
+    pass the same ``seed`` to the Simulation; seeding the noise with ``seed`` itself would then
+    replay the initial draw's normals as the first noise increments, correlating noise and state.
+    """
+    digest = hashlib.sha256(f"measureflow.noise:{int(seed)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def install_sigterm(flag: threading.Event) -> Callable[[], None]:

@@ -225,3 +225,20 @@ def test_explicit_time_grid_is_followed_and_recorded(tmp_path):
         Simulation(start, field, "rk4", times=[0.0, 1.0], steps=4)
     with pytest.raises(measureflow.MeasureflowError, match="disagrees"):
         Simulation(start, field, "rk4", t1=2.0, times=[0.0, 1.0])
+
+
+def test_noise_does_not_replay_an_initial_draw_with_the_same_seed():
+    # Initial particles drawn with manual_seed(seed) and Simulation(seed=seed): the first noise
+    # increments must not be the initial draw's normals (that correlates state and noise).
+    from measureflow.simulation import noise_seed
+
+    seed = 3
+    x0 = torch.randn(1, 4000, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    field = measureflow.field("ornstein_uhlenbeck", theta=1e-9, sigma=1.0)  # Brownian motion to 1e-9
+    h = 1e-2
+    out = Simulation(Particles(x0), field, "euler_maruyama", 0.0, h, steps=1, seed=seed, progress=False).run()
+    increments = (out.state.x - x0).flatten() / math.sqrt(h)
+    # independent standard normals: the sample correlation is N(0, 1/4000), |ρ| < 0.1 is 6σ
+    rho = torch.corrcoef(torch.stack([increments, x0.flatten()]))[0, 1]
+    assert abs(float(rho)) < 0.1
+    assert noise_seed(seed) != seed and noise_seed(seed) == noise_seed(seed)
