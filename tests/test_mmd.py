@@ -11,7 +11,7 @@ from measureflow import CapabilityError, Gaussians, ParameterError, Particles, S
 from measureflow.measures import Empirical, Gaussian, GaussianMixture
 from measureflow.observables import mmd as mmd_observable
 from measureflow_plugins.mmd import MMDField
-from samples import whitened
+from samples import relerr as rel, whitened
 
 F64 = torch.float64
 C0 = torch.diag(torch.tensor([4.0, 0.25], dtype=F64))
@@ -26,10 +26,6 @@ pytestmark = pytest.mark.usefixtures("small_reductions")
 
 def gamma(d):
     return Gaussian(torch.zeros(d, dtype=F64), torch.eye(d, dtype=F64))
-
-
-def rel(a, b):
-    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
 # -- polynomial kernels: exact closure ----------------------------------------------------------------------
