@@ -17,6 +17,8 @@ device and dtype (no device→host synchronisation), so a field may call ``score
 
 from __future__ import annotations
 
+import abc
+
 import math
 
 import attrs
@@ -134,39 +136,48 @@ def _gaussian_score(x: torch.Tensor, mean: torch.Tensor, chol: torch.Tensor) -> 
 # -- the measures --------------------------------------------------------------------------------------
 
 
-class Measure:
-    """Common interface of reference laws (see the module docstring)."""
+class Measure(abc.ABC):
+    """Common interface of reference laws (see the module docstring); every concrete law
+    (Gaussian, GaussianMixture, Empirical) implements each abstract member."""
 
     @property
+    @abc.abstractmethod
     def dim(self) -> int:
-        raise NotImplementedError
+        """The dimension d of the space."""
 
     @property
+    @abc.abstractmethod
     def device(self) -> torch.device:
-        raise NotImplementedError
+        """The torch device of the law's tensors."""
 
     @property
+    @abc.abstractmethod
     def dtype(self) -> torch.dtype:
-        raise NotImplementedError
+        """The floating dtype of the law's tensors."""
 
+    @abc.abstractmethod
     def sample(self, n: int, generator: torch.Generator | None = None, replicas: int | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """n i.i.d. draws, shape (n, d), or (R, n, d) when ``replicas`` is given; reproducible from ``generator``."""
 
     def particles(self, n: int, generator: torch.Generator | None = None, replicas: int = 1) -> Particles:
         """n i.i.d. samples per replica as a uniformly weighted :class:`Particles` state (R, n, d)."""
         return Particles(self.sample(n, generator, replicas=replicas))
 
+    @abc.abstractmethod
     def log_density(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """log p(x) for x (..., d), shape (...)."""
 
+    @abc.abstractmethod
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """∇ log p(x) for x (..., d), same shape as x."""
 
+    @abc.abstractmethod
     def mean(self) -> torch.Tensor:
-        raise NotImplementedError
+        """E[X], shape (d,)."""
 
+    @abc.abstractmethod
     def covariance(self) -> torch.Tensor:
-        raise NotImplementedError
+        """Cov[X], shape (d, d)."""
 
 
 @attrs.frozen(eq=False)
