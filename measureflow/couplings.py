@@ -32,7 +32,9 @@ the index tensors are on x0's device.
 
 Gaussians (MATH.md §1.5): :func:`brenier_map` (T^OT), :func:`gaussian_brenier_map` (T^OT and the
 shift of the affine map), :func:`mccann_interpolation` (the displacement interpolation),
-:func:`transport_cost` (E|T(X) − X|²).
+:func:`transport_cost` (E|T(X) − X|²); entropic (MATH.md §7): :func:`entropic_cross_covariance` (the
+cross-covariance of the entropic plan) and :func:`schrodinger_interpolation` (its Brownian-bridge
+interpolation, the Schrödinger bridge).
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ __all__ = [
     "brenier_map",
     "gaussian_brenier_map",
     "mccann_interpolation",
+    "entropic_cross_covariance",
+    "schrodinger_interpolation",
     "transport_cost",
 ]
 
@@ -437,6 +441,77 @@ def mccann_interpolation(t, m0, S0, m1, S1) -> tuple[torch.Tensor, torch.Tensor]
     Tt = (1 - t)[..., None, None] * eye + t[..., None, None] * T
     mean = (1 - t)[..., None] * m0 + t[..., None] * m1
     return mean, symmetrize(Tt @ a @ Tt.transpose(-1, -2))
+
+
+def _entropic_cross(a: torch.Tensor, b: torch.Tensor, epsilon: float, where: str) -> torch.Tensor:
+    s2 = 0.5 * epsilon
+    root, inv_root = spd_roots(a, "S0", where)
+    D = matrix_function(4.0 * root @ b @ root, lambda e: torch.sqrt(e.clamp_min(0) + s2 * s2))
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return 0.5 * (root @ D @ inv_root - s2 * eye)
+
+
+def _positive_epsilon(epsilon, where: str) -> float:
+    try:
+        eps = float(epsilon)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{where}: epsilon must be a positive number; received {epsilon!r}") from None
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ParameterError(
+            f"{where}: epsilon must be positive and finite (ε → 0 is the unregularised problem: use the Brenier "
+            f"map / mccann_interpolation); received {epsilon!r}"
+        )
+    return eps
+
+
+def entropic_cross_covariance(S0, S1, epsilon) -> torch.Tensor:
+    """Cov(X, Y) under the entropic plan between N(·, Σ₀) and N(·, Σ₁) (MATH.md §7, Janati et al. 2020).
+
+    For the plan π_ε = argmin ⟨π, |x − y|²⟩ + ε KL(π | μ₀ ⊗ μ₁) (unhalved cost, MATH.md §0), with
+    σ² = ε/2 and D = (4 Σ₀^{1/2} Σ₁ Σ₀^{1/2} + σ⁴ I)^{1/2}, the plan is Gaussian and
+
+        C_σ(Σ₀, Σ₁) = ½ (Σ₀^{1/2} D Σ₀^{-1/2} − σ² I).
+
+    It tends to Σ₀ T^OT (the optimal plan's, :func:`brenier_map`) as ε → 0 and to 0 (the product
+    coupling) as ε → ∞; it does not depend on the means. Batched over leading dimensions; Σ₀ must be
+    positive definite. Returns (..., d, d), not symmetric in general.
+    """
+    where = "entropic_cross_covariance"
+    eps = _positive_epsilon(epsilon, where)
+    a, b = covariance_pair(S0, S1, where)
+    return _entropic_cross(a, b, eps, where)
+
+
+def schrodinger_interpolation(t, m0, S0, m1, S1, epsilon) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entropic (Schrödinger-bridge) interpolation of N(m₀, Σ₀) and N(m₁, Σ₁) at t ∈ [0, 1] (MATH.md §7).
+
+    (X₀, X₁) ~ π_ε, the entropic plan of :func:`entropic_cross_covariance`, joined by a Brownian
+    bridge whose reference transition e^{−|x − y|²/ε} is the Gibbs kernel of the cost, i.e. a
+    Brownian motion of variance σ² = ε/2 per unit time:
+
+        X_t = (1 − t) X₀ + t X₁ + σ B_t,   B a standard Brownian bridge (Var B_t = t(1 − t)),
+        m_t = (1 − t) m₀ + t m₁,
+        Σ_t = (1 − t)² Σ₀ + t² Σ₁ + t(1 − t) (C_σ + C_σᵀ + σ² I).
+
+    The intermediate covariances are inflated relative to the W₂ geodesic
+    (:func:`mccann_interpolation`, the limit ε → 0): in 1-D with Σ₀ = Σ₁ = 1,
+    Σ_t = 1 + t(1 − t)(√(4 + σ⁴) − 2). ``t`` is a number or a tensor broadcasting against the leading
+    dimensions. Returns (m_t (..., d), Σ_t (..., d, d)).
+    """
+    where = "schrodinger_interpolation"
+    eps = _positive_epsilon(epsilon, where)
+    a, b = covariance_pair(S0, S1, where)
+    m0 = _vector(m0, "m0", a, where)
+    m1 = _vector(m1, "m1", a, where)
+    t = torch.as_tensor(t, dtype=a.dtype, device=a.device)
+    if not bool(((t >= 0) & (t <= 1)).all()):
+        raise ParameterError(f"{where}: t must lie in [0, 1]; received values from {float(t.min()):g} to {float(t.max()):g}")
+    C = _entropic_cross(a, b, eps, where)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    s, u = (1 - t)[..., None, None], t[..., None, None]
+    cov = s * s * a + u * u * b + s * u * (C + C.transpose(-1, -2) + 0.5 * eps * eye)
+    mean = (1 - t)[..., None] * m0 + t[..., None] * m1
+    return mean, symmetrize(cov)
 
 
 def transport_cost(T, S0, m0=None, m1=None, *, shift=None) -> torch.Tensor:

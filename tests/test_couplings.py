@@ -395,3 +395,76 @@ def test_describe_is_json_able():
         "name": "sinkhorn", "epsilon": 0.2, "method": "sinkhorn_log", "max_iter": 1000, "tol": 1e-6,
     }
     assert C.get(c) is c
+
+
+# -- entropic plan and Schrödinger bridge of Gaussians (MATH.md §7) -----------------------------------------
+
+
+@pytest.mark.parametrize("eps", [0.1, 1.0, 3.0])
+def test_entropic_cross_covariance_is_the_entropic_plan(eps):
+    # The entropic plan is the coupling whose density against μ₀ ⊗ μ₁ is e^{(f(x) + g(y) − |x − y|²)/ε}:
+    # its only x–y interaction is e^{2⟨x, y⟩/ε}. For a Gaussian joint law with covariance
+    # J = [[Σ₀, C], [Cᵀ, Σ₁]] that interaction is e^{−xᵀ(J⁻¹)ₓᵧ y}, so (J⁻¹)ₓᵧ = −(2/ε) I characterises
+    # C exactly (with the marginals fixed). Round-off: one 4×4 inverse of an O(1/ε)-conditioned matrix.
+    Cx = C.entropic_cross_covariance(S0, S1, eps)
+    J = torch.cat([torch.cat([S0, Cx], 1), torch.cat([Cx.T, S1], 1)], 0)
+    interaction = torch.linalg.inv(J)[:2, 2:]
+    assert (interaction + (2.0 / eps) * torch.eye(2, dtype=F64)).abs().max() <= 1e-11 / eps
+    assert bool((torch.linalg.eigvalsh(J) > 0).all())
+
+
+def test_entropic_cross_covariance_limits_and_1d_formula():
+    # ε → 0: the optimal plan's Cov(X, T(X)) = Σ₀ T^OT; the gap is O(σ²) = O(ε).
+    gap = (C.entropic_cross_covariance(S0, S1, 1e-8) - S0 @ C.brenier_map(S0, S1)).abs().max()
+    assert gap <= 1e-8
+    # ε → ∞: the product coupling, C = O(1/ε).
+    assert C.entropic_cross_covariance(S0, S1, 1e6).abs().max() <= 1e-5
+    # 1-D: C = ½(√(4ab + σ⁴) − σ²).
+    a, b, eps = 2.0, 0.7, 1.3
+    s2 = eps / 2
+    got = C.entropic_cross_covariance(torch.tensor([[a]], dtype=F64), torch.tensor([[b]], dtype=F64), eps)
+    assert abs(float(got) - 0.5 * (math.sqrt(4 * a * b + s2 * s2) - s2)) <= 1e-14
+
+
+@pytest.mark.parametrize("eps", [0.2, 2.0])
+def test_schrodinger_interpolation_is_markov(eps):
+    # The Schrödinger bridge restricted to [0, t] is the bridge between its own marginals for the
+    # reference run for time t, i.e. entropic at εt; restricted to [t, 1], entropic at ε(1 − t).
+    # With X_t = (1 − t)X₀ + tX₁ + σB_t: Cov(X₀, X_t) = (1 − t)Σ₀ + tC and Cov(X_t, X₁) = (1 − t)C + tΣ₁
+    # must equal those entropic cross-covariances. This checks Σ_t, including the bridge variance
+    # σ² t(1 − t) with σ² = ε/2, against an identity the formula was not built from.
+    Cx = C.entropic_cross_covariance(S0, S1, eps)
+    for t in (0.25, 0.5, 0.8):
+        m, S = C.schrodinger_interpolation(t, M0, S0, M1, S1, eps)
+        assert (C.entropic_cross_covariance(S0, S, eps * t) - ((1 - t) * S0 + t * Cx)).abs().max() <= 1e-12
+        assert (C.entropic_cross_covariance(S, S1, eps * (1 - t)) - ((1 - t) * Cx + t * S1)).abs().max() <= 1e-12
+        assert (m - ((1 - t) * M0 + t * M1)).abs().max() <= 1e-15
+
+
+def test_schrodinger_interpolation_endpoints_inflation_and_geodesic_limit():
+    m, S = C.schrodinger_interpolation(0.0, M0, S0, M1, S1, 1.0)
+    assert (S - S0).abs().max() <= 1e-15 and torch.equal(m, M0)
+    m, S = C.schrodinger_interpolation(1.0, M0, S0, M1, S1, 1.0)
+    assert (S - S1).abs().max() <= 1e-15 and (m - M1).abs().max() <= 1e-15
+    # 1-D, Σ₀ = Σ₁ = 1: Σ_t = 1 + t(1 − t)(√(4 + σ⁴) − 2) > 1, the inflation the geodesic lacks.
+    one = torch.ones(1, 1, dtype=F64)
+    zero = torch.zeros(1, dtype=F64)
+    for eps in (0.5, 2.0):
+        s2 = eps / 2
+        for t in (0.3, 0.5):
+            _, S = C.schrodinger_interpolation(t, zero, one, zero, one, eps)
+            assert abs(float(S) - (1 + t * (1 - t) * (math.sqrt(4 + s2 * s2) - 2))) <= 1e-14
+    # ε → 0: the W₂ geodesic (McCann), to O(ε).
+    t = torch.tensor([0.2, 0.5, 0.9], dtype=F64)
+    _, S_sb = C.schrodinger_interpolation(t, M0, S0, M1, S1, 1e-7)
+    _, S_w2 = C.mccann_interpolation(t, M0, S0, M1, S1)
+    assert (S_sb - S_w2).abs().max() <= 1e-6
+
+
+def test_entropic_gaussians_bad_input():
+    with pytest.raises(ParameterError, match="epsilon"):
+        C.entropic_cross_covariance(S0, S1, 0.0)
+    with pytest.raises(ParameterError, match="t must lie"):
+        C.schrodinger_interpolation(1.5, M0, S0, M1, S1, 1.0)
+    with pytest.raises((ShapeError, StateError)):
+        C.entropic_cross_covariance(S0, torch.eye(3, dtype=F64), 1.0)
