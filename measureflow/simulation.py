@@ -184,6 +184,61 @@ def _field_owners(field, registry) -> dict[str, str]:
     return found
 
 
+class _Health:
+    """The run's health record, kept on the state's device (no host synchronisation per step).
+
+    Each step stores one number, the state's largest |value| (``inf``-norm: NaN if any value is NaN,
+    inf if any is infinite), into a block of ``block`` slots; a full block is folded into two device
+    scalars, the first offending step and its kind (1 non-finite, 2 beyond the blow-up bound).
+    :meth:`first_bad` folds what is pending and reads the scalars back: the only synchronisation,
+    made when the run writes, checkpoints, checks or ends.
+    """
+
+    def __init__(self, bound: float | None, device, block: int = 64):
+        self.bound = bound
+        self.block = block
+        self.peaks = None
+        self.steps = torch.empty(block, dtype=torch.long, device=device)
+        self.filled = 0
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+        self.kind = torch.zeros((), dtype=torch.long, device=device)
+        self.host_steps: list[int] = []
+
+    def record(self, state, step: int) -> None:
+        tensors = state.tensors()
+        values = tensors["x"] if "x" in tensors else torch.cat([tensors["mean"].flatten(), tensors["cov"].flatten()])
+        if self.peaks is None or self.peaks.dtype != values.dtype:
+            self._fold()
+            self.peaks = torch.empty(self.block, dtype=values.dtype, device=values.device)
+        torch.linalg.vector_norm(values.detach(), ord=math.inf, out=self.peaks[self.filled])
+        self.host_steps.append(step)
+        self.filled += 1
+        if self.filled == self.block:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self.filled:
+            return
+        peaks = self.peaks[: self.filled]
+        kind = torch.where(torch.isfinite(peaks), 0, 1)
+        if self.bound is not None:
+            kind = torch.where((kind == 0) & (peaks > self.bound), 2, kind)
+        bad = kind > 0
+        # first offending slot of the block (argmax of a bool picks the first True)
+        slot = torch.argmax(bad.to(torch.uint8))
+        steps = torch.as_tensor(self.host_steps, dtype=torch.long).to(self.first.device, non_blocking=True)
+        fresh = (self.first < 0) & bad.any()
+        self.first.copy_(torch.where(fresh, steps[slot], self.first))
+        self.kind.copy_(torch.where(fresh, kind[slot], self.kind))
+        self.filled = 0
+        self.host_steps = []
+
+    def first_bad(self) -> tuple[int, int] | None:
+        self._fold()
+        bad = int(self.first)
+        return None if bad < 0 else (bad, int(self.kind))
+
+
 class Simulation:
     """Advance a measure under a field and record what happens.
 
@@ -410,8 +465,7 @@ class Simulation:
         step = 0
         history: dict[str, list] = {o.name: [] for o in self.observers}
         state_step = 0  # the grid step that `state` is at
-        first_bad = torch.full((), -1, dtype=torch.long, device=state.device)
-        bad_kind = torch.zeros((), dtype=torch.long, device=state.device)
+        health = _Health(self.blowup, state.device)
 
         resumed = None
         if self.resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
@@ -460,13 +514,13 @@ class Simulation:
                         break
                     raise
                 step += 1
-                self._update_health(new_state, step, first_bad, bad_kind)
+                health.record(new_state, step)
                 last = step == self.n_steps
                 writes = any(_fires(w, step, last) for w in self.writers)
                 checkpoints = self.checkpoint_trigger(step)
                 periodic = self.check_every is not None and step % self.check_every == 0
                 if last or writes or checkpoints or periodic:
-                    status = self._read_health(first_bad, bad_kind)
+                    status = self._read_health(health)
                     if status is not None:
                         break
                 state, state_step = new_state, step
@@ -482,7 +536,7 @@ class Simulation:
                     stop = Status("terminated", step, t_next, "SIGTERM received; stopped cleanly")
                 if stop is not None:
                     # Never checkpoint a state that went bad since the last check.
-                    status = self._read_health(first_bad, bad_kind) or stop
+                    status = self._read_health(health) or stop
                     break
             if status is None:
                 status = Status(STATUS_COMPLETED, step, self.time_at(step))
@@ -534,24 +588,11 @@ class Simulation:
                 if measured:
                     writer.write_observables(step, t, measured)
 
-    def _update_health(self, state, step, first_bad, bad_kind):
-        """Record, on the device, the first step whose state is non-finite or beyond the bound."""
-        tensors = state.tensors()
-        values = tensors["x"] if "x" in tensors else torch.cat([tensors["mean"].flatten(), tensors["cov"].flatten()])
-        peak = values.detach().abs().amax()
-        nonfinite = ~torch.isfinite(peak)
-        kind = torch.where(nonfinite, 1, 0)
-        if self.blowup is not None:
-            kind = torch.where(~nonfinite & (peak > self.blowup), 2, kind)
-        fresh = (first_bad < 0) & (kind > 0)
-        first_bad.copy_(torch.where(fresh, step, first_bad))
-        bad_kind.copy_(torch.where(fresh, kind, bad_kind))
-
-    def _read_health(self, first_bad, bad_kind) -> Status | None:
-        bad = int(first_bad)
-        if bad < 0:
+    def _read_health(self, health: "_Health") -> Status | None:
+        found = health.first_bad()
+        if found is None:
             return None
-        kind = int(bad_kind)
+        bad, kind = found
         t = self.time_at(bad)
         if kind == 1:
             return Status("nonfinite", bad, t, "the state has non-finite values (NaN or inf); try a smaller step")

@@ -511,9 +511,12 @@ def test_dopri5_step_failure_below_dt_min():
 
 def test_pi_controller_rules():
     ctl = PIController(rtol=1e-6, atol=1e-8, dt_min=1e-6, dt_max=1.0)
-    assert ctl.alpha == pytest.approx(0.14) and ctl.beta == pytest.approx(0.08)
-    assert ctl.factor(1e-10, 1.0, True) == 10.0  # capped growth (0.9 · 1e10^0.14 ≈ 22)
-    assert ctl.factor(0.5, 0.5, True) == pytest.approx(0.9 * 0.5**-0.14 * 0.5**0.08)
+    assert ctl.alpha == pytest.approx(0.17) and ctl.beta == pytest.approx(0.04)
+    assert ctl.factor(1e-10, 1.0, True) == 10.0  # capped growth (0.9 · 1e10^0.17 ≈ 45)
+    assert ctl.factor(0.5, 0.5, True) == pytest.approx(0.9 * 0.5**-0.17 * 0.5**0.04)
+    # Steady state: the factor is 1 at ‖e‖ = 0.9^(1/(α − β)) ≈ 0.445 of the tolerance.
+    steady = 0.9 ** (1 / 0.13)
+    assert ctl.factor(steady, steady, True) == pytest.approx(1.0)
     assert ctl.factor(4.0, 0.1, False) < 1.0 and ctl.factor(1.2, 0.1, False) <= 1.0
     assert ctl.factor(math.nan, 1.0, False) == 0.2
     assert ctl.clamp(5.0) == 1.0 and ctl.clamp(0.0) == 1e-6

@@ -126,6 +126,29 @@ def test_blowup_and_nonfinite_stop_with_step_and_time_and_keep_frames():
     assert "NaN" in poisoned.status.message
 
 
+class PoisonLate(Field):
+    name = "poison_late"
+
+    def velocity(self, t, x, state):
+        return torch.full_like(x, math.nan) if t >= 0.6525 else torch.ones_like(x)
+
+
+def test_health_found_in_a_later_block_without_intermediate_reads():
+    # No writer and no check_every: the flags are read once, at the end, after several blocks of
+    # recorded peaks have been folded on the device. The first offending step must still be found.
+    start = Particles(torch.full((1, 3, 1), 2.0, dtype=torch.float64))
+    late = Simulation(start, PoisonLate(), "euler", 0.0, 1.0, steps=200, progress=False).run()
+    # The velocity turns NaN when the step starts at t ≥ 0.6525, i.e. step k with (k − 1)/200 ≥ 0.6525: k = 132.
+    assert late.status.code == "nonfinite" and late.status.step == 132
+    # x' = x² blows past 1e3 at step k (hand iteration), then overflows to inf and NaN in later steps and
+    # later blocks: the first event, and its kind, are what the run reports.
+    blown = Simulation(start, Exploding(), "euler", 0.0, 2.0, steps=400, blowup=1e3, progress=False).run()
+    x, k = 2.0, 0
+    while x <= 1e3:
+        x, k = x + 0.005 * x * x, k + 1
+    assert blown.status.code == "blowup" and blown.status.step == k
+
+
 class Slow(Field):
     name = "slow"
 

@@ -4,7 +4,13 @@ With the scaled error norm ‖e‖ (≤ 1 means "within tolerance") of a step of
 ‖e_prev‖ of the previous accepted step, the next step size is
 
     h_new = h · clip( safety · ‖e‖^(−α) · ‖e_prev‖^(β),  min_factor,  max_factor ),
-    α = 0.7 / k,   β = 0.4 / k,   k = (order of the error estimate) + 1.
+    β = 0.2 / k,   α = 1/k − 0.75 β,   k = (order of the error estimate) + 1
+
+(for Dormand–Prince 5(4), k = 5: α = 0.17, β = 0.04, the values of Hairer–Nørsett–Wanner's DOPRI5).
+On a smooth problem the step sizes settle where safety · ‖e‖^(β − α) = 1, i.e. at an error
+‖e‖ = safety^(1/(α − β)) ≈ 0.44 of the tolerance: the integral part smooths the step-size sequence
+without making the steady error much smaller than asked (a larger β, e.g. Gustafsson's
+β = 0.4/k with α = 0.7/k, settles at 0.9^(1/0.06) ≈ 0.17 of the tolerance and takes more steps).
 
 After a rejected step the proportional part alone is used and the step never grows. The controller
 is a frozen spec: what changes from step to step (the proposed h and ‖e_prev‖) is kept by the
@@ -64,11 +70,11 @@ class PIController:
 
     @property
     def alpha(self) -> float:
-        return 0.7 / (self.error_order + 1)
+        return 1.0 / (self.error_order + 1) - 0.75 * self.beta
 
     @property
     def beta(self) -> float:
-        return 0.4 / (self.error_order + 1)
+        return 0.2 / (self.error_order + 1)
 
     def clamp(self, dt: float) -> float:
         """dt limited to [dt_min, dt_max]."""
