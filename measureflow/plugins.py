@@ -88,6 +88,7 @@ BUILTIN_PLUGINS = (
     "measureflow_plugins.sliced_wasserstein",
     "measureflow_plugins.sinkhorn",
     "measureflow_plugins.jko",
+    "measureflow_plugins.mean_field_network",
 )
 
 
