@@ -75,6 +75,7 @@ BUILTIN_PLUGINS = (
     "measureflow.integrators.builtin",
     "measureflow.io.builtin",
     "measureflow.observables",
+    "measureflow.executors",
     "measureflow_plugins.linear",
     "measureflow_plugins.schedules",
     "measureflow_plugins.flow_matching",
@@ -88,6 +89,8 @@ BUILTIN_PLUGINS = (
     "measureflow_plugins.sliced_wasserstein",
     "measureflow_plugins.sinkhorn",
     "measureflow_plugins.jko",
+    "measureflow_plugins.ray_executor",
+    "measureflow_plugins.drifting",
     "measureflow_plugins.mean_field_network",
 )
 
