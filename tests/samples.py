@@ -55,3 +55,18 @@ def whitened(n: int, mean: torch.Tensor, cov: torch.Tensor, seed: int | torch.Ge
     else:
         z = z @ matrix_function(emp, torch.rsqrt)
     return mean + z @ torch.linalg.cholesky(cov).T
+
+
+def standard_gaussian(d: int = 2):
+    """γ = N(0, I_d) in float64, the target of the MATH.md §13 table."""
+    from measureflow.measures import Gaussian
+
+    return Gaussian(torch.zeros(d, dtype=F64), torch.eye(d, dtype=F64))
+
+
+def spectral(C, fn):
+    """fn applied to the eigenvalues of a symmetric numpy matrix (an independent check of torch's matrix functions)."""
+    import numpy as np
+
+    lam, U = np.linalg.eigh(C)
+    return U @ np.diag(fn(lam)) @ U.T

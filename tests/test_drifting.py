@@ -20,8 +20,7 @@ from measureflow_plugins.drifting import (
     eigenvalue_solution,
     implicit_invariant,
 )
-from samples import MEAN_02, MEAN_03, MEAN_B2, MEAN_B3, SIGMA_02, SIGMA_03, SIGMA_B2, SIGMA_B3, relerr as rel, whitened
-from test_sinkhorn import gamma, spectral
+from samples import MEAN_02, MEAN_03, MEAN_B2, MEAN_B3, SIGMA_02, SIGMA_03, SIGMA_B2, SIGMA_B3, relerr as rel, whitened, spectral, standard_gaussian as gamma
 
 F64 = torch.float64
 C0 = torch.diag(torch.tensor([4.0, 0.25], dtype=F64))

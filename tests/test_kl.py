@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from samples import standard_gaussian as gamma
 
 import measureflow
 from measureflow import CapabilityError, Gaussians, ParameterError, Particles, ShapeError, Simulation
@@ -58,9 +59,6 @@ def whitened(n: int, mean: torch.Tensor, cov: torch.Tensor, seed: int) -> torch.
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
-
-def gamma(d: int = 2) -> Gaussian:
-    return Gaussian(torch.zeros(d, dtype=F64), torch.eye(d, dtype=F64))
 
 
 def target3() -> Gaussian:

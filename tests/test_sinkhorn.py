@@ -11,7 +11,7 @@ from measureflow import CapabilityError, Gaussians, ParameterError, Particles, S
 from measureflow.measures import Empirical, Gaussian, GaussianMixture
 from measureflow.observables import gaussian_sinkhorn_divergence, sinkhorn as sinkhorn_observable
 from measureflow_plugins.sinkhorn import SinkhornField
-from samples import relerr as rel, whitened
+from samples import relerr as rel, whitened, standard_gaussian as gamma, spectral
 
 F64 = torch.float64
 C0 = torch.diag(torch.tensor([4.0, 0.25], dtype=F64))
@@ -23,13 +23,6 @@ SB3 = torch.tensor([[0.9, -0.3, 0.1], [-0.3, 1.1, 0.25], [0.1, 0.25, 0.7]], dtyp
 pytestmark = pytest.mark.usefixtures("small_reductions")
 
 
-def gamma(d):
-    return Gaussian(torch.zeros(d, dtype=F64), torch.eye(d, dtype=F64))
-
-
-def spectral(C, fn):
-    lam, U = np.linalg.eigh(C)
-    return U @ np.diag(fn(lam)) @ U.T
 
 
 def boxed_row(C, eps):
