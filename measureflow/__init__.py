@@ -43,6 +43,7 @@ _LAZY = {
     "schedules": ("measureflow.schedules", None),
     "couplings": ("measureflow.couplings", None),
     "learning": ("measureflow.learning", None),
+    "generators": ("measureflow.generators", None),
 }
 
 

@@ -248,14 +248,16 @@ def _check_t_range(t_range, schedule) -> tuple[float, float]:
     return lo, hi
 
 
-def _default_device(model):
+def default_device(model):
+    """Where training runs when no device is given: the model's parameters' device, else CUDA when present."""
     if isinstance(model, nn.Module):
         for p in model.parameters():
             return p.device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _model_dtype(model) -> torch.dtype:
+def model_dtype(model) -> torch.dtype:
+    """The dtype of the model's parameters (torch's default for a model without any)."""
     for p in model.parameters():
         return p.dtype
     return torch.get_default_dtype()
@@ -277,7 +279,8 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def _progress_enabled(progress) -> bool:
+def progress_enabled(progress) -> bool:
+    """Whether to show a progress bar: as asked, else on an interactive terminal and never under CI=true."""
     if progress is not None:
         return bool(progress)
     if os.environ.get("CI"):
@@ -432,11 +435,11 @@ def train_velocity(
                 f"train_velocity: the generator is on {generator.device} but training runs on {device}; "
                 f"create it with torch.Generator(device={str(device)!r})"
             )
-    device = torch.device(device) if device is not None else _default_device(model)
+    device = torch.device(device) if device is not None else default_device(model)
 
     if isinstance(model, nn.Module):
         if dtype is None:
-            dtype = _model_dtype(model)
+            dtype = model_dtype(model)
         model = model.to(device=device, dtype=dtype)
     else:
         dtype = dtype or torch.float32
@@ -531,7 +534,7 @@ def train_velocity(
     step = start_step
     span = hi - lo
     try:
-        if _progress_enabled(progress) and start_step < steps:
+        if progress_enabled(progress) and start_step < steps:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=steps, initial=start_step, desc="train_velocity", unit="step",
