@@ -256,16 +256,22 @@ class _PlanCoupling(Coupling):
         b = (_uniform(x1.shape[0]) if w1 is None else w1).numpy()
         # Solved on the supports: zero weights make the log-domain solvers take log 0.
         rows, cols = a > 0, b > 0
-        cost = squared_distances(x0, x1).numpy()[np.ix_(rows, cols)]
+        full = bool(rows.all() and cols.all())  # the usual case: no B0×B1 copies in and out
+        cost = squared_distances(x0, x1).numpy()
+        if not full:
+            cost = cost[np.ix_(rows, cols)]
+            a, b = a[rows], b[cols]
         with np.errstate(all="ignore"):  # overflow and underflow surface as an invalid plan, refused below
-            inner = np.asarray(self._solve(a[rows], b[cols], cost), dtype=np.float64)
-        if not np.isfinite(inner).all() or (inner < 0).any() or (inner.sum(1) <= 0).any():
+            inner = np.asarray(self._solve(a, b, cost), dtype=np.float64)
+        if not (np.isfinite(inner.sum()) and inner.min() >= 0) or (inner.sum(1) <= 0).any():
             raise StateError(
                 f"{self.name} coupling: the solver returned no valid plan (non-finite, negative or with an empty "
                 f"row) for costs up to {cost.max():.3g}; {self._advice()}"
             )
-        self._check_converged(inner, a[rows], b[cols])
-        plan = np.zeros((a.shape[0], b.shape[0]))
+        self._check_converged(inner, a, b)
+        if full:
+            return torch.from_numpy(inner)
+        plan = np.zeros((rows.shape[0], cols.shape[0]))
         plan[np.ix_(rows, cols)] = inner
         return torch.from_numpy(plan)
 
