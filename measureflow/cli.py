@@ -1,9 +1,12 @@
 """The ``measureflow`` command.
 
     measureflow run SCENARIO.py [--set key=value ...] [--resume] [--no-progress] [--params]
+    measureflow sweep SCENARIO.py --grid key=v1,v2 ... --seeds 0-9 --out DIR [--executor ray] [--pack] ...
+    measureflow collect DIR [-o TABLE.csv]
     measureflow plugins
     measureflow info RUN.h5
     measureflow plot RUN.h5 -o OUT.png [--animate OUT.gif]
+    measureflow plot DIR --x key --y observable [-o OUT.png]
 """
 
 from __future__ import annotations
@@ -18,22 +21,59 @@ __all__ = ["main"]
 
 
 def _cmd_run(args) -> int:
-    from .scenario import load_scenarios, run_from_args
+    from .scenario import choose_scenario, load_scenarios, run_from_args
 
-    scenarios = load_scenarios(args.scenario)
-    if args.name is not None:
-        if args.name not in scenarios:
-            raise MeasureflowError(
-                f"{args.scenario} has no scenario named {args.name!r}; it defines: {', '.join(scenarios)}"
-            )
-        chosen = scenarios[args.name]
-    elif len(scenarios) == 1:
-        (chosen,) = scenarios.values()
-    else:
-        raise MeasureflowError(
-            f"{args.scenario} defines several scenarios ({', '.join(scenarios)}); pick one with --name"
-        )
+    chosen = choose_scenario(load_scenarios(args.scenario), args.scenario, args.name)
     return run_from_args(chosen, args)
+
+
+def _cmd_sweep(args) -> int:
+    from .scenario import parse_assignments
+    from .sweep import parse_grid, run_sweep
+
+    options = {}
+    if args.address is not None:
+        options["address"] = args.address
+    if args.gpus_per_run is not None:
+        options["gpus_per_run"] = args.gpus_per_run
+    if args.cpus_per_run is not None:
+        options["cpus_per_run"] = args.cpus_per_run
+    report = run_sweep(
+        args.scenario,
+        parse_grid(args.grid),
+        args.seeds,
+        args.out,
+        fixed=parse_assignments(args.assignments),
+        name=args.name,
+        executor=args.executor,
+        executor_options=options,
+        pack=args.pack,
+        device=args.device,
+        dtype=args.dtype,
+        sweep_seed=args.sweep_seed,
+        progress=False if args.no_progress else None,
+    )
+    print(report.summary())
+    for key, status, message in report.unfinished[:20]:
+        print(f"  {key}: {status}" + (f": {message}" if message else ""))
+    if len(report.unfinished) > 20:
+        print(f"  … and {len(report.unfinished) - 20} more (measureflow collect {args.out})")
+    return 0 if report.ok else 3
+
+
+def _cmd_collect(args) -> int:
+    from pathlib import Path
+
+    from .sweep import write_atomic
+    from .sweep_collect import sweep_table
+
+    table = sweep_table(args.directory)
+    print(table.format())
+    out = Path(args.output) if args.output else Path(args.directory) / "sweep.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, table.to_csv())
+    print(f"wrote {out}")
+    return 0
 
 
 def _cmd_plugins(args) -> int:
@@ -64,9 +104,15 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_plot(args) -> int:
+    from pathlib import Path
+
     from . import plot
     from .io.reader import open_trajectory
 
+    if Path(args.file).is_dir():
+        return _plot_sweep(args)
+    if args.x is not None or args.y is not None:
+        raise MeasureflowError(f"--x/--y draw a sweep: give the sweep's directory, not the file {args.file}")
     if args.output is None and args.animate is None:
         raise MeasureflowError("measureflow plot needs -o OUT.png and/or --animate OUT.gif")
     with open_trajectory(args.file) as traj:
@@ -76,6 +122,27 @@ def _cmd_plot(args) -> int:
         if args.animate is not None:
             plot.animate(traj, args.animate, replica=args.replica)
             print(f"wrote {args.animate}")
+    return 0
+
+
+def _plot_sweep(args) -> int:
+    import re
+    from pathlib import Path
+
+    from .sweep_collect import plot_sweep, sweep_table
+
+    if args.x is None or args.y is None:
+        table = sweep_table(args.file)
+        raise MeasureflowError(
+            f"measureflow plot {args.file} (a sweep) needs --x PARAMETER --y OBSERVABLE; parameters that vary: "
+            f"{', '.join(table.varying) or '(none)'}; observables: {', '.join(table.observables) or '(none)'}"
+        )
+    if args.animate is not None:
+        raise MeasureflowError("--animate draws one trajectory file, not a sweep")
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{args.y}-vs-{args.x}").strip("_")
+    out = args.output or str(Path(args.file) / f"{stem}.png")
+    plot_sweep(args.file, args.x, args.y, out=out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -92,6 +159,40 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(run)
     run.set_defaults(handler=_cmd_run)
 
+    sweep = sub.add_parser(
+        "sweep", help="run a scenario over a parameter grid × seeds, one H5MD file a run",
+        description="Expand --grid × --seeds into runs of SCENARIO, each writing DIR/<hash>.h5, with an index "
+                    "DIR/sweep.json. Re-running the same command skips completed runs and resumes interrupted ones.",
+    )
+    sweep.add_argument("scenario", help="path to a scenario .py file (it needs `out: str` and `seed: int` parameters)")
+    sweep.add_argument("--name", help="which scenario, when the file defines several")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,…",
+                       help="a swept parameter and its values (repeatable; the grid is their product)")
+    sweep.add_argument("--seeds", default="0", metavar="LABELS",
+                       help="seed labels per grid point: 0-9, 0,3,7 or 0-4,10 (default 0); each run's seed is "
+                            "derived from the sweep seed, its parameters and its label")
+    sweep.add_argument("--out", required=True, metavar="DIR", help="directory of the runs' files and the index")
+    sweep.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                       help="a parameter value shared by every run (repeatable)")
+    sweep.add_argument("--executor", default="serial", help="registered executor: serial (default) or ray")
+    sweep.add_argument("--address", help="ray: join this cluster (auto, or HOST:PORT of its head)")
+    sweep.add_argument("--gpus-per-run", type=float,
+                       help="ray: GPUs each run (or packed batch) reserves; fractions allowed")
+    sweep.add_argument("--cpus-per-run", type=float, help="ray: CPUs each run (or packed batch) reserves (default 1)")
+    sweep.add_argument("--pack", action="store_true",
+                       help="advance the runs of one grid point (they differ only in seed) as one batch of replicas")
+    sweep.add_argument("--device", default="auto", help="auto (CUDA where visible, else CPU), cpu or cuda:N")
+    sweep.add_argument("--dtype", help="cast each run's state: float32 or float64 (default: the scenario's)")
+    sweep.add_argument("--sweep-seed", type=int, default=0,
+                       help="seed from which every run's seed is derived (default 0)")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sweep.set_defaults(handler=_cmd_sweep)
+
+    collect = sub.add_parser("collect", help="print and write the table of a sweep (parameters × final observables)")
+    collect.add_argument("directory", help="the sweep's --out directory")
+    collect.add_argument("-o", "--output", help="CSV file to write (default DIR/sweep.csv)")
+    collect.set_defaults(handler=_cmd_collect)
+
     plugins = sub.add_parser("plugins", help="list registered fields, integrators, writers, …")
     plugins.set_defaults(handler=_cmd_plugins)
 
@@ -99,9 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("file")
     info.set_defaults(handler=_cmd_info)
 
-    plot = sub.add_parser("plot", help="draw a trajectory file")
-    plot.add_argument("file")
-    plot.add_argument("-o", "--output", help="PNG (or PDF/SVG) overview picture")
+    plot = sub.add_parser("plot", help="draw a trajectory file, or a sweep's observable against a parameter")
+    plot.add_argument("file", help="a trajectory .h5 file, or a sweep's directory")
+    plot.add_argument("-o", "--output", help="PNG (or PDF/SVG) picture (a sweep: default DIR/<y>-vs-<x>.png)")
+    plot.add_argument("--x", help="sweep: the parameter on the x axis")
+    plot.add_argument("--y", help="sweep: the final observable on the y axis")
     plot.add_argument("--animate", metavar="OUT.gif", help="animated GIF of the run")
     plot.add_argument("--replica", type=int, default=0, help="which replica to draw (default 0)")
     plot.set_defaults(handler=_cmd_plot)

@@ -38,7 +38,8 @@ import attrs
 
 from .errors import MeasureflowError, ParameterError
 
-__all__ = ["scenario", "Scenario", "Parameter", "load_scenarios", "parse_assignments"]
+__all__ = ["scenario", "Scenario", "Parameter", "load_scenarios", "parse_assignments", "attach_checkpoint",
+           "choose_scenario"]
 
 _SUPPORTED = (int, float, str, bool)
 
@@ -139,16 +140,9 @@ class Scenario:
     def run(self, overrides: dict | None = None, *, resume: bool = False, progress: bool | None = None):
         """Build, run (with a checkpoint beside any H5MD output) and report; returns the Result."""
         simulation, params = self.build(overrides)
-        h5_path = _h5_output(simulation)
         if progress is not None:
             simulation.progress = progress
-        if h5_path is not None and simulation.checkpoint_path is None:
-            from .triggers import as_trigger
-
-            simulation.checkpoint_path = Path(str(h5_path) + ".ckpt")
-            simulation.checkpoint_trigger = as_trigger(max(1, simulation.n_steps // 10))
-        if h5_path is not None:
-            Path(h5_path).parent.mkdir(parents=True, exist_ok=True)
+        h5_path = attach_checkpoint(simulation)
         simulation.resume = bool(resume) and simulation.checkpoint_path is not None
         if simulation.resume and not simulation.checkpoint_path.exists() and h5_path is not None:
             done = _completed_status(h5_path)
@@ -242,6 +236,34 @@ def load_scenarios(path: str | Path) -> dict[str, Scenario]:
     if not found:
         raise ParameterError(f"{str(path)!r} defines no @measureflow.scenario function")
     return found
+
+
+def choose_scenario(scenarios: dict[str, Scenario], path, name: str | None = None) -> Scenario:
+    """The scenario named ``name`` among a file's ``scenarios``, or the file's only one."""
+    if name is not None:
+        if name not in scenarios:
+            raise MeasureflowError(f"{path} has no scenario named {name!r}; it defines: {', '.join(scenarios)}")
+        return scenarios[name]
+    if len(scenarios) == 1:
+        (only,) = scenarios.values()
+        return only
+    raise MeasureflowError(f"{path} defines several scenarios ({', '.join(scenarios)}); pick one with --name")
+
+
+def attach_checkpoint(simulation, path=None) -> Path | None:
+    """Give ``simulation`` the checkpoint a scenario run keeps: ``path``, or ``<file>.ckpt`` beside
+    its H5MD output, saved every tenth of the run. Returns the H5MD output path (None if none)."""
+    h5_path = _h5_output(simulation)
+    if path is None and h5_path is not None and simulation.checkpoint_path is None:
+        path = Path(str(h5_path) + ".ckpt")
+    if path is not None:
+        from .triggers import as_trigger
+
+        simulation.checkpoint_path = Path(path)
+        simulation.checkpoint_trigger = as_trigger(max(1, simulation.n_steps // 10))
+    if h5_path is not None:
+        Path(h5_path).parent.mkdir(parents=True, exist_ok=True)
+    return h5_path
 
 
 def _h5_output(simulation):

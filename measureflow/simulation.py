@@ -282,6 +282,11 @@ class Simulation:
         None → a tqdm bar when stderr is a terminal; True/False force it.
     parameters:
         scenario parameters recorded in the trajectory file.
+
+    The attribute ``noise_blocks`` (default None) may be set to ``[(seed, replicas), …]`` before
+    :meth:`run`: the state's replicas then form consecutive blocks, each drawing its noise from
+    its own seed exactly as a run of those replicas with that seed would (how a sweep packs runs
+    that differ only in seed).
     """
 
     def __init__(
@@ -365,6 +370,9 @@ class Simulation:
         if self.resume and self.checkpoint_path is None:
             raise MeasureflowError("resume=True needs a checkpoint path (checkpoint='run.ckpt')")
         self._stop_flag = threading.Event()
+        # ((seed, replicas), …): consecutive blocks of replicas drawing noise from their own seeds,
+        # as each would alone (set by packed sweeps; None: one stream from ``seed``).
+        self.noise_blocks = None
 
     # -- set-up helpers ---------------------------------------------------------------------------
     def _grid_size(self, steps, dt) -> int:
@@ -460,8 +468,7 @@ class Simulation:
 
         start = _time.monotonic()
         state = self.state
-        generator = torch.Generator(device=state.device)
-        generator.manual_seed(noise_seed(self.seed))
+        generator = self._noise_generator(state.device)
         step = 0
         history: dict[str, list] = {o.name: [] for o in self.observers}
         state_step = 0  # the grid step that `state` is at
@@ -570,6 +577,16 @@ class Simulation:
             integrator_stats=stats,
             writers=tuple(self.writers),
         )
+
+    def _noise_generator(self, device):
+        if self.noise_blocks:
+            from .integrators.stochastic import ReplicaNoise
+
+            seeds, replicas = zip(*self.noise_blocks)
+            return ReplicaNoise([noise_seed(s) for s in seeds], replicas, device)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(noise_seed(self.seed))
+        return generator
 
     # -- pieces of a step --------------------------------------------------------------------------------
     def _observe_and_write(self, step, state, history, last=False):

@@ -27,15 +27,55 @@ from .base import Integrator, as_time
 from .runge_kutta import advance_gaussians
 from .systems import GaussianSystem, ParticleSystem, system_for
 
-__all__ = ["EulerMaruyama"]
+__all__ = ["EulerMaruyama", "ReplicaNoise", "standard_normal"]
 
 
-def standard_normal(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+class ReplicaNoise:
+    """Noise streams of a batch that stacks several runs along the replica axis (a packed sweep).
+
+    Block i — ``replicas[i]`` consecutive replicas — draws from its own generator seeded with
+    ``seeds[i]``, so each run receives the noise it would draw alone. Use it where a
+    ``torch.Generator`` goes; :func:`standard_normal` draws block by block. ``get_state`` /
+    ``set_state`` stack the blocks' states so that checkpoints hold every stream.
+    """
+
+    def __init__(self, seeds, replicas, device):
+        if len(seeds) != len(replicas) or not seeds:
+            raise ValueError(
+                f"ReplicaNoise needs one seed per block; received {len(seeds)} seeds, {len(replicas)} blocks"
+            )
+        self.device = torch.device(device)
+        self.replicas = tuple(int(r) for r in replicas)
+        self.generators = [torch.Generator(device=self.device) for _ in seeds]
+        for generator, seed in zip(self.generators, seeds):
+            generator.manual_seed(int(seed))
+
+    def standard_normal(self, shape, like: torch.Tensor) -> torch.Tensor:
+        if shape[0] != sum(self.replicas):
+            raise ValueError(
+                f"ReplicaNoise holds streams for {sum(self.replicas)} replicas {self.replicas}; "
+                f"a draw of shape {tuple(shape)} asks for {shape[0]}"
+            )
+        rest = tuple(shape[1:])
+        return torch.cat([standard_normal((r, *rest), like, g) for g, r in zip(self.generators, self.replicas)])
+
+    def get_state(self) -> torch.Tensor:
+        return torch.stack([g.get_state() for g in self.generators])
+
+    def set_state(self, state: torch.Tensor) -> None:
+        for generator, row in zip(self.generators, state):
+            generator.set_state(row.clone())  # a row of the stack is a view; the generator needs its own storage
+
+
+def standard_normal(shape, like: torch.Tensor, generator) -> torch.Tensor:
     """ξ ~ N(0, I) of ``shape`` with like's dtype and device, drawn from ``generator``.
 
     A generator on another device than the state (e.g. a CPU generator for a CUDA state) draws on
-    its own device and the sample is copied over, asynchronously.
+    its own device and the sample is copied over, asynchronously. A :class:`ReplicaNoise` draws
+    each block of replicas from its own stream.
     """
+    if isinstance(generator, ReplicaNoise):
+        return generator.standard_normal(shape, like)
     if generator is None or generator.device == like.device:
         return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
     xi = torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device)

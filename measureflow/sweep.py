@@ -1,0 +1,496 @@
+"""Sweeps: a scenario run over a parameter grid × seeds, one H5MD file per run (DESIGN.md
+"Sweeps and distribution").
+
+    measureflow sweep scenarios/relaxation.py --grid n=100,1000 --grid t1=1,2 --seeds 0-9 --out runs/grid
+
+expands into 2 × 2 × 10 runs. What this module fixes:
+
+* **A run** is the scenario with fully resolved parameters. Its key is the first 16 hex digits of
+  the sha256 of the canonical JSON (sorted keys, no spaces) of ``{"scenario": name, "parameters":
+  ...}`` without the output parameters ``out``, ``picture`` and ``device`` (plus ``"dtype"`` when
+  ``--dtype`` is given to a scenario without a ``dtype`` parameter). The run writes ``DIR/<key>.h5``
+  (the sweep sets ``out``; ``picture`` is set to "" so no picture is drawn per run; reports are not
+  called).
+* **Seeds.** ``--seeds 0-9`` labels ten replicas of each grid point. The ``seed`` a run receives
+  is derived by a hash from the sweep seed (``--sweep-seed``, default 0), the scenario's name, the
+  run's other parameters and the label, so a run's numbers do not depend on the executor, on the
+  order of execution, or on which other runs share the sweep.
+* **The index** ``DIR/sweep.json`` records for each run its parameters, file, status, wall time,
+  final observables and error. Only the driver writes it, atomically (temporary file, fsync,
+  rename), at most once a second while runs finish and once at the end; the files stay the
+  authority, so an index that missed the last second of a killed sweep is repaired on the next
+  run from the files' recorded status.
+* **Re-running** the same command skips runs whose file is completed, resumes interrupted ones
+  from the checkpoint beside their file, and runs the rest. A failing run is recorded with its
+  error and does not stop the others; it is attempted again by the next invocation.
+
+The driver hands :class:`~measureflow.sweep_run.Job` objects to an executor (see
+:mod:`measureflow.executors`); with ``pack=True`` the runs of one grid point form one job,
+advanced as one batch of replicas (:mod:`measureflow.sweep_pack`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import itertools
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+import attrs
+
+from .errors import MeasureflowError, ParameterError
+
+__all__ = [
+    "parse_grid",
+    "parse_seeds",
+    "run_key",
+    "derive_seed",
+    "RunSpec",
+    "plan_runs",
+    "SweepIndex",
+    "SweepReport",
+    "run_sweep",
+    "INDEX_NAME",
+    "OUTPUT_PARAMETERS",
+]
+
+INDEX_NAME = "sweep.json"
+INDEX_FORMAT = "measureflow-sweep-1"
+#: Parameters that say where a run writes or runs, not what it computes: left out of the key.
+OUTPUT_PARAMETERS = ("out", "picture", "device")
+#: Index writes while runs finish are at least this many seconds apart.
+INDEX_INTERVAL = 1.0
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+# ------------------------------------------------------------------------------------------------
+# the command-line vocabulary
+
+
+def parse_grid(items: Iterable[str]) -> dict[str, list[str]]:
+    """``["n=10,100", "t1=1,2"]`` → ``{"n": ["10", "100"], "t1": ["1", "2"]}`` (values converted
+    later, by the scenario's declared types)."""
+    grid: dict[str, list[str]] = {}
+    for item in items or ():
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ParameterError(f"--grid expects key=v1,v2,…; received {item!r}")
+        if key in grid:
+            raise ParameterError(f"--grid {key}=… is given twice; list all its values in one --grid {key}=v1,v2,…")
+        grid[key] = [v.strip() for v in values.split(",") if v.strip()]
+        if not grid[key]:
+            raise ParameterError(f"--grid {item!r} lists no values; write --grid {key}=v1,v2,…")
+    return grid
+
+
+def parse_seeds(text: str | int | Iterable[int]) -> list[int]:
+    """Seed labels: ``"0-9"``, ``"0,3,7"``, ``"0-4,10-12"`` or a count-free iterable of ints."""
+    if isinstance(text, int):
+        return [text]
+    if not isinstance(text, str):
+        return sorted({int(v) for v in text})
+    labels: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not match:
+            raise ParameterError(f"--seeds {text!r}: {part!r} is neither a number nor a range a-b (e.g. 0-9 or 0,3,7)")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise ParameterError(f"--seeds {text!r}: the range {part!r} runs backwards; write {last}-{first}")
+        labels.update(range(first, last + 1))
+    if not labels:
+        raise ParameterError(f"--seeds {text!r} names no seed; write e.g. 0-9")
+    return sorted(labels)
+
+
+def check_dtype(dtype: str | None) -> str | None:
+    if dtype is None or dtype == "":
+        return None
+    if dtype not in DTYPES:
+        raise ParameterError(f"--dtype {dtype!r} is not a floating-point dtype; use one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def check_device(device: str) -> str:
+    """Validate the spelling of ``--device`` (whether the device exists is checked where runs execute)."""
+    if device == "auto":
+        return device
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ParameterError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+# ------------------------------------------------------------------------------------------------
+# keys and seeds
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+
+
+def _digest(value) -> bytes:
+    return hashlib.sha256(_canonical(value).encode()).digest()
+
+
+def run_key(scenario: str, parameters: dict, dtype: str | None = None) -> str:
+    """The stable key of a run (and the stem of its file): see the module docstring."""
+    identity = {
+        "scenario": scenario,
+        "parameters": {k: v for k, v in parameters.items() if k not in OUTPUT_PARAMETERS},
+    }
+    if dtype is not None:
+        identity["dtype"] = dtype
+    return _digest(identity).hex()[:16]
+
+
+def derive_seed(sweep_seed: int, scenario: str, parameters: dict, label: int) -> int:
+    """The ``seed`` of the run labelled ``label`` at this grid point: a 32-bit hash of the sweep
+    seed, the scenario, the run's parameters (other than seed and outputs) and the label."""
+    point = {k: v for k, v in parameters.items() if k not in OUTPUT_PARAMETERS and k != "seed"}
+    digest = _digest({"sweep_seed": int(sweep_seed), "scenario": scenario, "parameters": point, "label": int(label)})
+    return int.from_bytes(digest[:4], "little")
+
+
+# ------------------------------------------------------------------------------------------------
+# runs
+
+
+@attrs.frozen
+class RunSpec:
+    """One run of a sweep.
+
+    ``parameters`` are the scenario's resolved parameters (JSON values), with the derived
+    ``seed`` and ``out`` = ``file``; ``label`` is the seed label from ``--seeds``; ``point`` is
+    the key of the grid point (the parameters without the seed), shared by the runs that may be
+    packed together.
+    """
+
+    key: str = attrs.field(validator=attrs.validators.matches_re(r"[0-9a-f]{16}"))
+    parameters: dict = attrs.field(eq=False)
+    label: int = attrs.field(converter=int)
+    file: str
+    point: str
+
+
+def _jsonable_parameters(params: dict, scenario: str) -> dict:
+    from .io.runinfo import to_jsonable
+
+    return to_jsonable(params, f"scenario {scenario!r} parameters")
+
+
+def check_sweepable(scn, grid: dict, fixed: dict) -> None:
+    """Refuse a scenario without ``out``/``seed`` parameters, and grid or fixed values for them."""
+    params = scn.parameters
+    missing = [name for name, kind in (("out", str), ("seed", int))
+               if name not in params or params[name].type is not kind]
+    if missing:
+        have = ", ".join(f"{p.name}: {getattr(p.type, '__name__', p.type)}" for p in params.values()) or "(none)"
+        raise ParameterError(
+            f"scenario {scn.name!r} cannot be swept: a sweepable scenario declares `out: str` (the H5MD file "
+            f"each run writes, set by the sweep) and `seed: int` (set per run from --seeds); it lacks "
+            f"{' and '.join(missing)} (its parameters: {have})"
+        )
+    for source, values in (("--grid", grid), ("--set", fixed)):
+        for name in ("out", "seed"):
+            if name in values:
+                what = "the sweep names each run's file DIR/<key>.h5" if name == "out" else "seeds come from --seeds"
+                raise ParameterError(f"{source} {name}=… is not allowed in a sweep: {what}")
+
+
+def plan_runs(scn, grid: dict, labels: list[int], directory: Path, *, fixed: dict | None = None,
+              sweep_seed: int = 0, dtype: str | None = None) -> list[RunSpec]:
+    """Expand grid × seed labels into runs (grid in the order given, labels innermost; duplicates dropped)."""
+    fixed = dict(fixed or {})
+    check_sweepable(scn, grid, fixed)
+    directory = Path(directory).absolute()
+    if dtype is not None and "dtype" in scn.parameters:
+        fixed["dtype"] = dtype
+    key_dtype = dtype if dtype is not None and "dtype" not in scn.parameters else None
+    if "picture" in scn.parameters:
+        fixed["picture"] = ""
+    names = list(grid)
+    runs, seen = [], set()
+    for values in itertools.product(*(grid[n] for n in names)):
+        resolved = scn.resolve({**fixed, **dict(zip(names, values))})
+        resolved = _jsonable_parameters(resolved, scn.name)
+        point = run_key(scn.name, {k: v for k, v in resolved.items() if k != "seed"}, key_dtype)
+        for label in labels:
+            params = dict(resolved, seed=derive_seed(sweep_seed, scn.name, resolved, label))
+            key = run_key(scn.name, params, key_dtype)
+            if key in seen:
+                continue
+            seen.add(key)
+            file = directory / f"{key}.h5"
+            params["out"] = str(file)
+            runs.append(RunSpec(key, params, label, str(file), point))
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------
+# the index
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` so that readers see the old or the new file, never a torn one."""
+    from .io.checkpoint import fsync_directory
+
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+class SweepIndex:
+    """``DIR/sweep.json``: the sweep's header and one record per run, keyed by run key.
+
+    A record holds ``parameters``, ``label`` (seed label), ``file`` (relative to DIR),
+    ``status`` (``pending``, ``completed``, ``failed`` or the run's own status: ``nonfinite``,
+    ``blowup``, ``terminated`` …), ``message``, ``error`` (traceback of a failure),
+    ``wall_time`` (seconds; a packed run gets its share of the pack's time), ``observables``
+    (final values, see :func:`measureflow.sweep_run.final_observables`), ``device``, ``pack``
+    (runs in its batch) and ``updated`` (UTC time).
+    """
+
+    def __init__(self, directory, header: dict | None = None, runs: dict | None = None):
+        self.directory = Path(directory)
+        self.path = self.directory / INDEX_NAME
+        self.header = dict(header or {})
+        self.runs: dict[str, dict] = dict(runs or {})
+        self._saved_at = 0.0
+
+    @classmethod
+    def load(cls, directory, *, missing_ok: bool = False) -> "SweepIndex":
+        directory = Path(directory)
+        if directory.is_file() and directory.name == INDEX_NAME:
+            directory = directory.parent
+        path = directory / INDEX_NAME
+        if not path.exists():
+            if missing_ok:
+                return cls(directory)
+            raise MeasureflowError(
+                f"{directory}: no sweep index ({INDEX_NAME}) there; give the --out directory of a "
+                "`measureflow sweep` command"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise MeasureflowError(
+                f"{path}: cannot be read as a sweep index ({exc}); move it away and re-run the sweep"
+            ) from exc
+        if data.get("format") != INDEX_FORMAT:
+            raise MeasureflowError(f"{path}: not a measureflow sweep index (format {data.get('format')!r})")
+        return cls(directory, data.get("sweep", {}), data.get("runs", {}))
+
+    def save(self, *, throttle: bool = False) -> None:
+        if throttle and time.monotonic() - self._saved_at < INDEX_INTERVAL:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.header["updated"] = _now()
+        text = json.dumps({"format": INDEX_FORMAT, "sweep": self.header, "runs": self.runs}, indent=1, allow_nan=True)
+        write_atomic(self.path, text)
+        self._saved_at = time.monotonic()
+
+    def record(self, run: RunSpec, **fields) -> dict:
+        entry = self.runs.setdefault(run.key, {})
+        entry.update(parameters=run.parameters, label=run.label, file=Path(run.file).name)
+        entry.setdefault("status", "pending")
+        entry.update(fields)
+        entry["updated"] = _now()
+        return entry
+
+    def file_of(self, key: str) -> Path:
+        return self.directory / self.runs[key]["file"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the driver
+
+
+@attrs.frozen
+class SweepReport:
+    """What :func:`run_sweep` did: counts by status, the runs that did not complete, the index path."""
+
+    index: Path
+    total: int
+    skipped: int
+    counts: dict
+    unfinished: tuple  # (key, status, message) of runs not completed
+    stopped: bool = False  # SIGTERM or a terminated run ended the sweep early
+
+    @property
+    def ok(self) -> bool:
+        return not self.unfinished and not self.stopped
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{n} {status}" for status, n in sorted(self.counts.items()))
+        text = f"{self.total} runs: {parts or 'none run'} ({self.skipped} already completed); index {self.index}"
+        if self.stopped:
+            text += "; stopped early — run the same command again to continue"
+        return text
+
+
+def _recover(index: SweepIndex, run: RunSpec) -> bool:
+    """True when ``run`` is already completed (its file says so and no checkpoint is left)."""
+    from .scenario import _completed_status
+
+    entry = index.runs.get(run.key, {})
+    file = Path(run.file)
+    checkpoint = Path(run.file + ".ckpt")
+    if entry.get("status") == "completed" and file.exists() and not checkpoint.exists():
+        return True
+    if checkpoint.exists() or _completed_status(file) is None:
+        return False
+    # The run completed but the index missed it (the driver was killed before its next write).
+    from .sweep_run import summarise
+
+    outcome = summarise(run, "completed", "", None, entry.get("device", ""))
+    index.record(run, **outcome.record())
+    return True
+
+
+def _jobs(scenario_path: Path, name: str, runs: list[RunSpec], *, pack: bool, device: str, dtype: str | None,
+          directory: Path):
+    from .sweep_run import Job
+
+    if not pack:
+        return [Job(str(scenario_path), name, (run,), device, dtype) for run in runs]
+    points: dict[str, list[RunSpec]] = {}
+    for run in runs:
+        points.setdefault(run.point, []).append(run)
+    jobs = []
+    for members in points.values():
+        checkpoint = None
+        if len(members) > 1:
+            pack_key = hashlib.sha256(",".join(sorted(r.key for r in members)).encode()).hexdigest()[:16]
+            checkpoint = str(directory / f"pack-{pack_key}.ckpt")
+        jobs.append(Job(str(scenario_path), name, tuple(members), device, dtype, pack=len(members) > 1,
+                        checkpoint=checkpoint))
+    return jobs
+
+
+def _progress(total: int, initial: int, progress: bool | None, name: str):
+    from tqdm.auto import tqdm
+
+    disable = None if progress is None else not progress
+    if progress is None and os.environ.get("CI"):
+        disable = True
+    return tqdm(total=total, initial=initial, disable=disable, desc=f"sweep {name}", unit="run",
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def run_sweep(
+    scenario,
+    grid: dict | None = None,
+    seeds="0",
+    out="sweep",
+    *,
+    fixed: dict | None = None,
+    name: str | None = None,
+    executor: str = "serial",
+    executor_options: dict | None = None,
+    pack: bool = False,
+    device: str = "auto",
+    dtype: str | None = None,
+    sweep_seed: int = 0,
+    progress: bool | None = None,
+) -> SweepReport:
+    """Run ``scenario`` (a scenario file) over ``grid`` (name → list of values) × ``seeds`` into ``out``.
+
+    ``fixed`` holds parameter values shared by every run; ``executor`` names a registered executor
+    built with ``executor_options``; ``pack`` advances the runs of one grid point as one batch;
+    ``device`` is ``auto`` (CUDA where the run executes and one is visible, else CPU), ``cpu`` or
+    ``cuda:N``; ``dtype`` casts each run's state. Returns a :class:`SweepReport`; the index is
+    ``out/sweep.json``. See the module docstring for keys, seeds and resumption.
+    """
+    from .executors import make_executor
+    from .scenario import choose_scenario, load_scenarios
+    from .simulation import install_sigterm
+    from .sweep_run import Outcome, execute
+
+    scenario_path = Path(scenario).absolute()
+    scenarios = load_scenarios(scenario_path)
+    scn = choose_scenario(scenarios, scenario_path, name)
+    directory = Path(out).absolute()
+    if directory.exists() and not directory.is_dir():
+        raise ParameterError(f"--out {out}: exists and is not a directory; give a directory for the sweep's files")
+    grid = {k: list(v) for k, v in (grid or {}).items()}
+    fixed = dict(fixed or {})
+    labels = parse_seeds(seeds)
+    dtype = check_dtype(dtype)
+    device = check_device(device)
+    engine = make_executor(executor, **(executor_options or {}))
+    runs = plan_runs(scn, grid, labels, directory, fixed=fixed, sweep_seed=sweep_seed, dtype=dtype)
+
+    index = SweepIndex.load(directory, missing_ok=True)
+    previous = index.header.get("scenario", {}).get("name")
+    if previous is not None and previous != scn.name:
+        raise ParameterError(
+            f"--out {out} holds a sweep of scenario {previous!r}; sweep {scn.name!r} into another directory"
+        )
+    index.header.update(scenario={"name": scn.name, "path": str(scenario_path)}, sweep_seed=int(sweep_seed),
+                        grid=sorted(set(index.header.get("grid", [])) | set(grid)), dtype=dtype)
+    index.header.setdefault("created", _now())
+    todo = [run for run in runs if not _recover(index, run)]
+    for run in todo:
+        index.record(run)
+    index.save()
+    skipped = len(runs) - len(todo)
+
+    counts: dict[str, int] = {}
+    unfinished = []
+    stop = engine.stopping
+    bar = _progress(len(runs), skipped, progress, scn.name)
+    restore = install_sigterm(stop)
+    try:
+        jobs = _jobs(scenario_path, scn.name, todo, pack=pack, device=device, dtype=dtype, directory=directory)
+        with engine:
+            for job, result in engine.map_unordered(execute, jobs):
+                if isinstance(result, BaseException):
+                    message = f"{type(result).__name__}: {result}"
+                    result = [Outcome.failure(run.key, message, message) for run in job.runs]
+                by_key = {outcome.key: outcome for outcome in result}
+                for run in job.runs:
+                    outcome = by_key.get(run.key) or Outcome.failure(run.key, "the executor returned no outcome for it")
+                    index.record(run, **outcome.record())
+                    counts[outcome.status] = counts.get(outcome.status, 0) + 1
+                    if outcome.status != "completed":
+                        unfinished.append((run.key, outcome.status, outcome.message))
+                    if outcome.status == "terminated":
+                        stop.set()
+                    bar.update(1)
+                index.save(throttle=True)
+                if stop.is_set():
+                    break
+        stopped = stop.is_set()
+    finally:
+        restore()
+        bar.close()
+        index.save()
+    return SweepReport(index.path, len(runs), skipped, counts, tuple(unfinished), stopped)
+
