@@ -91,6 +91,7 @@ BUILTIN_PLUGINS = (
     "measureflow_plugins.jko",
     "measureflow_plugins.ray_executor",
     "measureflow_plugins.drifting",
+    "measureflow_plugins.attention",
     "measureflow_plugins.mean_field_network",
 )
 
