@@ -517,7 +517,10 @@ class Simulation:
                     new_state = self.integrator.advance(self.field, state, t_prev, t_next, generator)
                 except MeasureflowError as exc:
                     if type(exc).__name__ == "StepFailure":
-                        status = Status("step_failure", step + 1, float(getattr(exc, "time", t_next)), str(exc))
+                        # A state that already went bad (blow-up, NaN) is the cause; the failed step its symptom.
+                        status = self._read_health(health) or Status(
+                            "step_failure", step + 1, float(getattr(exc, "time", t_next)), str(exc)
+                        )
                         break
                     raise
                 step += 1

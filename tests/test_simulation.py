@@ -149,6 +149,25 @@ def test_health_found_in_a_later_block_without_intermediate_reads():
     assert blown.status.code == "blowup" and blown.status.step == k
 
 
+class Riccati(Field):
+    """Σ̇ = 2Σ², m = 0 (v = Σx): Σ(t) = Σ₀(1 − 2tΣ₀)⁻¹ blows up at t* = 1/(2λ_max(Σ₀))."""
+
+    name = "riccati_cov"
+
+    def affine(self, t, state):
+        return torch.zeros_like(state.mean), state.cov.clone()
+
+
+def test_blowup_is_reported_before_a_later_step_failure():
+    # Σ₀ = 1 in 1-D: t* = ½. RK4 with h = 0.05 passes the bound 1e3 a few steps before t*, and the
+    # steps after it leave the SPD cone (a step failure). Without intermediate reads the run must
+    # still report the first event, the blow-up, not the failure it caused.
+    start = Gaussians(torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, 1, dtype=torch.float64))
+    result = Simulation(start, Riccati(), "rk4", 0.0, 1.0, steps=20, blowup=1e3, progress=False).run()
+    assert result.status.code == "blowup", result.status
+    assert 0.45 <= result.status.time <= 0.6  # RK4 lags the exact blow-up by a step or two
+
+
 class Slow(Field):
     name = "slow"
 
