@@ -1,7 +1,6 @@
 """Sweeps on a real local Ray cluster (one per test session): completed and failing runs, a run
-whose worker is killed (SIGKILL) mid-way and resumed by the next sweep, and files identical to
-serial runs. (Killing the sweep's driver is tested with the serial executor in test_sweep.py; it
-leaves the same checkpoints behind.)"""
+whose worker is killed (SIGKILL) mid-way, a sweep whose driver is killed (SIGKILL), each resumed by
+the next sweep, and files identical to serial runs."""
 
 import logging
 import os
@@ -99,4 +98,42 @@ def test_killed_ray_run_is_reported_and_resumes_to_the_serial_files(tiny, tmp_pa
         assert list(f["measureflow/status"].attrs["resumed_from"])
     reference = run_sweep(tiny, grid, "0-2", tmp_path / "serial", progress=False)
     assert reference.ok
+    assert_same_files(tmp_path / "serial", out)
+
+
+def test_killed_ray_sweep_driver_resumes_to_the_serial_files(tiny, tmp_path, ray_address):
+    # The sweep's own process (the Ray driver, joined to the session's cluster through --address) is
+    # killed with SIGKILL while a run is past its first checkpoint; the cluster then reaps that driver's
+    # tasks. Re-running the same command resumes the interrupted run from its checkpoint and gives the
+    # files an uninterrupted serial sweep writes.
+    import subprocess
+    import sys
+
+    grid = {"pause": ["0.04"]}
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "measureflow", "sweep", str(tiny), "--grid", "pause=0.04",
+                             "--seeds", "0-2", "--out", str(out), "--no-progress", "--executor", "ray",
+                             "--address", ray_address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 90
+    while not list(out.glob("*.h5.ckpt")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no run ever checkpointed"
+        time.sleep(0.01)
+    time.sleep(0.2)  # mid-run, past a first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    interrupted = {p.name[: -len(".ckpt")] for p in out.glob("*.h5.ckpt")}
+    assert interrupted
+    # Wait until the dead driver's tasks have let go of their files before the next sweep writes them.
+    deadline = time.monotonic() + 30
+    while any(_holder(out / name) is not None for name in interrupted) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    again = run_sweep(tiny, grid, "0-2", out, executor="ray", progress=False)
+    assert again.ok and not list(out.glob("*.ckpt"))
+    for name in interrupted:
+        with h5py.File(out / name, "r") as f:
+            assert list(f["measureflow/status"].attrs["resumed_from"])
+    assert run_sweep(tiny, grid, "0-2", tmp_path / "serial", progress=False).ok
     assert_same_files(tmp_path / "serial", out)
