@@ -48,7 +48,6 @@ device or synchronise it. Both solvers hold an N×M cost matrix, so they refuse 
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import attrs
@@ -57,7 +56,9 @@ import torch
 from .errors import CapabilityError, ParameterError, ShapeError, StateError
 from .fields import capabilities
 from .measures import Empirical, Gaussian, GaussianMixture, Measure
+from .linalg import matrix_function, symmetrize
 from .plugins import hookimpl
+from .reductions import kernel_sum
 from .state import Gaussians, Particles, state_kind
 
 __all__ = [
@@ -81,9 +82,6 @@ KERNELS = {
     "laplace": "k(x, y) = exp(−|x − y| / ℓ)",
     "energy": "k(x, y) = −|x − y| (MMD² = energy distance; ℓ unused)",
 }
-
-# Elements of one (R, block_n, block_m, d) difference tensor in the blocked kernel sums.
-_BLOCK_ELEMENTS = 1 << 22
 
 
 # -- moments and energy ---------------------------------------------------------------------------------
@@ -259,20 +257,15 @@ def _to_numpy_problem(a: _Cloud, b: _Cloud, r: int, dtype=torch.float64):
 # -- matrix functions -----------------------------------------------------------------------------------
 
 
-def _sym(a: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (a + a.transpose(-1, -2))
-
-
 def _sqrtm(a: torch.Tensor) -> torch.Tensor:
     """Spectral square root of symmetric PSD matrices (negative rounding eigenvalues clamped to 0)."""
-    evals, evecs = torch.linalg.eigh(_sym(a))
-    return (evecs * evals.clamp_min(0).sqrt()[..., None, :]) @ evecs.transpose(-1, -2)
+    return matrix_function(a, lambda e: e.clamp_min(0).sqrt())
 
 
 def _cross_eigenvalues(cov1: torch.Tensor, cov2: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of Σ₂^{1/2} Σ₁ Σ₂^{1/2} (clamped at 0), batched."""
     root2 = _sqrtm(cov2)
-    return torch.linalg.eigvalsh(_sym(root2 @ cov1 @ root2)).clamp_min(0)
+    return torch.linalg.eigvalsh(symmetrize(root2 @ cov1 @ root2)).clamp_min(0)
 
 
 # -- W2 ---------------------------------------------------------------------------------------------------
@@ -329,38 +322,6 @@ def w2(state, *, field=None, target=None, t=None, seed: int = 0, samples: int | 
 # -- MMD --------------------------------------------------------------------------------------------------
 
 
-def _kernel_values(sq: torch.Tensor, kernel: str, bandwidth: float) -> torch.Tensor:
-    if kernel == "gaussian":
-        return torch.exp(sq / (-2.0 * bandwidth**2))
-    if kernel == "laplace":
-        return torch.exp(-sq.sqrt() / bandwidth)
-    return -sq.sqrt()
-
-
-def _kernel_sum(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, *, kernel: str,
-                bandwidth: float) -> torch.Tensor:
-    """Σⱼ wⱼ k(xᵢ, yⱼ) for x (R, N, d), y (R or 1, M, d), weights (R or 1, M) → (R, N).
-
-    Blocked over N and M so memory stays O((N + M)·d + block²). This is a stand-in with the
-    semantics of ``measureflow.reductions.kernel_sum(x, y, weights=...)`` and must be replaced by a
-    call to it, so that every speed-up of that module (streaming, KeOps) lands here too.
-    Differences are formed explicitly (not |x|² + |y|² − 2⟨x, y⟩) to keep full relative accuracy
-    near the diagonal, which the cancellation in MMD² needs.
-    """
-    R, N, d = x.shape
-    M = y.shape[1]
-    block = max(16, int(math.sqrt(_BLOCK_ELEMENTS / max(1, R * d))))
-    out = torch.zeros(R, N, dtype=x.dtype, device=x.device)
-    for i in range(0, N, block):
-        xi = x[:, i:i + block, None, :]
-        acc = torch.zeros(R, xi.shape[1], dtype=x.dtype, device=x.device)
-        for j in range(0, M, block):
-            sq = ((xi - y[:, None, j:j + block, :]) ** 2).sum(-1)  # (R, bn, bm)
-            acc = acc + (_kernel_values(sq, kernel, bandwidth) * weights[:, None, j:j + block]).sum(-1)
-        out[:, i:i + block] = acc
-    return out
-
-
 def gaussian_kernel_expectation(mean1, cov1, mean2, cov2, bandwidth: float) -> torch.Tensor:
     """E k(X, Y) for independent X ~ N(m₁, Σ₁), Y ~ N(m₂, Σ₂) and k = exp(−|x − y|²/(2ℓ²)) (MATH.md §6):
 
@@ -375,7 +336,7 @@ def gaussian_kernel_expectation(mean1, cov1, mean2, cov2, bandwidth: float) -> t
     for c in (cov1, cov2):
         if c is not None:
             g = g + c / bandwidth**2
-    chol = torch.linalg.cholesky(_sym(g))
+    chol = torch.linalg.cholesky(symmetrize(g))
     diff = ((mean1 - mean2) / bandwidth)[..., None]
     chol = chol.expand(diff.shape[:-2] + chol.shape[-2:]) if chol.ndim < diff.ndim else chol
     z = torch.linalg.solve_triangular(chol, diff, upper=False)[..., 0]
@@ -404,7 +365,9 @@ def _gaussian_inner(a, b, bandwidth: float) -> torch.Tensor:
 def _cloud_inner(a: _Cloud, b: _Cloud, kernel: str, bandwidth: float) -> torch.Tensor:
     if a.x.shape[0] < b.x.shape[0]:
         a, b = b, a
-    sums = _kernel_sum(a.x, b.x, b.w, kernel=kernel, bandwidth=bandwidth)
+    # The streamed kernel sum of measureflow.reductions (explicit differences in low d, so the
+    # cancellation in MMD² near the diagonal keeps full relative accuracy).
+    sums = kernel_sum(a.x, b.x, weights=b.w, kernel=kernel, bandwidth=bandwidth)
     return (a.w * sums).sum(-1)
 
 
@@ -458,7 +421,7 @@ def gaussian_sinkhorn_divergence(mean1, cov1, mean2, cov2, epsilon: float) -> to
     s4 = s2 * s2
 
     def self_term(cov):
-        lam = torch.linalg.eigvalsh(_sym(cov)).clamp_min(0)
+        lam = torch.linalg.eigvalsh(symmetrize(cov)).clamp_min(0)
         w = torch.sqrt(4 * lam * lam + s4)
         return 0.5 * (w.sum(-1) - s2 * torch.log(w + s2).sum(-1))
 
