@@ -1000,7 +1000,11 @@ def softmax_average(
     log-weights enter as an additive mask broadcast over the queries (never an N×M tensor), queries
     and keys are zero-padded to the values' width where they differ (⟨q, k⟩ is unchanged). It is the
     same streamed online softmax as the blocked path, with its blocks held in cache, and measured
-    1.2–1.9× faster (benchmarks/README.md, "Attention"). Giving ``block_size`` selects the blocked paths.
+    1.2–1.9× faster (benchmarks/README.md, "Attention"). ``score="sqdist"`` with scale > 0 in float64
+takes the same kernel through −s|q − k|² = 2s⟨q, k⟩ − s|k|² − s|q|² (keys' term in the log-weights,
+queries' term a shift of LSE; both sets centred on the keys' mean first), within about 1e-13 of the
+direct differences; float32 keeps the direct path, which is a decimal digit more accurate there.
+Giving ``block_size`` selects the blocked paths.
     """
     fn = "softmax_average"
     if score not in _SCORES:
@@ -1051,6 +1055,8 @@ def softmax_average(
         out = None
         if score == "bilinear" and _use_attention_kernel(q, block):
             out = _attention_kernel_softmax(scale, q, k, v, None if uniform else lw)
+        elif score == "sqdist" and scale > 0 and q.dtype == torch.float64 and _use_attention_kernel(q, block):
+            out = _sqdist_on_attention_kernel(scale, q, k, v, lw)
         poly = q.dtype == torch.float32 and q.device.type == "cpu"
         key = ("softmax", score, d, v.shape[2], scale < 0 and score == "sqdist", poly)
         if out is None and _use_fused(q.device, d, R * N * M, key):
@@ -1120,6 +1126,24 @@ def _attention_kernel_softmax(scale, q, k, v, lw):
     if lw is None:
         lse = lse - math.log(M)
     return avg, lse
+
+
+def _sqdist_on_attention_kernel(scale, q, k, v, lw):
+    """The squared-distance softmax through the bilinear kernel (float64 only).
+
+    −s|q − k|² = 2s⟨q, k⟩ − s|k|² − s|q|²: the key term joins the log-weights, the query term is
+    constant along each row, so the average is unchanged and LSE shifts by −s|q|². Both sets are
+    first centred on the keys' mean (differences are unchanged), which bounds the cancellation by
+    s·|x − c|². In float64 the result stays within about 1e-13 of the direct differences; in
+    float32 the cancellation costs a decimal digit, so float32 keeps the direct path.
+    """
+    centre = k.mean(dim=1, keepdim=True)
+    qc, kc = q - centre, k - centre
+    out = _attention_kernel_softmax(2.0 * scale, qc, kc, v, lw - scale * (kc * kc).sum(-1))
+    if out is None:
+        return None
+    avg, lse = out
+    return avg, lse - scale * (qc * qc).sum(-1)
 
 
 def _fused_softmax(key, scale, q, k, v, lw, block):

@@ -1,5 +1,6 @@
-"""softmax_average(score="bilinear") on torch's fused CPU attention kernel: the numbers against the dense
-formula and the blocked path, when that path is taken, its memory, and the fallback when the kernel refuses."""
+"""softmax_average(score="bilinear"), and score="sqdist" in float64, on torch's fused CPU attention kernel: the
+numbers against the dense formula and the blocked path, when that path is taken, its memory, and the fallback
+when the kernel refuses."""
 
 import gc
 import math
@@ -165,3 +166,27 @@ def test_a_refusing_kernel_warns_once_and_the_blocked_path_serves(monkeypatch, s
     monkeypatch.setattr(red, "_attention_kernel_failure", None)
     assert torch.allclose(red.softmax_average(q, k, v, w, score="bilinear", scale=0.8), expected, atol=1e-13)
     assert spy == ["kernel"]  # a torch without the kernel never reaches it
+
+
+@pytest.mark.parametrize("eps", [1.0, 0.05])
+def test_sqdist_float64_through_the_kernel_matches_dense_and_the_direct_path(spy, eps):
+    # −s|q − k|² = 2s⟨q, k⟩ − s|k|² − s|q|² after centring on the keys' mean: float64 keeps the
+    # result within a few hundred ulps of the O(s·|x − c|²) scores (here s ≤ 20, |x − c|² ≲ 30: ≤ 1e-11).
+    q, k, v, w = data(2, 300, 400, 2, 3, F64, 11)
+    q, k = q + 3.0, k + 3.5  # off-centre, as particles far from the origin are
+    w[:, :7] = 0.0  # excluded points (−inf log-weights)
+    w = w / w.sum(-1, keepdim=True)
+    s = 1.0 / eps
+    sq = -s * ((q[:, :, None, :] - k[:, None, :, :]) ** 2).sum(-1) + torch.log(w)[:, None, :]
+    ref_avg, ref_lse = torch.softmax(sq, -1) @ v, torch.logsumexp(sq, -1)
+    avg, lse = red.softmax_average(q, k, v, w, score="sqdist", scale=s, return_logsumexp=True)
+    assert spy == ["kernel"]
+    assert (avg - ref_avg).abs().max() <= 1e-11 and (lse - ref_lse).abs().max() <= 1e-11 * s
+    direct = red.softmax_average(q, k, v, w, score="sqdist", scale=s, return_logsumexp=True, block_size=128)
+    assert len(spy) == 1  # explicit blocks take the direct path
+    assert (avg - direct[0]).abs().max() <= 1e-11 and (lse - direct[1]).abs().max() <= 1e-11 * s
+    # Uniform weights and the posterior mean (values = keys).
+    mean, lse_u = red.softmax_average(q, k, score="sqdist", scale=s, return_logsumexp=True)
+    sq_u = -s * ((q[:, :, None, :] - k[:, None, :, :]) ** 2).sum(-1) - math.log(k.shape[1])
+    assert (mean - torch.softmax(sq_u, -1) @ k).abs().max() <= 1e-11
+    assert (lse_u - torch.logsumexp(sq_u, -1)).abs().max() <= 1e-11 * s
