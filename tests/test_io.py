@@ -653,6 +653,12 @@ def test_checkpoint_crash_before_rename_keeps_the_old_one(tmp_path, monkeypatch)
     assert load_checkpoint(path)["step"] == 1
     leftovers = list(tmp_path.glob("run.ckpt.tmp-*"))
     assert len(leftovers) == 1 and load_checkpoint(leftovers[0])["step"] == 3  # complete, never renamed
+    # The next save removes the dead writer's temporary (its process is gone); a live one's stays.
+    alive = tmp_path / f"run.ckpt.tmp-{os.getppid()}"
+    alive.write_bytes(b"in progress")
+    save_checkpoint(path, {"step": 4})
+    assert load_checkpoint(path)["step"] == 4
+    assert list(tmp_path.glob("run.ckpt.tmp-*")) == [alive]
 
 
 # -- registration and RunInfo -----------------------------------------------------------------------

@@ -80,7 +80,29 @@ def save_checkpoint(path, payload: dict) -> Path:
             pass
         raise
     fsync_directory(path.parent)
+    _remove_stale_temporaries(path)
     return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: leave its file alone
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete ``path``'s temporaries left by writers killed mid-save (their process is gone)."""
+    for tmp in path.parent.glob(f"{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
