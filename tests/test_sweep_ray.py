@@ -126,12 +126,13 @@ def test_killed_ray_sweep_driver_resumes_to_the_serial_files(tiny, tmp_path, ray
     proc.communicate(timeout=30)
     interrupted = {p.name[: -len(".ckpt")] for p in out.glob("*.h5.ckpt")}
     assert interrupted
-    # Wait until the dead driver's tasks have let go of their files before the next sweep writes them.
-    deadline = time.monotonic() + 30
-    while any(_holder(out / name) is not None for name in interrupted) and time.monotonic() < deadline:
+    # Wait until the dead driver's tasks have let go of every file of the sweep (a task may have been
+    # between runs, or just opened its file, when the driver died) before the next sweep writes them.
+    deadline = time.monotonic() + 60
+    while any(_holder(p) is not None for p in out.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.1)
     again = run_sweep(tiny, grid, "0-2", out, executor="ray", progress=False)
-    assert again.ok and not list(out.glob("*.ckpt"))
+    assert again.ok and not list(out.glob("*.ckpt")), (again.counts, again.unfinished)
     for name in interrupted:
         with h5py.File(out / name, "r") as f:
             assert list(f["measureflow/status"].attrs["resumed_from"])

@@ -53,8 +53,8 @@ import inspect
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
-from .errors import ParameterError
-from .plugins import get_registry, hookimpl
+from ..errors import ParameterError
+from ..plugins import get_registry, hookimpl
 
 __all__ = ["Executor", "SerialExecutor", "make_executor"]
 
