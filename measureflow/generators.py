@@ -71,7 +71,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import CapabilityError, MeasureflowError, ParameterError, ShapeError, TimeRangeError, TrajectoryFileError
+from .errors import CapabilityError, ParameterError, ShapeError, TimeRangeError
 from .fields import capabilities
 from .learning import VelocityMLP, _jsonable, default_device, default_optimizer, model_dtype, progress_enabled
 from .scenario import Scenario
@@ -878,25 +878,13 @@ def _save(path, fingerprint, config, iteration, generator, opt, rng, rec: _Recor
 
 
 def _load(path, fingerprint, iterations, generator, opt, rng, new_residual, rec: _Recorder):
-    from .io.checkpoint import load_checkpoint
+    from .io.checkpoint import load_training_checkpoint
 
-    payload = load_checkpoint(path)
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise TrajectoryFileError(
-            f"checkpoint {path} is not a train_generator checkpoint (format {payload.get('format')!r}); point "
-            "checkpoint= at the file a generator training wrote, or delete it"
-        )
-    if payload.get("fingerprint") != fingerprint:
-        raise MeasureflowError(
-            f"checkpoint {path} belongs to a different training run (other field, generator, mode, step, batch, "
-            "optimiser, monitors or seed); delete it or point checkpoint= elsewhere"
-        )
-    done = int(payload["iteration"])
-    if done > iterations:
-        raise ParameterError(
-            f"train_generator: checkpoint {path} is at iteration {done}, beyond iterations = {iterations}; ask for "
-            f"at least {done} iterations"
-        )
+    payload, done = load_training_checkpoint(
+        path, owner="train_generator", expected_format=CHECKPOINT_FORMAT, fingerprint=fingerprint,
+        counter="iteration", limit=iterations,
+        differs="other field, generator, mode, step, batch, optimiser, monitors or seed",
+    )
     if isinstance(generator, ResidualGenerator):
         while len(generator) < int(payload["blocks"]):
             generator.append(new_residual(), 0.0)  # weights and steps come from the state dict

@@ -617,25 +617,13 @@ def _save_training(path, fingerprint, config, step, model, opt, sched, generator
 
 
 def _load_training(path, fingerprint, model, opt, sched, generator, steps):
-    from .io.checkpoint import load_checkpoint
+    from .io.checkpoint import load_training_checkpoint
 
-    payload = load_checkpoint(path)
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise TrajectoryFileError(
-            f"checkpoint {path} is not a train_velocity checkpoint (format {payload.get('format')!r}); "
-            "point checkpoint= at the file a training run wrote, or delete it"
-        )
-    if payload.get("fingerprint") != fingerprint:
-        raise MeasureflowError(
-            f"checkpoint {path} belongs to a different training run (other model, schedule, coupling, "
-            "batch size, learning rate, seed or dtype); delete it or point checkpoint= elsewhere"
-        )
-    step = int(payload["step"])
-    if step > steps:
-        raise ParameterError(
-            f"train_velocity: checkpoint {path} is at step {step}, beyond steps = {steps}; "
-            f"ask for at least {step} steps"
-        )
+    payload, step = load_training_checkpoint(
+        path, owner="train_velocity", expected_format=CHECKPOINT_FORMAT, fingerprint=fingerprint,
+        counter="step", limit=steps,
+        differs="other model, schedule, coupling, batch size, learning rate, seed or dtype",
+    )
     model.load_state_dict(payload["model"])
     opt.load_state_dict(payload["optimizer"])
     if sched is not None and payload.get("lr_scheduler") is not None:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import TrajectoryFileError
+from ..errors import MeasureflowError, ParameterError, TrajectoryFileError
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
@@ -128,3 +128,31 @@ def load_checkpoint(path, map_location="cpu") -> dict:
             "the file was not written by save_checkpoint"
         )
     return payload
+
+
+def load_training_checkpoint(path, *, owner: str, expected_format: str, fingerprint: str, counter: str,
+                             limit: int, differs: str) -> tuple[dict, int]:
+    """Read a training loop's checkpoint and check that it belongs to this run; returns (payload, count).
+
+    ``owner`` names the loop (``"train_velocity"``), ``counter`` the payload key of its progress
+    (``"step"``, ``"iteration"``), ``limit`` the count the caller asks for, ``differs`` what a different
+    fingerprint means (for the message). Refuses another loop's file, another run's file, and a
+    checkpoint beyond ``limit``.
+    """
+    payload = load_checkpoint(path)
+    if payload.get("format") != expected_format:
+        raise TrajectoryFileError(
+            f"checkpoint {path} is not a {owner} checkpoint (format {payload.get('format')!r}); point "
+            "checkpoint= at the file that training wrote, or delete it"
+        )
+    if payload.get("fingerprint") != fingerprint:
+        raise MeasureflowError(
+            f"checkpoint {path} belongs to a different training run ({differs}); delete it or point "
+            "checkpoint= elsewhere"
+        )
+    done = int(payload[counter])
+    if done > limit:
+        raise ParameterError(
+            f"{owner}: checkpoint {path} is at {counter} {done}, beyond {counter}s = {limit}; ask for at least {done}"
+        )
+    return payload, done
