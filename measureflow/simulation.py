@@ -49,30 +49,11 @@ from .errors import CapabilityError, MeasureflowError, TimeRangeError
 from .fields import capabilities, check_compatible
 from .plugins import get_registry
 from .state import Particles, state_from_tensors, state_kind
+from .status import STATUS_COMPLETED, Status
 from .triggers import as_trigger
 
 __all__ = ["Simulation", "Result", "Status", "Observer", "Series"]
 
-STATUS_COMPLETED = "completed"
-
-
-@attrs.frozen
-class Status:
-    """How a run ended: ``code`` is one of completed, nonfinite, blowup, time_budget, terminated,
-    interrupted, step_failure; ``step`` and ``time`` locate the event."""
-
-    code: str
-    step: int
-    time: float
-    message: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.code == STATUS_COMPLETED
-
-    def __str__(self) -> str:
-        text = f"{self.code} at step {self.step} (t = {self.time:.6g})"
-        return f"{text}: {self.message}" if self.message else text
 
 
 @attrs.frozen
