@@ -40,3 +40,28 @@ class TrajectoryFileError(MeasureflowError, OSError):
 
 class ParameterError(MeasureflowError, ValueError):
     """A scenario parameter is unknown or cannot be converted to its declared type."""
+
+
+class StepFailure(MeasureflowError, RuntimeError):
+    """A step could not be taken: the state went non-finite, a covariance left the SPD cone after
+    the maximum number of step reductions, or an adaptive step fell below ``dt_min``.
+
+    ``reason`` is a short phrase (e.g. ``"covariance left the SPD cone"``); ``time`` is the time at
+    which the failing step started. A run records both as its status (``step_failure``).
+    """
+
+    def __init__(self, reason: str, time: float, detail: str = ""):
+        self.reason = str(reason)
+        self.time = float(time)
+        self.detail = str(detail)
+        message = f"step failure at t = {self.time:.9g}: {self.reason}"
+        if self.detail:
+            message += f" ({self.detail})"
+        super().__init__(message)
+
+    def __reduce__(self):  # keep reason/time when pickled across processes
+        return (type(self), (self.reason, self.time, self.detail))
+
+
+class TriggerError(MeasureflowError, TypeError):
+    """A trigger that cannot be used: not callable as trigger(step, time), or not picklable."""

@@ -1,44 +1,21 @@
-"""The simulation loop: state + field + integrator + time grid + writers + observers.
+"""Simulation: state + field + integrator + time grid + operations + stop policy, checked once.
 
-Per-step order (documented contract; writers and observers may rely on it):
-
-* **step 0** (before any integration): observers triggered at step 0 measure the initial state,
-  then writers triggered at step 0 write it.
-* **step k = 1 … n**, advancing from tₖ₋₁ to tₖ = t0 + k·(t1 − t0)/n:
-
-  1. the integrator advances the state (adaptive integrators take as many internal steps as their
-     controller needs and land exactly on tₖ);
-  2. the health flags are updated on the device (non-finite values, the blow-up bound) without
-     a host synchronisation; the first offending step is remembered on the device;
-  3. on a *check* step (every step where a writer writes or a checkpoint is saved, the last step,
-     and every ``check_every`` steps when that is set) the flags are read — the only host
-     synchronisation of a fixed-step particle run; an unhealthy state ends the run
-     with status ``nonfinite`` or ``blowup`` naming the first offending step and time, and that
-     state is neither observed nor written;
-  4. triggered observers measure the state (values stay on the device);
-  5. triggered writers write the frame and the observables measured at this step (the only place
-     data leaves the device);
-  6. a triggered checkpoint flushes the writers, then atomically replaces the checkpoint file;
-  7. stop requests are honoured: the wall-clock budget, and SIGTERM (which ends the run cleanly at
-     the end of the current step, with a checkpoint when one is configured).
-
-Observers and writers always also fire on the last step, so a run's final state is always in its
-file and in its :class:`Result`.
+A :class:`Simulation` is a specification: built and validated in its constructor, never changed
+afterwards (``with_state``, ``with_device``, ``with_checkpoint``, ``with_options`` and
+:meth:`Simulation.stack` return new, re-checked objects). :meth:`Simulation.run` hands it to the one
+run loop (:mod:`measureflow.run.loop`, which documents the per-step order) as a
+:class:`SimulationProcess` — a fresh one per run, holding everything the run accumulates (the
+integration :class:`~measureflow.integrators.Stepper`, the noise stream), so the same Simulation,
+and the same integrator object, can run any number of times with identical results.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import math
 import os
-import signal
-import sys
-import threading
-import time as _time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import attrs
 import numpy as np
@@ -46,94 +23,41 @@ import torch
 
 from . import __version__
 from .errors import CapabilityError, MeasureflowError, TimeRangeError
-from .fields import capabilities, check_compatible
+from .fields import capabilities
+from .integrators import NoiseStream, Stepper
+from .io.base import Series
 from .plugins import get_registry
+from .run import (
+    Callback,
+    Checkpointing,
+    Observer,
+    Operation,
+    Process,
+    Record,
+    RunLoop,
+    StopPolicy,
+    TimeGrid,
+    observer_list,
+)
 from .state import Particles, state_from_tensors, state_kind
-from .status import STATUS_COMPLETED, Status
-from .triggers import as_trigger
+from .status import Status
 
-__all__ = ["Simulation", "Result", "Status", "Observer", "Series"]
+__all__ = ["Simulation", "Result", "Status", "Observer", "Series", "Callback", "SimulationProcess", "Recording"]
 
-
-
-@attrs.frozen
-class Series:
-    """An observable's samples: ``values[i]`` was measured at ``steps[i]``, time ``times[i]``."""
-
-    steps: np.ndarray
-    times: np.ndarray
-    values: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.steps)
+CHECKPOINT_FORMAT = "measureflow-checkpoint-2"
 
 
-@attrs.define
-class Observer:
-    """Measures ``function(state, field=..., target=..., t=..., **params)`` on triggered steps.
-
-    ``function`` is a callable or the name of a registered observable (``"mean"``, ``"covariance"``,
-    ``"energy"``, ``"w2"``, ``"mmd"``, ``"sinkhorn"`` …). ``every`` is a trigger (an int k means
-    every k steps).
-    """
-
-    function: Any
-    name: str | None = None
-    every: Any = None
-    target: Any = None
-    params: dict = attrs.field(factory=dict)
-
-    def resolve(self, default_every) -> "Observer":
-        function = self.function
-        name = self.name
-        if isinstance(function, str):
-            name = name or function
-            function = get_registry().get("observables", function)
-        elif name is None:
-            name = getattr(function, "__name__", "observable")
-        every = as_trigger(self.every if self.every is not None else default_every)
-        return Observer(function, name, every, self.target, dict(self.params))
-
-
-@attrs.frozen
-class Result:
-    """What :meth:`Simulation.run` returns."""
-
-    state: Any
-    status: Status
-    times: np.ndarray  # the time grid t0 … t1 (n + 1 values)
-    steps_done: int
-    observables: dict  # name -> Series (host numpy)
-    wall_time: float
-    integrator_stats: dict
-    writers: tuple = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.status.ok
-
-    @property
-    def final_time(self) -> float:
-        return float(self.times[self.steps_done])
-
-    def __repr__(self) -> str:
-        obs = ", ".join(self.observables) or "none"
-        return f"Result(status={self.status}, state={self.state!r}, observables=[{obs}], wall_time={self.wall_time:.3g}s)"
-
-
-class _StopRequested(Exception):
-    def __init__(self, status: Status):
-        super().__init__(str(status))
-        self.status = status
+def to_jsonable_lenient(value):
+    return json.loads(json.dumps(value, default=str))
 
 
 def _resolve_integrator(integrator):
     if isinstance(integrator, str):
         return get_registry().integrator(integrator)
-    if not callable(getattr(integrator, "advance", None)):
+    if not callable(getattr(integrator, "step", None)) or not callable(getattr(integrator, "check", None)):
         raise CapabilityError(
-            f"expected an integrator name or an object with advance(field, state, t0, t1, generator); "
-            f"received {type(integrator).__name__}"
+            "expected an integrator name or a measureflow.integrators.Solver (an object with "
+            f"step(dynamics, t0, t1, y, solver_state) and check(field, state)); received {type(integrator).__name__}"
         )
     return integrator
 
@@ -143,9 +67,9 @@ def _resolve_writer(writer):
         return get_registry().writer("h5md", writer)
     if isinstance(writer, str):
         return get_registry().writer(writer)
-    for method in ("open", "write_frame", "close"):
+    for method in ("open", "write_frame", "write_observables", "close"):
         if not callable(getattr(writer, method, None)):
-            raise CapabilityError(f"writer {writer!r} has no {method}() method; see measureflow.io for the protocol")
+            raise CapabilityError(f"writer {writer!r} has no {method}() method; see measureflow.io.Writer for the protocol")
     return writer
 
 
@@ -165,59 +89,17 @@ def _field_owners(field, registry) -> dict[str, str]:
     return found
 
 
-class _Health:
-    """The run's health record, kept on the state's device (no host synchronisation per step).
+@attrs.frozen(eq=False)
+class Recording:
+    """What a run records: ``writers`` (trajectory sinks), ``observers`` (measured on their
+    triggers), ``target`` (handed to distance observables), ``callbacks`` and any other
+    ``operations`` (each with its trigger)."""
 
-    Each step stores one number, the state's largest |value| (``inf``-norm: NaN if any value is NaN,
-    inf if any is infinite), into a block of ``block`` slots; a full block is folded into two device
-    scalars, the first offending step and its kind (1 non-finite, 2 beyond the blow-up bound).
-    :meth:`first_bad` folds what is pending and reads the scalars back: the only synchronisation,
-    made when the run writes, checkpoints, checks or ends.
-    """
-
-    def __init__(self, bound: float | None, device, block: int = 64):
-        self.bound = bound
-        self.block = block
-        self.peaks = None
-        self.steps = torch.empty(block, dtype=torch.long, device=device)
-        self.filled = 0
-        self.first = torch.full((), -1, dtype=torch.long, device=device)
-        self.kind = torch.zeros((), dtype=torch.long, device=device)
-        self.host_steps: list[int] = []
-
-    def record(self, state, step: int) -> None:
-        tensors = state.tensors()
-        values = tensors["x"] if "x" in tensors else torch.cat([tensors["mean"].flatten(), tensors["cov"].flatten()])
-        if self.peaks is None or self.peaks.dtype != values.dtype:
-            self._fold()
-            self.peaks = torch.empty(self.block, dtype=values.dtype, device=values.device)
-        torch.linalg.vector_norm(values.detach(), ord=math.inf, out=self.peaks[self.filled])
-        self.host_steps.append(step)
-        self.filled += 1
-        if self.filled == self.block:
-            self._fold()
-
-    def _fold(self) -> None:
-        if not self.filled:
-            return
-        peaks = self.peaks[: self.filled]
-        kind = torch.where(torch.isfinite(peaks), 0, 1)
-        if self.bound is not None:
-            kind = torch.where((kind == 0) & (peaks > self.bound), 2, kind)
-        bad = kind > 0
-        # first offending slot of the block (argmax of a bool picks the first True)
-        slot = torch.argmax(bad.to(torch.uint8))
-        steps = torch.as_tensor(self.host_steps, dtype=torch.long).to(self.first.device, non_blocking=True)
-        fresh = (self.first < 0) & bad.any()
-        self.first.copy_(torch.where(fresh, steps[slot], self.first))
-        self.kind.copy_(torch.where(fresh, kind[slot], self.kind))
-        self.filled = 0
-        self.host_steps = []
-
-    def first_bad(self) -> tuple[int, int] | None:
-        self._fold()
-        bad = int(self.first)
-        return None if bad < 0 else (bad, int(self.kind))
+    writers: tuple = ()
+    observers: tuple = ()
+    target: Any = None
+    callbacks: tuple = ()
+    operations: tuple = ()
 
 
 class Simulation:
@@ -231,8 +113,10 @@ class Simulation:
         a field object (see :mod:`measureflow.fields`) or a registered field name.
     integrator:
         a registered integrator name (``"euler"``, ``"heun"``, ``"midpoint"``, ``"rk4"``,
-        ``"dopri5"``, ``"euler_maruyama"``) or an integrator object. Default ``"rk4"``, or
-        ``"euler_maruyama"`` for a field with a diffusion term on particles.
+        ``"dopri5"``, ``"euler_maruyama"``…) or a :class:`~measureflow.integrators.Solver`. Default
+        ``"rk4"``, or ``"euler_maruyama"`` for a field with a diffusion term on particles. Its
+        controller (``measureflow.integrator("dopri5", controller=PIController(...))``) decides the
+        steps between output times.
     t0, t1:
         start and end time; t1 < t0 integrates backwards (deterministic fields only).
     steps, dt, times:
@@ -244,30 +128,34 @@ class Simulation:
     observers:
         :class:`Observer` objects or registered observable names (measured every ``observe_every``).
     seed:
-        seeds the run's torch.Generator (noise of stochastic integrators) through :func:`noise_seed`,
-        so the noise never replays a draw made with ``torch.Generator().manual_seed(seed)``. The
-        generator is saved in checkpoints, so a resumed run draws the same noise.
+        seeds the run's noise stream (stochastic integrators) through
+        :func:`~measureflow.integrators.noise_seed`, so the noise never replays a draw made with
+        ``torch.Generator().manual_seed(seed)``. The stream is saved in checkpoints, so a resumed run
+        draws the same noise.
     target:
         default target measure handed to distance observables.
-    blowup:
-        stop when max |value| of the state exceeds this bound (None: never).
-    wall_time:
-        stop after this many seconds (status ``time_budget``).
+    blowup, wall_time, check_every:
+        the stop policy (:class:`~measureflow.run.StopPolicy`): stop when max |value| of the state
+        exceeds ``blowup`` (None: never); after ``wall_time`` seconds (status ``time_budget``); also
+        read the health record every ``check_every`` steps.
     checkpoint, checkpoint_every, resume:
         a checkpoint path, its trigger (default: every ``max(1, n // 10)`` steps), and whether
         :meth:`run` continues from an existing checkpoint.
-    check_every:
-        also read the health flags every this many steps (a host synchronisation; by default they
-        are read only where data leaves the device anyway: writes, checkpoints, the last step).
+    callbacks:
+        :class:`~measureflow.run.Callback` objects or functions ``f(step, time, state)`` (called every
+        step); a true result stops the run (status ``stopped``).
+    operations:
+        any other :class:`~measureflow.run.Operation` objects, each with its trigger.
+    channels:
+        auxiliary :class:`~measureflow.integrators.Channel` rules integrated with the particles.
     progress:
-        None → a tqdm bar when stderr is a terminal; True/False force it.
-    parameters:
-        scenario parameters recorded in the trajectory file.
-
-    The attribute ``noise_blocks`` (default None) may be set to ``[(seed, replicas), …]`` before
-    :meth:`run`: the state's replicas then form consecutive blocks, each drawing its noise from
-    its own seed exactly as a run of those replicas with that seed would (how a sweep packs runs
-    that differ only in seed).
+        None → a tqdm bar when stderr is a terminal (never under CI=true); True/False force it.
+    parameters, description:
+        scenario parameters and a one-line description, recorded in the trajectory file.
+    noise_blocks:
+        ``[(seed, replicas), …]``: the state's replicas form consecutive blocks, each drawing its
+        noise from its own seed exactly as a run of those replicas with that seed would. Set by
+        :meth:`stack`; None: one stream from ``seed``.
     """
 
     def __init__(
@@ -295,137 +183,201 @@ class Simulation:
         parameters: dict | None = None,
         description: str = "",
         times: Sequence[float] | None = None,
+        callbacks: Sequence = (),
+        operations: Sequence = (),
+        channels: Sequence = (),
+        noise_blocks: Sequence | None = None,
     ):
+        arguments = dict(locals())
+        arguments.pop("self")
         kind = state_kind(state)
         registry = get_registry()
         if isinstance(field, str):
             field = registry.field(field)
-        self.state = state
-        self.field = field
         caps = capabilities(field)
         if integrator is None:
             integrator = "euler_maruyama" if ("diffusion" in caps and kind == "particles") else "rk4"
-        self.integrator = _resolve_integrator(integrator)
-        stochastic = bool(getattr(self.integrator, "stochastic", False))
-        check_compatible(field, state, stochastic_integrator=stochastic, needs=getattr(self.integrator, "needs", None))
-        check = getattr(self.integrator, "check", None)
-        if callable(check):
-            check(field, state)
+        solver = _resolve_integrator(integrator)
+        solver.check(field, state)
 
-        self._times = None
-        if times is not None:
-            t0, t1 = self._explicit_grid(times, steps, dt, t0, t1)
-        self.t0, self.t1 = float(t0), float(t1)
-        if not (math.isfinite(self.t0) and math.isfinite(self.t1)) or self.t0 == self.t1:
-            raise TimeRangeError(f"need finite t0 != t1; received t0 = {t0!r}, t1 = {t1!r}")
-        self.n_steps = len(self._times) - 1 if self._times is not None else self._grid_size(steps, dt)
-        for t in (self.t0, self.t1):
+        grid = TimeGrid.from_arguments(t0, t1, steps, dt, times)
+        for t in (grid.t0, grid.t1):
             field.check_time(t) if hasattr(field, "check_time") else None
-        if self.t1 < self.t0 and "diffusion" in caps and kind == "particles":
+        if grid.t1 < grid.t0 and "diffusion" in caps and kind == "particles":
             raise TimeRangeError(
-                f"field {field.name!r} is stochastic and cannot be integrated backwards "
-                f"(t1 = {self.t1:g} < t0 = {self.t0:g}); write the reverse-time SDE as its own field"
+                f"field {getattr(field, 'name', '?')!r} is stochastic and cannot be integrated backwards "
+                f"(t1 = {grid.t1:g} < t0 = {grid.t0:g}); write the reverse-time SDE as its own field"
             )
 
+        default_every = observe_every if observe_every is not None else max(1, grid.steps // 100)
+        recording = Recording(
+            writers=tuple(_resolve_writer(w) for w in writers),
+            observers=tuple(observer_list(observers, default_every)),
+            target=target,
+            callbacks=tuple(c if isinstance(c, Callback) else Callback(c) for c in callbacks),
+            operations=tuple(operations),
+        )
+        for op in recording.operations:
+            if not isinstance(op, Operation):
+                raise MeasureflowError(f"operations must be measureflow.run.Operation objects; received {op!r}")
+        stop = StopPolicy(blowup=blowup, wall_time=wall_time, check_every=check_every)
+        if resume and checkpoint is None:
+            raise MeasureflowError("resume=True needs a checkpoint path (checkpoint='run.ckpt')")
+        checkpointing = Checkpointing(
+            path=checkpoint,
+            every=(max(1, grid.steps // 10) if checkpoint_every is None else checkpoint_every) if checkpoint else None,
+            resume=bool(resume),
+        )
+        if noise_blocks is not None:
+            noise_blocks = tuple((int(s), int(r)) for s, r in noise_blocks)
+            if sum(r for _, r in noise_blocks) != state.replicas:
+                raise MeasureflowError(
+                    f"noise_blocks cover {sum(r for _, r in noise_blocks)} replicas but the state has {state.replicas}"
+                )
+
+        self._arguments = arguments
+        self.state = state
+        self.field = field
+        self.integrator = solver
+        self.grid = grid
+        self.recording = recording
+        self.stop = stop
+        self.checkpointing = checkpointing
         self.seed = int(seed)
-        self.target = target
-        self.blowup = None if blowup is None else float(blowup)
-        self.wall_time = None if wall_time is None else float(wall_time)
-        self.check_every = None if check_every is None else max(1, int(check_every))
+        self.channels = tuple(channels)
         self.progress = progress
         self.parameters = dict(parameters or {})
         self.description = description
+        self.noise_blocks = noise_blocks
+        self._loop = None
+        self._checked = True
 
-        default_every = observe_every if observe_every is not None else max(1, self.n_steps // 100)
-        self.observers = [self._as_observer(o).resolve(default_every) for o in observers]
-        names = [o.name for o in self.observers]
-        if len(set(names)) != len(names):
-            raise MeasureflowError(f"observer names must be unique; received {names}")
-        self.writers = [_resolve_writer(w) for w in writers]
-
-        self.checkpoint_path = Path(checkpoint) if checkpoint is not None else None
-        if checkpoint_every is None:
-            checkpoint_every = max(1, self.n_steps // 10)
-        self.checkpoint_trigger = as_trigger(checkpoint_every) if self.checkpoint_path else as_trigger(None)
-        self.resume = bool(resume)
-        if self.resume and self.checkpoint_path is None:
-            raise MeasureflowError("resume=True needs a checkpoint path (checkpoint='run.ckpt')")
-        self._stop_flag = threading.Event()
-        # ((seed, replicas), …): consecutive blocks of replicas drawing noise from their own seeds,
-        # as each would alone (set by packed sweeps; None: one stream from ``seed``).
-        self.noise_blocks = None
-
-    # -- set-up helpers ---------------------------------------------------------------------------
-    def _grid_size(self, steps, dt) -> int:
-        span = self.t1 - self.t0
-        if (steps is None) == (dt is None):
-            raise MeasureflowError("give exactly one of steps (number of intervals) or dt (step size)")
-        if steps is not None:
-            if int(steps) != steps or int(steps) < 1:
-                raise MeasureflowError(f"steps must be a positive integer; received {steps!r}")
-            return int(steps)
-        dt = float(dt)
-        if dt <= 0 or not math.isfinite(dt):
-            raise MeasureflowError(f"dt must be positive and finite; received {dt!r} (the sign follows t1 − t0)")
-        n = round(abs(span) / dt)
-        if n < 1 or abs(n * dt - abs(span)) > 1e-9 * max(1.0, abs(span)):
-            raise MeasureflowError(
-                f"dt = {dt:g} does not divide t1 − t0 = {span:g}; use steps= instead, or a dt that divides the span"
+    def __setattr__(self, name, value):
+        if getattr(self, "_checked", False) and name != "_loop":
+            raise AttributeError(
+                f"a Simulation is fixed once checked; cannot set {name!r}. Build a new one with "
+                "with_state(), with_device(), with_checkpoint() or with_options()"
             )
-        return n
+        object.__setattr__(self, name, value)
 
-    def _explicit_grid(self, times, steps, dt, t0, t1) -> tuple[float, float]:
-        """Validate an explicit time grid; returns its ends (t0/t1 given beside it must agree)."""
-        if steps is not None or dt is not None:
-            raise MeasureflowError("give one of steps, dt or times, not several")
-        try:
-            grid = [float(t) for t in times]
-        except (TypeError, ValueError):
-            raise MeasureflowError(f"times must be a sequence of numbers; received {times!r}") from None
-        if len(grid) < 2 or not all(math.isfinite(t) for t in grid):
-            raise MeasureflowError(f"times must hold at least two finite times; received {len(grid)}")
-        gaps = [b - a for a, b in zip(grid[:-1], grid[1:])]
-        if not (all(g > 0 for g in gaps) or all(g < 0 for g in gaps)):
-            raise MeasureflowError("times must be strictly increasing or strictly decreasing")
-        # t0 = 0, t1 = 1 are the signature defaults: only explicit values that disagree are an error
-        for name, given, end, default in (("t0", t0, grid[0], 0.0), ("t1", t1, grid[-1], 1.0)):
-            if float(given) != default and float(given) != end:
-                raise MeasureflowError(f"{name} = {given:g} disagrees with times ({name} = {end:g}); leave {name} out")
-        self._times = grid
-        return grid[0], grid[-1]
+    # -- derived views -------------------------------------------------------------------------------
+    @property
+    def t0(self) -> float:
+        return self.grid.t0
 
-    def _as_observer(self, obs) -> Observer:
-        if isinstance(obs, Observer):
-            return obs
-        if isinstance(obs, str) or callable(obs):
-            return Observer(obs)
-        raise MeasureflowError(f"an observer is an Observer, a registered observable name or a callable; received {obs!r}")
+    @property
+    def t1(self) -> float:
+        return self.grid.t1
+
+    @property
+    def n_steps(self) -> int:
+        return self.grid.steps
+
+    @property
+    def writers(self) -> tuple:
+        return self.recording.writers
+
+    @property
+    def observers(self) -> tuple:
+        return self.recording.observers
+
+    @property
+    def target(self):
+        return self.recording.target
+
+    @property
+    def blowup(self):
+        return self.stop.blowup
+
+    @property
+    def wall_time(self):
+        return self.stop.wall_time
+
+    @property
+    def check_every(self):
+        return self.stop.check_every
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.checkpointing.path
+
+    @property
+    def checkpoint_trigger(self):
+        return self.checkpointing.every
+
+    @property
+    def resume(self) -> bool:
+        return self.checkpointing.resume
 
     def time_at(self, step: int) -> float:
         """tₖ computed from k (never accumulated, so the grid ends exactly at t1)."""
-        if self._times is not None:
-            return self._times[step]
-        if step == self.n_steps:
-            return self.t1
-        return self.t0 + (self.t1 - self.t0) * step / self.n_steps
+        return self.grid.time_at(step)
 
+    # -- new, re-checked simulations -------------------------------------------------------------------
+    def _replace(self, **changes) -> "Simulation":
+        arguments = {**self._arguments, **changes}
+        arguments["field"] = self.field
+        arguments["integrator"] = self.integrator
+        arguments["writers"] = changes.get("writers", self.recording.writers)
+        arguments["observers"] = changes.get("observers", self.recording.observers)
+        return Simulation(**arguments)
+
+    def with_state(self, state) -> "Simulation":
+        """The same simulation from another initial state (checked again)."""
+        return self._replace(state=state)
+
+    def with_device(self, device=None, dtype=None) -> "Simulation":
+        """The same simulation with its state (and target, when it has ``to``) on ``device`` / ``dtype``;
+        fields move their own parameters to the state's device and dtype when they evaluate."""
+        state = self.state.to(device=device, dtype=dtype)
+        target = self.recording.target
+        if target is not None and callable(getattr(target, "to", None)):
+            target = target.to(device=device, dtype=dtype)
+        return self._replace(state=state, target=target)
+
+    def with_checkpoint(self, path, every=None, resume: bool | None = None) -> "Simulation":
+        """The same simulation saving its checkpoint to ``path`` every ``every`` steps (default: a
+        tenth of the run), resuming from it when ``resume``."""
+        return self._replace(checkpoint=path, checkpoint_every=every,
+                             resume=self.checkpointing.resume if resume is None else bool(resume))
+
+    def with_options(self, **options) -> "Simulation":
+        """The same simulation with other keyword options (``progress``, ``parameters``,
+        ``description``, ``wall_time``, ``blowup``, ``callbacks``…): any constructor keyword."""
+        unknown = set(options) - set(self._arguments)
+        if unknown:
+            raise MeasureflowError(f"with_options: unknown options {sorted(unknown)}; use Simulation's keywords")
+        return self._replace(**options)
+
+    @classmethod
+    def stack(cls, simulations, *, parameters: dict | None = None, checkpoint=None) -> "Simulation":
+        """One simulation advancing ``simulations`` — identical but for their seeds and initial
+        states — as one batch of replicas: run i owns a block of consecutive replicas, draws its
+        noise from its own seed, and each of its writers receives its own block of every frame, so
+        every file is the one the run writes alone. Raises :class:`~measureflow.MeasureflowError`
+        saying why when they cannot be stacked (see :func:`measureflow.packing.why_not_stackable`)."""
+        from .packing import stack_simulations
+
+        return stack_simulations(list(simulations), parameters=parameters, checkpoint=checkpoint)
+
+    # -- what the file records --------------------------------------------------------------------------
     def run_parameters(self) -> dict:
         """What the trajectory file records under /parameters/measureflow."""
         registry = get_registry()
         describe = getattr(self.field, "describe", None)
-        return {
+        state = self.state
+        out = {
             "parameters": self.parameters,
             "description": self.description,
             "seed": self.seed,
             "field": describe() if callable(describe) else {"name": getattr(self.field, "name", "?")},
             "integrator": {
                 "name": getattr(self.integrator, "name", type(self.integrator).__name__),
-                "options": _jsonable(getattr(self.integrator, "options", {})),
+                "options": to_jsonable_lenient(getattr(self.integrator, "options", {})),
             },
-            "time": {"t0": self.t0, "t1": self.t1, "steps": self.n_steps,
-                     **({"times": list(self._times)} if self._times is not None else {})},
-            "state": {"kind": state_kind(self.state), "replicas": self.state.replicas, "dim": self.state.dim,
-                      "size": getattr(self.state, "size", 0), "dtype": str(self.state.dtype).replace("torch.", "")},
+            "time": self.grid.describe(),
+            "state": {"kind": state_kind(state), "replicas": state.replicas, "dim": state.dim,
+                      "size": getattr(state, "size", 0), "dtype": str(state.dtype).replace("torch.", "")},
             "observables": [o.name for o in self.observers],
             "versions": {
                 "measureflow": __version__,
@@ -434,6 +386,9 @@ class Simulation:
                 "field_plugins": _field_owners(self.field, registry),
             },
         }
+        if self.channels:
+            out["channels"] = [c.describe() for c in self.channels]
+        return out
 
     def fingerprint(self) -> str:
         """Hash of what determines the run (to refuse resuming a different run's checkpoint)."""
@@ -442,298 +397,163 @@ class Simulation:
         text = json.dumps(params, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    # -- the loop -----------------------------------------------------------------------------------
-    def run(self) -> Result:
+    # -- running -------------------------------------------------------------------------------------------
+    def operations(self) -> list[Operation]:
+        """The run's operations: observers, writers, callbacks and the others, each with its trigger."""
+        rec = self.recording
+        return [*rec.observers, *(Record(w) for w in rec.writers), *rec.callbacks, *rec.operations]
+
+    def run(self) -> "Result":
         """Run to t1 (or until a stop condition) and return a :class:`Result`."""
+        process = SimulationProcess(self)
+        loop = RunLoop(process, self.operations(), stop=self.stop, checkpointing=self.checkpointing,
+                       progress=self.progress)
+        self._loop = loop
+        try:
+            outcome = loop.run()
+        finally:
+            self._loop = None
+        return Result(
+            state=outcome.state,
+            status=outcome.status,
+            grid=np.array(self.grid.all()),
+            steps_done=outcome.steps_done,
+            observables=_to_series(outcome.history),
+            wall_time=outcome.wall_time,
+            integrator_stats=dict(process.stepper.stats),
+            writers=tuple(self.writers),
+        )
+
+    def request_stop(self) -> None:
+        """Ask a running :meth:`run` to end cleanly at the end of the current step (as SIGTERM does)."""
+        loop = self._loop
+        if loop is not None:
+            loop.request_stop()
+
+    def __repr__(self) -> str:
+        return (f"Simulation({self.state!r}, field={getattr(self.field, 'name', '?')!r}, "
+                f"integrator={getattr(self.integrator, 'name', '?')!r}, t0={self.t0:g}, t1={self.t1:g}, "
+                f"steps={self.n_steps})")
+
+
+class SimulationProcess(Process):
+    """A :class:`Simulation` as the run loop drives it: a fresh stepper and noise stream per run."""
+
+    unit = "step"
+    checkpoint_format = CHECKPOINT_FORMAT
+    differs = "other field, parameters, seed or grid"
+
+    def __init__(self, simulation: Simulation):
+        self.simulation = simulation
+        self.n_steps = simulation.n_steps
+        self.label = f"measureflow {getattr(simulation.field, 'name', '')}".strip()
+        state = simulation.state
+        if simulation.noise_blocks:
+            self.noise = NoiseStream.for_blocks(simulation.noise_blocks, state.device)
+        else:
+            self.noise = NoiseStream.for_run(simulation.seed, state.device)
+        self.stepper = Stepper(simulation.integrator, simulation.field, state, noise=self.noise,
+                               channels=simulation.channels)
+        self._is_gaussian = state_kind(state) == "gaussians"
+
+    def time_at(self, step: int) -> float:
+        return self.simulation.grid.time_at(step)
+
+    def times(self) -> list[float]:
+        return self.simulation.grid.all()
+
+    def start(self):
+        return self.simulation.state
+
+    def advance(self, state, step: int):
+        grid = self.simulation.grid
+        return self.stepper.advance(state, grid.time_at(step), grid.time_at(step + 1))
+
+    def health(self, state):
+        if self._is_gaussian:
+            return torch.cat([state.mean.flatten(), state.cov.flatten()])
+        return state.x
+
+    def observe_args(self) -> dict:
+        return {"field": self.simulation.field, "target": self.simulation.target}
+
+    def run_info(self, state, observable_shapes: dict, resume_step):
         from .io.runinfo import RunInfo
-
-        start = _time.monotonic()
-        state = self.state
-        generator = self._noise_generator(state.device)
-        step = 0
-        history: dict[str, list] = {o.name: [] for o in self.observers}
-        state_step = 0  # the grid step that `state` is at
-        health = _Health(self.blowup, state.device)
-
-        resumed = None
-        if self.resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
-            resumed = self._load_checkpoint()
-            state = resumed["state"]
-            step = state_step = resumed["step"]
-            generator.set_state(resumed["generator"])
-            load = getattr(self.integrator, "load_state_dict", None)
-            if callable(load) and resumed["integrator"] is not None:
-                load(resumed["integrator"])
-            history = resumed["history"]
 
         weights = None
         if isinstance(state, Particles) and state.weights is not None:
             weights = state.weights.detach().cpu().numpy()
-        info = RunInfo(
+        return RunInfo(
             kind=state_kind(state),
             replicas=state.replicas,
             size=getattr(state, "size", 0),
             dim=state.dim,
             dtype=str(state.dtype).replace("torch.", ""),
             weights=weights,
-            parameters=self.run_parameters(),
-            observable_names=[o.name for o in self.observers],
-            resume_step=step if resumed is not None else None,
-        )
-        opened = []
-        status = None
-        bar = None
-        restore_signal = self._install_sigterm()
-        try:
-            for writer in self.writers:
-                writer.open(info)
-                opened.append(writer)
-            if resumed is None:
-                self._observe_and_write(0, state, history)
-
-            bar = _progress_bar(self.n_steps, step, self.progress, self.field)
-            while step < self.n_steps:
-                t_prev, t_next = self.time_at(step), self.time_at(step + 1)
-                try:
-                    new_state = self.integrator.advance(self.field, state, t_prev, t_next, generator)
-                except MeasureflowError as exc:
-                    if type(exc).__name__ == "StepFailure":
-                        # A state that already went bad (blow-up, NaN) is the cause; the failed step its symptom.
-                        status = self._read_health(health) or Status(
-                            "step_failure", step + 1, float(getattr(exc, "time", t_next)), str(exc)
-                        )
-                        break
-                    raise
-                step += 1
-                health.record(new_state, step)
-                last = step == self.n_steps
-                writes = any(_fires(w, step, last) for w in self.writers)
-                checkpoints = self.checkpoint_trigger(step)
-                periodic = self.check_every is not None and step % self.check_every == 0
-                if last or writes or checkpoints or periodic:
-                    status = self._read_health(health)
-                    if status is not None:
-                        break
-                state, state_step = new_state, step
-                self._observe_and_write(step, state, history, last=last)
-                if checkpoints and not last:
-                    self._save_checkpoint(state, step, generator, history)
-                if bar is not None:
-                    bar.update(1)
-                stop = None
-                if self.wall_time is not None and _time.monotonic() - start > self.wall_time:
-                    stop = Status("time_budget", step, t_next, f"wall-clock budget of {self.wall_time:g} s reached")
-                if self._stop_flag.is_set():
-                    stop = Status("terminated", step, t_next, "SIGTERM received; stopped cleanly")
-                if stop is not None:
-                    # Never checkpoint a state that went bad since the last check.
-                    status = self._read_health(health) or stop
-                    break
-            if status is None:
-                status = Status(STATUS_COMPLETED, step, self.time_at(step))
-            elif status.code in ("terminated", "time_budget"):
-                self._flush(opened)
-                if self.checkpoint_path is not None:
-                    self._save_checkpoint(state, state_step, generator, history)
-        except KeyboardInterrupt:
-            status = Status("interrupted", state_step, self.time_at(state_step), "KeyboardInterrupt")
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-            restore_signal()
-            for writer in opened:
-                set_status = getattr(writer, "set_status", None)
-                if status is not None and callable(set_status):
-                    with contextlib.suppress(Exception):
-                        set_status(status.code, status.step, status.time, status.message)
-                writer.close()
-
-        stats = dict(getattr(self.integrator, "stats", {}) or {})
-        grid = np.array([self.time_at(k) for k in range(self.n_steps + 1)])
-        return Result(
-            state=state,
-            status=status,
-            times=grid,
-            steps_done=state_step,
-            observables=_to_series(history),
-            wall_time=_time.monotonic() - start,
-            integrator_stats=stats,
-            writers=tuple(self.writers),
+            parameters=self.simulation.run_parameters(),
+            observable_names=[o.name for o in self.simulation.observers],
+            observable_shapes=observable_shapes,
+            resume_step=resume_step,
         )
 
-    def _noise_generator(self, device):
-        if self.noise_blocks:
-            from .integrators.stochastic import ReplicaNoise
+    def fingerprint(self) -> str:
+        return self.simulation.fingerprint()
 
-            seeds, replicas = zip(*self.noise_blocks)
-            return ReplicaNoise([noise_seed(s) for s in seeds], replicas, device)
-        generator = torch.Generator(device=device)
-        generator.manual_seed(noise_seed(self.seed))
-        return generator
-
-    # -- pieces of a step --------------------------------------------------------------------------------
-    def _observe_and_write(self, step, state, history, last=False):
-        t = self.time_at(step)
-        measured = {}
-        for obs in self.observers:
-            if obs.every(step) or last:
-                value = obs.function(state, field=self.field, target=obs.target if obs.target is not None else self.target,
-                                     t=t, **obs.params)
-                value = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-                history[obs.name].append((step, t, value))
-                measured[obs.name] = value
-        for writer in self.writers:
-            if _fires(writer, step, last):
-                writer.write_frame(step, t, state)
-                if measured:
-                    writer.write_observables(step, t, measured)
-
-    def _read_health(self, health: "_Health") -> Status | None:
-        found = health.first_bad()
-        if found is None:
-            return None
-        bad, kind = found
-        t = self.time_at(bad)
-        if kind == 1:
-            return Status("nonfinite", bad, t, "the state has non-finite values (NaN or inf); try a smaller step")
-        return Status("blowup", bad, t, f"max |value| exceeded the blow-up bound {self.blowup:g}")
-
-    def _flush(self, writers):
-        for writer in writers:
-            flush = getattr(writer, "flush", None)
-            if callable(flush):
-                flush()
-
-    # -- checkpoints -------------------------------------------------------------------------------------
-    def _save_checkpoint(self, state, step, generator, history):
-        from .io.checkpoint import save_checkpoint
-
-        self._flush(self.writers)
-        integrator_state = getattr(self.integrator, "state_dict", None)
-        payload = {
-            "format": "measureflow-checkpoint-1",
-            "fingerprint": self.fingerprint(),
+    def state_dict(self, state) -> dict:
+        return {
             "kind": state_kind(state),
             "tensors": {k: v.detach().cpu() for k, v in state.tensors().items()},
-            "step": int(step),
-            "time": float(self.time_at(step)),
-            "generator": generator.get_state(),
-            "integrator": integrator_state() if callable(integrator_state) else None,
-            "history": {
-                name: [(int(s), float(t), v.detach().cpu()) for s, t, v in entries]
-                for name, entries in history.items()
-            },
-        }
-        save_checkpoint(self.checkpoint_path, payload)
-
-    def _load_checkpoint(self):
-        from .io.checkpoint import load_checkpoint
-
-        payload = load_checkpoint(self.checkpoint_path)
-        if payload.get("fingerprint") != self.fingerprint():
-            raise MeasureflowError(
-                f"checkpoint {self.checkpoint_path} belongs to a different run (other field, parameters, "
-                "seed or grid); delete it or point checkpoint= elsewhere"
-            )
-        device, dtype = self.state.device, self.state.dtype
-        tensors = {k: v.to(device=device, dtype=dtype) for k, v in payload["tensors"].items()}
-        state = state_from_tensors(payload["kind"], tensors)
-        history = {o.name: [] for o in self.observers}
-        for name, entries in payload["history"].items():
-            history[name] = [(s, t, v.to(device)) for s, t, v in entries]
-        return {
-            "state": state,
-            "step": int(payload["step"]),
-            "generator": payload["generator"],
-            "integrator": payload["integrator"],
-            "history": history,
+            "noise": self.noise.get_state(),
+            "integrator": self.stepper.state_dict(),
         }
 
-    def _install_sigterm(self) -> Callable[[], None]:
-        return install_sigterm(self._stop_flag)
-
-    def request_stop(self) -> None:
-        """Ask the loop to end cleanly at the end of the current step (as SIGTERM does)."""
-        self._stop_flag.set()
-
-
-def noise_seed(seed: int) -> int:
-    """The seed of a run's noise stream, derived from the run's ``seed`` by a hash.
-
-    Scripts commonly draw their initial particles with ``torch.Generator().manual_seed(seed)`` and
-    pass the same ``seed`` to the Simulation; seeding the noise with ``seed`` itself would then
-    replay the initial draw's normals as the first noise increments, correlating noise and state.
-    """
-    digest = hashlib.sha256(f"measureflow.noise:{int(seed)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    def load_state_dict(self, saved: dict):
+        template = self.simulation.state
+        device, dtype = template.device, template.dtype
+        tensors = {k: v.to(device=device, dtype=dtype) for k, v in saved["tensors"].items()}
+        state = state_from_tensors(saved["kind"], tensors)
+        self.noise.set_state(saved["noise"])
+        self.stepper.load_state_dict(saved["integrator"])
+        return state
 
 
-def install_sigterm(flag: threading.Event) -> Callable[[], None]:
-    """Make SIGTERM set ``flag`` (a loop polling it can end cleanly at the end of its current step);
-    returns the function that puts the previous handler back. Outside the main thread, where
-    handlers cannot be installed, nothing is changed."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = signal.getsignal(signal.SIGTERM)
+@attrs.frozen
+class Result:
+    """What :meth:`Simulation.run` returns: the final ``state`` (at ``steps_done``), the ``status``,
+    the time ``grid`` t_0 … t_n, the ``observables`` (name → :class:`~measureflow.io.Series`), the
+    ``wall_time``, the integration counters and the run's writers."""
 
-    def handler(signum, frame):
-        flag.set()
+    state: Any
+    status: Status
+    grid: np.ndarray  # the time grid t0 … t1 (n + 1 values)
+    steps_done: int
+    observables: dict  # name -> Series (host numpy)
+    wall_time: float
+    integrator_stats: dict
+    writers: tuple = ()
 
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except (ValueError, OSError):
-        return lambda: None
+    @property
+    def ok(self) -> bool:
+        return self.status.ok
 
-    def restore():
-        with contextlib.suppress(Exception):
-            signal.signal(signal.SIGTERM, previous)
+    @property
+    def final_time(self) -> float:
+        return float(self.grid[self.steps_done])
 
-    return restore
-
-
-def _fires(writer, step, last) -> bool:
-    trigger = getattr(writer, "trigger", None)
-    if trigger is None:
-        return True
-    return last or bool(trigger(step))
+    def __repr__(self) -> str:
+        obs = ", ".join(self.observables) or "none"
+        return f"Result(status={self.status}, state={self.state!r}, observables=[{obs}], wall_time={self.wall_time:.3g}s)"
 
 
 def _to_series(history) -> dict:
     out = {}
     for name, entries in history.items():
         if not entries:
-            out[name] = Series(np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
+            out[name] = Series(name, np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
             continue
         steps = np.array([s for s, _, _ in entries], dtype=np.int64)
         times = np.array([t for _, t, _ in entries], dtype=np.float64)
         values = torch.stack([v.to(torch.float64) if v.is_floating_point() else v for _, _, v in entries])
-        out[name] = Series(steps, times, values.cpu().numpy())
+        out[name] = Series(name, steps, times, values.cpu().numpy())
     return out
 
-
-def _jsonable(value):
-    try:
-        json.dumps(value)
-        return value
-    except TypeError:
-        return json.loads(json.dumps(value, default=str))
-
-
-def _progress_bar(total, initial, progress, field):
-    if progress is False:
-        return None
-    from tqdm.auto import tqdm
-
-    disable = None if progress is None else not progress
-    if progress is None and os.environ.get("CI"):
-        disable = True
-    return tqdm(
-        total=total,
-        initial=initial,
-        disable=disable,
-        desc=f"measureflow {getattr(field, 'name', '')}".strip(),
-        unit="step",
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )

@@ -16,10 +16,10 @@ reduction (R·H independent softmax averages in one call).
 every evaluation and its small matrices checked on the host, so it may be any Python code), or a table
 over depth, ``layer_times`` = (τ₀ < τ₁ < … < τ_{L−1}) with Q, K, V carrying a leading layer axis
 (L, [H,] r, d), looked up piecewise-constantly: layer l acts on [τ_l, τ_{l+1}) (the last one on
-[τ_{L−1}, ∞)). A Runge–Kutta step whose stages straddle a boundary would mix two layers; step with
-:class:`LayerwiseIntegrator`, which splits every step at the boundaries and runs each piece with that
-layer's parameters held fixed (Euler with one step per layer is then exactly the residual update
-x ← x + τΓ_{θ_l}(x) of a transformer).
+[τ_{L−1}, ∞)). A Runge–Kutta step whose stages straddle a boundary would mix two layers; the field's
+:meth:`AttentionField.pieces` names the boundaries, and every integrator cuts its steps there and runs
+each piece with that layer's parameters held fixed (:class:`measureflow.integrators.Stepper`; Euler with
+one step per layer is then exactly the residual update x ← x + τΓ_{θ_l}(x) of a transformer).
 
 *Sinkhorn attention* (``normalisation="sinkhorn"``, Sinkformers): the kernel e^{⟨Qxᵢ, Kxⱼ⟩} is
 normalised on both sides, π = diag(a)·(wᵢwⱼe^{⟨Qxᵢ, Kxⱼ⟩})·diag(b) with the scalings a, b > 0 that make
@@ -34,8 +34,8 @@ is softmaxⱼ(⟨Qxᵢ, Kxⱼ⟩ + log wⱼ + (gⱼ − |Kxⱼ|²)/2), and off t
 
 *Sphere* (``sphere=True``, tokens on S^{d−1} as layer normalisation keeps them): the velocity is the
 tangent part P_x Γ = Γ − ⟨Γ, x⟩x/|x|², so the exact flow keeps |x| = 1 and a Runge–Kutta step drifts
-off by its local error only. The core has no post-step hook, so :meth:`AttentionField.project`
-(x ↦ x/|x|) is applied after every step by :class:`LayerwiseIntegrator`, which wraps any integrator.
+off by its local error only; :meth:`AttentionField.project` (x ↦ x/|x|) is applied after every output
+step by every integrator (the run's :class:`measureflow.integrators.Stepper` honours a field's ``project``).
 
 **Gaussian closure** (derived, MATH.md §10; corrects [S] (30)). Tilting N(m, Σ) by e^{⟨KᵀQx, y⟩}
 gives N(m + ΣKᵀQx, Σ), so Γ(x) = V(m + ΣKᵀQx) is affine: in the convention v = b + A(x − m),
@@ -85,7 +85,7 @@ import torch
 
 import measureflow
 from measureflow.errors import CapabilityError, ParameterError, ShapeError, StateError, TimeRangeError
-from measureflow.fields import Field, check_compatible
+from measureflow.fields import Field
 from measureflow.linalg import from_eigh, matrix_function, symmetrize
 from measureflow.reductions import softmax_average
 from measureflow.state import Gaussians, Particles, as_tensor
@@ -298,7 +298,7 @@ class AttentionField(Field):
 
     def pieces(self, t0: float, t1: float) -> list:
         """[(a, b, field)]: [t0, t1] cut at the layer boundaries inside it, each piece with the field whose
-        parameters are that layer's, held fixed (for :class:`LayerwiseIntegrator`)."""
+        parameters are that layer's, held fixed (every integrator cuts its steps there)."""
         if self.layer_times is None:
             return [(t0, t1, self)]
         lo, hi = min(t0, t1), max(t0, t1)
@@ -592,59 +592,17 @@ class AttentionField(Field):
 # -- stepping token dynamics ----------------------------------------------------------------------------
 
 
-class LayerwiseIntegrator:
-    """Any integrator, made layer-aware and projecting (for :class:`AttentionField`, or any field with
-    ``pieces`` / ``project``).
-
-    ``advance(field, state, t0, t1)`` cuts [t0, t1] at the boundaries ``field.pieces(t0, t1)`` names and
-    advances each piece with the base integrator on that piece's field (a table's layer held fixed, so
-    every Runge–Kutta stage of a piece sees one layer), then applies ``field.project(state)`` (tokens
-    back on the sphere for ``sphere=True``). The core has no post-step hook; wrapping the integrator
-    keeps the projection out of the field and works with every integrator, fixed-step or adaptive.
-    """
-
-    def __init__(self, integrator="rk4", **options):
-        self.base = measureflow.integrator(integrator, **options) if isinstance(integrator, str) else integrator
-        if not callable(getattr(self.base, "advance", None)):
-            raise ParameterError(f"LayerwiseIntegrator: expected an integrator name or object; received {integrator!r}")
-        self.name = f"layerwise({getattr(self.base, 'name', type(self.base).__name__)})"
-        for attr in ("order", "adaptive", "stochastic", "needs"):
-            if hasattr(self.base, attr):
-                setattr(self, attr, getattr(self.base, attr))
-
-    @property
-    def stats(self) -> dict:
-        return getattr(self.base, "stats", {})
-
-    @property
-    def options(self) -> dict:
-        return {"integrator": getattr(self.base, "name", None), **dict(getattr(self.base, "options", {}))}
-
-    def check(self, field, state) -> None:
-        check = getattr(self.base, "check", None)
-        if callable(check):
-            check(field, state)
-        else:
-            check_compatible(field, state, stochastic_integrator=bool(getattr(self.base, "stochastic", False)))
-
-    def advance(self, field, state, t0: float, t1: float, generator=None):
-        pieces = field.pieces(t0, t1) if callable(getattr(field, "pieces", None)) else [(t0, t1, field)]
-        for a, b, piece in pieces:
-            state = self.base.advance(piece, state, a, b, generator)
-        project = getattr(field, "project", None)
-        return project(state) if callable(project) else state
-
-    def state_dict(self) -> dict:
-        fn = getattr(self.base, "state_dict", None)
-        return fn() if callable(fn) else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        fn = getattr(self.base, "load_state_dict", None)
-        if callable(fn):
-            fn(state)
-
-    def __repr__(self) -> str:
-        return f"LayerwiseIntegrator({self.base!r})"
+def LayerwiseIntegrator(integrator="rk4", **options):
+    """The integrator itself: every integrator now cuts its steps at a field's ``pieces`` and applies
+    its ``project`` after each output step (:class:`measureflow.integrators.Stepper`), so wrapping is no
+    longer needed. Kept so that existing scripts run; it warns once."""
+    warnings.warn(
+        "LayerwiseIntegrator is no longer needed: every integrator honours a field's pieces and project; "
+        "pass the integrator ('rk4', 'dopri5', …) directly",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return measureflow.integrator(integrator, **options) if isinstance(integrator, str) else integrator
 
 
 @measureflow.hookimpl

@@ -39,9 +39,9 @@ particles (X^{k+1} = argmin Σᵢwᵢ|xᵢ − xᵢ^k|²/(2τ) + F(Σᵢwᵢδ_{
 step and may be added later; they are refused for now. Forward integration only (t1 > t0): the
 implicit step has no backward counterpart.
 
-``stats`` keeps the integrator counters (``nfev`` = objective evaluations, each one energy and one
-Bures evaluation with its gradient; ``steps``/``accepted``/``rejected`` = JKO steps) plus
-``inner_iterations``, the total number of L-BFGS iterations.
+A run's integration counters (``Result.integrator_stats``, ``Stepper.stats``) hold ``nfev`` = objective
+evaluations (each one energy and one Bures evaluation with its gradient), ``steps``/``accepted``/
+``rejected`` = JKO steps, plus ``inner_iterations``, the total number of L-BFGS iterations.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ import torch
 import measureflow
 from measureflow.errors import CapabilityError, ParameterError, ShapeError, TimeRangeError
 from measureflow.fields import capabilities
-from measureflow.integrators.base import Integrator, StepFailure, as_time
+from measureflow.errors import StepFailure
+from measureflow.integrators import ConstantController, LinearDense, Solver, StepResult, as_dynamics
 from measureflow.linalg import symmetrize
 from measureflow.observables import bures_w2
 from measureflow.state import state_kind
@@ -95,7 +96,7 @@ class _Cholesky:
         return m, symmetrize(L @ L.transpose(-1, -2))
 
 
-class JKO(Integrator):
+class JKO(Solver):
     """Gaussian-constrained JKO steps (see the module docstring; MATH.md §12).
 
     Parameters
@@ -121,8 +122,8 @@ class JKO(Integrator):
     needs = frozenset({"energy"})
 
     def __init__(self, *, tol: float = 1e-10, max_iter: int = 500, history_size: int = 20, polish_iter: int = 20):
-        super().__init__()
-        self.stats["inner_iterations"] = 0
+        # One implicit step per output interval; a minimiser is SPD by construction or refused.
+        self.controller = ConstantController(max_halvings=0)
         try:
             tol = float(tol)
         except (TypeError, ValueError):
@@ -151,17 +152,6 @@ class JKO(Integrator):
             "polish_iter": self.polish_iter,
         }
 
-    # -- stats ------------------------------------------------------------------------------------
-    def reset_stats(self) -> None:
-        super().reset_stats()
-        self.stats["inner_iterations"] = 0
-
-    def load_state_dict(self, state: dict) -> None:
-        stats = dict(state.get("stats", {}))
-        inner = int(stats.pop("inner_iterations", 0))
-        super().load_state_dict({**state, "stats": stats})
-        self.stats["inner_iterations"] = inner
-
     # -- protocol -----------------------------------------------------------------------------------
     def check(self, field, state) -> None:
         """Refuse particles and fields without an energy (no device access)."""
@@ -180,11 +170,11 @@ class JKO(Integrator):
                 "or an explicit integrator ('rk4', 'dopri5') with its affine() closure"
             )
 
-    def advance(self, field, state, t0: float, t1: float, generator=None):
-        """One JKO step of τ = t1 − t0 > 0 from ``state`` (``generator`` is unused: nothing is drawn)."""
-        self.check(field, state)
-        t0, t1 = as_time(t0, "t0"), as_time(t1, "t1")
-        tau = t1 - t0
+    def step(self, dynamics, t0: float, t1: float, y, solver_state=None, *, dt: float | None = None) -> StepResult:
+        """One JKO step of τ = t1 − t0 > 0 from the state ``y`` (nothing is drawn)."""
+        dyn = as_dynamics(dynamics, y)
+        field, state = dyn.field, y
+        tau = t1 - t0 if dt is None else dt
         if not tau > 0:
             raise TimeRangeError(
                 f"jko integrates forward in time only (one implicit step of τ = t1 − t0 > 0); received "
@@ -257,9 +247,9 @@ class JKO(Integrator):
             try:
                 optimiser.step(closure)
             except _NonFiniteStart:
-                self.stats["nfev"] += evaluations
-                self.stats["steps"] += 1
-                self.stats["rejected"] += 1
+                dyn.count("nfev", evaluations)
+                dyn.count("steps")
+                dyn.count("rejected")
                 raise StepFailure(
                     "non-finite JKO objective",
                     t0,
@@ -280,9 +270,8 @@ class JKO(Integrator):
                 optimiser = lbfgs(self.polish_iter, False)
                 optimiser.step(closure)
                 iterations += int(optimiser.state[u].get("n_iter", 0))
-        self.stats["nfev"] += evaluations
-        self.stats["inner_iterations"] += iterations
-        self.stats["steps"] += 1
+        dyn.count("nfev", evaluations)
+        dyn.count("inner_iterations", iterations)
         z_new, final, gmax = best["z"], best["value"], best["gmax"]
 
         m_new, S_new = coords.unpack(z_new)
@@ -290,11 +279,14 @@ class JKO(Integrator):
         S_out = symmetrize(S_new.to(state.dtype))
         failure = self._failure(m_out, S_out, final, start_value, gmax)
         if failure is not None:
-            self.stats["rejected"] += 1
+            # The controller never sees a refused step: count it here.
+            dyn.count("steps")
+            dyn.count("rejected")
             reason, detail = failure
             raise StepFailure(reason, t0, f"jko, τ = {tau:.6g}, {iterations} L-BFGS iterations: {detail}")
-        self.stats["accepted"] += 1
-        return state.with_parameters(m_out, S_out)
+        out = state.with_parameters(m_out, S_out)
+        y0, y1 = (state.mean, state.cov), (m_out, S_out)
+        return StepResult(out, None, LinearDense(dyn, t0, t1, y0, y1, state), None)
 
     def _failure(self, m, S, final, start, gmax):
         """(reason, detail) when the minimiser must not be returned, else None (one host read)."""

@@ -30,6 +30,7 @@ from measureflow.integrators import (
     ExplicitRungeKutta,
     PIController,
     StepFailure,
+    Stepper,
 )
 from measureflow.integrators import builtin
 from measureflow.plugins import Registry
@@ -155,10 +156,14 @@ class NaNClosure(Field):
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def integrate(integrator, field, state, t0, t1, n, generator=None):
+def integrate(integrator, field, state, t0, t1, n, generator=None, stats=None):
+    """n equal output intervals with one Stepper (its counters go into ``stats`` when given)."""
+    stepper = Stepper(integrator, field, state, noise=generator)
     times = np.linspace(t0, t1, n + 1)
     for a, b in zip(times[:-1], times[1:]):
-        state = integrator.advance(field, state, float(a), float(b), generator)
+        state = stepper.advance(state, float(a), float(b))
+    if stats is not None:
+        stats.update(stepper.stats)
     return state
 
 
@@ -271,8 +276,9 @@ def test_fixed_step_backward_integration(name):
 def test_fixed_step_stats_and_weights_untouched():
     integ = ExplicitRungeKutta(RK4)
     state = particles(weighted=True)
-    out = integrate(integ, Riccati(), state, 0.0, 1.0, 10)
-    assert integ.stats == {"nfev": 40, "steps": 10, "accepted": 10, "rejected": 0}
+    stats = {}
+    out = integrate(integ, Riccati(), state, 0.0, 1.0, 10, stats=stats)
+    assert stats == {"nfev": 40, "steps": 10, "accepted": 10, "rejected": 0}
     assert out.weights is state.weights
     assert integ.order == 4 and not integ.adaptive and not integ.stochastic and integ.name == "rk4"
 
@@ -292,9 +298,9 @@ def test_fixed_step_gaussian_order(name, fname):
     m_ex, S_ex = field.exact(state, 1.0)
     errors = []
     for n in NS:
-        integ = ExplicitRungeKutta(tab)
-        out = integrate(integ, field, state, 0.0, 1.0, n)
-        assert integ.stats["rejected"] == 0
+        stats = {}
+        out = integrate(ExplicitRungeKutta(tab), field, state, 0.0, 1.0, n, stats=stats)
+        assert stats["rejected"] == 0
         assert_spd_symmetric(out)
         errors.append(max(float((out.mean - m_ex).abs().max()), float((out.cov - S_ex).abs().max())))
     assert abs(slope([1 / n for n in NS], errors) - order) < ORDER_TOL
@@ -319,20 +325,20 @@ def test_big_euler_step_stays_spd_through_pushforward():
     S, A = state.cov, field.A
     linear = S + h * (A @ S + S @ A.T)
     assert float(torch.linalg.eigvalsh(linear).min()) < 0
-    integ = ExplicitRungeKutta(EULER)
-    out = integ.advance(field, state, 0.0, h)
-    assert integ.stats["rejected"] == 0
+    stepper = Stepper(ExplicitRungeKutta(EULER), field, state)
+    out = stepper.advance(state, 0.0, h)
+    assert stepper.stats["rejected"] == 0
     assert_spd_symmetric(out)
 
 
 def unchecked_steps(tab, field, state, h, steps=1):
     """Σ after ``steps`` unchecked steps of size h (what the safeguard refuses to return)."""
-    from measureflow.integrators.runge_kutta import combine, rk_stages
-    from measureflow.integrators.systems import GaussianSystem
+    from measureflow.integrators import Dynamics, combine, rk_stages
 
-    y = GaussianSystem.pack(state)
+    dynamics = Dynamics(field, state)
+    y = dynamics.pack(state)
     for j in range(steps):
-        ks = rk_stages(tab, lambda t, z: GaussianSystem.rate(field, t, state, z), j * h, y, h)
+        ks = rk_stages(tab, dynamics.rate, j * h, y, h)
         y = combine(y, h, tab.b, ks)
     return y[1]
 
@@ -341,14 +347,15 @@ def test_rk_step_leaving_the_cone_is_substepped():
     field = Rotation()
     state = Gaussians(torch.zeros(2, 2, dtype=F64), torch.diag(torch.tensor([1.0, 1e-3], dtype=F64)).expand(2, 2, 2))
     for tab in (HEUN, MIDPOINT, RK4):
-        integ = ExplicitRungeKutta(tab)
-        out = integ.advance(field, state, 0.0, 2.0)  # a 2-radian turn in one step
-        assert integ.stats["rejected"] > 0, tab.name  # the single step did leave the cone
-        assert integ.stats["accepted"] >= 2 and (integ.stats["accepted"] & (integ.stats["accepted"] - 1)) == 0
+        stepper = Stepper(ExplicitRungeKutta(tab), field, state)
+        out = stepper.advance(state, 0.0, 2.0)  # a 2-radian turn in one step
+        stats = stepper.stats
+        assert stats["rejected"] > 0, tab.name  # the single step did leave the cone
+        assert stats["accepted"] >= 2 and (stats["accepted"] & (stats["accepted"] - 1)) == 0
         assert_spd_symmetric(out)
         # The result is exactly n plain steps of h/n, n the first power of two that stays SPD (the
         # safeguard buys positivity; accuracy remains the step size's business).
-        n = integ.stats["accepted"]
+        n = stats["accepted"]
         plain = integrate(ExplicitRungeKutta(tab), field, state, 0.0, 2.0, n)
         assert torch.equal(out.cov, plain.cov) and torch.equal(out.mean, plain.mean)
         coarser = unchecked_steps(tab, field, state, 2.0 / (n // 2), steps=n // 2)
@@ -392,14 +399,14 @@ def test_gaussian_output_always_symmetric_spd(seed, scale, h, name):
     g = torch.Generator().manual_seed(seed)
     A = scale * torch.randn((4, 3, 3), generator=g, dtype=F64)
     state = gaussians(R=4, d=3, seed=seed % 1000)
-    integ = ExplicitRungeKutta(FIXED[name][0])
+    stepper = Stepper(ExplicitRungeKutta(FIXED[name][0]), RandomAffine(A), state)
     try:
-        out = integ.advance(RandomAffine(A), state, 0.0, h)
+        out = stepper.advance(state, 0.0, h)
     except StepFailure as exc:
         assert exc.reason in ("covariance left the SPD cone", "non-finite Gaussian parameters")
         return
     assert_spd_symmetric(out)
-    assert integ.stats["steps"] == integ.stats["accepted"] + integ.stats["rejected"]
+    assert stepper.stats["steps"] == stepper.stats["accepted"] + stepper.stats["rejected"]
 
 
 # -- Dormand–Prince ---------------------------------------------------------------------------------------
@@ -408,27 +415,27 @@ def test_dopri5_error_scales_with_tolerance():
     exact = Riccati.exact(state.x, 2.0)
     errs = {}
     for tol in (1e-4, 1e-6, 1e-8):
-        integ = DormandPrince5(rtol=tol, atol=tol)
-        out = integ.advance(field, state, 0.0, 2.0)
+        stepper = Stepper(DormandPrince5(rtol=tol, atol=tol), field, state)
+        out = stepper.advance(state, 0.0, 2.0)
         errs[tol] = float((out.x - exact).abs().max())
         # Local error control gives a global error of the order of the tolerance (|x| ≤ 1.5 here);
         # a factor 10 covers the accumulation over the steps.
         assert errs[tol] <= 10 * tol, (tol, errs[tol])
-        assert integ.stats["steps"] == integ.stats["accepted"] + integ.stats["rejected"]
+        assert stepper.stats["steps"] == stepper.stats["accepted"] + stepper.stats["rejected"]
     assert errs[1e-8] <= 1e-2 * errs[1e-4]  # at least two decades over four decades of tolerance
     assert errs[1e-6] < errs[1e-4] and errs[1e-8] < errs[1e-6]
 
 
 def test_dopri5_lands_exactly_on_save_times_and_respects_dt_max():
     field, state = Riccati(), particles()
-    integ = DormandPrince5(rtol=1e-7, atol=1e-9, dt_max=0.15)
+    stepper = Stepper(DormandPrince5(rtol=1e-7, atol=1e-9, dt_max=0.15), field, state)
     grid = [0.0, 0.3, 0.7, 1.2, 2.0]
     for a, b in zip(grid[:-1], grid[1:]):
         field.times.clear()
-        state = integ.advance(field, state, a, b)
+        state = stepper.advance(state, a, b)
         assert b in field.times  # the last stage is evaluated at t1 exactly
         assert min(field.times) >= a and max(field.times) == b  # no stage beyond the save time
-        assert integ.dt <= 0.15
+        assert stepper.carry.controller_state["dt"] <= 0.15
     torch.testing.assert_close(state.x, Riccati.exact(particles().x, 2.0), rtol=0, atol=1e-6)
 
 
@@ -444,39 +451,40 @@ def test_dopri5_state_dict_round_trip_reproduces_identical_steps():
     kwargs = dict(rtol=1e-6, atol=1e-9)
     # Uninterrupted run.
     f_a, state_a = Riccati(), particles()
-    integ_a = DormandPrince5(**kwargs)
+    integ_a = Stepper(DormandPrince5(**kwargs), f_a, state_a)
     for a, b in zip(grid[:-1], grid[1:]):
-        state_a = integ_a.advance(f_a, state_a, a, b)
-    # Interrupted after two intervals; a new integrator resumes from the saved dict and a rebuilt state.
+        state_a = integ_a.advance(state_a, a, b)
+    # Interrupted after two intervals; a new stepper resumes from the saved dict and a rebuilt state.
     f_b, state_b = Riccati(), particles()
-    integ_b = DormandPrince5(**kwargs)
+    integ_b = Stepper(DormandPrince5(**kwargs), f_b, state_b)
     for a, b in zip(grid[:2], grid[1:3]):
-        state_b = integ_b.advance(f_b, state_b, a, b)
+        state_b = integ_b.advance(state_b, a, b)
     saved = json.loads(json.dumps(integ_b.state_dict()))
-    resumed = DormandPrince5(**kwargs)
-    resumed.load_state_dict(saved)
     f_c, state_c = Riccati(), Particles(state_b.x.clone())
+    resumed = Stepper(DormandPrince5(**kwargs), f_c, state_c)
+    resumed.load_state_dict(saved)
     for a, b in zip(grid[2:-1], grid[3:]):
-        state_c = resumed.advance(f_c, state_c, a, b)
+        state_c = resumed.advance(state_c, a, b)
     assert torch.equal(state_c.x, state_a.x)
     after = [t for t in f_a.times if t > 1.0]
     assert after == [t for t in f_c.times if t > 1.0]  # the same stage times, bit for bit
-    assert resumed.state_dict()["dt"] == integ_a.state_dict()["dt"]
+    assert resumed.state_dict()["controller"]["dt"] == integ_a.state_dict()["controller"]["dt"]
     assert resumed.stats["accepted"] == integ_a.stats["accepted"]
     # Without the saved controller state the restart picks a new first step: the runs differ.
-    fresh, f_d, state_d = DormandPrince5(**kwargs), Riccati(), Particles(state_b.x.clone())
+    f_d, state_d = Riccati(), Particles(state_b.x.clone())
+    fresh = Stepper(DormandPrince5(**kwargs), f_d, state_d)
     for a, b in zip(grid[2:-1], grid[3:]):
-        state_d = fresh.advance(f_d, state_d, a, b)
+        state_d = fresh.advance(state_d, a, b)
     assert [t for t in f_d.times if t > 1.0] != after
 
 
 def test_dopri5_reuses_last_stage_across_calls():
     field, state = Riccati(), particles()
-    integ = DormandPrince5(first_step=0.05)
-    state = integ.advance(field, state, 0.0, 0.5)
+    integ = Stepper(DormandPrince5(first_step=0.05), field, state)
+    state = integ.advance(state, 0.0, 0.5)
     nfev = integ.stats["nfev"]
     steps = integ.stats["steps"]
-    integ.advance(field, state, 0.5, 1.0)
+    integ.advance(state, 0.5, 1.0)
     # FSAL: six new evaluations per step, none for the first stage of the new call.
     assert integ.stats["nfev"] - nfev == 6 * (integ.stats["steps"] - steps)
 
@@ -491,8 +499,8 @@ def test_dopri5_gaussians_accurate_and_rejects_steps_leaving_the_cone():
     # A huge first step on a thin rotating ellipse leaves the cone: rejected, shrunk, never returned.
     rot = Rotation(w=3.0)
     thin = Gaussians(torch.zeros(1, 2, dtype=F64), torch.diag(torch.tensor([1.0, 1e-4], dtype=F64))[None])
-    integ = DormandPrince5(rtol=1.0, atol=1.0, first_step=2.0)
-    out = integ.advance(rot, thin, 0.0, 2.0)
+    integ = Stepper(DormandPrince5(rtol=1.0, atol=1.0, first_step=2.0), rot, thin)
+    out = integ.advance(thin, 0.0, 2.0)
     assert integ.stats["rejected"] > 0
     assert_spd_symmetric(out)
 

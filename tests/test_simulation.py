@@ -87,7 +87,7 @@ def test_triggers_writers_and_observables():
     assert list(result.observables["mean"].steps) == list(range(11))  # default: every max(1, n//100)
     final_cov = result.observables["covariance"].values[-1, 0]
     assert np.allclose(final_cov, result.state.cov[0].numpy())
-    assert np.allclose(result.times, np.linspace(0, 1, 11))
+    assert np.allclose(result.grid, np.linspace(0, 1, 11))
 
 
 class Exploding(Field):
@@ -272,7 +272,7 @@ def test_explicit_time_grid_is_followed_and_recorded(tmp_path):
 def test_noise_does_not_replay_an_initial_draw_with_the_same_seed():
     # Initial particles drawn with manual_seed(seed) and Simulation(seed=seed): the first noise
     # increments must not be the initial draw's normals (that correlates state and noise).
-    from measureflow.simulation import noise_seed
+    from measureflow.integrators import noise_seed
 
     seed = 3
     x0 = torch.randn(1, 4000, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

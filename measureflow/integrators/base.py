@@ -1,104 +1,103 @@
-"""The integrator protocol and the exception a failed step raises (DESIGN.md "integrator").
+"""The solver protocol: one step as a function (DESIGN.md "integrator").
 
-An integrator advances a state over one output interval of the simulation grid::
+A solver takes one step and returns what it computed, keeping nothing about the run::
 
-    new_state = integrator.advance(field, state, t0, t1, generator)
+    y1, error, dense, solver_state = solver.step(dynamics, t0, t1, y0, solver_state)
 
-* fixed-step methods take exactly one step h = t1 − t0 (Gaussian states may split it into 2, 4, 8, …
-  substeps when a step would leave the cone of SPD covariances);
-* adaptive methods take as many internal steps as their controller needs and land exactly on t1;
-* t1 < t0 integrates backwards (deterministic methods only).
+* ``dynamics`` is the field bound to a run (:class:`~measureflow.integrators.Dynamics`): it packs a
+  state into its integrated channels, evaluates their rates, draws the run's noise and counts the
+  evaluations. A plain field is accepted too and bound on the spot (no noise, throwaway counters).
+* ``y0`` and ``y1`` are states (:class:`~measureflow.Particles` or :class:`~measureflow.Gaussians`).
+* ``error`` is the local error estimate as a tuple of tensors shaped like the channels (None for a
+  method without an embedded estimate); an adaptive loop turns it into a scaled norm.
+* ``dense`` is the step's dense output (:mod:`measureflow.integrators.dense`): ``dense(t)`` gives
+  the state anywhere in [t0, t1] (events locate sign changes on it).
+* ``solver_state`` is whatever the method carries from one step to the next (the first-same-as-last
+  stage of Dormand–Prince); ``solver.init(...)`` gives the first one, and None is always valid.
 
-Particles follow ẋ = v_t[μ](x) with the mean-field argument μ the stage's own particles; Gaussians
+Because the instance holds only its configuration (tableau, default controller, options), one solver
+object can serve any number of runs, even at the same time, with identical results. What a run
+accumulates — the step-size proposal, counters, the solver state — lives in its
+:class:`~measureflow.integrators.Stepper`.
+
+Particles follow ẋ = v_t[μ](x), the mean-field argument μ being the stage's own particles; Gaussians
 follow ṁ = b, Σ̇ = AΣ + ΣAᵀ with (b, A) = field.affine(t, N(m, Σ)) (MATH.md §0, eq. 0.1).
 """
 
 from __future__ import annotations
 
+import abc
 import math
+from typing import Any, NamedTuple
 
-from ..errors import MeasureflowError, TimeRangeError
+from ..errors import StepFailure, TimeRangeError
 from ..fields import check_compatible
 
-__all__ = ["StepFailure", "Integrator", "STAT_KEYS"]
+__all__ = ["Solver", "StepResult", "StepFailure", "STAT_KEYS", "as_time"]
 
-#: The counters every integrator keeps in ``stats``.
+#: The counters every run keeps about its integration (in ``Result.integrator_stats``).
 STAT_KEYS = ("nfev", "steps", "accepted", "rejected")
 
 
-class StepFailure(MeasureflowError, RuntimeError):
-    """A step could not be taken: the state went non-finite, a covariance left the SPD cone after
-    the maximum number of step reductions, or an adaptive step fell below ``dt_min``.
+class StepResult(NamedTuple):
+    """What :meth:`Solver.step` returns: unpack it as ``y1, error, dense, solver_state``."""
 
-    ``reason`` is a short phrase (e.g. ``"covariance left the SPD cone"``); ``time`` is the time at
-    which the failing step started. The simulation records both as the run's status.
+    y: Any
+    error: Any
+    dense: Any
+    solver_state: Any
+
+
+class Solver(abc.ABC):
+    """Base class of every integrator (built-in or third party).
+
+    Class attributes: ``name`` (registry name); ``order`` (convergence order of a deterministic
+    method); ``strong_order`` / ``weak_order`` (for a method that draws noise); ``adaptive`` (it gives
+    an error estimate an adaptive controller can use); ``stochastic`` (it integrates a diffusion
+    term); ``needs`` (what it uses of a field on a Gaussian state, when not ``affine``).
+
+    ``controller`` is the step-size controller the method runs under when the caller gives none
+    (:class:`~measureflow.integrators.ConstantController` for fixed-step methods).
     """
 
-    def __init__(self, reason: str, time: float, detail: str = ""):
-        self.reason = str(reason)
-        self.time = float(time)
-        self.detail = str(detail)
-        message = f"step failure at t = {self.time:.9g}: {self.reason}"
-        if self.detail:
-            message += f" ({self.detail})"
-        super().__init__(message)
-
-    def __reduce__(self):  # keep reason/time when pickled across processes
-        return (type(self), (self.reason, self.time, self.detail))
-
-
-class Integrator:
-    """Base class of the built-in integrators (third-party ones only need the same methods).
-
-    Class attributes: ``name`` (registry name), ``order`` (convergence order; weak order for a
-    stochastic method), ``adaptive``, ``stochastic``. ``stats`` counts field evaluations ("nfev"),
-    internal steps attempted ("steps") and how many were kept ("accepted") or discarded
-    ("rejected"); the counters are plain Python ints, so keeping them never touches the device.
-    """
-
-    name: str = "integrator"
+    name: str = "solver"
     order: int = 0
+    strong_order: float | None = None
+    weak_order: float | None = None
     adaptive: bool = False
     stochastic: bool = False
+    needs: frozenset | None = None
+    controller: Any = None
 
-    def __init__(self):
-        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+    @abc.abstractmethod
+    def step(self, dynamics, t0: float, t1: float, y, solver_state=None) -> StepResult:
+        """One step from ``y`` at ``t0`` to ``t1`` (t1 < t0 steps backwards where the method allows)."""
 
-    # -- protocol ---------------------------------------------------------------------------------
-    def advance(self, field, state, t0: float, t1: float, generator=None):
-        """Advance ``state`` from t0 to t1 under ``field``; returns the new state."""
-        raise NotImplementedError
+    def init(self, dynamics, t0: float, y) -> Any:
+        """The solver state before the first step (None: nothing carried)."""
+        return None
 
     def check(self, field, state) -> None:
-        """Refuse a field/state combination this integrator cannot run (no device access).
+        """Refuse a field/state combination this method cannot run (no device access); called once
+        when a run is assembled."""
+        check_compatible(field, state, stochastic_integrator=self.stochastic, needs=self.needs)
 
-        Called by the simulation at assembly and again at the start of every :meth:`advance`.
-        """
-        check_compatible(field, state, stochastic_integrator=self.stochastic)
+    def uses_noise(self, field) -> bool:
+        """Whether a step of ``field`` draws from the run's noise stream."""
+        return False
 
     @property
     def options(self) -> dict:
         """The constructor keyword arguments, JSON-serialisable (written to trajectory parameters)."""
         return {}
 
-    def state_dict(self) -> dict:
-        """Everything a resumed run needs to take the same steps (JSON/torch-serialisable)."""
-        return {"stats": dict(self.stats)}
+    def advance(self, field, state, t0: float, t1: float, noise=None):
+        """Integrate ``state`` from t0 to t1 with a fresh run (a one-off :class:`Stepper`) and
+        return the new state: a convenience for scripts. A loop over intervals should keep one
+        Stepper instead, so that counters, the step-size proposal and FSAL stages carry over."""
+        from .stepper import Stepper
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        stats = dict(state.get("stats", {}))
-        unknown = set(stats) - set(STAT_KEYS)
-        if unknown:
-            raise ValueError(
-                f"integrator {self.name!r}: unknown stats keys {sorted(unknown)} in the saved state; "
-                f"expected a subset of {list(STAT_KEYS)}"
-            )
-        self.stats = dict.fromkeys(STAT_KEYS, 0)
-        self.stats.update({k: int(v) for k, v in stats.items()})
-
-    def reset_stats(self) -> None:
-        self.stats = dict.fromkeys(STAT_KEYS, 0)
+        return Stepper(self, field, state, noise=noise).advance(state, t0, t1)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -114,3 +113,4 @@ def as_time(value, what: str) -> float:
     if not math.isfinite(t):
         raise TimeRangeError(f"{what} must be finite; received {value!r}")
     return t
+

@@ -5,13 +5,13 @@ Every name maps to a factory taking keyword arguments:
 =================  ======================================  ====================================
 name               method                                   keyword arguments
 =================  ======================================  ====================================
-``euler``          explicit Euler, order 1                  max_halvings
-``heun``           Heun (explicit trapezoid), order 2       max_halvings
-``midpoint``       explicit midpoint, order 2               max_halvings
-``rk4``            classical Runge–Kutta, order 4           max_halvings
+``euler``          explicit Euler, order 1                  max_halvings, controller
+``heun``           Heun (explicit trapezoid), order 2       max_halvings, controller
+``midpoint``       explicit midpoint, order 2               max_halvings, controller
+``rk4``            classical Runge–Kutta, order 4           max_halvings, controller
 ``dopri5``         Dormand–Prince 5(4), adaptive            rtol, atol, dt_min, dt_max, safety,
-                                                            first_step, max_steps
-``euler_maruyama`` Euler–Maruyama, weak order 1, noise      max_halvings
+                                                            first_step, max_steps, controller
+``euler_maruyama`` Euler–Maruyama, weak order 1, noise      max_halvings, controller
 =================  ======================================  ====================================
 """
 
@@ -20,8 +20,7 @@ from __future__ import annotations
 from functools import partial
 
 from ..plugins import hookimpl
-from .adaptive import DormandPrince5
-from .runge_kutta import ExplicitRungeKutta
+from .runge_kutta import DormandPrince5, ExplicitRungeKutta
 from .stochastic import EulerMaruyama
 from .tableau import EULER, HEUN, MIDPOINT, RK4
 

@@ -1,51 +1,36 @@
-"""Tableau-driven explicit Runge–Kutta: the stage loop (shared with the adaptive method) and the
-fixed-step integrators euler, heun, midpoint and rk4.
+"""Tableau-driven explicit Runge–Kutta steps: euler, heun, midpoint, rk4 and the adaptive dopri5.
 
-Particles take exactly one step of h = t1 − t0 per :meth:`ExplicitRungeKutta.advance` with no
-device→host synchronisation: stage times and coefficients are Python floats, and no value is read
-back (a non-finite state is caught by the simulation's health flags).
+One :meth:`ExplicitRungeKutta.step` is
 
-Gaussians (MATH.md eq. 0.1) are checked after every step — one synchronisation per step — because a
-covariance must never leave the cone of SPD matrices: if any replica's Σ fails a Cholesky
-factorisation or a value is non-finite, the step is retried from its start as 2, 4, 8, … substeps,
-up to ``max_halvings`` times, and then :class:`~measureflow.integrators.StepFailure` is raised.
-One-stage methods (Euler) advance Σ by the pushforward (I + hA)Σ(I + hA)ᵀ instead of Σ + h(AΣ + ΣAᵀ),
-which is positive semi-definite for every h.
+    kᵢ = f(t + cᵢh, y + h Σ_{j<i} aᵢⱼkⱼ),   y' = y + h Σᵢ bᵢkᵢ,
+
+on the state's integrated channels (:class:`~measureflow.integrators.Dynamics`), plus, for an
+embedded pair, the error estimate h Σᵢ (bᵢ − b̂ᵢ)kᵢ. A particle step never reads a value back to
+the host: stage times and coefficients are Python floats (a non-finite state is caught by the run's
+health record). One-stage methods (Euler) advance a Gaussian by the pushforward
+(I + hA)Σ(I + hA)ᵀ instead of Σ + h(AΣ + ΣAᵀ), which is positive semi-definite for every h.
+
+What happens between steps — one step per output interval with the Gaussian SPD safeguard, or
+error-controlled adaptive steps — is the controller's business
+(:mod:`measureflow.integrators.controllers`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import math
+from typing import Callable
 
+import attrs
 import torch
 
-from .base import Integrator, StepFailure, as_time
-from .systems import GaussianSystem, ParticleSystem, system_for
-from .tableau import ButcherTableau
+from .base import Solver, StepResult
+from .combine import Tensors, combine
+from .controllers import ConstantController, PIController
+from .dense import HermiteDense, LinearDense, RungeKuttaDense
+from .dynamics import as_dynamics
+from .tableau import DOPRI5, ButcherTableau
 
-__all__ = ["ExplicitRungeKutta", "rk_stages", "combine", "advance_gaussians"]
-
-Tensors = tuple[torch.Tensor, ...]
-
-
-def combine(y: Tensors, h: float, weights: Sequence[float], ks: Sequence[Tensors]) -> Tensors:
-    """y + h Σᵢ wᵢ kᵢ, skipping zero weights (component-wise over the tuple y).
-
-    The weighted sum is accumulated first, in one fresh buffer (so small increments are summed
-    before they meet the larger y), then added to y: two allocations per component whatever the
-    number of stages.
-    """
-    terms = [(w, k) for w, k in zip(weights, ks) if w != 0.0]
-    if not terms:
-        return tuple(y)
-    out = []
-    for comp, y_c in enumerate(y):
-        w0, k0 = terms[0]
-        acc = k0[comp] * w0
-        for w, k in terms[1:]:
-            acc.add_(k[comp], alpha=w)
-        out.append(torch.add(y_c, acc, alpha=h))
-    return tuple(out)
+__all__ = ["ExplicitRungeKutta", "DormandPrince5", "FirstStage", "rk_stages"]
 
 
 def rk_stages(
@@ -71,120 +56,150 @@ def rk_stages(
     return ks
 
 
-def advance_gaussians(
-    integrator: Integrator,
-    step: Callable[[float, Tensors, float], Tensors],
-    state,
-    t0: float,
-    t1: float,
-    max_halvings: int,
-):
-    """Advance a Gaussian state from t0 to t1 by one step ``step(t, y, h) -> y'``, retried as
-    2, 4, …, 2^max_halvings equal substeps (each restarting from t0) while any replica leaves the
-    SPD cone or goes non-finite. Raises StepFailure when the finest split fails too."""
-    y0 = GaussianSystem.pack(state)
-    h_total = t1 - t0
-    stats = integrator.stats
-    reason, t_fail = "", t0
-    for level in range(max_halvings + 1):
-        n = 1 << level
-        h = h_total / n
-        y = y0
-        ok = True
-        for j in range(n):
-            t = t0 + j * h
-            y_next = step(t, y, h)
-            stats["steps"] += 1
-            admissible = GaussianSystem.admissible(y_next)
-            if not bool(admissible):  # host sync, by design (see module docstring)
-                ok = False
-                # Everything computed at this level is thrown away.
-                stats["rejected"] += j + 1
-                finite = bool(torch.isfinite(y_next[0]).all() & torch.isfinite(y_next[1]).all())
-                reason = "covariance left the SPD cone" if finite else "non-finite Gaussian parameters"
-                t_fail = t
-                break
-            y = y_next
-        if ok:
-            stats["accepted"] += n
-            return GaussianSystem.unpack(state, y)
-    raise StepFailure(
-        reason,
-        t_fail,
-        f"{integrator.name}: the step from t = {t0:.9g} to {t1:.9g} still failed when split into "
-        f"{1 << max_halvings} substeps; use a smaller time step or the adaptive 'dopri5', or check "
-        "that the field's affine() closure is finite at this state",
-    )
+@attrs.frozen(eq=False)
+class FirstStage:
+    """The solver state of a first-same-as-last method: f(t, y) at the end of the last step, valid
+    for a next step that starts from exactly those channels at exactly that time, with that field."""
+
+    time: float
+    field: object
+    channels: tuple
+    derivative: tuple
+
+    def continues(self, field, t: float, channels) -> bool:
+        return (
+            self.time == t
+            and self.field is field
+            and len(self.channels) == len(channels)
+            and all(a is b for a, b in zip(self.channels, channels))
+        )
 
 
-class ExplicitRungeKutta(Integrator):
-    """Fixed-step explicit Runge–Kutta method given by a :class:`ButcherTableau`.
-
-    One call to :meth:`advance` takes one step of h = t1 − t0 (negative h integrates backwards):
-
-        kᵢ = f(t0 + cᵢh, y + h Σⱼ aᵢⱼkⱼ),   y' = y + h Σᵢ bᵢkᵢ,
-
-    with y = x for particles (each stage's velocity sees the stage's particles as the measure) and
-    y = (m, Σ) for Gaussians (see the module docstring for the SPD safeguard; it synchronises once
-    per Gaussian step, the particle path never does).
+class ExplicitRungeKutta(Solver):
+    """Explicit Runge–Kutta method given by a :class:`ButcherTableau` (see the module docstring).
 
     Parameters
     ----------
     tableau:
-        the method (``EULER``, ``HEUN``, ``MIDPOINT``, ``RK4`` or your own).
+        the method (``EULER``, ``HEUN``, ``MIDPOINT``, ``RK4``, ``DOPRI5`` or your own).
     max_halvings:
-        Gaussian states only: how many times a step that leaves the SPD cone is split in two before
-        giving up with StepFailure (default 10, i.e. at most 1024 substeps).
+        Gaussian states under the default constant controller: how many times a step that leaves
+        the SPD cone is split in two before giving up with StepFailure (default 10, i.e. at most
+        1024 substeps).
+    controller:
+        the step-size controller this method runs under by default:
+        :class:`~measureflow.integrators.ConstantController` (one step per output interval) unless
+        given; an embedded pair may take a :class:`~measureflow.integrators.PIController`.
     """
 
-    adaptive = False
     stochastic = False
 
-    def __init__(self, tableau: ButcherTableau, *, max_halvings: int = 10):
-        super().__init__()
+    def __init__(self, tableau: ButcherTableau, *, max_halvings: int = 10, controller=None):
         if not isinstance(tableau, ButcherTableau):
             raise TypeError(f"ExplicitRungeKutta needs a ButcherTableau; received {type(tableau).__name__}")
-        if int(max_halvings) < 0:
-            raise ValueError(f"max_halvings must be >= 0; received {max_halvings!r}")
         self.tableau = tableau
         self.name = tableau.name
         self.order = tableau.order
-        self.max_halvings = int(max_halvings)
+        self.adaptive = tableau.embedded
+        if controller is None:
+            controller = ConstantController(max_halvings=max_halvings)
+        elif isinstance(controller, PIController) and not tableau.embedded:
+            raise ValueError(
+                f"{tableau.name!r} has no embedded error estimate, so a PIController cannot adapt its step; "
+                "use a ConstantController or an embedded pair such as 'dopri5'"
+            )
+        self.controller = controller
+
+    @property
+    def error_order(self) -> int:
+        """Order of the embedded error estimate (one less than the method's)."""
+        return self.tableau.order - 1
+
+    @property
+    def max_halvings(self) -> int | None:
+        return getattr(self.controller, "max_halvings", None)
 
     @property
     def options(self) -> dict:
-        return {"max_halvings": self.max_halvings}
+        return dict(self.controller.options)
 
-    def advance(self, field, state, t0: float, t1: float, generator=None):
-        """One step from t0 to t1 (``generator`` is unused: the method draws no noise)."""
-        self.check(field, state)
-        t0, t1 = as_time(t0, "t0"), as_time(t1, "t1")
-        system = system_for(state)
-        if system is ParticleSystem:
-            y = self._step(system, field, state, t0, system.pack(state), t1 - t0)
-            return system.unpack(state, y)
-        return advance_gaussians(
-            self,
-            lambda t, y, h: self._step(system, field, state, t, y, h),
-            state,
-            t0,
-            t1,
-            self.max_halvings,
-        )
+    # -- stepping -------------------------------------------------------------------------------------
+    def init(self, dynamics, t0: float, y):
+        """f(t0, y) for a first-same-as-last method (its first stage), else None."""
+        if not self.tableau.fsal:
+            return None
+        dyn = as_dynamics(dynamics, y)
+        channels = dyn.pack(y)
+        return FirstStage(float(t0), dyn.field, channels, dyn.rate(t0, channels))
 
-    def _step(self, system, field, state, t: float, y: Tensors, h: float) -> Tensors:
+    def continues(self, dynamics, t0: float, y, solver_state) -> bool:
+        """Whether ``solver_state`` is valid for a step from (t0, y)."""
+        if not isinstance(solver_state, FirstStage):
+            return not self.tableau.fsal
+        dyn = as_dynamics(dynamics, y)
+        return solver_state.continues(dyn.field, t0, dyn.pack(y))
+
+    def step(self, dynamics, t0: float, t1: float, y, solver_state=None, *, dt: float | None = None) -> StepResult:
+        """One step from (t0, y) to t1. ``dt`` is the step length when the caller computed it (the
+        stage times are t0 + cᵢ·dt with the caller's rounding); by default t1 − t0."""
+        dyn = as_dynamics(dynamics, y)
+        h = t1 - t0 if dt is None else dt
         tab = self.tableau
-        if system is GaussianSystem and tab.stages == 1:
-            self.stats["nfev"] += 1
-            return GaussianSystem.euler_pushforward(field, t, state, y, h)
+        y0 = dyn.pack(y)
+        if dyn.kind == "gaussians" and tab.stages == 1:
+            y1 = dyn.euler_pushforward(t0, y0, h)
+            return StepResult(dyn.unpack(y1, y), None, LinearDense(dyn, t0, t1, y0, y1, y), None)
+        k1 = None
+        if isinstance(solver_state, FirstStage) and solver_state.continues(dyn.field, t0, y0):
+            k1 = solver_state.derivative
+        if tab.fsal:
+            ks = rk_stages(tab, dyn.rate, t0, y0, h, k1, stages=tab.stages - 1)
+            y1 = combine(y0, h, tab.b, ks)
+            # The last stage sits at (t1, y'): evaluated at t1 exactly, so that a next step starting
+            # from the returned state at t1 sees the bit-identical first stage.
+            ks.append(dyn.rate(t1, y1))
+        else:
+            ks = rk_stages(tab, dyn.rate, t0, y0, h, k1)
+            y1 = combine(y0, h, tab.b, ks)
+        out = dyn.unpack(y1, y)
+        # Keyed on the returned state's own tensors: the next step packs exactly those.
+        state = FirstStage(float(t1), dyn.field, dyn.pack(out), ks[-1]) if tab.fsal else None
+        error = None
+        if tab.embedded:
+            error = combine(tuple(torch.zeros_like(c) for c in y0), h, tab.b_error, ks)
+        if tab.dense is not None:
+            dense = RungeKuttaDense(dyn, t0, t1, y0, y1, y, ks, tab.dense)
+        else:
+            dense = HermiteDense(dyn, t0, t1, y0, y1, y, ks[0], ks[-1] if tab.fsal else None)
+        return StepResult(out, error, dense, state)
 
-        def rate(s, z):
-            self.stats["nfev"] += 1
-            return system.rate(field, s, state, z)
 
-        ks = rk_stages(tab, rate, t, y, h)
-        if system is ParticleSystem:
-            # Particle steps are counted here; Gaussian steps by advance_gaussians.
-            self.stats["steps"] += 1
-            self.stats["accepted"] += 1
-        return combine(y, h, tab.b, ks)
+class DormandPrince5(ExplicitRungeKutta):
+    """Adaptive Dormand–Prince 5(4) ("dopri5"): fifth-order solution, fourth-order error estimate,
+    first-same-as-last, under a :class:`~measureflow.integrators.PIController`.
+
+    The keyword arguments build the controller (see :class:`PIController`): ``rtol``, ``atol``
+    (defaults 1e-6, 1e-8), ``dt_min``, ``dt_max``, ``safety``, ``first_step``, ``max_steps``; or give
+    ``controller=`` yourself (a :class:`ConstantController` makes it a fixed-step fifth-order method).
+    """
+
+    def __init__(
+        self,
+        rtol: float = 1e-6,
+        atol: float = 1e-8,
+        dt_min: float = 1e-10,
+        dt_max: float = math.inf,
+        safety: float = 0.9,
+        first_step: float | None = None,
+        max_steps: int = 100_000,
+        *,
+        tableau: ButcherTableau = DOPRI5,
+        controller=None,
+    ):
+        if not tableau.embedded:
+            raise ValueError(f"tableau {tableau.name!r} has no embedded error estimate (b_error)")
+        if controller is None:
+            controller = PIController(rtol=rtol, atol=atol, dt_min=dt_min, dt_max=dt_max, safety=safety,
+                                      first_step=first_step, max_steps=max_steps, error_order=tableau.order - 1)
+        super().__init__(tableau, controller=controller)
+        self.name = "dopri5" if tableau is DOPRI5 else tableau.name

@@ -37,6 +37,10 @@ class ButcherTableau:
 
     ``fsal`` (first same as last) marks methods whose last stage is f(t + h, y'): it can be reused as
     the next step's first stage.
+
+    ``dense`` (optional) is a continuous extension: row i holds the coefficients of the polynomial
+    bᵢ(θ) = Σⱼ dense[i][j] θ^(j+1), so that y(t + θh) = y + h Σᵢ bᵢ(θ) kᵢ for θ ∈ [0, 1]; it must
+    give bᵢ(1) = bᵢ.
     """
 
     name: str
@@ -48,6 +52,9 @@ class ButcherTableau:
         default=None, converter=attrs.converters.optional(_floats)
     )
     fsal: bool = False
+    dense: tuple[tuple[float, ...], ...] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(_rows)
+    )
 
     def __attrs_post_init__(self):
         s = len(self.c)
@@ -77,6 +84,16 @@ class ButcherTableau:
                 )
         if self.fsal and (self.c[-1] != 1.0 or tuple(self.a[-1]) != tuple(self.b[:-1]) or self.b[-1] != 0.0):
             raise ValueError(f"tableau {self.name!r}: fsal needs c[-1] = 1, a[-1] = b[:-1] and b[-1] = 0")
+
+        if self.dense is not None:
+            if len(self.dense) != s:
+                raise ValueError(f"tableau {self.name!r}: dense must have one row per stage ({s}); received {len(self.dense)}")
+            for i, row in enumerate(self.dense):
+                if abs(sum(row) - self.b[i]) > 100 * _TOL:
+                    raise ValueError(
+                        f"tableau {self.name!r}: dense row {i} sums to {sum(row)!r}, but at θ = 1 the "
+                        f"interpolant must give b[{i}] = {self.b[i]!r}"
+                    )
 
     @property
     def stages(self) -> int:
@@ -126,4 +143,15 @@ DOPRI5 = ButcherTableau(
     # Exact rational differences, rounded once (b − b̂ computed in floats would lose digits).
     b_error=[x - y for x, y in zip(_DP_B, _DP_B_HAT)],
     fsal=True,
+    # Shampine's fourth-order continuous extension of the 5(4) pair ("Some practical Runge–Kutta
+    # formulas", Math. Comp. 46, 1986): y(t + θh) = y + h Σᵢ bᵢ(θ) kᵢ, bᵢ(θ) = Σⱼ dense[i][j] θ^(j+1).
+    dense=[
+        [1, F(-8048581381, 2820520608), F(8663915743, 2820520608), F(-12715105075, 11282082432)],
+        [0, 0, 0, 0],
+        [0, F(131558114200, 32700410799), F(-68118460800, 10900136933), F(87487479700, 32700410799)],
+        [0, F(-1754552775, 470086768), F(14199869525, 1410260304), F(-10690763975, 1880347072)],
+        [0, F(127303824393, 49829197408), F(-318862633887, 49829197408), F(701980252875, 199316789632)],
+        [0, F(-282668133, 205662961), F(2019193451, 616988883), F(-1453857185, 822651844)],
+        [0, F(40617522, 29380423), F(-110615467, 29380423), F(69997945, 29380423)],
+    ],
 )

@@ -156,3 +156,30 @@ def load_training_checkpoint(path, *, owner: str, expected_format: str, fingerpr
             f"{owner}: checkpoint {path} is at {counter} {done}, beyond {counter}s = {limit}; ask for at least {done}"
         )
     return payload, done
+
+
+def load_run_checkpoint(path, *, owner: str, expected_format: str, fingerprint: str, limit: int,
+                        differs: str) -> dict:
+    """Read a run's checkpoint (:class:`measureflow.run.RunLoop`) and check that it belongs to this run.
+
+    ``owner`` names the run (for messages), ``limit`` its last step, ``differs`` what a different
+    fingerprint means. Refuses another kind of run's file, another run's file, and a checkpoint
+    beyond ``limit``.
+    """
+    payload = load_checkpoint(path)
+    if payload.get("format") != expected_format:
+        raise TrajectoryFileError(
+            f"checkpoint {path} is not a {owner} checkpoint (format {payload.get('format')!r}); point "
+            "checkpoint= at the file this run wrote, or delete it"
+        )
+    if payload.get("fingerprint") != fingerprint:
+        raise MeasureflowError(
+            f"checkpoint {path} belongs to a different run ({differs}); delete it or point "
+            "checkpoint= elsewhere"
+        )
+    done = int(payload["step"])
+    if done > limit:
+        raise ParameterError(
+            f"{owner}: checkpoint {path} is at step {done}, beyond the run's {limit} steps; ask for at least {done}"
+        )
+    return payload

@@ -1,0 +1,66 @@
+"""The run's health record: non-finite values and blow-ups found without a host synchronisation
+per step (DESIGN.md "Errors")."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["Health"]
+
+NONFINITE, BLOWUP = 1, 2
+
+
+class Health:
+    """Kept on the state's device: each step stores one number, the largest |value| of what must stay
+    finite (``inf``-norm: NaN if any value is NaN, inf if any is infinite), into a block of ``block``
+    slots; a full block is folded into two device scalars, the first offending step and its kind
+    (non-finite, or beyond the blow-up ``bound``). :meth:`first_bad` folds what is pending and reads
+    the scalars back: the only synchronisation, made when the run writes, checkpoints, checks or ends.
+    """
+
+    def __init__(self, bound: float | None, device, block: int = 64):
+        self.bound = bound
+        self.block = block
+        self.peaks = None
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+        self.kind = torch.zeros((), dtype=torch.long, device=device)
+        self.filled = 0
+        self.host_steps: list[int] = []
+
+    def record(self, values: torch.Tensor, step: int) -> None:
+        """Remember the peak of ``values`` (any shape, on the run's device) at ``step``."""
+        if self.peaks is None or self.peaks.dtype != values.dtype or self.peaks.device != values.device:
+            self._fold()
+            self.peaks = torch.empty(self.block, dtype=values.dtype, device=values.device)
+        torch.linalg.vector_norm(values.detach(), ord=math.inf, out=self.peaks[self.filled])
+        self.host_steps.append(step)
+        self.filled += 1
+        if self.filled == self.block:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self.filled:
+            return
+        peaks = self.peaks[: self.filled]
+        kind = torch.where(torch.isfinite(peaks), 0, NONFINITE)
+        if self.bound is not None:
+            kind = torch.where((kind == 0) & (peaks > self.bound), BLOWUP, kind)
+        bad = kind > 0
+        # first offending slot of the block (argmax of a bool picks the first True)
+        slot = torch.argmax(bad.to(torch.uint8))
+        steps = torch.as_tensor(self.host_steps, dtype=torch.long).to(self.first.device, non_blocking=True)
+        fresh = (self.first < 0) & bad.any()
+        self.first.copy_(torch.where(fresh, steps[slot], self.first))
+        self.kind.copy_(torch.where(fresh, kind[slot], self.kind))
+        self.filled = 0
+        self.host_steps = []
+
+    def first_bad(self) -> tuple[int, str] | None:
+        """(step, "nonfinite" | "blowup") of the first offending step recorded, or None."""
+        self._fold()
+        bad = int(self.first)
+        if bad < 0:
+            return None
+        return bad, ("nonfinite" if int(self.kind) == NONFINITE else "blowup")
