@@ -1,8 +1,9 @@
-"""Scenarios: parameterised scripts that build a :class:`~measureflow.Simulation`.
+"""Scenarios: parameterised scripts that build a run — a :class:`~measureflow.Simulation`, or a
+training run such as :class:`~measureflow.training.GeneratorTraining`.
 
 A scenario is a function whose keyword parameters all have type annotations and defaults; it
-returns a ``Simulation``. Decorate it with :func:`scenario`; optionally attach a ``report`` that
-receives the :class:`~measureflow.Result` (print numbers, draw a picture)::
+returns a run. Decorate it with :func:`scenario`; optionally attach a ``report`` that receives the
+run's result (print numbers, draw a picture)::
 
     from measureflow import Simulation, scenario
 
@@ -19,9 +20,12 @@ receives the :class:`~measureflow.Result` (print numbers, draw a picture)::
         relax.main()
 
 The same file runs as ``python relax.py --set n=500`` and as ``measureflow run relax.py --set n=500``.
-When the simulation writes an H5MD file, the runner keeps a checkpoint next to it
-(``<file>.ckpt``) so that ``--resume`` continues a killed run; the checkpoint is removed once the
-run completes.
+When the run writes an H5MD file, the runner keeps a checkpoint next to it (``<file>.ckpt``) so
+that ``--resume`` continues a killed run; the checkpoint is removed once the run completes.
+
+A run is anything with the small interface :class:`Runnable` describes (``Simulation`` and the
+training runs have it): the runner never changes a run, it asks for new ones (``with_options``,
+``with_checkpoint``).
 """
 
 from __future__ import annotations
@@ -32,14 +36,38 @@ import inspect
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import attrs
 
 from .errors import MeasureflowError, ParameterError
 
-__all__ = ["scenario", "Scenario", "Parameter", "load_scenarios", "parse_assignments", "attach_checkpoint",
-           "choose_scenario"]
+__all__ = ["scenario", "Scenario", "Parameter", "Runnable", "load_scenarios", "parse_assignments",
+           "with_run_checkpoint", "output_path", "choose_scenario"]
+
+
+@runtime_checkable
+class Runnable(Protocol):
+    """What a scenario function returns: a run the runner can checkpoint, label and start.
+
+    ``parameters`` and ``description`` are recorded in the run's file; ``writers`` are its trajectory
+    sinks (the first one with a ``path`` is its output file); ``n_steps`` its length;
+    ``checkpoint_path`` where it checkpoints (None: nowhere). ``with_options(parameters=…,
+    description=…, progress=…)`` and ``with_checkpoint(path, every, resume)`` return new runs;
+    ``run()`` returns a result with ``status`` (a :class:`~measureflow.status.Status`) and ``wall_time``.
+    """
+
+    parameters: dict
+    description: str
+    writers: tuple
+    n_steps: int
+    checkpoint_path: Any
+
+    def with_options(self, **options): ...
+
+    def with_checkpoint(self, path, every=None, resume=None): ...
+
+    def run(self): ...
 
 _SUPPORTED = (int, float, str, bool)
 
@@ -124,28 +152,29 @@ class Scenario:
         return params
 
     def build(self, overrides: dict | None = None):
-        """Call the scenario function with the resolved parameters; returns (simulation, params)."""
+        """Call the scenario function with the resolved parameters; returns (run, params), the run
+        labelled with the parameters and the scenario's first docstring line."""
         params = self.resolve(overrides)
-        simulation = self.function(**params)
-        from .simulation import Simulation
-
-        if not isinstance(simulation, Simulation):
+        run = self.function(**params)
+        if not isinstance(run, Runnable):
             raise ParameterError(
-                f"scenario {self.name!r} must return a measureflow.Simulation; it returned {type(simulation).__name__}"
+                f"scenario {self.name!r} must return a measureflow.Simulation or another run (see "
+                f"measureflow.scenario.Runnable); it returned {type(run).__name__}"
             )
-        simulation.parameters = {**params, **simulation.parameters}
-        simulation.description = simulation.description or self.doc.split("\n")[0]
-        return simulation, params
+        run = run.with_options(parameters={**params, **run.parameters},
+                               description=run.description or self.doc.split("\n")[0])
+        return run, params
 
     def run(self, overrides: dict | None = None, *, resume: bool = False, progress: bool | None = None):
         """Build, run (with a checkpoint beside any H5MD output) and report; returns the Result."""
         simulation, params = self.build(overrides)
         if progress is not None:
-            simulation.progress = progress
-        h5_path = attach_checkpoint(simulation)
-        simulation.resume = bool(resume) and simulation.checkpoint_path is not None
-        if simulation.resume and not simulation.checkpoint_path.exists() and h5_path is not None:
-            done = _completed_status(h5_path)
+            simulation = simulation.with_options(progress=progress)
+        h5_path = output_path(simulation)
+        simulation = with_run_checkpoint(simulation, resume=resume)
+        if resume and simulation.checkpoint_path is not None and not simulation.checkpoint_path.exists() \
+                and h5_path is not None:
+            done = _completed(h5_path)
             if done is not None:
                 print(f"{h5_path}: already completed ({done}); nothing to resume", file=sys.stderr)
                 return None
@@ -250,31 +279,32 @@ def choose_scenario(scenarios: dict[str, Scenario], path, name: str | None = Non
     raise MeasureflowError(f"{path} defines several scenarios ({', '.join(scenarios)}); pick one with --name")
 
 
-def attach_checkpoint(simulation, path=None) -> Path | None:
-    """Give ``simulation`` the checkpoint a scenario run keeps: ``path``, or ``<file>.ckpt`` beside
-    its H5MD output, saved every tenth of the run. Returns the H5MD output path (None if none)."""
-    h5_path = _h5_output(simulation)
-    if path is None and h5_path is not None and simulation.checkpoint_path is None:
-        path = Path(str(h5_path) + ".ckpt")
-    if path is not None:
-        from .triggers import as_trigger
-
-        simulation.checkpoint_path = Path(path)
-        simulation.checkpoint_trigger = as_trigger(max(1, simulation.n_steps // 10))
-    if h5_path is not None:
-        Path(h5_path).parent.mkdir(parents=True, exist_ok=True)
-    return h5_path
-
-
-def _h5_output(simulation):
-    for writer in simulation.writers:
+def output_path(run) -> Path | None:
+    """The run's output file: the path of its first writer that has one (None if none)."""
+    for writer in run.writers:
         path = getattr(writer, "path", None)
         if path is not None:
             return Path(path)
     return None
 
 
-def _completed_status(h5_path) -> str | None:
+def with_run_checkpoint(run, path=None, *, resume: bool = False):
+    """``run`` with the checkpoint a scenario run keeps: ``path``, else its own, else
+    ``<file>.ckpt`` beside its output file, saved every tenth of the run; resumed from when
+    ``resume`` and the file exists. The output file's folder is created."""
+    h5_path = output_path(run)
+    if path is None:
+        path = run.checkpoint_path
+    if path is None and h5_path is not None:
+        path = Path(str(h5_path) + ".ckpt")
+    if h5_path is not None:
+        Path(h5_path).parent.mkdir(parents=True, exist_ok=True)
+    if path is None:
+        return run
+    return run.with_checkpoint(path, every=max(1, run.n_steps // 10), resume=bool(resume))
+
+
+def _completed(h5_path) -> str | None:
     if not Path(h5_path).exists():
         return None
     try:
