@@ -26,6 +26,7 @@ from .errors import CapabilityError, MeasureflowError, TimeRangeError
 from .fields import capabilities
 from .integrators import NoiseStream, Stepper
 from .io.base import Series
+from .packing import stack_simulations
 from .plugins import get_registry
 from .run import (
     Callback,
@@ -315,11 +316,8 @@ class Simulation:
 
     # -- new, re-checked simulations -------------------------------------------------------------------
     def _replace(self, **changes) -> "Simulation":
-        arguments = {**self._arguments, **changes}
-        arguments["field"] = self.field
-        arguments["integrator"] = self.integrator
-        arguments["writers"] = changes.get("writers", self.recording.writers)
-        arguments["observers"] = changes.get("observers", self.recording.observers)
+        arguments = {**self._arguments, "field": self.field, "integrator": self.integrator,
+                     "writers": self.recording.writers, "observers": self.recording.observers, **changes}
         return Simulation(**arguments)
 
     def with_state(self, state) -> "Simulation":
@@ -350,15 +348,14 @@ class Simulation:
         return self._replace(**options)
 
     @classmethod
-    def stack(cls, simulations, *, parameters: dict | None = None, checkpoint=None) -> "Simulation":
+    def stack(cls, simulations, *, parameters: dict | None = None) -> "Simulation":
         """One simulation advancing ``simulations`` — identical but for their seeds and initial
         states — as one batch of replicas: run i owns a block of consecutive replicas, draws its
         noise from its own seed, and each of its writers receives its own block of every frame, so
         every file is the one the run writes alone. Raises :class:`~measureflow.MeasureflowError`
-        saying why when they cannot be stacked (see :func:`measureflow.packing.why_not_stackable`)."""
-        from .packing import stack_simulations
-
-        return stack_simulations(list(simulations), parameters=parameters, checkpoint=checkpoint)
+        saying why when they cannot be stacked (see :func:`measureflow.packing.why_not_stackable`).
+        The batch has no checkpoint of its own: give it one with :meth:`with_checkpoint`."""
+        return stack_simulations(list(simulations), parameters=parameters)
 
     # -- what the file records --------------------------------------------------------------------------
     def run_parameters(self) -> dict:

@@ -1,7 +1,10 @@
 """Simulation states: weighted particles and Gaussian parameters.
 
 Conventions follow MATH.md §0: a particle state is the measure μ = Σᵢ wᵢ δ_{xᵢ} (weights never
-change during a run), a Gaussian state is μ = N(m, Σ). Both carry R independent replicas in a
+change during a run), a Gaussian state is μ = N(m, Σ). A particle state may also carry auxiliary
+**channels** — one value (or vector) per particle integrated along with the positions, such as a
+log-density or an action (:class:`measureflow.integrators.Channel`): ``state.channels[name]``, also
+readable as ``state.<name>``. Both carry R independent replicas in a
 leading batch dimension so that many simulations advance as one tensor operation.
 
 Validation happens at construction (the boundary where a user hands data in). Integrators build
@@ -71,8 +74,18 @@ class Particles:
 
     x: torch.Tensor = attrs.field(converter=_positions)
     weights: torch.Tensor | None = attrs.field(default=None)
+    channels: dict = attrs.field(factory=dict, kw_only=True, converter=dict)
 
     def __attrs_post_init__(self):
+        R, N, _ = self.x.shape
+        for name, value in self.channels.items():
+            if not isinstance(name, str) or not name.isidentifier() or name in ("x", "weights", "channels"):
+                raise StateError(f"Particles: channel name {name!r} must be an identifier other than x, weights, channels")
+            if not isinstance(value, torch.Tensor) or tuple(value.shape[:2]) != (R, N):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ShapeError(f"Particles: channel {name!r} must have shape (R, N, ...) = ({R}, {N}, ...); received {got}")
+            if value.device != self.x.device:
+                raise StateError(f"Particles: channel {name!r} is on {value.device} but x is on {self.x.device}")
         if self.weights is None:
             return
         # Checked before any conversion: a silent copy across devices would hide the mistake.
@@ -139,12 +152,31 @@ class Particles:
         object.__setattr__(new, "x", x)
         return new
 
+    def with_channels(self, channels: dict) -> "Particles":
+        """Same positions and weights, these channels added or replaced; no validation (used inside
+        the step loop)."""
+        new = copy.copy(self)
+        object.__setattr__(new, "channels", {**self.channels, **channels})
+        return new
+
+    def __getattr__(self, name):
+        # Only reached when normal lookup fails: a channel read as an attribute (state.log_density).
+        if not name.startswith("_"):
+            try:
+                channels = object.__getattribute__(self, "channels")
+            except AttributeError:
+                channels = {}
+            if name in channels:
+                return channels[name]
+        raise AttributeError(f"'Particles' object has no attribute {name!r}")
+
     def to(self, device=None, dtype=None) -> "Particles":
         x = self.x.to(device=device, dtype=dtype)
         w = None if self.weights is None else self.weights.to(device=device, dtype=dtype)
         new = copy.copy(self)
         object.__setattr__(new, "x", x)
         object.__setattr__(new, "weights", w)
+        object.__setattr__(new, "channels", {k: v.to(device=device, dtype=dtype) for k, v in self.channels.items()})
         return new
 
     def mean(self) -> torch.Tensor:
@@ -162,12 +194,15 @@ class Particles:
         out = {"x": self.x}
         if self.weights is not None:
             out["weights"] = self.weights
+        for name, value in self.channels.items():
+            out[f"channels/{name}"] = value
         return out
 
     def __repr__(self) -> str:
         R, N, d = self.x.shape
         weighted = "weighted" if self.weights is not None else "uniform"
-        return f"Particles(R={R}, N={N}, d={d}, {weighted}, dtype={self.dtype}, device={self.device})"
+        extra = f", channels={list(self.channels)}" if self.channels else ""
+        return f"Particles(R={R}, N={N}, d={d}, {weighted}{extra}, dtype={self.dtype}, device={self.device})"
 
 
 def _symmetric_part(a: torch.Tensor) -> torch.Tensor:
@@ -281,7 +316,8 @@ State = Particles | Gaussians
 def state_from_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> State:
     """Rebuild a state from :meth:`tensors` output (used by checkpoints)."""
     if kind == "particles":
-        return Particles(tensors["x"], tensors.get("weights"))
+        channels = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("channels/")}
+        return Particles(tensors["x"], tensors.get("weights"), channels=channels)
     if kind == "gaussians":
         return Gaussians(tensors["mean"], tensors["cov"])
     raise StateError(f"unknown state kind {kind!r}; expected 'particles' or 'gaussians'")

@@ -250,7 +250,7 @@ class H5MDWriter(Writer):
         self.compression = compression
         self.compression_opts = compression_opts
         self.run: RunInfo | None = None
-        self.stats = {"frames": 0, "flushes": 0}
+        self.stats = {"frames": 0, "flushes": 0, "swmr_restarts": 0}
         self._file: h5py.File | None = None
         self._frame_elements: list[_Element] = []
         self._observables: dict[str, _Element] = {}
@@ -527,7 +527,8 @@ class H5MDWriter(Writer):
 
     def _add_observables(self, shapes: dict) -> None:
         # New datasets cannot be created safely in SWMR mode: leave it (a clean close), add them,
-        # and enter it again. Giving RunInfo.observable_shapes avoids this.
+        # and enter it again. Giving RunInfo.observable_shapes avoids this (a run always does).
+        self.stats["swmr_restarts"] += 1
         self.flush()
         self._file.close()
         self._file = f = self._h5("r+")
