@@ -75,7 +75,7 @@ from .errors import CapabilityError, ParameterError, ShapeError, TimeRangeError
 from .fields import capabilities
 from .learning import VelocityMLP, _jsonable, default_device, default_optimizer, model_dtype, progress_enabled
 from .scenario import Scenario
-from .simulation import install_sigterm
+from .run import install_sigterm
 from .status import Status
 from .state import Particles
 from .triggers import as_trigger

@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import CapabilityError, MeasureflowError, ParameterError, ShapeError, TrajectoryFileError
-from .simulation import install_sigterm
+from .run import install_sigterm
 
 __all__ = [
     "VelocityMLP",

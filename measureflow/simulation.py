@@ -452,19 +452,19 @@ class SimulationProcess(Process):
         self.stepper = Stepper(simulation.integrator, simulation.field, state, noise=self.noise,
                                channels=simulation.channels)
         self._is_gaussian = state_kind(state) == "gaussians"
+        self._times = simulation.grid.all()
 
     def time_at(self, step: int) -> float:
-        return self.simulation.grid.time_at(step)
+        return self._times[step]
 
     def times(self) -> list[float]:
-        return self.simulation.grid.all()
+        return list(self._times)
 
     def start(self):
         return self.simulation.state
 
     def advance(self, state, step: int):
-        grid = self.simulation.grid
-        return self.stepper.advance(state, grid.time_at(step), grid.time_at(step + 1))
+        return self.stepper.advance(state, self._times[step], self._times[step + 1])
 
     def health(self, state):
         if self._is_gaussian:

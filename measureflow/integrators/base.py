@@ -27,17 +27,14 @@ follow ṁ = b, Σ̇ = AΣ + ΣAᵀ with (b, A) = field.affine(t, N(m, Σ)) (MAT
 from __future__ import annotations
 
 import abc
-import math
 from typing import Any, NamedTuple
 
-from ..errors import StepFailure, TimeRangeError
+from ..errors import StepFailure
 from ..fields import check_compatible
+from .dynamics import STAT_KEYS
+from .stepper import Stepper, as_time
 
 __all__ = ["Solver", "StepResult", "StepFailure", "STAT_KEYS", "as_time"]
-
-#: The counters every run keeps about its integration (in ``Result.integrator_stats``).
-STAT_KEYS = ("nfev", "steps", "accepted", "rejected")
-
 
 class StepResult(NamedTuple):
     """What :meth:`Solver.step` returns: unpack it as ``y1, error, dense, solver_state``."""
@@ -95,22 +92,8 @@ class Solver(abc.ABC):
         """Integrate ``state`` from t0 to t1 with a fresh run (a one-off :class:`Stepper`) and
         return the new state: a convenience for scripts. A loop over intervals should keep one
         Stepper instead, so that counters, the step-size proposal and FSAL stages carry over."""
-        from .stepper import Stepper
-
         return Stepper(self, field, state, noise=noise).advance(state, t0, t1)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{type(self).__name__}({self.name!r}{', ' if opts else ''}{opts})"
-
-
-def as_time(value, what: str) -> float:
-    """A finite Python float (times stay on the host: stage times never touch the device)."""
-    try:
-        t = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{what} must be a real number; received {value!r}") from None
-    if not math.isfinite(t):
-        raise TimeRangeError(f"{what} must be finite; received {value!r}")
-    return t
-

@@ -29,10 +29,12 @@ from ..errors import CapabilityError, ShapeError
 from ..fields import capabilities
 from ..linalg import symmetrize
 from ..state import state_kind
-from .base import STAT_KEYS
 from .noise import standard_normal
 
-__all__ = ["Dynamics", "Channel", "as_dynamics"]
+__all__ = ["Dynamics", "Channel", "as_dynamics", "STAT_KEYS"]
+
+#: The counters every run keeps about its integration (in ``Result.integrator_stats``).
+STAT_KEYS = ("nfev", "steps", "accepted", "rejected")
 
 
 def _field_name(field) -> str:

@@ -23,13 +23,15 @@ Two optional members of a field are honoured for every solver:
 
 from __future__ import annotations
 
+import math
+
 import attrs
 
-from .base import STAT_KEYS, as_time
+from ..errors import TimeRangeError
 from .controllers import ConstantController
-from .dynamics import Dynamics
+from .dynamics import STAT_KEYS, Dynamics
 
-__all__ = ["Stepper", "Carry"]
+__all__ = ["Stepper", "Carry", "as_time"]
 
 
 @attrs.define(eq=False)
@@ -82,7 +84,8 @@ class Stepper:
 
     def advance(self, state, t0: float, t1: float):
         """The state at t1, from ``state`` at t0 (lands on t1 exactly)."""
-        t0, t1 = as_time(t0, "t0"), as_time(t1, "t1")
+        if type(t0) is not float or type(t1) is not float or not math.isfinite(t0 + t1):
+            t0, t1 = as_time(t0, "t0"), as_time(t1, "t1")
         if self._pieces is None:
             state = self.controller.integrate(self.solver, self.dynamics, t0, t1, state, self.carry)
         else:
@@ -107,3 +110,15 @@ class Stepper:
         self.dynamics.stats.clear()
         self.dynamics.stats.update(stats)
         self.carry = Carry(controller_state={**self.controller.initial_state(), **dict(saved.get("controller", {}))})
+
+
+def as_time(value, what: str) -> float:
+    """A finite Python float (times stay on the host: stage times never touch the device)."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be a real number; received {value!r}") from None
+    if not math.isfinite(t):
+        raise TimeRangeError(f"{what} must be finite; received {value!r}")
+    return t
+
