@@ -49,6 +49,7 @@ import torch
 from .errors import ParameterError, ShapeError, StateError
 from .linalg import check_psd, covariance_pair, matrix_function, spd_roots, symmetrize
 from .state import as_tensor
+from .validators import check_positive, integer, to_positive
 
 __all__ = [
     "Coupling",
@@ -115,27 +116,6 @@ def _inputs(x0, x1, w0, w1):
 
 def _uniform(size: int) -> torch.Tensor:
     return torch.full((size,), 1.0 / size, dtype=torch.float64)
-
-
-def _positive_int(owner: str):
-    def check(instance, attribute, value):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ParameterError(f"{owner} coupling: {attribute.name} must be a positive integer; received {value!r}")
-
-    return check
-
-
-def _positive_float(owner: str, name: str, units: str = ""):
-    def convert(value) -> float:
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            out = math.nan
-        if not (out > 0 and math.isfinite(out)):
-            raise ParameterError(f"{owner} coupling: {name} must be positive and finite{units}; received {value!r}")
-        return out
-
-    return convert
 
 
 def squared_distances(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
@@ -286,7 +266,7 @@ class ExactOTCoupling(_PlanCoupling):
     """
 
     name = "exact_ot"
-    max_iter: int = attrs.field(default=1_000_000, validator=_positive_int("exact_ot"))
+    max_iter: int = attrs.field(default=1_000_000, validator=integer("exact_ot coupling"))
 
     def _solve(self, a, b, cost):
         import ot
@@ -318,10 +298,12 @@ class SinkhornCoupling(_PlanCoupling):
     """
 
     name = "sinkhorn"
-    epsilon: float = attrs.field(default=0.1, converter=_positive_float("sinkhorn", "epsilon", " (units of length²)"))
+    epsilon: float = attrs.field(
+        default=0.1, converter=to_positive("sinkhorn coupling", advice="Pass a finite ε > 0 (units of length²).")
+    )
     method: str = attrs.field(default="sinkhorn_log")
-    max_iter: int = attrs.field(default=1000, validator=_positive_int("sinkhorn"))
-    tol: float = attrs.field(default=1e-6, converter=_positive_float("sinkhorn", "tol"))
+    max_iter: int = attrs.field(default=1000, validator=integer("sinkhorn coupling"))
+    tol: float = attrs.field(default=1e-6, converter=to_positive("sinkhorn coupling"))
 
     @method.validator
     def _check_method(self, attribute, value):
@@ -457,17 +439,10 @@ def _entropic_cross(a: torch.Tensor, b: torch.Tensor, epsilon: float, where: str
     return 0.5 * (root @ D @ inv_root - s2 * eye)
 
 
-def _positive_epsilon(epsilon, where: str) -> float:
-    try:
-        eps = float(epsilon)
-    except (TypeError, ValueError):
-        raise ParameterError(f"{where}: epsilon must be a positive number; received {epsilon!r}") from None
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ParameterError(
-            f"{where}: epsilon must be positive and finite (ε → 0 is the unregularised problem: use the Brenier "
-            f"map / mccann_interpolation); received {epsilon!r}"
-        )
-    return eps
+#: What to do about ε ≤ 0 in the Gaussian entropic formulas.
+_EPSILON_ADVICE = (
+    "Pass ε > 0 (units of length²); ε → 0 is the unregularised problem: use the Brenier map / mccann_interpolation."
+)
 
 
 def entropic_cross_covariance(S0, S1, epsilon) -> torch.Tensor:
@@ -483,7 +458,7 @@ def entropic_cross_covariance(S0, S1, epsilon) -> torch.Tensor:
     positive definite. Returns (..., d, d), not symmetric in general.
     """
     where = "entropic_cross_covariance"
-    eps = _positive_epsilon(epsilon, where)
+    eps = check_positive(epsilon, "epsilon", where, advice=_EPSILON_ADVICE)
     a, b = covariance_pair(S0, S1, where)
     return _entropic_cross(a, b, eps, where)
 
@@ -505,7 +480,7 @@ def schrodinger_interpolation(t, m0, S0, m1, S1, epsilon) -> tuple[torch.Tensor,
     dimensions. Returns (m_t (..., d), Σ_t (..., d, d)).
     """
     where = "schrodinger_interpolation"
-    eps = _positive_epsilon(epsilon, where)
+    eps = check_positive(epsilon, "epsilon", where, advice=_EPSILON_ADVICE)
     a, b = covariance_pair(S0, S1, where)
     m0 = _vector(m0, "m0", a, where)
     m1 = _vector(m1, "m1", a, where)

@@ -26,6 +26,7 @@ import torch
 
 from .errors import CapabilityError, ShapeError, StateError
 from .state import Gaussians, Particles, as_tensor
+from .validators import check_int
 
 __all__ = ["Measure", "Gaussian", "GaussianMixture", "Empirical"]
 
@@ -109,13 +110,11 @@ def _draw_indices(weights: torch.Tensor | None, size: int, count: int, generator
 
 
 def _sample_shape(n: int, replicas: int | None) -> tuple[int, ...]:
-    if int(n) != n or n < 1:
-        raise ShapeError(f"sample size n must be a positive integer; received {n!r}")
+    n = check_int(n, "sample size n", error=ShapeError)
     if replicas is None:
-        return (int(n),)
-    if int(replicas) != replicas or replicas < 1:
-        raise ShapeError(f"replicas must be a positive integer or None; received {replicas!r}")
-    return (int(replicas), int(n))
+        return (n,)
+    return (check_int(replicas, "replicas", advice="Pass a whole number ≥ 1, or None for one unbatched set.",
+                      error=ShapeError), n)
 
 
 def _gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
