@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
 import time as _time
 import warnings
 import weakref
