@@ -39,6 +39,7 @@ interpolation, the Schrödinger bridge).
 
 from __future__ import annotations
 
+import abc
 import math
 import warnings
 
@@ -157,18 +158,18 @@ def _sample_pairs(plan: torch.Tensor, keep_rows: bool, generator, device) -> tup
 # -- couplings -----------------------------------------------------------------------------------------
 
 
-class Coupling:
-    """Base class: subclasses implement :meth:`pairs` (and :meth:`plan`); calling gathers the rows."""
+class Coupling(abc.ABC):
+    """Base class: subclasses implement :meth:`plan` and :meth:`pairs`; calling gathers the rows."""
 
     name = "coupling"
 
+    @abc.abstractmethod
     def plan(self, x0, x1, w0=None, w1=None) -> torch.Tensor:
         """The plan π (B0, B1), float64 on the host, with marginals (w0, w1)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def pairs(self, x0, x1, generator=None, w0=None, w1=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Index tensors (i, j), each (B0,), on x0's device: pair k is (x0[i[k]], x1[j[k]])."""
-        raise NotImplementedError
 
     def __call__(self, x0, x1, generator=None, w0=None, w1=None) -> tuple[torch.Tensor, torch.Tensor]:
         i, j = self.pairs(x0, x1, generator=generator, w0=w0, w1=w1)
@@ -212,9 +213,9 @@ class IndependentCoupling(Coupling):
 class _PlanCoupling(Coupling):
     """A coupling given by a plan solved on the cost Cᵢⱼ = |x0ᵢ − x1ⱼ|²; subclasses provide :meth:`_solve`."""
 
+    @abc.abstractmethod
     def _solve(self, a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> np.ndarray:
         """The plan for marginals a, b (positive, summing to one) and the cost matrix."""
-        raise NotImplementedError
 
     def _advice(self) -> str:
         """What to change when the solver returns something that is not a plan."""
