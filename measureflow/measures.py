@@ -25,6 +25,7 @@ import attrs
 import torch
 
 from .errors import CapabilityError, ShapeError, StateError
+from .linalg import symmetrize
 from .state import Gaussians, Particles, as_tensor
 from .validators import check_int
 
@@ -71,7 +72,7 @@ def _check_symmetric(c: torch.Tensor, name: str) -> torch.Tensor:
         raise StateError(
             f"{name} must be symmetric; {where}has max |Σ − Σᵀ| = {worst:.3g}. Symmetrise it with (S + S.T) / 2."
         )
-    return 0.5 * (c + c.transpose(-1, -2))
+    return symmetrize(c)
 
 
 def _check_weights(w: torch.Tensor, name: str) -> None:
