@@ -69,7 +69,8 @@ def _fake_distribution(root, name, module_source):
 def _plugins_command(path, strict):
     import os
 
-    env = dict(os.environ, PYTHONPATH=str(path))
+    # Keep the caller's PYTHONPATH after the fake distribution, so the child imports the code under test.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(path), os.environ.get("PYTHONPATH")) if p))
     env.pop("MEASUREFLOW_STRICT_PLUGINS", None)
     if strict:
         env["MEASUREFLOW_STRICT_PLUGINS"] = "1"
