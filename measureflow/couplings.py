@@ -39,6 +39,7 @@ interpolation, the Schrödinger bridge).
 
 from __future__ import annotations
 
+import abc
 import math
 import warnings
 
@@ -49,6 +50,7 @@ import torch
 from .errors import ParameterError, ShapeError, StateError
 from .linalg import check_psd, covariance_pair, matrix_function, spd_roots, symmetrize
 from .state import as_tensor
+from .validators import check_positive, integer, to_positive
 
 __all__ = [
     "Coupling",
@@ -117,27 +119,6 @@ def _uniform(size: int) -> torch.Tensor:
     return torch.full((size,), 1.0 / size, dtype=torch.float64)
 
 
-def _positive_int(owner: str):
-    def check(instance, attribute, value):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ParameterError(f"{owner} coupling: {attribute.name} must be a positive integer; received {value!r}")
-
-    return check
-
-
-def _positive_float(owner: str, name: str, units: str = ""):
-    def convert(value) -> float:
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            out = math.nan
-        if not (out > 0 and math.isfinite(out)):
-            raise ParameterError(f"{owner} coupling: {name} must be positive and finite{units}; received {value!r}")
-        return out
-
-    return convert
-
-
 def squared_distances(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """Cᵢⱼ = |x0ᵢ − x1ⱼ|² (unhalved, MATH.md §0), float64 (B0, B1) on the host.
 
@@ -177,18 +158,18 @@ def _sample_pairs(plan: torch.Tensor, keep_rows: bool, generator, device) -> tup
 # -- couplings -----------------------------------------------------------------------------------------
 
 
-class Coupling:
-    """Base class: subclasses implement :meth:`pairs` (and :meth:`plan`); calling gathers the rows."""
+class Coupling(abc.ABC):
+    """Base class: subclasses implement :meth:`plan` and :meth:`pairs`; calling gathers the rows."""
 
     name = "coupling"
 
+    @abc.abstractmethod
     def plan(self, x0, x1, w0=None, w1=None) -> torch.Tensor:
         """The plan π (B0, B1), float64 on the host, with marginals (w0, w1)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def pairs(self, x0, x1, generator=None, w0=None, w1=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Index tensors (i, j), each (B0,), on x0's device: pair k is (x0[i[k]], x1[j[k]])."""
-        raise NotImplementedError
 
     def __call__(self, x0, x1, generator=None, w0=None, w1=None) -> tuple[torch.Tensor, torch.Tensor]:
         i, j = self.pairs(x0, x1, generator=generator, w0=w0, w1=w1)
@@ -232,9 +213,9 @@ class IndependentCoupling(Coupling):
 class _PlanCoupling(Coupling):
     """A coupling given by a plan solved on the cost Cᵢⱼ = |x0ᵢ − x1ⱼ|²; subclasses provide :meth:`_solve`."""
 
+    @abc.abstractmethod
     def _solve(self, a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> np.ndarray:
         """The plan for marginals a, b (positive, summing to one) and the cost matrix."""
-        raise NotImplementedError
 
     def _advice(self) -> str:
         """What to change when the solver returns something that is not a plan."""
@@ -286,7 +267,7 @@ class ExactOTCoupling(_PlanCoupling):
     """
 
     name = "exact_ot"
-    max_iter: int = attrs.field(default=1_000_000, validator=_positive_int("exact_ot"))
+    max_iter: int = attrs.field(default=1_000_000, validator=integer("exact_ot coupling"))
 
     def _solve(self, a, b, cost):
         import ot
@@ -318,10 +299,12 @@ class SinkhornCoupling(_PlanCoupling):
     """
 
     name = "sinkhorn"
-    epsilon: float = attrs.field(default=0.1, converter=_positive_float("sinkhorn", "epsilon", " (units of length²)"))
+    epsilon: float = attrs.field(
+        default=0.1, converter=to_positive("sinkhorn coupling", advice="Pass a finite ε > 0 (units of length²).")
+    )
     method: str = attrs.field(default="sinkhorn_log")
-    max_iter: int = attrs.field(default=1000, validator=_positive_int("sinkhorn"))
-    tol: float = attrs.field(default=1e-6, converter=_positive_float("sinkhorn", "tol"))
+    max_iter: int = attrs.field(default=1000, validator=integer("sinkhorn coupling"))
+    tol: float = attrs.field(default=1e-6, converter=to_positive("sinkhorn coupling"))
 
     @method.validator
     def _check_method(self, attribute, value):
@@ -457,17 +440,10 @@ def _entropic_cross(a: torch.Tensor, b: torch.Tensor, epsilon: float, where: str
     return 0.5 * (root @ D @ inv_root - s2 * eye)
 
 
-def _positive_epsilon(epsilon, where: str) -> float:
-    try:
-        eps = float(epsilon)
-    except (TypeError, ValueError):
-        raise ParameterError(f"{where}: epsilon must be a positive number; received {epsilon!r}") from None
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ParameterError(
-            f"{where}: epsilon must be positive and finite (ε → 0 is the unregularised problem: use the Brenier "
-            f"map / mccann_interpolation); received {epsilon!r}"
-        )
-    return eps
+#: What to do about ε ≤ 0 in the Gaussian entropic formulas.
+_EPSILON_ADVICE = (
+    "Pass ε > 0 (units of length²); ε → 0 is the unregularised problem: use the Brenier map / mccann_interpolation."
+)
 
 
 def entropic_cross_covariance(S0, S1, epsilon) -> torch.Tensor:
@@ -483,7 +459,7 @@ def entropic_cross_covariance(S0, S1, epsilon) -> torch.Tensor:
     positive definite. Returns (..., d, d), not symmetric in general.
     """
     where = "entropic_cross_covariance"
-    eps = _positive_epsilon(epsilon, where)
+    eps = check_positive(epsilon, "epsilon", where, advice=_EPSILON_ADVICE)
     a, b = covariance_pair(S0, S1, where)
     return _entropic_cross(a, b, eps, where)
 
@@ -505,7 +481,7 @@ def schrodinger_interpolation(t, m0, S0, m1, S1, epsilon) -> tuple[torch.Tensor,
     dimensions. Returns (m_t (..., d), Σ_t (..., d, d)).
     """
     where = "schrodinger_interpolation"
-    eps = _positive_epsilon(epsilon, where)
+    eps = check_positive(epsilon, "epsilon", where, advice=_EPSILON_ADVICE)
     a, b = covariance_pair(S0, S1, where)
     m0 = _vector(m0, "m0", a, where)
     m1 = _vector(m1, "m1", a, where)

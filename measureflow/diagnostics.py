@@ -38,6 +38,7 @@ from .couplings import brenier_map, transport_cost
 from .errors import ParameterError, ShapeError
 from .linalg import check_psd, covariance_pair, from_eigh, spd_roots, symmetrize
 from .state import as_tensor
+from .validators import check_int
 
 __all__ = [
     # Gaussian maps (MATH.md §1.5)
@@ -423,9 +424,7 @@ def circle_loops(center, radius, n_points: int = 1024, plane: tuple[int, int] = 
     i, j = (int(p) for p in plane)
     if d < 2 or not (0 <= i < d and 0 <= j < d and i != j):
         raise ShapeError(f"plane must name two distinct coordinates of the {d}-dimensional centre; received {plane}")
-    K = int(n_points)
-    if K < 3:
-        raise ParameterError(f"n_points must be at least 3; received {n_points}")
+    K = check_int(n_points, "n_points", "circle_loops", minimum=3)
     r = torch.as_tensor(radius, dtype=c.dtype, device=c.device)
     theta = 2 * math.pi * torch.arange(K, dtype=c.dtype, device=c.device) / K
     offset = torch.zeros(K, d, dtype=c.dtype, device=c.device)

@@ -13,7 +13,6 @@ from typing import Callable
 import torch
 
 from .errors import ShapeError, StateError
-from .state import as_tensor
 
 __all__ = ["symmetrize", "from_eigh", "matrix_function", "spd_roots", "spd_inverse", "check_psd", "covariance_pair"]
 
@@ -23,7 +22,7 @@ _ULPS = 16
 
 
 def symmetrize(a: torch.Tensor) -> torch.Tensor:
-    """½(A + Aᵀ) over the last two dimensions."""
+    """½(A + Aᵀ) over the last two dimensions (a no-op, bit for bit, on an already symmetric matrix)."""
     return 0.5 * (a + a.transpose(-1, -2))
 
 
@@ -79,6 +78,9 @@ def covariance_pair(S0, S1, where: str = "", names: tuple[str, str] = ("S0", "S1
     Array-likes are converted (floating point); the dtype is the promotion of both. Non-finite
     entries, tensors on different devices and non-square or mismatched shapes are refused.
     """
+    # state.py builds on this module (symmetrize), so its converter is imported at call time.
+    from .state import as_tensor
+
     prefix = f"{where}: " if where else ""
     a = as_tensor(S0, name=names[0])
     b = as_tensor(S1, name=names[1])

@@ -25,7 +25,9 @@ import attrs
 import torch
 
 from .errors import CapabilityError, ShapeError, StateError
+from .linalg import symmetrize
 from .state import Gaussians, Particles, as_tensor
+from .validators import check_int
 
 __all__ = ["Measure", "Gaussian", "GaussianMixture", "Empirical"]
 
@@ -70,7 +72,7 @@ def _check_symmetric(c: torch.Tensor, name: str) -> torch.Tensor:
         raise StateError(
             f"{name} must be symmetric; {where}has max |Σ − Σᵀ| = {worst:.3g}. Symmetrise it with (S + S.T) / 2."
         )
-    return 0.5 * (c + c.transpose(-1, -2))
+    return symmetrize(c)
 
 
 def _check_weights(w: torch.Tensor, name: str) -> None:
@@ -109,13 +111,11 @@ def _draw_indices(weights: torch.Tensor | None, size: int, count: int, generator
 
 
 def _sample_shape(n: int, replicas: int | None) -> tuple[int, ...]:
-    if int(n) != n or n < 1:
-        raise ShapeError(f"sample size n must be a positive integer; received {n!r}")
+    n = check_int(n, "sample size n", error=ShapeError)
     if replicas is None:
-        return (int(n),)
-    if int(replicas) != replicas or replicas < 1:
-        raise ShapeError(f"replicas must be a positive integer or None; received {replicas!r}")
-    return (int(replicas), int(n))
+        return (n,)
+    return (check_int(replicas, "replicas", advice="Pass a whole number ≥ 1, or None for one unbatched set.",
+                      error=ShapeError), n)
 
 
 def _gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:

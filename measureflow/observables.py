@@ -60,6 +60,7 @@ from .linalg import matrix_function, symmetrize
 from .plugins import hookimpl
 from .reductions import kernel_sum
 from .state import Gaussians, Particles, state_kind
+from .validators import check_int, check_positive
 
 __all__ = [
     "mean",
@@ -223,9 +224,7 @@ def _as_clouds(a, b, *, seed: int, samples: int | None, device):
         cloud = a if isinstance(a, _Cloud) else b if isinstance(b, _Cloud) else None
         n = cloud.x.shape[1] if cloud is not None else 1024
     else:
-        n = int(samples)
-        if n < 1:
-            raise ParameterError(f"samples must be a positive integer; received {samples!r}")
+        n = check_int(samples, "samples")
     generator = torch.Generator(device=device).manual_seed(int(seed))
     if isinstance(a, _Mixture):
         a = a.sample(n, generator)
@@ -388,9 +387,7 @@ def mmd(state, *, field=None, target=None, t=None, kernel: str = "gaussian", ban
     """
     if kernel not in KERNELS:
         raise ParameterError(f"observable 'mmd': unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
-    bandwidth = float(bandwidth)
-    if not bandwidth > 0:
-        raise ParameterError(f"observable 'mmd': bandwidth must be positive; received {bandwidth!r}")
+    bandwidth = check_positive(bandwidth, "bandwidth", "observable 'mmd'")
     a, b, like = _sides(state, target, "mmd")
     if kernel != "gaussian":
         a, b = _as_clouds(a, b, seed=seed, samples=samples, device=like.device)
@@ -456,9 +453,7 @@ def sinkhorn(state, *, field=None, target=None, t=None, epsilon: float = 1.0, se
     """
     import ot
 
-    epsilon = float(epsilon)
-    if not epsilon > 0:
-        raise ParameterError(f"observable 'sinkhorn': epsilon must be positive; received {epsilon!r}")
+    epsilon = check_positive(epsilon, "epsilon", "observable 'sinkhorn'")
     a, b, like = _sides(state, target, "sinkhorn")
     R = max(_replicas(a), _replicas(b))
     if isinstance(a, _Mixture) and isinstance(b, _Mixture) and a.gaussian and b.gaussian:

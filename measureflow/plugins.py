@@ -8,6 +8,9 @@ hook implementations marked with :data:`hookimpl`, and calls ``registry.add_<kin
 * Third-party packages are found through the entry-point group ``measureflow``; each loads inside
   its own try/except so a broken one is reported by name and skipped (set the environment variable
   ``MEASUREFLOW_STRICT_PLUGINS=1`` to make it fatal).
+* A plugin that implements a hook no spec declares (``measureflow_register_field`` for
+  ``measureflow_register_fields``) is broken like one that fails to import: the error names the hook,
+  the closest valid one and the plugin. A built-in with such an error is always fatal.
 * A name registered twice is an error naming both owners; an unknown name lists the registered ones.
 
 No hook is ever called inside a step loop: hooks only fill the registry, once per process.
@@ -28,6 +31,7 @@ and in its pyproject.toml::
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
@@ -51,6 +55,7 @@ __all__ = [
     "BUILTIN_PLUGINS",
     "ENTRY_POINT_GROUP",
     "KINDS",
+    "HOOK_NAMES",
 ]
 
 PROJECT = "measureflow"
@@ -69,6 +74,9 @@ KINDS = {
     "schedules": "schedule",
     "executors": "executor",
 }
+
+#: The hooks a plugin may implement, in the order they run.
+HOOK_NAMES = tuple(f"measureflow_register_{kind}" for kind in KINDS)
 
 #: Built-in plugin modules, loaded in this order before any third-party plugin.
 BUILTIN_PLUGINS = (
@@ -225,17 +233,54 @@ class Registry:
 
     # -- loading ------------------------------------------------------------------------------------
     def _load(self, pm: pluggy.PluginManager, plugin: Any, owner: str, version: str) -> None:
-        """Run one plugin's registration hooks into a staging registry, then commit atomically."""
+        """Run one plugin's registration hooks into a staging registry, then commit atomically.
+
+        Each hook is called through a pluggy subset caller that leaves out every other registered
+        plugin, so what this call adds belongs to ``owner`` and a failure half-way adds nothing.
+        """
         staged = Registry()
         staged._tables = {k: dict(v) for k, v in self._tables.items()}
         staged._owner = (owner, version)
+        others = [p for p in pm.get_plugins() if p is not plugin]
         for kind in KINDS:
-            hook = getattr(pm.hook, f"measureflow_register_{kind}")
-            for impl in hook.get_hookimpls():
-                if impl.plugin is plugin:
-                    impl.function(registry=staged)
+            pm.subset_hook_caller(f"measureflow_register_{kind}", remove_plugins=others)(registry=staged)
         self._tables = staged._tables
         self.plugins[owner] = version
+
+
+
+def _check_hook_names(pm: pluggy.PluginManager, plugin: Any, label: str) -> None:
+    """Refuse a plugin that implements a hook no spec declares (a misspelling registers nothing).
+
+    pluggy keeps such implementations pending instead of failing (``check_pending`` finds them);
+    this is the same test restricted to one plugin, so that the message can name it.
+    """
+    unknown = [
+        caller.name
+        for caller in pm.get_hookcallers(plugin) or ()
+        if not caller.has_spec()
+        and any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls())
+    ]
+    if not unknown:
+        return
+    problems = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, HOOK_NAMES, n=1)
+        problems.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    several = len(problems) > 1
+    raise PluginError(
+        f"plugin {label!r}: {' and '.join(problems)} "
+        f"{'are not measureflow hooks' if several else 'is not a measureflow hook'}, so pluggy would never call "
+        f"{'them' if several else 'it'} and the plugin would register nothing; the hooks are "
+        f"{', '.join(HOOK_NAMES)}. Rename the function{'s' if several else ''} to one of them"
+    )
+
+
+def _register(pm: pluggy.PluginManager, registry: Registry, plugin: Any, label: str, owner: str, version: str) -> None:
+    """Register ``plugin`` with the manager, check its hook names, and run its registration hooks."""
+    pm.register(plugin, name=label)
+    _check_hook_names(pm, plugin, label)
+    registry._load(pm, plugin, owner, version)
 
 
 _lock = threading.Lock()
@@ -262,46 +307,49 @@ def _new_manager() -> pluggy.PluginManager:
     return pm
 
 
+def _register_third_party(pm: pluggy.PluginManager, registry: Registry, load, label: str, source: str,
+                          owner: str, version: str) -> None:
+    """Load and register one third-party plugin; a failure is reported by name and skipped (strict: fatal)."""
+    plugin = None
+    try:
+        plugin = load()
+        if pm.is_registered(plugin):
+            return
+        _register(pm, registry, plugin, label, owner, version)
+    except Exception as exc:  # noqa: BLE001 - a third-party plugin must not break the engine
+        message = f"{type(exc).__name__}: {exc}"
+        if _strict():
+            raise PluginError(f"measureflow plugin {label!r} ({source}) failed to load: {message}") from exc
+        registry.failures.append((label, message))
+        warnings.warn(
+            f"measureflow plugin {label!r} ({source}) failed to load and was skipped: {message} "
+            f"(set {STRICT_ENV}=1 to make this fatal)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        if plugin is not None and pm.get_name(plugin) == label:
+            pm.unregister(plugin)
+
+
 def _build_registry(extra_plugins=()) -> Registry:
     registry = Registry()
     pm = _new_manager()
     for module_name in BUILTIN_PLUGINS:
         # A broken built-in is a bug in measureflow itself: always fatal.
         module = importlib.import_module(module_name)
-        pm.register(module, name=module_name)
-        registry._load(pm, module, module_name, _version_of_module(module_name))
+        _register(pm, registry, module, module_name, module_name, _version_of_module(module_name))
 
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = getattr(ep, "dist", None)
         owner = dist.name if dist is not None else ep.value
         version = dist.version if dist is not None else "unknown"
         label = f"{owner}:{ep.name}" if dist is not None else ep.name
-        try:
-            plugin = ep.load()
-            if pm.is_registered(plugin):
-                continue
-            pm.register(plugin, name=label)
-            registry._load(pm, plugin, owner, version)
-        except Exception as exc:  # noqa: BLE001 - a third-party plugin must not break the engine
-            message = f"{type(exc).__name__}: {exc}"
-            if _strict():
-                raise PluginError(f"measureflow plugin {label!r} ({ep.value}) failed to load: {message}") from exc
-            registry.failures.append((label, message))
-            warnings.warn(
-                f"measureflow plugin {label!r} ({ep.value}) failed to load and was skipped: {message} "
-                f"(set {STRICT_ENV}=1 to make this fatal)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            try:
-                pm.unregister(name=label)
-            except Exception:  # noqa: BLE001
-                pass
+        _register_third_party(pm, registry, ep.load, label, ep.value, owner, version)
 
     for plugin in extra_plugins:
         name = getattr(plugin, "__name__", repr(plugin))
-        pm.register(plugin, name=name)
-        registry._load(pm, plugin, name, _version_of_module(name))
+        _register_third_party(pm, registry, lambda plugin=plugin: plugin, name, "extra plugin", name,
+                              _version_of_module(name))
     return registry
 
 

@@ -29,6 +29,7 @@ or normalise a user's choice with :func:`as_schedule`.
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Callable, Mapping
 
@@ -71,7 +72,7 @@ def _range(value, where: str) -> tuple[float, float]:
     return lo, hi
 
 
-class Schedule:
+class Schedule(abc.ABC):
     """Base class of interpolation schedules (module docstring; MATH.md §1.3).
 
     A subclass sets ``name``, ``time_range`` and ``singular`` and implements
@@ -90,8 +91,9 @@ class Schedule:
             self.check_time(t)
         return self._coefficients(_time_tensor(t))
 
+    @abc.abstractmethod
     def _coefficients(self, t: torch.Tensor):
-        raise NotImplementedError
+        """(a, a', b, b') at the floating tensor of times ``t`` (no range check: :meth:`coefficients` did it)."""
 
     def check_time(self, t) -> None:
         """Refuse a number outside ``time_range`` with a :class:`TimeRangeError` naming the range."""

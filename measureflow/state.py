@@ -20,6 +20,7 @@ import attrs
 import torch
 
 from .errors import ShapeError, StateError
+from .linalg import symmetrize
 
 __all__ = ["Particles", "Gaussians", "State", "as_tensor"]
 
@@ -205,10 +206,6 @@ class Particles:
         return f"Particles(R={R}, N={N}, d={d}, {weighted}{extra}, dtype={self.dtype}, device={self.device})"
 
 
-def _symmetric_part(a: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (a + a.transpose(-1, -2))
-
-
 @attrs.frozen(eq=False)
 class Gaussians:
     """Gaussian state μ = N(m, Σ), batched over R replicas (MATH.md §0, eq. 0.1).
@@ -254,7 +251,7 @@ class Gaussians:
                 f"Gaussians.cov must be symmetric; replica {r} has max |Σ − Σᵀ| = {float(asym[r]):.3g}. "
                 "Symmetrise it with (S + S.T) / 2."
             )
-        c = _symmetric_part(c)
+        c = symmetrize(c)
         _, info = torch.linalg.cholesky_ex(c)
         if bool((info != 0).any()):
             r = int((info != 0).nonzero()[0, 0])

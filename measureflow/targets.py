@@ -9,27 +9,20 @@ share live here too (metadata only: none reads data back from the device).
 
 from __future__ import annotations
 
-import math
-
 import attrs
 import torch
 
 from .errors import CapabilityError, ParameterError, ShapeError, StateError
 from .measures import Empirical, Gaussian, GaussianMixture
 from .state import Gaussians, Particles, as_tensor
+from .validators import check_int, check_positive
 
 __all__ = ["Target", "as_target", "check_replicas", "check_state", "check_points", "gaussian_target", "positive"]
 
 
 def positive(value, name: str, where: str) -> float:
-    """A finite positive Python float, or a ParameterError naming ``name``."""
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ParameterError(f"{where}: {name} must be a positive number; received {value!r}") from None
-    if not (math.isfinite(out) and out > 0):
-        raise ParameterError(f"{where}: {name} must be positive and finite; received {value!r}")
-    return out
+    """A finite positive Python float, or a ParameterError naming ``name`` (:func:`measureflow.validators.check_positive`)."""
+    return check_positive(value, name, where)
 
 
 def check_points(x: torch.Tensor, dim: int | None, where: str) -> None:
@@ -203,8 +196,8 @@ def as_target(target, where: str, *, weights=None, samples: int | None = None, s
     (for fields whose analytic path needs a single Gaussian); ``arrays=True`` also reads array-likes
     (numpy, nested lists) as samples. ``where`` names the field in every message.
     """
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
-        raise ParameterError(f"{where}: samples must be a positive integer or None; received {samples!r}")
+    if samples is not None:
+        samples = check_int(samples, "samples", where, advice="Pass the number of points to draw from an analytic target (≥ 1), or None.")
     if isinstance(target, (Gaussian, GaussianMixture)):
         if weights is not None:
             raise ParameterError(

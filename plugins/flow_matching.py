@@ -64,6 +64,7 @@ from measureflow.measures import Empirical, Gaussian, GaussianMixture
 from measureflow.reductions import softmax_average
 from measureflow.schedules import as_schedule
 from measureflow.state import Gaussians, Particles, as_tensor
+from measureflow.validators import check_int, check_positive
 
 __all__ = ["FlowMatchingField", "PairInterpolationField", "PairedEndpoints", "pair_particles"]
 
@@ -352,13 +353,7 @@ class FlowMatchingField(Field):
                     "or form='posterior'"
                 )
         else:
-            sigma = 1.0 if sigma is None else sigma
-            try:
-                sigma = float(sigma)
-            except (TypeError, ValueError):
-                raise ParameterError(f"flow_matching: sigma must be a positive number; received {sigma!r}") from None
-            if not (sigma > 0 and math.isfinite(sigma)):
-                raise ParameterError(f"flow_matching: sigma must be positive and finite; received {sigma!r}")
+            sigma = check_positive(1.0 if sigma is None else sigma, "sigma", "flow_matching")
             self.sigma = sigma
             self._noise = _noise_endpoint(sigma, d, ref.dtype, ref.device)
         self._check_pairs()
@@ -680,9 +675,7 @@ class FlowMatchingField(Field):
         ``geometric``: constant Δt/(t − t₀) with t₀ the schedule's singular data end (MATH.md §1.3:
         RK4 with Δt/t ≲ 0.02 is stable), uniform when that end is not singular; ``uniform``.
         """
-        steps = int(steps)
-        if steps < 1:
-            raise ParameterError(f"flow_matching.generation_times: steps must be >= 1; received {steps}")
+        steps = check_int(steps, "steps", "flow_matching.generation_times")
         if spacing not in ("geometric", "uniform"):
             raise ParameterError(f"flow_matching: spacing must be 'geometric' or 'uniform'; received {spacing!r}")
         lo = float(self.schedule.time_range[0])

@@ -31,7 +31,6 @@ closure. The field is autonomous: defined for every t.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -41,23 +40,13 @@ from measureflow.errors import CapabilityError, ParameterError, ShapeError
 from measureflow.fields import Field
 from measureflow.reductions import KERNELS, kernel_sum
 from measureflow.state import Particles
-
-from measureflow.targets import check_points, positive
+from measureflow.targets import check_points
+from measureflow.validators import check_finite, check_positive
 
 __all__ = ["InteractionField", "RADIAL_KERNELS"]
 
 #: Named profiles of W (translation invariant kernels of the reduction).
 RADIAL_KERNELS = ("gaussian", "laplace", "energy", "imq")
-
-
-def _finite(value, name: str, where: str) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ParameterError(f"{where}: {name} must be a real number; received {value!r}") from None
-    if not math.isfinite(out):
-        raise ParameterError(f"{where}: {name} must be finite; received {value!r}")
-    return out
 
 
 class InteractionField(Field):
@@ -94,8 +83,8 @@ class InteractionField(Field):
                 f"{where}: unknown interaction kernel {kernel!r}{hint}; choose one of "
                 f"{', '.join(map(repr, RADIAL_KERNELS))} or pass a callable f(sqdist) -> W"
             )
-        self.bandwidth = positive(bandwidth, "bandwidth", where)
-        self.strength = _finite(strength, "strength", where)
+        self.bandwidth = check_positive(bandwidth, "bandwidth", where)
+        self.strength = check_finite(strength, "strength", where)
         self.harmonic = None
         self.potential = None
         self.potential_gradient = None
@@ -108,7 +97,7 @@ class InteractionField(Field):
             self.potential = confinement
             self.potential_gradient = confinement_gradient
         else:
-            a = _finite(confinement, "confinement", where)
+            a = check_finite(confinement, "confinement", where)
             if a < 0:
                 raise ParameterError(
                     f"{where}: a harmonic confinement ½a|x|² needs a ≥ 0; received a = {a:g} (pass a callable for "

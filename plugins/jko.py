@@ -47,18 +47,17 @@ evaluations (each one energy and one Bures evaluation with its gradient), ``step
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 
 import measureflow
-from measureflow.errors import CapabilityError, ParameterError, ShapeError, TimeRangeError
+from measureflow.errors import CapabilityError, ShapeError, StepFailure, TimeRangeError
 from measureflow.fields import capabilities
-from measureflow.errors import StepFailure
 from measureflow.integrators import ConstantController, LinearDense, Solver, StepResult, as_dynamics
 from measureflow.linalg import symmetrize
 from measureflow.observables import bures_w2
 from measureflow.state import state_kind
+from measureflow.validators import check_int, check_positive
 
 __all__ = ["JKO"]
 
@@ -124,24 +123,10 @@ class JKO(Solver):
     def __init__(self, *, tol: float = 1e-10, max_iter: int = 500, history_size: int = 20, polish_iter: int = 20):
         # One implicit step per output interval; a minimiser is SPD by construction or refused.
         self.controller = ConstantController(max_halvings=0)
-        try:
-            tol = float(tol)
-        except (TypeError, ValueError):
-            raise ParameterError(f"jko: tol must be a positive number; received {tol!r}") from None
-        if not tol > 0 or tol == float("inf"):
-            raise ParameterError(f"jko: tol must be a positive finite number; received {tol!r}")
-        counts = {"max_iter": max_iter, "history_size": history_size, "polish_iter": polish_iter}
-        for label, value in counts.items():
-            try:
-                counts[label] = operator.index(value) if not isinstance(value, bool) else 0
-            except TypeError:
-                counts[label] = 0
-            if counts[label] < 1:
-                raise ParameterError(f"jko: {label} must be a positive integer; received {value!r}")
-        self.tol = tol
-        self.max_iter = counts["max_iter"]
-        self.history_size = counts["history_size"]
-        self.polish_iter = counts["polish_iter"]
+        self.tol = check_positive(tol, "tol", "jko")
+        self.max_iter = check_int(max_iter, "max_iter", "jko")
+        self.history_size = check_int(history_size, "history_size", "jko")
+        self.polish_iter = check_int(polish_iter, "polish_iter", "jko")
 
     @property
     def options(self) -> dict:

@@ -58,6 +58,7 @@ from measureflow.fields import Field
 from measureflow.measures import Empirical, Gaussian, GaussianMixture
 from measureflow.reductions import softmax_average
 from measureflow.state import Gaussians, Particles
+from measureflow.validators import check_int, check_nonnegative, check_positive
 
 __all__ = ["OUBridge", "OUBridgeSDE", "cosine_time_grid", "geometric_time_grid", "gaussian_kl_to_stationary"]
 
@@ -80,12 +81,8 @@ def cosine_time_grid(T: int, s: float = 0.008) -> torch.Tensor:
     this is exactly τ = −log cos(πt/2) at t = k/T, the cosine schedule of MATH.md §1.3 in OU time.
     Returns a float64 tensor of shape (T + 1,), increasing.
     """
-    if isinstance(T, bool) or int(T) != T or int(T) < 1:
-        raise ParameterError(f"cosine_time_grid: T must be a positive integer number of steps; received {T!r}")
-    s = float(s)
-    if not (s >= 0 and math.isfinite(s)):
-        raise ParameterError(f"cosine_time_grid: the offset s must be finite and >= 0; received {s!r}")
-    T = int(T)
+    T = check_int(T, "T", "cosine_time_grid", advice="T is the number of steps: pass a whole number ≥ 1.")
+    s = check_nonnegative(s, "the offset s", "cosine_time_grid")
     k = torch.arange(T + 1, dtype=torch.float64)
     cos = torch.cos((k / T + s) / (1 + s) * (math.pi / 2))
     tau = -torch.log(cos / math.cos(s / (1 + s) * math.pi / 2))
@@ -104,10 +101,9 @@ def geometric_time_grid(tau_min: float, tau_max: float, steps: int) -> torch.Ten
         raise ParameterError(
             f"geometric_time_grid needs 0 < tau_min < tau_max < inf; received tau_min = {tau_min!r}, tau_max = {tau_max!r}"
         )
-    if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
-        raise ParameterError(f"geometric_time_grid: steps must be a positive integer; received {steps!r}")
-    k = torch.arange(int(steps) + 1, dtype=torch.float64)
-    grid = tau_min * torch.exp(k / int(steps) * math.log(tau_max / tau_min))
+    steps = check_int(steps, "steps", "geometric_time_grid")
+    k = torch.arange(steps + 1, dtype=torch.float64)
+    grid = tau_min * torch.exp(k / steps * math.log(tau_max / tau_min))
     grid[0], grid[-1] = tau_min, tau_max
     return grid
 
@@ -136,16 +132,6 @@ def _mixture_of(data) -> tuple[GaussianMixture, str]:
     )
 
 
-def _positive(name: str, value) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ParameterError(f"ou_bridge: {name} must be a number; received {value!r}") from None
-    if not (out > 0 and math.isfinite(out)):
-        raise ParameterError(f"ou_bridge: {name} must be positive and finite; received {value!r}")
-    return out
-
-
 class OUBridge(Field):
     """Probability flow of the OU bridge (module docstring; MATH.md §2).
 
@@ -170,8 +156,8 @@ class OUBridge(Field):
                  direction: str = "forward"):
         mixture, kind = _mixture_of(data)
         self.data = data
-        self.sigma = _positive("sigma", sigma)
-        self.tau_min = _positive("tau_min", tau_min)
+        self.sigma = check_positive(sigma, "sigma", "ou_bridge")
+        self.tau_min = check_positive(tau_min, "tau_min", "ou_bridge")
         try:
             self.tau_max = float(tau_max)
         except (TypeError, ValueError):

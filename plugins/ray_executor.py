@@ -28,6 +28,7 @@ import os
 from measureflow.errors import ParameterError, PluginError
 from measureflow.executors import Executor
 from measureflow.plugins import hookimpl
+from measureflow.validators import check_nonnegative
 
 INSTALL_HINT = 'pip install -e ".[ray]"'
 WAIT_SECONDS = 0.5
@@ -52,8 +53,7 @@ class RayExecutor(Executor):
     def __init__(self, *, address: str | None = None, gpus_per_run: float = 0.0, cpus_per_run: float = 1.0,
                  num_cpus: int | None = None, num_gpus: int | None = None):
         for option, value in (("gpus_per_run", gpus_per_run), ("cpus_per_run", cpus_per_run)):
-            if not float(value) >= 0:
-                raise ParameterError(f"--{option.replace('_', '-')} must be ≥ 0; received {value!r}")
+            check_nonnegative(value, f"--{option.replace('_', '-')}")
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         if self.address is not None and (num_cpus is not None or num_gpus is not None):
             raise ParameterError(

@@ -19,8 +19,8 @@ import math
 import torch
 
 import measureflow
-from measureflow.errors import ParameterError
 from measureflow.schedules import CustomSchedule, ReparametrisedSchedule, Schedule
+from measureflow.validators import check_probability
 
 __all__ = ["LinearSchedule", "CosineSchedule", "OvershootSchedule", "VPSchedule", "LipmanSchedule"]
 
@@ -104,15 +104,10 @@ class LipmanSchedule(Schedule):
     singular = {"a_zero": (1.0,), "b_zero": ()}
 
     def __init__(self, sigma_min: float = 1e-4):
-        try:
-            value = float(sigma_min)
-        except (TypeError, ValueError):
-            raise ParameterError(f"schedule 'lipman': sigma_min must be a number in (0, 1); received {sigma_min!r}") from None
-        if not 0.0 < value < 1.0:
-            raise ParameterError(
-                f"schedule 'lipman': sigma_min must lie in (0, 1) (b₀ = σ_min smooths the data end); received {value!r}"
-            )
-        self.sigma_min = value
+        self.sigma_min = check_probability(
+            sigma_min, "sigma_min", "schedule 'lipman'", open_interval=True,
+            advice="b₀ = σ_min smooths the data end: pass a small number strictly between 0 and 1, such as 1e-4.",
+        )
 
     def _coefficients(self, t):
         one = torch.ones_like(t)

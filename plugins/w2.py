@@ -76,6 +76,7 @@ from measureflow.linalg import matrix_function, spd_roots, symmetrize
 from measureflow.observables import bures_w2, w2 as discrete_w2
 from measureflow.state import Gaussians, Particles
 from measureflow.targets import as_target
+from measureflow.validators import integer, positive
 
 __all__ = ["W2Field", "TransportSolver"]
 
@@ -88,16 +89,6 @@ DEFAULT_EPSILON = 0.1
 # -- solver settings ----------------------------------------------------------------------------------------
 
 
-def _positive_int(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ParameterError(f"w2: {attribute.name} must be a positive integer; received {value!r}")
-
-
-def _positive_float(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-        raise ParameterError(f"w2: {attribute.name} must be a positive finite number; received {value!r}")
-
-
 @attrs.frozen
 class TransportSolver:
     """How :class:`W2Field` computes the discrete OT map.
@@ -108,12 +99,12 @@ class TransportSolver:
     the entropic path beyond ``exact_max_pairs``.
     """
 
-    exact_max_pairs: int = attrs.field(default=DEFAULT_EXACT_MAX_PAIRS, validator=_positive_int)
-    max_iter: int = attrs.field(default=1_000_000, validator=_positive_int)
-    epsilon: float = attrs.field(default=DEFAULT_EPSILON, validator=_positive_float)
-    sinkhorn_max_iter: int = attrs.field(default=10_000, validator=_positive_int)
-    tol: float = attrs.field(default=1e-9, validator=_positive_float)
-    sinkhorn_max_pairs: int = attrs.field(default=25_000_000, validator=_positive_int)
+    exact_max_pairs: int = attrs.field(default=DEFAULT_EXACT_MAX_PAIRS, validator=integer("w2"))
+    max_iter: int = attrs.field(default=1_000_000, validator=integer("w2"))
+    epsilon: float = attrs.field(default=DEFAULT_EPSILON, validator=positive("w2"))
+    sinkhorn_max_iter: int = attrs.field(default=10_000, validator=integer("w2"))
+    tol: float = attrs.field(default=1e-9, validator=positive("w2"))
+    sinkhorn_max_pairs: int = attrs.field(default=25_000_000, validator=integer("w2"))
 
     def exact(self, N: int, M: int) -> bool:
         return N * M <= self.exact_max_pairs

@@ -468,3 +468,26 @@ def test_entropic_gaussians_bad_input():
         C.schrodinger_interpolation(1.5, M0, S0, M1, S1, 1.0)
     with pytest.raises((ShapeError, StateError)):
         C.entropic_cross_covariance(S0, torch.eye(3, dtype=F64), 1.0)
+
+
+def test_a_user_coupling_implements_plan_and_pairs():
+    """Coupling is abstract: both methods are required; calling one gathers the pairs it returns."""
+
+    class PlanOnly(C.Coupling):
+        def plan(self, x0, x1, w0=None, w1=None):
+            return torch.eye(x0.shape[0], dtype=torch.float64) / x0.shape[0]
+
+    with pytest.raises(TypeError, match="pairs"):
+        PlanOnly()
+
+    class Reversed(PlanOnly):
+        name = "reversed"
+
+        def pairs(self, x0, x1, generator=None, w0=None, w1=None):
+            i = torch.arange(x0.shape[0])
+            return i, i.flip(0)
+
+    x0 = torch.arange(3.0)[:, None]
+    a, b = Reversed()(x0, 10 + x0)
+    assert a[:, 0].tolist() == [0.0, 1.0, 2.0] and b[:, 0].tolist() == [12.0, 11.0, 10.0]
+    assert Reversed().describe() == {"name": "reversed"}

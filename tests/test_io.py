@@ -554,7 +554,7 @@ def test_file_survives_sigkill_and_resumes(tmp_path):
     a, b = element_data(straight), element_data(path)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    assert not list(tmp_path.glob("*.rebuild-*"))
+    assert not list(tmp_path.glob("*.tmp-*"))  # the rebuild's temporary was renamed over the file
 
 
 def test_sigterm_and_exit_leave_a_closed_file(tmp_path):
@@ -625,12 +625,12 @@ def test_checkpoint_crash_before_rename_keeps_the_old_one(tmp_path, monkeypatch)
     path = tmp_path / "run.ckpt"
     save_checkpoint(path, {"step": 1})
     # In-process failure at the rename: the old checkpoint stays, the temporary is removed.
-    from measureflow.io import checkpoint
+    from measureflow.io import atomic
 
     def fail(src, dst):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(checkpoint.os, "replace", fail)
+    monkeypatch.setattr(atomic.os, "replace", fail)
     with pytest.raises(OSError, match="disk gone"):
         save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
@@ -642,8 +642,8 @@ def test_checkpoint_crash_before_rename_keeps_the_old_one(tmp_path, monkeypatch)
         textwrap.dedent(
             f"""
             import os, signal
-            from measureflow.io import checkpoint
-            checkpoint.os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
+            from measureflow.io import atomic, checkpoint
+            atomic.os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
             checkpoint.save_checkpoint({str(path)!r}, {{"step": 3}})
             """
         )
@@ -659,6 +659,36 @@ def test_checkpoint_crash_before_rename_keeps_the_old_one(tmp_path, monkeypatch)
     save_checkpoint(path, {"step": 4})
     assert load_checkpoint(path)["step"] == 4
     assert list(tmp_path.glob("run.ckpt.tmp-*")) == [alive]
+
+
+def test_atomic_replace_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    from measureflow.io.atomic import atomic_replace
+
+    path = tmp_path / "sub" / "index.json"
+    with atomic_replace(path) as tmp:
+        assert tmp.parent == path.parent and not path.exists()
+        tmp.write_text("old")
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with atomic_replace(path) as tmp:
+            tmp.write_text("half of the new")
+            raise RuntimeError("writer failed")
+    assert path.read_text() == "old" and sorted(p.name for p in path.parent.iterdir()) == ["index.json"]
+
+
+def test_rebuild_removes_its_temporary_when_it_fails(tmp_path, monkeypatch):
+    from measureflow.io import atomic
+
+    path = tmp_path / "r.h5"
+    write_file(path, range(4))
+    before = path.read_bytes()
+
+    def fail(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(atomic.os, "replace", fail)
+    with pytest.raises(OSError, match="disk gone"):
+        rebuild_file(path, upto_step=1)
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp-*"))
 
 
 # -- registration and RunInfo -----------------------------------------------------------------------

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 import types
@@ -68,7 +69,8 @@ def _fake_distribution(root, name, module_source):
 def _plugins_command(path, strict):
     import os
 
-    env = dict(os.environ, PYTHONPATH=str(path))
+    # Keep the caller's PYTHONPATH after the fake distribution, so the child imports the code under test.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(path), os.environ.get("PYTHONPATH")) if p))
     env.pop("MEASUREFLOW_STRICT_PLUGINS", None)
     if strict:
         env["MEASUREFLOW_STRICT_PLUGINS"] = "1"
@@ -97,3 +99,107 @@ def test_duplicate_from_a_package_names_both_owners(tmp_path):
     run = _plugins_command(tmp_path, strict=True)
     assert run.returncode != 0
     assert "measureflow_plugins.linear" in run.stderr and "clashplug" in run.stderr
+
+
+# -- hooks whose name no spec declares -------------------------------------------------------------------
+
+MISSPELLED = (
+    "import measureflow\n"
+    "@measureflow.hookimpl\n"
+    "def measureflow_register_field(registry):\n"
+    "    registry.add_field('{field}', measureflow.Field)\n"
+    "@measureflow.hookimpl\n"
+    "def measureflow_register_integrators(registry):\n"
+    "    registry.add_integrator('{field}_integrator', object)\n"
+)
+
+HOOK_MESSAGE = (
+    r"'measureflow_register_field' \(did you mean 'measureflow_register_fields'\?\) is not a measureflow hook"
+    r".*the hooks are measureflow_register_fields, measureflow_register_integrators, measureflow_register_writers"
+)
+
+
+@pytest.fixture
+def plugin_env(monkeypatch):
+    """monkeypatch with strict mode off; afterwards the patches are undone and the registry rebuilt."""
+    modules = set(sys.modules)
+    monkeypatch.delenv("MEASUREFLOW_STRICT_PLUGINS", raising=False)
+    yield monkeypatch
+    monkeypatch.undo()
+    for name in set(sys.modules) - modules:
+        if name.startswith("typo"):  # the throwaway plugins below, so that no later test imports them
+            del sys.modules[name]
+    reload_registry()
+
+
+def _plugin_module(path, name, field):
+    """Import the misspelled plugin written to ``path`` as a module object (not through sys.path)."""
+    import importlib.util
+
+    source = path / f"{name}.py"
+    source.write_text(MISSPELLED.format(field=field))
+    spec = importlib.util.spec_from_file_location(name, source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_misspelled_hook_in_an_extra_plugin_is_named_and_skipped(tmp_path, plugin_env):
+    module = _plugin_module(tmp_path, "typo_extra", "typo_extra_field")
+    with pytest.warns(RuntimeWarning, match="'typo_extra' \\(extra plugin\\) failed to load and was skipped"):
+        registry = reload_registry(extra_plugins=[module])
+    ((label, message),) = registry.failures
+    assert label == "typo_extra" and "plugin 'typo_extra'" in message
+    assert re.search(HOOK_MESSAGE, message)
+    # Skipped whole: its correctly spelled hook registered nothing either; the built-ins are all there.
+    assert "typo_extra_field_integrator" not in registry.names("integrators")
+    assert "typo_extra" not in registry.plugins and "linear" in registry.names("fields")
+
+
+def test_misspelled_hook_in_an_extra_plugin_is_fatal_in_strict_mode(tmp_path, plugin_env):
+    module = _plugin_module(tmp_path, "typo_strict", "typo_strict_field")
+    plugin_env.setenv("MEASUREFLOW_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match="plugin 'typo_strict' \\(extra plugin\\) failed to load") as info:
+        reload_registry(extra_plugins=[module])
+    assert re.search(HOOK_MESSAGE, str(info.value))
+
+
+def test_misspelled_hook_in_an_installed_package_is_named_and_skipped(tmp_path, plugin_env):
+    _fake_distribution(tmp_path, "typoplug", MISSPELLED.format(field="typoplug_field"))
+    plugin_env.syspath_prepend(str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="'typoplug:typoplug' \\(typoplug_module\\) failed to load and was skipped"):
+        registry = reload_registry()
+    failures = dict(registry.failures)
+    assert set(failures) == {"typoplug:typoplug"}
+    assert re.search(HOOK_MESSAGE, failures["typoplug:typoplug"])
+    assert "typoplug_field_integrator" not in registry.names("integrators")
+    assert "spiral" in registry.names("fields")  # the other third-party plugin still loads
+
+    plugin_env.setenv("MEASUREFLOW_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match="'typoplug:typoplug' \\(typoplug_module\\) failed to load") as info:
+        reload_registry()
+    assert re.search(HOOK_MESSAGE, str(info.value))
+
+
+def test_misspelled_hook_in_a_builtin_is_always_fatal(tmp_path, plugin_env):
+    (tmp_path / "typo_builtin.py").write_text(MISSPELLED.format(field="typo_builtin_field"))
+    plugin_env.syspath_prepend(str(tmp_path))
+    plugin_env.setattr(measureflow.plugins, "BUILTIN_PLUGINS", (*measureflow.plugins.BUILTIN_PLUGINS, "typo_builtin"))
+    with pytest.raises(PluginError, match=HOOK_MESSAGE):
+        reload_registry()
+
+
+def test_registrations_of_a_plugin_are_staged_together(plugin_env):
+    """A hook that fails half-way leaves nothing of its plugin behind (and is named in the warning)."""
+    module = types.ModuleType("half_way")
+
+    @measureflow.hookimpl
+    def measureflow_register_fields(registry):
+        registry.add_field("half_way_first", measureflow.Field)
+        registry.add_field("linear", measureflow.Field)  # clashes with the built-in
+
+    module.measureflow_register_fields = measureflow_register_fields
+    with pytest.warns(RuntimeWarning, match="'half_way'.*'measureflow_plugins.linear' and again by 'half_way'"):
+        registry = reload_registry(extra_plugins=[module])
+    assert "half_way_first" not in registry.names("fields")
+    assert registry.owner_of("fields", "linear") == "measureflow_plugins.linear"

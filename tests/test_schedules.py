@@ -261,3 +261,24 @@ def test_a_schedule_parameter_called_name_is_not_the_lookup_name():
     a, da, b, db = s.coefficients(torch.tensor([0.5], dtype=torch.float64))
     assert torch.allclose(torch.stack([a, da, b, db]).flatten(),
                           torch.tensor([0.75, -1.0, 0.25, 1.0], dtype=torch.float64), atol=1e-15)
+
+
+def test_a_user_schedule_needs_only_its_coefficients():
+    """Schedule is abstract: a subclass without _coefficients cannot be built; one with it works."""
+
+    class Incomplete(Schedule):
+        name = "incomplete"
+
+    with pytest.raises(TypeError, match="_coefficients"):
+        Incomplete()
+
+    class Quadratic(Schedule):  # a = 1 − t², b = t² (MATH.md §1.3 form Zₜ = aₜX₀ + bₜX₁)
+        name = "quadratic"
+
+        def _coefficients(self, t):
+            return 1 - t * t, -2 * t, t * t, 2 * t
+
+    a, da, b, db = Quadratic().coefficients(0.5)
+    assert (float(a), float(da), float(b), float(db)) == (0.75, -1.0, 0.25, 1.0)  # exact in binary
+    with pytest.raises(TimeRangeError, match=r"defined for t in \[0, 1\]"):
+        Quadratic().coefficients(1.5)

@@ -248,7 +248,7 @@ def test_bad_inputs_are_named():
     points = torch.randn(10, 2, dtype=D64)
     with pytest.raises(ParameterError, match="unknown parameter.*'eps'"):
         W2Field(points, eps=0.1)
-    with pytest.raises(ParameterError, match="epsilon must be a positive"):
+    with pytest.raises(ParameterError, match="epsilon must be positive"):
         W2Field(points, epsilon=0.0)
     with pytest.raises(ParameterError, match="exact_max_pairs must be a positive integer"):
         W2Field(points, exact_max_pairs=0)

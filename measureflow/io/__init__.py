@@ -15,7 +15,8 @@ import importlib
 from .base import Series, Writer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .memory import MemoryWriter
-from .runinfo import RunInfo, default_versions, to_jsonable
+from ..jsonable import to_jsonable
+from .runinfo import RunInfo, default_versions
 
 _LAZY = {
     "H5MDWriter": "measureflow.io.h5md",

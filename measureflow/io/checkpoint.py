@@ -1,16 +1,14 @@
 """Checkpoint files: written atomically, read back without unpickling arbitrary objects.
 
-:func:`save_checkpoint` writes to ``<path>.tmp-<pid>`` in the same directory, flushes and fsyncs it,
-renames it over ``path`` with :func:`os.replace` (atomic on POSIX and Windows) and fsyncs the
-directory, so at every instant ``path`` is either the previous checkpoint or the new one, never a
-torn file. :func:`load_checkpoint` uses ``torch.load(weights_only=True)``: tensors (including
+:func:`save_checkpoint` writes through :func:`measureflow.io.atomic.atomic_replace` (a temporary
+``<path>.tmp-<pid>`` in the same directory, fsynced, renamed over ``path``, directory fsynced), so at
+every instant ``path`` is either the previous checkpoint or the new one, never a torn file. :func:`load_checkpoint` uses ``torch.load(weights_only=True)``: tensors (including
 ``torch.Generator`` states, which are uint8 tensors), numbers, strings, bytes, lists, tuples, sets
 and dicts load; arbitrary pickled objects are refused.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import MeasureflowError, ParameterError, TrajectoryFileError
+from .atomic import atomic_replace, fsync_directory  # noqa: F401 - fsync_directory: imported from here by sweep
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
@@ -43,66 +42,16 @@ def _plain(value: Any, where: str) -> Any:
     )
 
 
-def fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform (e.g. Windows), where the
-    # rename is still atomic.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path, payload: dict) -> Path:
-    """Write ``payload`` to ``path`` atomically (temporary file, fsync, os.replace, fsync dir)."""
+    """Write ``payload`` to ``path`` atomically (:func:`measureflow.io.atomic.atomic_replace`)."""
     path = Path(path)
     if not isinstance(payload, dict):
         raise TypeError(f"checkpoint payload must be a dict, received {type(payload).__name__}")
     payload = _plain(payload, "payload")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_replace(path) as tmp:
         with open(tmp, "wb") as handle:
             torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Never leave a half-written temporary behind when we are still alive to clean it up.
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    fsync_directory(path.parent)
-    _remove_stale_temporaries(path)
     return path
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists (another user's), or cannot tell: leave its file alone
-    return True
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete ``path``'s temporaries left by writers killed mid-save (their process is gone)."""
-    for tmp in path.parent.glob(f"{path.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

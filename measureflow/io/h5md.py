@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
 import time as _time
 import warnings
 import weakref
@@ -45,7 +44,7 @@ from ..errors import ShapeError, TrajectoryFileError
 from . import layout as L
 from .base import Writer
 from .runinfo import RunInfo
-from .checkpoint import fsync_directory
+from .atomic import atomic_replace
 
 __all__ = ["H5MDWriter", "rebuild_file", "STEP_CHUNK"]
 
@@ -155,8 +154,8 @@ def rebuild_file(path, upto_step: int | None = None) -> dict[str, int]:
     """Rewrite a trajectory keeping only trustworthy rows (and, if given, rows with step ≤ ``upto_step``).
 
     Used when a file cannot be reopened in place (its writer was killed while in SWMR mode): the
-    valid content is copied into ``<path>.rebuild-<pid>`` in the same directory, which then
-    replaces ``path`` atomically. Returns the rows kept per element. The result is a plain HDF5
+    valid content is copied into a temporary beside it, which then replaces ``path`` atomically
+    (:func:`measureflow.io.atomic.atomic_replace`). Returns the rows kept per element. The result is a plain HDF5
     file that any reader opens.
     """
     path = Path(path)
@@ -170,8 +169,7 @@ def rebuild_file(path, upto_step: int | None = None) -> dict[str, int]:
                 f"{path}: cannot be opened even in SWMR-read mode ({exc}); the file is damaged beyond "
                 "what can be recovered, delete it and start the run again"
             ) from exc
-    tmp = path.with_name(f"{path.name}.rebuild-{os.getpid()}")
-    try:
+    with atomic_replace(path) as tmp:
         with src, h5py.File(tmp, "w", libver="latest") as dst:
             keep = {name: _rows_up_to(src[name], n, upto_step) for name, n in _valid_rows(src).items()}
             for key, value in src.attrs.items():
@@ -186,16 +184,6 @@ def rebuild_file(path, upto_step: int | None = None) -> dict[str, int]:
                 ds = dst[L.COMMITTED]
                 names = L.text(ds.attrs.get("elements", np.array([], dtype="S1")))
                 ds[...] = np.array([keep.get(n, 0) for n in names], dtype=np.int64)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    fsync_directory(path.parent)
     return keep
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 from importlib import metadata
-from pathlib import PurePath
 from typing import Any
 
 import attrs
@@ -18,52 +17,11 @@ import numpy as np
 import torch
 
 from ..errors import ParameterError, ShapeError, StateError
+from ..jsonable import to_jsonable  # re-exported: it lived here, callers still import it from here
 
 __all__ = ["RunInfo", "to_jsonable", "default_versions", "KINDS"]
 
 KINDS = ("particles", "gaussians")
-
-
-def to_jsonable(value: Any, where: str = "parameters") -> Any:
-    """A copy of ``value`` made of dict/list/str/int/float/bool/None only (what JSON round-trips).
-
-    numpy scalars and arrays, small tensors, tuples, paths, dtypes and devices are converted;
-    anything else is refused with the key path where it was found, so a run never starts with
-    parameters that cannot be written. Non-finite floats are kept (Python's json reads them back).
-    """
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, np.generic):
-        return to_jsonable(value.item(), where)
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist(), where)
-    if isinstance(value, torch.Tensor):
-        return to_jsonable(value.detach().cpu().tolist(), where)
-    if isinstance(value, (torch.dtype, torch.device, PurePath)):
-        return str(value)
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            if not isinstance(key, (str, int, float, bool)) and key is not None:
-                raise ParameterError(
-                    f"{where}: key {key!r} of type {type(key).__name__} cannot be stored as JSON; use str keys"
-                )
-            out[str(key)] = to_jsonable(item, f"{where}[{key!r}]")
-        return out
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(item, f"{where}[{i}]") for i, item in enumerate(value)]
-    if isinstance(value, (set, frozenset)):
-        return [to_jsonable(item, f"{where}[{i}]") for i, item in enumerate(sorted(value, key=repr))]
-    if attrs.has(type(value)):
-        return to_jsonable(attrs.asdict(value, recurse=False), where)
-    raise ParameterError(
-        f"{where}: a {type(value).__name__} ({value!r:.80}) cannot be stored in the trajectory's JSON "
-        "parameters; convert it to numbers, strings, lists or dicts"
-    )
 
 
 def default_versions(registry=None) -> dict[str, Any]:
