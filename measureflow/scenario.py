@@ -145,9 +145,11 @@ class Scenario:
         h5_path = attach_checkpoint(simulation)
         simulation.resume = bool(resume) and simulation.checkpoint_path is not None
         if simulation.resume and not simulation.checkpoint_path.exists() and h5_path is not None:
-            done = _completed_status(h5_path)
+            from .io import completed_status
+
+            done = completed_status(h5_path)
             if done is not None:
-                print(f"{h5_path}: already completed ({done}); nothing to resume", file=sys.stderr)
+                print(f"{h5_path}: already {done}; nothing to resume", file=sys.stderr)
                 return None
         result = simulation.run()
         if result.status.ok and simulation.checkpoint_path is not None:
@@ -271,19 +273,4 @@ def _h5_output(simulation):
         path = getattr(writer, "path", None)
         if path is not None:
             return Path(path)
-    return None
-
-
-def _completed_status(h5_path) -> str | None:
-    if not Path(h5_path).exists():
-        return None
-    try:
-        from .io.reader import open_trajectory
-
-        with open_trajectory(h5_path) as traj:
-            status = getattr(traj, "status", None)
-    except Exception:  # noqa: BLE001 - an unreadable file simply is not "completed"
-        return None
-    if isinstance(status, dict) and status.get("status") == "completed":
-        return f"step {status['step']}, t = {status['time']:.6g}"
     return None
