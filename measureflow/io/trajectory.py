@@ -25,7 +25,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from ..errors import ShapeError
+from ..errors import ParameterError, ShapeError
+from ..state import state_kind
 from ..status import Status
 from .base import Series
 
@@ -183,7 +184,7 @@ class RecordedTrajectory(Trajectory):
     def _describe(self, kind, replicas, size, dim, *, dtype="float64", weights=None, parameters=None) -> None:
         """Fix the trajectory's kind and shapes (also used by writers that learn them in ``open``)."""
         if kind not in KINDS:
-            raise ValueError(f"{type(self).__name__}: kind must be one of {KINDS}, received {kind!r}")
+            raise ParameterError(f"{type(self).__name__}: kind must be one of {KINDS}, received {kind!r}")
         self._kind = kind
         self._replicas, self._size, self._dim = int(replicas), int(size), int(dim)
         self._dtype = np.dtype(str(dtype).removeprefix("torch."))
@@ -350,8 +351,6 @@ class Snapshot(RecordedTrajectory):
 
     def __init__(self, state, time: float = 0.0, step: int = 0, observables: Mapping | None = None,
                  parameters: dict | None = None):
-        from ..state import state_kind
-
         kind = state_kind(state)
         if kind == "particles":
             R, N, d = state.x.shape
