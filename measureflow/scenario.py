@@ -174,9 +174,11 @@ class Scenario:
         simulation = with_run_checkpoint(simulation, resume=resume)
         if resume and simulation.checkpoint_path is not None and not simulation.checkpoint_path.exists() \
                 and h5_path is not None:
-            done = _completed(h5_path)
+            from .io import completed_status
+
+            done = completed_status(h5_path)
             if done is not None:
-                print(f"{h5_path}: already completed ({done}); nothing to resume", file=sys.stderr)
+                print(f"{h5_path}: already {done}; nothing to resume", file=sys.stderr)
                 return None
         result = simulation.run()
         if result.status.ok and simulation.checkpoint_path is not None:
@@ -303,17 +305,3 @@ def with_run_checkpoint(run, path=None, *, resume: bool = False):
         return run
     return run.with_checkpoint(path, every=max(1, run.n_steps // 10), resume=bool(resume))
 
-
-def _completed(h5_path) -> str | None:
-    if not Path(h5_path).exists():
-        return None
-    try:
-        from .io.reader import open_trajectory
-
-        with open_trajectory(h5_path) as traj:
-            status = getattr(traj, "status", None)
-    except Exception:  # noqa: BLE001 - an unreadable file simply is not "completed"
-        return None
-    if isinstance(status, dict) and status.get("status") == "completed":
-        return f"step {status['step']}, t = {status['time']:.6g}"
-    return None

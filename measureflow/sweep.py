@@ -357,14 +357,14 @@ class SweepReport:
 
 def _recover(index: SweepIndex, run: RunSpec) -> bool:
     """True when ``run`` is already completed (its file says so and no checkpoint is left)."""
-    from .scenario import _completed_status
+    from .io import completed_status
 
     entry = index.runs.get(run.key, {})
     file = Path(run.file)
     checkpoint = Path(run.file + ".ckpt")
     if entry.get("status") == "completed" and file.exists() and not checkpoint.exists():
         return True
-    if checkpoint.exists() or _completed_status(file) is None:
+    if checkpoint.exists() or completed_status(file) is None:
         return False
     # The run completed but the index missed it (the driver was killed before its next write).
     from .sweep_run import summarise

@@ -188,7 +188,7 @@ def test_interrupted_training_resumes_bit_for_bit(tmp_path, mode):
         for name in ("velocity_sq", "fit", "mmd", "sinkhorn"):
             assert np.array_equal(ref.observables[name].steps, res.observables[name].steps)
             assert np.array_equal(ref.observables[name].values[:], res.observables[name].values[:]), name
-        assert res.status["status"] == "completed" and res.status["resumed_from"] == [5]
+        assert res.status.code == "completed" and res.status.resumed_from == (5,)
     # A run with other settings refuses the checkpoint instead of mixing two trainings.
     with pytest.raises(MeasureflowError, match="different training run"):
         small_run(mode=mode, checkpoint=ckpt, resume=True, step=0.3)
@@ -207,7 +207,7 @@ def test_trajectory_file_is_readable_and_plots(tmp_path):
         assert list(obs["velocity_sq"].steps) == list(range(1, 11))
         assert np.allclose(np.ravel(obs["velocity_sq"].values[:]), result.velocity_sq, rtol=1e-6)
         assert np.allclose(np.ravel(obs["mmd"].values[:]), result.distances["mmd"], rtol=1e-12)
-        assert traj.parameters["field"]["name"] == "sinkhorn" and traj.status["status"] == "completed"
+        assert traj.parameters["field"]["name"] == "sinkhorn" and traj.status.code == "completed"
     png = tmp_path / "file.png"
     from measureflow import cli
 
@@ -245,7 +245,7 @@ def test_nonfinite_field_ends_training_with_a_status(tmp_path):
                              every=5, out=tmp_path / "bad.h5", progress=False)
     assert result.status.code == "nonfinite" and result.status.step == 3 and not result.ok
     with measureflow.open(tmp_path / "bad.h5") as traj:
-        assert list(traj.steps) == [0] and traj.status["status"] == "nonfinite"
+        assert list(traj.steps) == [0] and traj.status.code == "nonfinite"
 
 
 def test_bad_inputs_are_refused_with_a_useful_message(tmp_path):

@@ -23,11 +23,25 @@ import torch
 
 import measureflow as mf
 from measureflow.errors import ParameterError, ShapeError, TrajectoryFileError
-from measureflow.io import MemoryWriter, RunInfo, load_checkpoint, save_checkpoint
+from measureflow.io import (
+    MemoryWriter,
+    RecordedTrajectory,
+    RunInfo,
+    Series,
+    Snapshot,
+    Trajectory,
+    TrajectoryFile,
+    Writer,
+    completed_status,
+    load_checkpoint,
+    save_checkpoint,
+    valid_rows,
+)
 from measureflow.io import h5md as h5md_module
 from measureflow.io import layout as L
 from measureflow.io.h5md import H5MDWriter, rebuild_file
 from measureflow.io.reader import FrameArray, open_trajectory
+from measureflow.status import Status
 
 R, N, D = 2, 7, 3
 
@@ -184,7 +198,7 @@ def test_gaussian_layout_has_no_particles_group(tmp_path):
         np.testing.assert_array_equal(mean[4], np.full((Rg, d), 4.0))
         np.testing.assert_array_equal(cov[2], np.broadcast_to(3 * np.eye(d), (Rg, d, d)))
         assert cov.shape == (5, Rg, d, d)
-        assert traj.status["status"] == "completed" and "completed at step 4" in traj.summary()
+        assert traj.status.code == "completed" and "completed at step 4" in traj.summary()
 
 
 def test_parameters_round_trip_as_json(tmp_path):
@@ -272,7 +286,7 @@ def test_interrupted_write_is_cut_back_on_close(tmp_path, monkeypatch):
     writer.close()
     with open_trajectory(path) as traj:
         assert len(traj) == 3 and traj.steps.tolist() == [0, 1, 2]
-        assert traj.status["status"] == "interrupted" and traj.status["message"] == "SIGTERM"
+        assert traj.status.code == "interrupted" and traj.status.message == "SIGTERM"
     assert tree(path)["particles/trajectory/position/value"][1][0] == 3
 
 
@@ -322,7 +336,7 @@ def test_memory_writer_keeps_host_arrays():
     np.testing.assert_array_equal(memory.weights, np.full((R, N), 1 / N))
     assert memory.observables["mean"].values.shape == (4, R, D)
     memory.set_status("completed", 3, 0.75)
-    assert memory.status["status"] == "completed"
+    assert memory.status.code == "completed"
     # Resuming in the same object drops what lies after the resume step.
     memory.open(run_info(resume_step=1))
     assert memory.steps.tolist() == [0, 1] and memory.observables["energy"].steps.tolist() == [0, 1]
@@ -332,6 +346,158 @@ def test_memory_writer_keeps_host_arrays():
     g.open(RunInfo.from_state(state))
     g.write_frame(0, 0.0, state)
     assert g.means.shape == (1, 2, 2) and g.covs.shape == (1, 2, 2, 2) and g.positions is None
+
+
+# -- the trajectory protocol ------------------------------------------------------------------------
+def protocol_members(traj) -> dict:
+    """Every member of the protocol, read into plain values (lazy arrays read whole)."""
+
+    def read(value):
+        return None if value is None else np.asarray(value)
+
+    obs = {name: (series.name, read(series.steps), read(series.times), read(series.values[:]))
+           for name, series in traj.observables.items()}
+    return {
+        "shape": (traj.kind, traj.replicas, traj.size, traj.dim, len(traj), traj.frames),
+        "steps": read(traj.steps), "times": read(traj.times), "positions": read(traj.positions),
+        "weights": read(traj.weights), "means": read(traj.means), "covs": read(traj.covs),
+        "observables": obs, "status": traj.status, "parameters": traj.parameters,
+    }
+
+
+def assert_same_members(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        if key == "observables":
+            assert list(a[key]) == list(b[key])
+            for name in a[key]:
+                for x, y in zip(a[key][name], b[key][name]):
+                    np.testing.assert_array_equal(x, y, err_msg=f"{key}[{name}]")
+        elif isinstance(a[key], np.ndarray) or isinstance(b[key], np.ndarray):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            assert a[key] == b[key], key
+
+
+def test_file_and_memory_answer_the_protocol_alike(tmp_path):
+    # The same frames written to a file and to memory read back identically through every member.
+    path = tmp_path / "same.h5"
+    writers = [H5MDWriter(path), MemoryWriter()]
+    for writer in writers:
+        writer.open(run_info())
+        write_steps(writer, range(6))
+        writer.set_status("completed", 5, 1.25, "")
+        writer.close()
+    memory = writers[1]
+    with open_trajectory(path) as traj:
+        assert isinstance(traj, TrajectoryFile) and isinstance(traj, Trajectory) and isinstance(memory, Trajectory)
+        on_file = protocol_members(traj)
+        assert traj.gaussians is None and traj.source == str(path)
+    on_memory = protocol_members(memory)
+    assert on_file["status"] == Status("completed", 5, 1.25) and on_file["status"].resumed_from == ()
+    assert on_file["shape"] == ("particles", R, N, D, 6, 6)
+    # The file stores the parameters as JSON: what it holds is what RunInfo made JSON-able.
+    assert on_file["parameters"] == run_info().parameters
+    assert_same_members(on_file, on_memory)
+    assert isinstance(memory.observables["energy"], Series) and memory.observables["energy"].name == "energy"
+
+    # Gaussians: means and covs per frame, the same through `gaussians`.
+    state = mf.Gaussians(torch.zeros(2, 3, dtype=torch.float64), torch.eye(3, dtype=torch.float64).expand(2, 3, 3))
+    path = tmp_path / "g.h5"
+    writers = [H5MDWriter(path), MemoryWriter()]
+    for writer in writers:
+        writer.open(RunInfo.from_state(state, parameters={"seed": 1}))
+        for s in range(3):
+            writer.write_frame(s, 0.5 * s, state.with_parameters(state.mean + s, state.cov * (s + 1)))
+        writer.close()
+    with open_trajectory(path) as traj:
+        on_file = protocol_members(traj)
+        means, covs = traj.gaussians
+        np.testing.assert_array_equal(means[2], np.full((2, 3), 2.0))
+        np.testing.assert_array_equal(covs[:], traj.covs[:])
+    assert on_file["status"].code == "closed"  # closed without a run status
+    on_memory = protocol_members(writers[1])
+    assert on_memory["status"] is None
+    on_file["status"] = None
+    assert_same_members(on_file, on_memory)
+
+
+def test_snapshot_and_recorded_trajectory():
+    x = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    w = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25] * 4])
+    snap = Snapshot(mf.Particles(x, w), time=2.5, step=7, parameters={"field": {"name": "linear"}},
+                    observables={"energy": torch.tensor([1.0, 2.0]),
+                                 "w2": Series("w2", np.arange(3), np.arange(3) * 0.5, np.ones((3, 2)))})
+    assert isinstance(snap, Trajectory) and len(snap) == 1 and snap.frames == 1
+    assert (snap.kind, snap.replicas, snap.size, snap.dim) == ("particles", 2, 4, 3)
+    assert snap.steps.tolist() == [7] and snap.times.tolist() == [2.5]
+    assert snap.positions.shape == (1, 2, 4, 3) and snap.positions.dtype == np.float32
+    np.testing.assert_array_equal(snap.positions[0], x.numpy())
+    np.testing.assert_array_equal(snap.weights, w.numpy().astype(np.float64))
+    assert snap.means is None and snap.covs is None and snap.gaussians is None and snap.status is None
+    assert list(snap.observables) == ["energy", "w2"]  # the given order
+    energy = snap.observables["energy"]
+    assert energy.steps.tolist() == [7] and energy.times.tolist() == [2.5] and energy.values.tolist() == [[1.0, 2.0]]
+    assert len(snap.observables["w2"]) == 3  # a series is kept as given
+    assert snap.parameters == {"field": {"name": "linear"}}
+
+    g = Snapshot(mf.Gaussians(torch.ones(2), 2 * torch.eye(2)))
+    assert (g.kind, g.replicas, g.size, g.dim, len(g)) == ("gaussians", 1, 0, 2, 1)
+    assert g.positions is None and g.weights is None
+    means, covs = g.gaussians
+    np.testing.assert_array_equal(means, np.ones((1, 1, 2)))
+    np.testing.assert_array_equal(covs, 2 * np.eye(2)[None, None])
+    with pytest.raises(mf.StateError, match="Particles or measureflow.Gaussians"):
+        Snapshot(np.zeros((3, 2)))
+
+    recorded = RecordedTrajectory("gaussians", 1, 0, 2, parameters={"seed": 0})
+    assert len(recorded) == 0 and recorded.means.shape == (0, 1, 2) and recorded.covs.shape == (0, 1, 2, 2)
+    for s in range(4):
+        recorded.record_frame(s, 0.1 * s, mf.Gaussians(torch.full((1, 2), float(s)), torch.eye(2)[None]))
+        recorded.record_observables(s, 0.1 * s, {"bures": torch.tensor([float(s)])})
+    recorded.drop_after(1)
+    assert recorded.steps.tolist() == [0, 1] and recorded.observables["bures"].values.tolist() == [[0.0], [1.0]]
+    recorded.status = Status("completed", 1, 0.1)
+    assert recorded.status.ok
+    with pytest.raises(TypeError, match="Status"):
+        recorded.status = {"status": "completed"}
+    with pytest.raises(ShapeError, match=r"mean \(1, 2\)"):
+        recorded.record_frame(5, 0.5, mf.Gaussians(torch.zeros(3, 2), torch.eye(2).expand(3, 2, 2)))
+    with pytest.raises(ValueError, match="kind"):
+        RecordedTrajectory("points", 1, 1, 1)
+
+
+def test_protocols_are_abstract():
+    with pytest.raises(TypeError, match="abstract"):
+        Trajectory()
+    with pytest.raises(TypeError, match="abstract"):
+        Writer()
+
+    class Incomplete(Writer):  # no close(): cannot be instantiated
+        def open(self, run):
+            pass
+
+        def write_frame(self, step, time, state):
+            pass
+
+        def write_observables(self, step, time, values):
+            pass
+
+    with pytest.raises(TypeError, match="close"):
+        Incomplete()
+
+
+def test_completed_status(tmp_path):
+    assert completed_status(tmp_path / "missing.h5") is None
+    (tmp_path / "text.h5").write_text("not a trajectory")
+    assert completed_status(tmp_path / "text.h5") is None
+    path = tmp_path / "run.h5"
+    writer = write_file(path, range(3))
+    assert completed_status(path) is None  # closed without a status
+    writer.set_status("completed", 2, 0.5)
+    assert completed_status(path) == Status("completed", 2, 0.5)
+    writer.set_status("nonfinite", 2, 0.5, "NaN in x")
+    assert completed_status(path) is None
 
 
 # -- reader -----------------------------------------------------------------------------------------
@@ -430,7 +596,7 @@ def test_resume_truncates_and_reproduces_the_straight_run(tmp_path):
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     with open_trajectory(resumed) as traj:
-        assert traj.status["resumed_from"] == [5]
+        assert traj.status.resumed_from == (5,)
     # A file without the frames the checkpoint promises is reported, not silently accepted.
     short = tmp_path / "short.h5"
     write_file(short, range(3))
@@ -538,6 +704,11 @@ def test_file_survives_sigkill_and_resumes(tmp_path):
 
     with open_trajectory(path) as traj:
         assert traj.unclosed and "not closed" in traj.summary()
+        # The writer's provisional status survives the kill: "running" from step -1, never "completed".
+        assert (traj.status.code, traj.status.step, traj.status.ok) == ("running", -1, False)
+        assert math.isnan(traj.status.time)
+    assert completed_status(path) is None
+    with open_trajectory(path) as traj:
         n = check_consistent(traj, at_least=10)
         # Flushes happen every 5 frames, each after the step's observables.
         assert n % 5 == 0 and len(traj.observables["energy"]) == n
@@ -569,7 +740,7 @@ def test_sigterm_and_exit_leave_a_closed_file(tmp_path):
     with open_trajectory(path) as traj:
         assert not traj.unclosed
         check_consistent(traj, at_least=13)
-        assert traj.status["status"] == "interrupted"
+        assert traj.status.code == "interrupted"
 
     path = tmp_path / "exit.h5"
     proc = start_child(tmp_path, path, "atexit")
@@ -577,7 +748,7 @@ def test_sigterm_and_exit_leave_a_closed_file(tmp_path):
     with open_trajectory(path) as traj:
         assert not traj.unclosed
         assert check_consistent(traj, at_least=13) == 13
-        assert traj.status["status"] == "closed"
+        assert traj.status.code == "closed"
 
 
 def test_rebuild_keeps_only_committed_rows(tmp_path):
@@ -587,6 +758,9 @@ def test_rebuild_keeps_only_committed_rows(tmp_path):
         f[L.COMMITTED][...] = [6, 6, 6]
     with open_trajectory(path) as traj:
         assert len(traj) == 6 and len(traj.observables["mean"]) == 6
+    with h5py.File(path, "r") as f:
+        assert valid_rows(f) == {
+            "particles/trajectory/position": 6, "observables/energy": 6, "observables/mean": 6}
     keep = rebuild_file(path)
     assert keep["particles/trajectory/position"] == 6
     assert tree(path)["particles/trajectory/position/value"][1][0] == 6

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import types
 from pathlib import Path
 
@@ -21,16 +20,18 @@ from matplotlib.figure import Figure  # noqa: E402
 import measureflow  # noqa: E402
 from measureflow import plot  # noqa: E402
 from measureflow.fields import Field  # noqa: E402
+from measureflow.io import H5MDWriter, MemoryWriter, RunInfo, Series, Snapshot, Trajectory, TrajectoryFile  # noqa: E402
+from measureflow.plot.common import particle_subset  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # ------------------------------------------------------------------------------------------------
-# a small in-memory trajectory with the reader's interface
+# the trajectory protocol implemented over numpy arrays, as a user's own class would
 
 
-class _Frames:
-    """Lazy frames: integer indexing only, counting reads, like a frame-at-a-time file reader."""
+class CountingFrames:
+    """Frames (F, ...) that record which frames each read touches, like a frame-at-a-time file reader."""
 
     def __init__(self, data):
         self.data = data
@@ -40,40 +41,45 @@ class _Frames:
     def __len__(self):
         return self.shape[0]
 
-    def __getitem__(self, index):
-        if not isinstance(index, (int, np.integer)):
-            raise TypeError("this lazy array reads one frame at a time")
-        self.reads.append(int(index))
-        return self.data[index]
+    def __getitem__(self, key):
+        first = key[0] if isinstance(key, tuple) else key
+        self.reads.extend(np.atleast_1d(np.arange(self.shape[0])[first]).tolist())
+        return self.data[key]
 
 
-class _Series:
-    def __init__(self, steps, times, values):
-        self.steps, self.times, self.values = steps, times, values
-
-
-class FakeTrajectory:
+class ArrayTrajectory(Trajectory):
     def __init__(self, kind, times, *, positions=None, mean=None, cov=None, weights=None, observables=None,
                  parameters=None):
-        self.kind = kind
-        self.times = np.asarray(times, dtype=float)
-        self.steps = np.arange(len(self.times))
-        self.positions = None if positions is None else _Frames(positions)
-        self.gaussians = None if mean is None else (mean, cov)
-        self.weights = weights
+        self._kind = kind
+        self._times = np.asarray(times, dtype=float)
+        self._steps = np.arange(len(self._times))
+        self._positions = None if positions is None else CountingFrames(positions)
+        self._means, self._covs = mean, cov
+        self._weights = weights
         data = positions if positions is not None else mean
-        self.replicas = data.shape[1]
-        self.size = positions.shape[2] if positions is not None else 0
-        self.dim = data.shape[-1]
-        self.observables = {
-            name: _Series(self.steps, self.times, values) for name, values in (observables or {}).items()
+        self._shape = (data.shape[1], positions.shape[2] if positions is not None else 0, data.shape[-1])
+        self._observables = {
+            name: Series(name, self._steps, self._times, values) for name, values in (observables or {}).items()
         }
-        self.parameters = parameters if parameters is not None else {
+        self._parameters = parameters if parameters is not None else {
             "field": {"name": "mmd", "class": "x.MMD"}, "integrator": "rk4", "seed": 1}
-        self.closed = False
 
-    def close(self):
-        self.closed = True
+    kind = property(lambda self: self._kind)
+    replicas = property(lambda self: self._shape[0])
+    size = property(lambda self: self._shape[1])
+    dim = property(lambda self: self._shape[2])
+    steps = property(lambda self: self._steps)
+    times = property(lambda self: self._times)
+    positions = property(lambda self: self._positions)
+    weights = property(lambda self: self._weights)
+    means = property(lambda self: self._means)
+    covs = property(lambda self: self._covs)
+    observables = property(lambda self: self._observables)
+    status = property(lambda self: None)
+    parameters = property(lambda self: self._parameters)
+
+    def __len__(self):
+        return len(self._times)
 
 
 def spiral_particles(frames=60, R=2, N=400, d=2, seed=0):
@@ -131,7 +137,7 @@ def scatter_collections(fig):
 
 def test_plot_run_particles_2d_reads_few_frames_and_subsamples(tmp_path):
     t, pos, obs = spiral_particles(frames=300, N=3000)
-    traj = FakeTrajectory("particles", t, positions=pos, observables=obs)
+    traj = ArrayTrajectory("particles", t, positions=pos, observables=obs)
     out = tmp_path / "run.png"
     fig = plot.plot_run(traj, out, max_particles=500)
     assert isinstance(fig, Figure)
@@ -157,7 +163,7 @@ def test_plot_run_particles_2d_reads_few_frames_and_subsamples(tmp_path):
 
 def test_subsample_is_deterministic_and_respects_max_particles():
     t, pos, _ = spiral_particles(frames=5, N=1000)
-    traj = FakeTrajectory("particles", t, positions=pos)
+    traj = ArrayTrajectory("particles", t, positions=pos)
     a = plot.plot_run(traj, max_particles=123, frames=[0, -1])
     b = plot.plot_run(traj, max_particles=123, frames=[0, -1])
     oa, ob = (np.concatenate([c.get_offsets() for c in scatter_collections(f)]) for f in (a, b))
@@ -170,13 +176,13 @@ def test_subsample_is_deterministic_and_respects_max_particles():
 
 def test_plot_run_particles_3d_and_1d(tmp_path):
     t, pos, obs = spiral_particles(frames=20, N=300, d=3)
-    fig = plot.plot_run(FakeTrajectory("particles", t, positions=pos, observables=obs))
+    fig = plot.plot_run(ArrayTrajectory("particles", t, positions=pos, observables=obs))
     main = fig.axes[0]
     assert main.get_xlabel() == "x₁" and main.get_ylabel() == "x₂"
     assert "d = 3" in main.get_title()
 
     t1, pos1, _ = spiral_particles(frames=30, N=500, d=1)
-    fig = plot.plot_run(FakeTrajectory("particles", t1, positions=pos1, observables={}), tmp_path / "b.png")
+    fig = plot.plot_run(ArrayTrajectory("particles", t1, positions=pos1, observables={}), tmp_path / "b.png")
     assert_image(tmp_path / "b.png")
     assert fig.axes[0].get_xlabel() == "t"
 
@@ -185,14 +191,14 @@ def test_plot_run_weighted_particles_scale_markers():
     t, pos, _ = spiral_particles(frames=3, R=1, N=50)
     w = np.linspace(1.0, 3.0, 50)[None]
     w /= w.sum()
-    fig = plot.plot_run(FakeTrajectory("particles", t, positions=pos, weights=w), frames=1)
+    fig = plot.plot_run(ArrayTrajectory("particles", t, positions=pos, weights=w), frames=1)
     sizes = scatter_collections(fig)[0].get_sizes()
     assert sizes.max() / sizes.min() == pytest.approx(3.0)
 
 
 def test_plot_run_gaussians(tmp_path):
     t, mean, cov, obs = gaussian_run(frames=400, d=3)
-    traj = FakeTrajectory("gaussians", t, mean=mean, cov=cov, observables=obs)
+    traj = ArrayTrajectory("gaussians", t, mean=mean, cov=cov, observables=obs)
     fig = plot.plot_run(traj, tmp_path / "g.png")
     assert_image(tmp_path / "g.png")
     ells = [c for c in fig.axes[0].collections if c.get_gid() == "covariance_ellipses"]
@@ -208,51 +214,69 @@ def test_plot_run_gaussians(tmp_path):
     assert len(ells) == 3
 
     t1, m1, c1, _ = gaussian_run(frames=10, R=1, d=1)
-    plot.plot_run(FakeTrajectory("gaussians", t1, mean=m1, cov=c1), tmp_path / "g1.png")
+    plot.plot_run(ArrayTrajectory("gaussians", t1, mean=m1, cov=c1), tmp_path / "g1.png")
     assert_image(tmp_path / "g1.png")
 
 
-def test_inputs_of_every_provenance(tmp_path, monkeypatch):
+def write_run(writer, t, pos, energy=None):
+    """Write frames ``pos`` (F, R, N, d) at times ``t`` (and an "energy" observable) through ``writer``."""
+    names = ["energy"] if energy is not None else []
+    writer.open(RunInfo(kind="particles", replicas=pos.shape[1], size=pos.shape[2], dim=pos.shape[3],
+                        parameters={"field": {"name": "mmd"}, "integrator": "rk4"}, observable_names=names))
+    for k, tk in enumerate(t):
+        writer.write_frame(k, tk, measureflow.Particles(torch.as_tensor(pos[k])))
+        if energy is not None:
+            writer.write_observables(k, tk, {"energy": torch.as_tensor(energy[k])})
+    writer.close()
+    return writer
+
+
+def test_inputs_trajectories_and_paths(tmp_path, monkeypatch):
     t, pos, obs = spiral_particles(frames=10, N=100)
-    fake = FakeTrajectory("particles", t, positions=pos, observables=obs)
 
-    # a path goes through the reader, which is closed afterwards
-    module = types.ModuleType("measureflow.io.reader")
-    module.open_trajectory = lambda path: fake
-    monkeypatch.setitem(sys.modules, "measureflow.io.reader", module)
-    fig = plot.plot_run(str(tmp_path / "run.h5"))
-    assert fake.closed and len(scatter_collections(fig)) == 3
+    # a path goes through measureflow.open, and the file is closed before returning
+    path = tmp_path / "run.h5"
+    write_run(H5MDWriter(path), t, pos, obs["energy"])
+    closed = []
+    real_close = TrajectoryFile.close
+    monkeypatch.setattr(TrajectoryFile, "close", lambda self: closed.append(self.path) or real_close(self))
+    for given in (str(path), path):
+        fig = plot.plot_run(given)
+        assert closed[-1] == path and len(scatter_collections(fig)) == 3
+        assert [ax.get_ylabel() for ax in fig.axes][1:] == ["energy"]
+    # an open file, and the in-memory writer of the same frames, draw the same snapshots
+    memory = write_run(MemoryWriter(), t, pos, obs["energy"])
+    with measureflow.open(path) as traj:
+        from_file = [c.get_offsets() for c in scatter_collections(plot.plot_run(traj))]
+    from_memory = [c.get_offsets() for c in scatter_collections(plot.plot_run(memory))]
+    for a, b in zip(from_file, from_memory, strict=True):
+        np.testing.assert_array_equal(a, b)
 
-    # a result: its in-memory trajectory first, then its writer's file, then its final state
-    result = types.SimpleNamespace(trajectory=FakeTrajectory("particles", t, positions=pos))
-    assert len(scatter_collections(plot.plot_run(result))) == 3
-    memory = FakeTrajectory("particles", t, positions=pos)
-    (tmp_path / "w.h5").write_bytes(b"")
-    result = types.SimpleNamespace(state=None, writers=(types.SimpleNamespace(path=tmp_path / "w.h5"), memory))
-    plot.plot_run(result)
-    assert memory.positions.reads
-    fake.closed = False
-    result = types.SimpleNamespace(state=None, writers=(types.SimpleNamespace(path=tmp_path / "w.h5"),))
-    plot.plot_run(result)
-    assert fake.closed
-    series = _Series(np.arange(3), np.array([0.0, 0.5, 1.0]), np.array([[3.0], [2.0], [1.0]]))
-    final = types.SimpleNamespace(state=measureflow.Particles(torch.randn(1, 50, 2)), final_time=1.0,
-                                  observables={"energy": series}, writers=())
-    fig = plot.plot_run(final)
+    # a trajectory class of one's own: its 4-D positions indexed (frame, replica) directly
+    mine = ArrayTrajectory("particles", t, positions=pos, parameters={})
+    (snap,) = scatter_collections(plot.plot_run(mine, replica=1, frames=1))
+    np.testing.assert_array_equal(snap.get_offsets(), pos[-1, 1])
+
+    # a bare state, as a one-frame Snapshot (with a result's observables over the run)
+    series = Series("energy", np.arange(3), np.array([0.0, 0.5, 1.0]), np.array([[3.0], [2.0], [1.0]]))
+    state = measureflow.Particles(torch.randn(1, 50, 2))
+    fig = plot.plot_run(Snapshot(state, time=1.0, observables={"energy": series}))
     (snap,) = scatter_collections(fig)
     assert snap.get_label() == "t = 1" and len(snap.get_offsets()) == 50
     assert [ax.get_ylabel() for ax in fig.axes][1:] == ["energy"]
-    # a plain in-memory trajectory: a 4-D array indexed (frame, replica) directly
-    plain = types.SimpleNamespace(kind="particles", times=t, positions=pos, replicas=2, size=100, dim=2,
-                                  weights=None, gaussians=None, observables={}, parameters={})
-    (snap,) = scatter_collections(plot.plot_run(plain, replica=1, frames=1))
-    np.testing.assert_array_equal(snap.get_offsets(), pos[-1, 1])
-    # bare states (one frame)
     state = measureflow.Particles(torch.randn(1, 300, 2))
-    assert [len(c.get_offsets()) for c in scatter_collections(plot.plot_run(state, max_particles=100))] == [100]
+    assert [len(c.get_offsets()) for c in scatter_collections(plot.plot_run(Snapshot(state), max_particles=100))] == [100]
     g = measureflow.Gaussians(torch.zeros(2), torch.eye(2))
-    fig = plot.plot_run(g)
-    assert len(_ellipse_vertices(fig)) == 1
+    assert len(_ellipse_vertices(plot.plot_run(Snapshot(g)))) == 1
+
+    # anything else is refused with what to pass instead
+    for other in (state, g, types.SimpleNamespace(state=state, observables={}), pos):
+        with pytest.raises(TypeError, match=r"measureflow\.io\.Trajectory.*Snapshot\(state\)"):
+            plot.plot_run(other)
+    with pytest.raises(TypeError, match="cannot plot a Particles"):
+        plot.plot_observables(state)
+    with pytest.raises(TypeError, match="cannot plot a Gaussians"):
+        plot.animate(g, tmp_path / "g.gif")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,7 +339,7 @@ def test_ellipses_into_given_axes_and_errors():
 
 def test_plot_observables(tmp_path):
     t, pos, obs = spiral_particles(frames=30, R=3, N=20)
-    traj = FakeTrajectory("particles", t, positions=pos, observables=obs)
+    traj = ArrayTrajectory("particles", t, positions=pos, observables=obs)
     fig = plot.plot_observables(traj, ["w2"], tmp_path / "o.png")
     assert_image(tmp_path / "o.png")
     (ax,) = fig.axes
@@ -332,7 +356,7 @@ def test_plot_observables(tmp_path):
 
     with pytest.raises(ValueError, match=r"unknown observable.*'nope'.*available: \['energy', 'mean', 'w2'\]"):
         plot.plot_observables(traj, ["w2", "nope"])
-    bare = FakeTrajectory("particles", t, positions=pos)
+    bare = ArrayTrajectory("particles", t, positions=pos)
     with pytest.raises(ValueError, match="no scalar observables"):
         plot.plot_observables(bare)
 
@@ -423,7 +447,7 @@ def _gif_frames(path):
 
 def test_animate_particles_and_gaussians(tmp_path):
     t, pos, _ = spiral_particles(frames=40, N=600)
-    traj = FakeTrajectory("particles", t, positions=pos)
+    traj = ArrayTrajectory("particles", t, positions=pos)
     out = tmp_path / "p.gif"
     fig = plot.animate(traj, out, max_particles=100, max_frames=6, fps=5)
     assert out.read_bytes()[:4] == b"GIF8"
@@ -431,21 +455,21 @@ def test_animate_particles_and_gaussians(tmp_path):
     assert len(set(traj.positions.reads)) == 6
     dots = [c for c in scatter_collections(fig) if c.get_gid() == "particles"][0]
     assert len(dots.get_offsets()) == 100
-    np.testing.assert_allclose(dots.get_offsets(), pos[-1, 0][plot._subsample(600, 100)][:, :2])
+    np.testing.assert_allclose(dots.get_offsets(), pos[-1, 0][particle_subset(600, 100)][:, :2])
 
     tg, mean, cov, _ = gaussian_run(frames=30)
     out = tmp_path / "g.gif"
-    plot.animate(FakeTrajectory("gaussians", tg, mean=mean, cov=cov), out, replica="all", max_frames=4)
+    plot.animate(ArrayTrajectory("gaussians", tg, mean=mean, cov=cov), out, replica="all", max_frames=4)
     assert _gif_frames(out) == 4
 
     t1, pos1, _ = spiral_particles(frames=10, N=200, d=1)
-    plot.animate(FakeTrajectory("particles", t1, positions=pos1), tmp_path / "h.gif", max_frames=3)
+    plot.animate(ArrayTrajectory("particles", t1, positions=pos1), tmp_path / "h.gif", max_frames=3)
     assert _gif_frames(tmp_path / "h.gif") == 3
 
 
 def test_animate_errors(tmp_path):
     t, pos, _ = spiral_particles(frames=4, N=10)
-    traj = FakeTrajectory("particles", t, positions=pos)
+    traj = ArrayTrajectory("particles", t, positions=pos)
     with pytest.raises(ValueError, match=r"\.gif"):
         plot.animate(traj, tmp_path / "x.png")
     with pytest.raises(ValueError, match="replica='all'"):
@@ -458,10 +482,10 @@ def test_animate_errors(tmp_path):
 
 def test_clear_errors():
     t, pos, obs = spiral_particles(frames=4, N=10)
-    empty = FakeTrajectory("particles", [], positions=pos[:0], observables={})
+    empty = ArrayTrajectory("particles", [], positions=pos[:0], observables={})
     with pytest.raises(ValueError, match="no frames"):
         plot.plot_run(empty)
-    traj = FakeTrajectory("particles", t, positions=pos, observables=obs)
+    traj = ArrayTrajectory("particles", t, positions=pos, observables=obs)
     with pytest.raises(ValueError, match=r"replica 7 does not exist.*2 replica"):
         plot.plot_run(traj, replica=7)
     with pytest.raises(ValueError, match="max_particles"):
@@ -478,14 +502,6 @@ def test_clear_errors():
 # a real run: Simulation → H5MD file → reader → pictures
 
 
-def _real_writer(path):
-    pytest.importorskip("measureflow.io.reader")
-    try:
-        return measureflow.get_registry().writer("h5md", path, every=1)
-    except Exception as exc:  # noqa: BLE001 - the trajectory writer is optional for these pictures
-        pytest.skip(f"the h5md writer is not available here: {exc}")
-
-
 def spread(state, **_):
     """Trace of the covariance per replica, a positive observable."""
     return state.covariance().diagonal(dim1=-2, dim2=-1).sum(-1)
@@ -494,14 +510,15 @@ def spread(state, **_):
 @pytest.mark.parametrize("kind", ["particles", "gaussians"])
 def test_real_trajectory_file(tmp_path, kind):
     path = tmp_path / "run.h5"
-    writer = _real_writer(path)
+    writer = measureflow.get_registry().writer("h5md", path, every=1)
+    memory = MemoryWriter()
     A = torch.tensor([[-0.5, -2.0], [1.0, -0.5]], dtype=torch.float64)
     field = measureflow.field("linear", A=A, b=torch.zeros(2, dtype=torch.float64))
     start = measureflow.Gaussians(torch.tensor([2.0, -1.0], dtype=torch.float64).expand(2, -1),
                                   torch.tensor([[1.5, 0.6], [0.6, 0.8]], dtype=torch.float64).expand(2, -1, -1))
     if kind == "particles":
         start = start.sample(300, torch.Generator().manual_seed(0))
-    result = measureflow.Simulation(start, field, "rk4", 0.0, 2.0, steps=40, writers=[writer],
+    result = measureflow.Simulation(start, field, "rk4", 0.0, 2.0, steps=40, writers=[writer, memory],
                                     observers=[spread], observe_every=1, progress=False).run()
     assert result.ok
     fig = plot.plot_run(path, tmp_path / "run.png", max_particles=100)
@@ -510,4 +527,8 @@ def test_real_trajectory_file(tmp_path, kind):
     assert "spread" in [ax.get_ylabel() for ax in fig.axes]
     plot.animate(path, tmp_path / "run.gif", max_frames=3, max_particles=50)
     assert _gif_frames(tmp_path / "run.gif") == 3
-    plot.plot_observables(result, ["spread"])
+    # The run's file and its in-memory writer draw the same curves.
+    curves = [plot.plot_observables(traj, ["spread"], replica="all").axes[0].get_lines() for traj in (path, memory)]
+    assert len(curves[0]) == 2
+    for a, b in zip(*curves, strict=True):
+        np.testing.assert_array_equal(a.get_xydata(), b.get_xydata())

@@ -171,7 +171,7 @@ def test_killed_run_resumes_to_the_same_frames(tmp_path, how):
     if how == "SIGTERM":
         assert "terminated" in err
         with measureflow.open(target) as traj:
-            assert traj.status["status"] == "terminated"
+            assert traj.status.code == "terminated"
     partial = _frames(target)["particles/trajectory/position/step"]
     assert 0 < len(partial) < len(_frames(reference)["particles/trajectory/position/step"])
 

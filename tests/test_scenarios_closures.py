@@ -105,7 +105,7 @@ def test_gaussian_closures_scenario(tmp_path):
     result, params, out = run(scn, tmp_path, n=n, steps=40)
     num = g["numbers"](result, params)
     with measureflow.open(out) as traj:
-        assert traj.status["status"] == "completed" and len(traj.times) == 41
+        assert traj.status.code == "completed" and len(traj.times) == 41
     # Particles under the drifting field vs its Gaussian closure: the particles' moments carry the sampling
     # error of the initial draw, √(2/n) ≈ 5.8 % relative for the largest covariance entry and √(λ_max/n) ≈ 0.08
     # for the mean along the long axis (λ_max = 4); over 41 recorded times, bounds of 2√(2/n) and 3√(λ_max/n).

@@ -38,7 +38,7 @@ def test_both_fields_train_write_h5md_and_draw(tmp_path, capsys):
     for path, name in ((out, "drifting"), (companion, "sinkhorn")):
         with measureflow.open(path) as traj:
             assert list(traj.steps) == [0, 10, 20, 30, 40] and traj.size == 120 and traj.dim == 2
-            assert traj.parameters["field"]["name"] == name and traj.status["status"] == "completed"
+            assert traj.parameters["field"]["name"] == name and traj.status.code == "completed"
             mmd = np.ravel(traj.observables["mmd"].values[:])
             sk = np.ravel(traj.observables["sinkhorn"].values[:])
         # From the collapsed start (MMD² = 1.08, S_1 = 3.2) both fields bring the generator to the ring in 40

@@ -43,7 +43,7 @@ def run(name: str, tmp_path, capsys, draw: bool = True, **params):
     else:
         assert not picture.exists()
     with measureflow.open(out) as traj:
-        assert traj.kind == "particles" and len(traj) >= 2 and traj.status["status"] == "completed"
+        assert traj.kind == "particles" and len(traj) >= 2 and traj.status.code == "completed"
     return result, text, module
 
 

@@ -1,4 +1,4 @@
-"""The writer protocol and the time series container shared by writers and the reader.
+"""The writer protocol and the one time-series type shared by writers, readers and results.
 
 A writer is told once what the run looks like (:class:`~measureflow.io.runinfo.RunInfo`), then
 receives frames and observables on the steps its :attr:`Writer.trigger` selects. Data leaves the
@@ -7,6 +7,7 @@ device only inside :meth:`Writer.write_frame` and :meth:`Writer.write_observable
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import attrs
@@ -16,12 +17,13 @@ from ..triggers import Periodic, Trigger, as_trigger
 __all__ = ["Writer", "Series"]
 
 
-class Writer:
-    """Base class of trajectory sinks (HDF5 file, in-memory lists).
+class Writer(abc.ABC):
+    """A trajectory sink (an H5MD file, in-memory lists, a fan-out to several writers).
 
     Call order: ``open(run)``, then any number of ``write_frame`` / ``write_observables``, optional
     ``flush()``, ``set_status(...)``, and ``close()``. ``flush`` and ``close`` are idempotent and safe
     to call after an exception interrupted a write (e.g. from a SIGTERM handler that raises).
+    ``trigger`` selects the steps on which the run calls the writer (an int k = every k steps).
     """
 
     trigger: Trigger = Periodic(1)
@@ -29,21 +31,32 @@ class Writer:
     def __init__(self, every=1):
         self.trigger = as_trigger(every)
 
-    def open(self, run) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def open(self, run) -> None:
+        """Prepare for a run described by ``run`` (a :class:`~measureflow.io.runinfo.RunInfo`).
 
-    def write_frame(self, step: int, time: float, state) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+        With ``run.resume_step`` set, what was written after that step is dropped and writing
+        continues after it.
+        """
 
-    def write_observables(self, step: int, time: float, values: dict) -> None:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def write_frame(self, step: int, time: float, state) -> None:
+        """Record the state (Particles (R, N, d) or Gaussians (R, d), (R, d, d)) at ``step``, ``time``."""
+
+    @abc.abstractmethod
+    def write_observables(self, step: int, time: float, values: dict) -> None:
+        """Record one sample of each observable (name → tensor or array of shape (R, ...))."""
 
     def set_status(self, status: str, step: int, time: float, message: str = "") -> None:
-        """Record how the run ended (e.g. "completed", "failed", "interrupted")."""
+        """Record how the run ended (a :data:`measureflow.status.CODES` code, where, and why).
+
+        Does nothing by default: a writer that keeps no record of the run's end need not override it.
+        """
 
     def flush(self) -> None:
-        """Make what was written so far durable (no-op for writers that hold data in memory)."""
+        """Make what was written so far durable; does nothing by default (writers holding data in memory)."""
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Flush and release resources; calling it twice is harmless."""
 
@@ -57,9 +70,25 @@ class Writer:
 
 @attrs.frozen(eq=False)
 class Series:
-    """A sampled quantity: ``values[i]`` was taken at ``steps[i]`` (integer step) and ``times[i]``.
+    """A sampled quantity: ``values[i]`` was taken at integer step ``steps[i]``, time ``times[i]``.
 
-    ``values`` is a numpy array or a lazy array (reader) of shape (samples, R, ...).
+    The one series type of measureflow: observables of a trajectory file, of an in-memory
+    trajectory and of a simulation result are all ``Series``.
+
+    Attributes
+    ----------
+    name:
+        The quantity's name (the observable's name, e.g. ``"energy"`` or ``"w2"``).
+    steps:
+        (samples,) integer steps.
+    times:
+        (samples,) float times (NaN where a file stored no time).
+    values:
+        (samples, R, ...) samples, one row per step: a numpy array, or a lazy
+        :class:`~measureflow.io.reader.FrameArray` (a file's observables) that reads the rows it
+        is indexed with; ``values[:]`` reads all of them.
+
+    Compared by identity (``eq=False``): its arrays have no single truth value.
     """
 
     name: str

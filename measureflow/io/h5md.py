@@ -46,7 +46,7 @@ from .base import Writer
 from .runinfo import RunInfo
 from .atomic import atomic_replace
 
-__all__ = ["H5MDWriter", "rebuild_file", "STEP_CHUNK"]
+__all__ = ["H5MDWriter", "rebuild_file", "valid_rows", "STEP_CHUNK"]
 
 #: Rows per chunk of the step and time datasets (2 KiB each).
 STEP_CHUNK = 256
@@ -119,8 +119,15 @@ def _create_element(file: h5py.File, path: str, sample_shape, dtype, large: bool
     return _Element(path, tuple(int(n) for n in sample_shape))
 
 
-def _valid_rows(file: h5py.File) -> dict[str, int]:
-    """Rows of each time-dependent element that a reader may trust (see the module docstring)."""
+def valid_rows(file: h5py.File) -> dict[str, int]:
+    """Rows of each time-dependent element of an open trajectory file that a reader may trust.
+
+    ``file`` is an open :class:`h5py.File` (or group); the answer maps each element's path (e.g.
+    ``"particles/trajectory/position"``, ``"observables/energy"``) to its count of complete rows:
+    the shortest of its ``value``, ``step`` and ``time`` datasets, capped by the count the last
+    flush recorded in ``/measureflow/committed`` (rows beyond it may not have reached the disk
+    before a crash; see the module docstring).
+    """
     committed = {}
     if L.COMMITTED in file:
         ds = file[L.COMMITTED]
@@ -171,7 +178,7 @@ def rebuild_file(path, upto_step: int | None = None) -> dict[str, int]:
             ) from exc
     with atomic_replace(path) as tmp:
         with src, h5py.File(tmp, "w", libver="latest") as dst:
-            keep = {name: _rows_up_to(src[name], n, upto_step) for name, n in _valid_rows(src).items()}
+            keep = {name: _rows_up_to(src[name], n, upto_step) for name, n in valid_rows(src).items()}
             for key, value in src.attrs.items():
                 dst.attrs.create(key, value, dtype=src.attrs.get_id(key).dtype)
             for name in src:
@@ -341,7 +348,7 @@ class H5MDWriter(Writer):
         self._file = f
         try:
             self._check_compatible(f, run)
-            valid = _valid_rows(f)
+            valid = valid_rows(f)
             if run.kind == "particles":
                 frame_paths = [L.POSITION]
             else:

@@ -8,8 +8,10 @@ Opening a file reads only its metadata (groups, attributes, dataset shapes, the 
         x_last = traj.positions[-1]              # (R, N, d) numpy array: reads one frame
         energy = traj.observables["energy"].values[:]  # (frames, R)
 
-A file whose writer was killed is opened in SWMR-read mode and shows the rows its last flush
-committed (see :mod:`measureflow.io.h5md`).
+:class:`TrajectoryFile` implements the trajectory protocol
+(:class:`~measureflow.io.trajectory.Trajectory`). A file whose writer was killed is opened in
+SWMR-read mode and shows the rows its last flush committed (see :mod:`measureflow.io.h5md`); its
+status is the writer's provisional ``running`` (see :data:`FILE_STATUS_CODES`).
 """
 
 from __future__ import annotations
@@ -24,10 +26,21 @@ import h5py
 import numpy as np
 
 from ..errors import TrajectoryFileError
+from ..status import STATUS_COMPLETED, Status
 from . import layout as L
 from .base import Series
+from .h5md import valid_rows
+from .trajectory import Trajectory
 
-__all__ = ["open_trajectory", "Trajectory", "FrameArray"]
+__all__ = ["open_trajectory", "TrajectoryFile", "FrameArray", "completed_status", "FILE_STATUS_CODES"]
+
+#: Status codes that only a trajectory file records, besides the run's :data:`measureflow.status.CODES`.
+FILE_STATUS_CODES = {
+    "running": "the writer opened the file and recorded no final status: the run is still writing, or "
+               "its process was killed (then the file is ``unclosed``); the file holds the rows of the last flush",
+    "closed": "the writer was closed without being told how the run ended",
+    "unknown": "the file's status group has no status attribute",
+}
 
 
 class FrameArray:
@@ -116,13 +129,32 @@ def _fail(path: Path, what: str) -> TrajectoryFileError:
     return TrajectoryFileError(f"{path}: {what}")
 
 
-def open_trajectory(path) -> "Trajectory":
+def open_trajectory(path) -> "TrajectoryFile":
     """Open a trajectory written by measureflow; raises TrajectoryFileError for other files."""
-    return Trajectory(path)
+    return TrajectoryFile(path)
 
 
-class Trajectory:
-    """A measureflow H5MD trajectory opened for reading (lazy; use as a context manager)."""
+def completed_status(path) -> Status | None:
+    """The :class:`~measureflow.status.Status` of the trajectory file at ``path`` when it records a
+    completed run; None when the file is missing, unreadable, or records any other status (a run
+    that failed, was interrupted, or is still ``running``)."""
+    if not Path(path).exists():
+        return None
+    try:
+        with open_trajectory(path) as traj:
+            status = traj.status
+    except Exception:  # noqa: BLE001 - an unreadable file simply is not "completed"
+        return None
+    return status if status is not None and status.code == STATUS_COMPLETED else None
+
+
+class TrajectoryFile(Trajectory):
+    """A measureflow H5MD trajectory opened for reading (lazy; use as a context manager).
+
+    Implements :class:`~measureflow.io.trajectory.Trajectory`: ``positions``, ``means``, ``covs``
+    and observable values are lazy :class:`FrameArray` views that read only the frames indexed.
+    ``unclosed`` is True when the writer did not close the file (killed, or still writing).
+    """
 
     def __init__(self, path):
         self.path = Path(path)
@@ -171,27 +203,22 @@ class Trajectory:
             kind = "particles" if L.POSITION in f else "gaussians" if L.MEAN in f else ""
         if not kind:
             raise _fail(path, "has /parameters/measureflow but neither particle positions nor Gaussian parameters")
-        self.kind = kind
+        self._kind = kind
         frame = f[L.POSITION] if kind == "particles" else f[L.MEAN]
         shape = frame["value"].shape
         if kind == "particles":
-            self.replicas = int(attrs.get("replicas", 1))
-            self.size = shape[1] // self.replicas
-            self.dim = shape[2]
+            self._replicas = int(attrs.get("replicas", 1))
+            self._size = shape[1] // self._replicas
+            self._dim = shape[2]
         else:
-            self.replicas, self.dim = shape[1], shape[2]
-            self.size = 0
+            self._replicas, self._dim = shape[1], shape[2]
+            self._size = 0
         self.dtype = frame["value"].dtype
-        self._rows = self._valid_rows()
+        self._rows = valid_rows(self.file)
         if kind == "particles":
-            self.frames = self._rows.get(L.POSITION, 0)
+            self._frame_count = self._rows.get(L.POSITION, 0)
         else:
-            self.frames = min(self._rows.get(L.MEAN, 0), self._rows.get(L.COV, 0))
-
-    def _valid_rows(self) -> dict[str, int]:
-        from .h5md import _valid_rows
-
-        return _valid_rows(self.file)
+            self._frame_count = min(self._rows.get(L.MEAN, 0), self._rows.get(L.COV, 0))
 
     # -- context ------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -205,7 +232,28 @@ class Trajectory:
         return False
 
     def __len__(self) -> int:
-        return self.frames
+        return self._frame_count
+
+    # -- shape --------------------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+    @property
+    def replicas(self) -> int:
+        return self._replicas
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def source(self) -> str:
+        return str(self.path)
 
     # -- metadata -----------------------------------------------------------------------------------
     @cached_property
@@ -221,20 +269,26 @@ class Trajectory:
         return dict(self.parameters.get("versions", {}))
 
     @cached_property
-    def status(self) -> dict | None:
-        """The recorded run status: {status, step, time, message} (None if absent)."""
+    def status(self) -> Status | None:
+        """The status recorded in ``/measureflow/status`` (None if the file has none).
+
+        A finished run records one of :data:`measureflow.status.CODES`. While the writer holds the
+        file the code is ``running`` (step −1, or the step a resumed run restarted from; time NaN),
+        and it stays so when the writer was killed: ``unclosed`` then tells the two apart (True:
+        the file was not closed). ``closed`` means the writer was closed without a status (see
+        :data:`FILE_STATUS_CODES`). ``resumed_from`` lists the steps the run was resumed from.
+        """
         if L.STATUS not in self.file:
             return None
         a = self.file[L.STATUS].attrs
-        out = {
-            "status": L.text(a.get("status", b"unknown")),
-            "step": int(a.get("step", -1)),
-            "time": float(a.get("time", float("nan"))),
-            "message": L.text(a.get("message", b"")),
-        }
-        if "resumed_from" in a:
-            out["resumed_from"] = [int(s) for s in np.atleast_1d(a["resumed_from"])]
-        return out
+        resumed = [int(s) for s in np.atleast_1d(a["resumed_from"])] if "resumed_from" in a else ()
+        return Status(
+            L.text(a.get("status", b"unknown")),
+            int(a.get("step", -1)),
+            float(a.get("time", float("nan"))),
+            L.text(a.get("message", b"")),
+            resumed_from=resumed,
+        )
 
     @property
     def h5md_version(self) -> tuple[int, int]:
@@ -246,11 +300,11 @@ class Trajectory:
 
     @cached_property
     def steps(self) -> np.ndarray:
-        return self._frame_group()["step"][: self.frames]
+        return self._frame_group()["step"][: self._frame_count]
 
     @cached_property
     def times(self) -> np.ndarray:
-        return self._frame_group()["time"][: self.frames]
+        return self._frame_group()["time"][: self._frame_count]
 
     # -- data ---------------------------------------------------------------------------------------
     @property
@@ -258,7 +312,7 @@ class Trajectory:
         """Lazy positions, shape (frames, R, N, d); None for a Gaussian run."""
         if self.kind != "particles":
             return None
-        return FrameArray(self.file[L.POSITION]["value"], self.frames, (self.replicas, self.size, self.dim))
+        return FrameArray(self.file[L.POSITION]["value"], self._frame_count, (self._replicas, self._size, self._dim))
 
     @cached_property
     def weights(self) -> np.ndarray | None:
@@ -268,14 +322,18 @@ class Trajectory:
         return self.file[L.WEIGHT][()].reshape(self.replicas, self.size)
 
     @property
-    def gaussians(self) -> tuple[FrameArray, FrameArray] | None:
-        """Lazy (mean (frames, R, d), cov (frames, R, d, d)); None for a particle run."""
+    def means(self) -> FrameArray | None:
+        """Lazy Gaussian means, shape (frames, R, d); None for a particle run."""
         if self.kind != "gaussians":
             return None
-        return (
-            FrameArray(self.file[L.MEAN]["value"], self.frames),
-            FrameArray(self.file[L.COV]["value"], self.frames),
-        )
+        return FrameArray(self.file[L.MEAN]["value"], self._frame_count)
+
+    @property
+    def covs(self) -> FrameArray | None:
+        """Lazy Gaussian covariances, shape (frames, R, d, d); None for a particle run."""
+        if self.kind != "gaussians":
+            return None
+        return FrameArray(self.file[L.COV]["value"], self._frame_count)
 
     @cached_property
     def observables(self) -> dict[str, Series]:
@@ -325,21 +383,21 @@ class Trajectory:
                 lines.append(f"  {key:<12} {_describe(p[key])}")
         status = self.status
         if status is not None:
-            text = status["status"]
+            text = status.code
             if text == "running":
                 text = (
                     "running — the file was not closed (the run was killed or is still writing)"
                     if self.unclosed
                     else "running (no final status recorded)"
                 )
-            elif status["step"] >= 0:
-                text += f" at step {status['step']}"
-                if math.isfinite(status["time"]):
-                    text += f" (t = {status['time']:.6g})"
-            if status["message"]:
-                text += f": {status['message']}"
-            if status.get("resumed_from"):
-                text += f" [resumed from step {', '.join(map(str, status['resumed_from']))}]"
+            elif status.step >= 0:
+                text += f" at step {status.step}"
+                if math.isfinite(status.time):
+                    text += f" (t = {status.time:.6g})"
+            if status.message:
+                text += f": {status.message}"
+            if status.resumed_from:
+                text += f" [resumed from step {', '.join(map(str, status.resumed_from))}]"
             lines.append(f"  status       {text}")
         obs = self.observables
         if obs:
@@ -353,7 +411,7 @@ class Trajectory:
 
     def __repr__(self) -> str:
         return (
-            f"Trajectory({str(self.path)!r}, kind={self.kind}, R={self.replicas}, N={self.size}, "
+            f"TrajectoryFile({str(self.path)!r}, kind={self.kind}, R={self.replicas}, N={self.size}, "
             f"d={self.dim}, frames={self.frames})"
         )
 

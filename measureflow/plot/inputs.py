@@ -1,0 +1,117 @@
+"""What the trajectory pictures read: a :class:`~measureflow.io.Trajectory`, or the path of a file.
+
+The pictures read the protocol's members directly; the functions here open a path, refuse other
+inputs with a message that says what to pass instead, and read frames in the form the drawing code
+wants (host float arrays of one replica, a few frames at a time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..io.trajectory import KINDS, Trajectory
+
+__all__ = [
+    "opened",
+    "to_numpy",
+    "read_all",
+    "frame_times",
+    "drawn_weights",
+    "replica_positions",
+    "gaussian_frames",
+]
+
+
+def to_numpy(value) -> np.ndarray:
+    """A numpy view of an array, or a host copy of a tensor (possibly on a GPU)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def read_all(arr) -> np.ndarray:
+    """The whole of a (small) possibly lazy array: observable values and times."""
+    if isinstance(arr, np.ndarray):
+        return arr
+    return to_numpy(arr[:])
+
+
+@contextlib.contextmanager
+def opened(traj) -> Iterator[Trajectory]:
+    """Yield the trajectory to draw: ``traj`` itself, or the file at path ``traj`` (closed on exit).
+
+    Raises TypeError for anything but a :class:`~measureflow.io.Trajectory` or a path, and
+    ValueError for a trajectory with nothing to draw.
+    """
+    if isinstance(traj, (str, os.PathLike)):
+        from ..io.reader import open_trajectory
+
+        with open_trajectory(traj) as handle:
+            yield _checked(handle)
+        return
+    if not isinstance(traj, Trajectory):
+        raise TypeError(
+            f"cannot plot a {type(traj).__name__}: expected a measureflow.io.Trajectory (a file opened with "
+            "measureflow.open, a MemoryWriter, a simulation Result, a measureflow.io.Snapshot) or the path of "
+            "a trajectory file; wrap a bare Particles or Gaussians state as measureflow.io.Snapshot(state)"
+        )
+    yield _checked(traj)
+
+
+def _checked(traj: Trajectory) -> Trajectory:
+    source = traj.source
+    if traj.kind not in KINDS:
+        raise ValueError(f"{source}: unknown trajectory kind {traj.kind!r}; expected 'particles' or 'gaussians'")
+    if len(traj) == 0:
+        raise ValueError(
+            f"{source}: the trajectory has no frames, so there is nothing to draw; check that the "
+            "run wrote at least one frame (its writer trigger fires on step 0 by default)"
+        )
+    if traj.replicas < 1 or traj.dim < 1 or (traj.kind == "particles" and traj.size < 1):
+        raise ValueError(
+            f"{source}: empty trajectory (replicas={traj.replicas}, particles={traj.size}, dim={traj.dim})"
+        )
+    return traj
+
+
+def frame_times(traj: Trajectory) -> np.ndarray:
+    """(F,) frame times as floats."""
+    return np.asarray(read_all(traj.times), dtype=float).reshape(-1)
+
+
+def drawn_weights(traj: Trajectory) -> np.ndarray | None:
+    """(R, N) particle weights to scale markers by; None when uniform (plain markers) or absent."""
+    weights = traj.weights
+    R, N = traj.replicas, traj.size
+    w = None if weights is None else to_numpy(weights).astype(float)
+    if w is not None:
+        w = w.reshape(R, N) if w.size == R * N else None
+    if w is not None and np.allclose(w, 1.0 / max(N, 1)):
+        w = None
+    return w
+
+
+def replica_positions(traj: Trajectory, positions, frame: int, replica: int,
+                      particles: np.ndarray | None = None) -> np.ndarray:
+    """(n, d) positions of one replica at one frame of ``positions = traj.positions`` (one frame read).
+
+    ``positions`` is passed in (read once per picture): an in-memory trajectory stacks its frames
+    each time the member is read. ``particles`` keeps those rows only.
+    """
+    x = to_numpy(positions[int(frame), int(replica)])
+    if x.shape != (traj.size, traj.dim):
+        raise ValueError(
+            f"{traj.source}: replica {replica} of frame {frame} of the positions has shape {x.shape}; expected "
+            f"(N, d) = {(traj.size, traj.dim)}"
+        )
+    return x if particles is None else x[particles]
+
+
+def gaussian_frames(traj: Trajectory, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Means (k, R, d) and covariances (k, R, d, d) at frames ``idx`` (sorted, unique), as floats."""
+    idx = np.asarray(idx, dtype=np.int64)
+    return to_numpy(traj.means[idx]).astype(float), to_numpy(traj.covs[idx]).astype(float)
