@@ -26,6 +26,8 @@ from .errors import CapabilityError, MeasureflowError, TimeRangeError
 from .fields import capabilities
 from .integrators import NoiseStream, Stepper
 from .io.base import Series
+from .io.memory import MemoryWriter
+from .io.trajectory import Snapshot, Trajectory
 from .packing import stack_simulations
 from .plugins import get_registry
 from .run import (
@@ -419,6 +421,7 @@ class Simulation:
             wall_time=outcome.wall_time,
             integrator_stats=dict(process.stepper.stats),
             writers=tuple(self.writers),
+            parameters=self.run_parameters(),
         )
 
     def request_stop(self) -> None:
@@ -515,10 +518,15 @@ class SimulationProcess(Process):
 
 
 @attrs.frozen
-class Result:
+class Result(Trajectory):
     """What :meth:`Simulation.run` returns: the final ``state`` (at ``steps_done``), the ``status``,
     the time ``grid`` t_0 … t_n, the ``observables`` (name → :class:`~measureflow.io.Series`), the
-    ``wall_time``, the integration counters and the run's writers."""
+    ``wall_time``, the integration counters, the run's writers and its recorded ``parameters``.
+
+    A Result is a :class:`~measureflow.io.Trajectory`, so pictures and analyses take it directly: its
+    frames are those of the run's first in-memory writer (``"memory"``), or else the final state as
+    one frame.
+    """
 
     state: Any
     status: Status
@@ -528,6 +536,7 @@ class Result:
     wall_time: float
     integrator_stats: dict
     writers: tuple = ()
+    parameters: dict = attrs.field(factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -536,6 +545,56 @@ class Result:
     @property
     def final_time(self) -> float:
         return float(self.grid[self.steps_done])
+
+    # -- the trajectory protocol ---------------------------------------------------------------------
+    def _frames(self) -> Trajectory:
+        for writer in self.writers:
+            if isinstance(writer, MemoryWriter) and len(writer):
+                return writer
+        return Snapshot(self.state, time=self.final_time, step=self.steps_done)
+
+    @property
+    def kind(self) -> str:
+        return state_kind(self.state)
+
+    @property
+    def replicas(self) -> int:
+        return self.state.replicas
+
+    @property
+    def size(self) -> int:
+        return getattr(self.state, "size", 0)
+
+    @property
+    def dim(self) -> int:
+        return self.state.dim
+
+    @property
+    def steps(self) -> np.ndarray:
+        return self._frames().steps
+
+    @property
+    def times(self) -> np.ndarray:
+        return self._frames().times
+
+    @property
+    def positions(self):
+        return self._frames().positions
+
+    @property
+    def weights(self):
+        return self._frames().weights
+
+    @property
+    def means(self):
+        return self._frames().means
+
+    @property
+    def covs(self):
+        return self._frames().covs
+
+    def __len__(self) -> int:
+        return len(self._frames())
 
     def __repr__(self) -> str:
         obs = ", ".join(self.observables) or "none"

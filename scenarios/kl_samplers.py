@@ -115,8 +115,7 @@ def summary(result, params) -> dict:
 
 def variant(mode: str, params: dict) -> dict:
     sim, _ = kl_samplers.build({**params, "mode": mode, "out": ""})
-    sim.progress = False
-    return summary(sim.run(), params)
+    return summary(sim.with_options(progress=False).run(), params)
 
 
 @kl_samplers.report

@@ -111,8 +111,7 @@ def summary(result, params) -> dict:
 
 def variant(directions: str, params: dict) -> dict:
     variant = {**params, "directions": directions}
-    sim = _simulation(variant, [MemoryWriter(every=max(1, params["steps"] // SNAPSHOTS))])
-    sim.progress = False
+    sim = _simulation(variant, [MemoryWriter(every=max(1, params["steps"] // SNAPSHOTS))]).with_options(progress=False)
     return summary(sim.run(), variant)
 
 

@@ -320,10 +320,11 @@ def test_depth_table_lookup_and_the_transformer_update():
         field.check_time(-0.1)
 
 
-def test_layerwise_integrator_keeps_each_step_inside_one_layer():
+def test_every_integrator_keeps_each_step_inside_one_layer():
     """Layers with V = vI and symmetric KᵀQ have a closed form composed layer by layer. RK4 steps that
-    straddle the boundaries at 0.35 and 0.6 follow it to step accuracy once LayerwiseIntegrator cuts them
-    there; without it the stages on either side mix the layers (first-order error at each boundary)."""
+    straddle the boundaries at 0.35 and 0.6 follow it to step accuracy because every integrator cuts
+    them at the field's pieces; behind a wrapper that hides the pieces (1.0 * field) the stages on
+    either side mix the layers (first-order error at each boundary)."""
     eye = torch.eye(2, dtype=F64)
     Q = torch.stack([0.6 * eye, 0.2 * eye, 0.5 * eye])
     K = torch.stack([0.5 * eye, torch.tensor([[0.6, 0.2], [0.2, 0.3]], dtype=F64), 0.4 * eye])
@@ -333,8 +334,8 @@ def test_layerwise_integrator_keeps_each_step_inside_one_layer():
     exact = field.solution(1.0, start)
     errors = {}
     for steps in (20, 40):
-        for name, integrator in (("split", LayerwiseIntegrator("rk4")), ("mixed", "rk4")):
-            end = Simulation(start, field, integrator, 0.0, 1.0, steps=steps, progress=False).run().state
+        for name, run_field in (("split", field), ("mixed", 1.0 * field)):
+            end = Simulation(start, run_field, "rk4", 0.0, 1.0, steps=steps, progress=False).run().state
             errors[name, steps] = max(relerr(end.cov[0], exact.cov[0]), relerr(end.mean[0], exact.mean[0]))
     # measured: split 2.9e-7 → 1.8e-8 (fourth order), mixed 7.0e-3 → 3.4e-3 (first order)
     assert errors["split", 20] < 1e-6 and errors["split", 20] / errors["split", 40] > 12
@@ -402,16 +403,19 @@ def test_sinkhorn_attention_closure():
 
 
 def test_sphere_variant_keeps_unit_norm():
-    """Tangent velocity (⟨v, x⟩ = 0 on the sphere); LayerwiseIntegrator projects after each step, so |x| = 1 to
-    rounding; a bare RK4 drifts off by its step error only."""
+    """Tangent velocity (⟨v, x⟩ = 0 on the sphere); every integrator applies the field's projection after each
+    step, so |x| = 1 to rounding; behind a wrapper that hides it (1.0 * field) RK4 drifts off by its step error
+    only."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 300, 3, generator=g, dtype=F64)
     x = x / x.norm(dim=-1, keepdim=True)
     field = measureflow.field("attention", Q=2.0 * torch.eye(3), K=torch.eye(3), sphere=True)
     v = field.velocity(0.0, x, Particles(x))
     assert float((v * x).sum(-1).abs().max()) < 1e-14
-    projected = Simulation(Particles(x), field, LayerwiseIntegrator("rk4"), 0.0, 3.0, steps=30, progress=False).run()
-    bare = Simulation(Particles(x), field, "rk4", 0.0, 3.0, steps=30, progress=False).run()
+    projected = Simulation(Particles(x), field, "rk4", 0.0, 3.0, steps=30, progress=False).run()
+    bare = Simulation(Particles(x), 1.0 * field, "rk4", 0.0, 3.0, steps=30, progress=False).run()
+    with pytest.warns(FutureWarning, match="no longer needed"):
+        assert LayerwiseIntegrator("rk4").name == "rk4"
     assert float((projected.state.x.norm(dim=-1) - 1).abs().max()) < 1e-14
     drift = float((bare.state.x.norm(dim=-1) - 1).abs().max())
     assert 1e-14 < drift < 1e-3

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import measureflow
+from measureflow.integrators import Stepper
 from measureflow import Gaussians, Particles, Simulation
 from measureflow.errors import CapabilityError, ParameterError, ShapeError, TimeRangeError
 from measureflow.fields import Field
@@ -42,12 +43,12 @@ def jko(**options):
 
 def run_1d(field, tau, step_map):
     """JKO from c0 = 3 to t = 1; returns (final variance, worst one-step deviation of √c from step_map)."""
-    integrator = jko()
     state = gaussians([[0.0]], [[[3.0]]])
+    integrator = Stepper(jko(), field, state)
     worst = 0.0
     for k in range(round(1 / tau)):
         s_k = math.sqrt(float(state.cov))
-        state = integrator.advance(field, state, k * tau, (k + 1) * tau)
+        state = integrator.advance(state, k * tau, (k + 1) * tau)
         worst = max(worst, abs(math.sqrt(float(state.cov)) - step_map(s_k, tau)))
     assert integrator.stats["steps"] == integrator.stats["accepted"] == round(1 / tau)
     assert integrator.stats["inner_iterations"] >= integrator.stats["steps"]
@@ -229,12 +230,14 @@ def test_options_and_saved_state():
     assert json.loads(json.dumps(integrator.options)) == {"tol": 1e-9, "max_iter": 50, "history_size": 5, "polish_iter": 3}
     assert integrator.order == 1 and not integrator.stochastic
     assert measureflow.get_registry().owner_of("integrators", "jko") == "measureflow_plugins.jko"
-    integrator.advance(kl_field([0.0], [[1.0]]), gaussians([[0.0]], [[[3.0]]]), 0.0, 0.1)
-    saved = integrator.state_dict()
-    fresh = jko()
+    field, start = kl_field([0.0], [[1.0]]), gaussians([[0.0]], [[[3.0]]])
+    stepper = Stepper(integrator, field, start)
+    stepper.advance(start, 0.0, 0.1)
+    saved = json.loads(json.dumps(stepper.state_dict()))
+    fresh = Stepper(jko(), field, start)
     fresh.load_state_dict(saved)
-    assert fresh.stats == integrator.stats and fresh.stats["inner_iterations"] > 0
-    with pytest.raises(ValueError, match="unknown stats keys"):
+    assert fresh.stats == stepper.stats and fresh.stats["inner_iterations"] > 0
+    with pytest.raises(ValueError, match="lacks the counters"):
         fresh.load_state_dict({"stats": {"bogus": 1}})
 
 
@@ -290,9 +293,9 @@ def test_bad_uses_are_refused():
 
 def test_failed_minimisations_raise_step_failure_not_a_bad_state():
     gauss = gaussians([[0.0]], [[[3.0]]])
-    integrator = jko(tol=1e-14, max_iter=1, polish_iter=1)
+    integrator = Stepper(jko(tol=1e-14, max_iter=1, polish_iter=1), kl_field([0.0], [[1.0]]), gauss)
     with pytest.raises(StepFailure, match="did not converge"):
-        integrator.advance(kl_field([0.0], [[1.0]]), gauss, 0.0, 0.1)
+        integrator.advance(gauss, 0.0, 0.1)
     assert integrator.stats["rejected"] == 1 and integrator.stats["accepted"] == 0
     with pytest.raises(StepFailure, match="non-finite JKO objective"):
         jko().advance(_EnergyOnly(lambda s: s.cov[:, 0, 0] * math.nan), gauss, 0.0, 0.1)
