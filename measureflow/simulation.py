@@ -26,6 +26,7 @@ from .errors import CapabilityError, MeasureflowError, TimeRangeError
 from .fields import capabilities
 from .integrators import NoiseStream, Stepper
 from .io.base import Series
+from .jsonable import to_jsonable_lenient
 from .io.memory import MemoryWriter
 from .io.trajectory import Snapshot, Trajectory
 from .packing import stack_simulations
@@ -48,10 +49,6 @@ from .status import Status
 __all__ = ["Simulation", "Result", "Status", "Observer", "Series", "Callback", "SimulationProcess", "Recording"]
 
 CHECKPOINT_FORMAT = "measureflow-checkpoint-2"
-
-
-def to_jsonable_lenient(value):
-    return json.loads(json.dumps(value, default=str))
 
 
 def _resolve_integrator(integrator):

@@ -527,8 +527,11 @@ def test_real_trajectory_file(tmp_path, kind):
     assert "spread" in [ax.get_ylabel() for ax in fig.axes]
     plot.animate(path, tmp_path / "run.gif", max_frames=3, max_particles=50)
     assert _gif_frames(tmp_path / "run.gif") == 3
-    # The run's file and its in-memory writer draw the same curves.
-    curves = [plot.plot_observables(traj, ["spread"], replica="all").axes[0].get_lines() for traj in (path, memory)]
+    # The run's file, its in-memory writer and the Result itself draw the same curves.
+    curves = [plot.plot_observables(traj, ["spread"], replica="all").axes[0].get_lines()
+              for traj in (path, memory, result)]
     assert len(curves[0]) == 2
-    for a, b in zip(*curves, strict=True):
+    for a, b, c in zip(*curves, strict=True):
         np.testing.assert_array_equal(a.get_xydata(), b.get_xydata())
+        np.testing.assert_array_equal(a.get_xydata(), c.get_xydata())
+    assert isinstance(result, Trajectory) and len(result) == len(memory) == 41

@@ -36,27 +36,10 @@ import attrs
 import torch
 
 from ..errors import StepFailure
+from ..validators import check_int, integer, nonnegative, positive
 from .combine import combine
 
 __all__ = ["Controller", "ConstantController", "PIController", "error_norm"]
-
-
-def positive(name):
-    def check(instance, attribute, value):
-        if not (value > 0):
-            raise ValueError(f"{name} must be > 0; received {value!r}")
-    return check
-
-
-def non_negative(name):
-    def check(instance, attribute, value):
-        if not (value >= 0):
-            raise ValueError(f"{name} must be >= 0; received {value!r}")
-    return check
-
-# Landing on t1: a remainder this close to the proposal (relative) is taken in one step rather
-# than leaving a sliver of a step behind.
-_STRETCH = 1.01
 
 
 def error_norm(err, y0, y1, rtol: float, atol: float) -> torch.Tensor:
@@ -105,7 +88,8 @@ class ConstantController(Controller):
     """One solver step per output interval; Gaussian steps that leave the SPD cone are retried as
     2, 4, …, 2^max_halvings equal substeps (see the module docstring)."""
 
-    max_halvings: int = attrs.field(default=10, converter=int, validator=non_negative("max_halvings"))
+    max_halvings: int = attrs.field(default=10, converter=lambda v: check_int(v, "max_halvings", "ConstantController",
+                                                                              minimum=0))
 
     @property
     def options(self) -> dict:
@@ -177,18 +161,20 @@ class PIController(Controller):
 
     adaptive = True
 
-    rtol: float = attrs.field(default=1e-6, converter=float, validator=non_negative("rtol"))
-    atol: float = attrs.field(default=1e-8, converter=float, validator=non_negative("atol"))
-    dt_min: float = attrs.field(default=1e-10, converter=float, validator=non_negative("dt_min"))
-    dt_max: float = attrs.field(default=math.inf, converter=float, validator=positive("dt_max"))
-    safety: float = attrs.field(default=0.9, converter=float, validator=positive("safety"))
-    min_factor: float = attrs.field(default=0.2, converter=float, validator=positive("min_factor"))
-    max_factor: float = attrs.field(default=10.0, converter=float, validator=positive("max_factor"))
-    error_order: int = attrs.field(default=4, converter=int, validator=positive("error_order"))
+    rtol: float = attrs.field(default=1e-6, converter=float, validator=nonnegative())
+    atol: float = attrs.field(default=1e-8, converter=float, validator=nonnegative())
+    dt_min: float = attrs.field(default=1e-10, converter=float, validator=nonnegative())
+    dt_max: float = attrs.field(default=math.inf, converter=float)  # inf: no upper bound
+    safety: float = attrs.field(default=0.9, converter=float, validator=positive())
+    min_factor: float = attrs.field(default=0.2, converter=float, validator=positive())
+    max_factor: float = attrs.field(default=10.0, converter=float, validator=positive())
+    error_order: int = attrs.field(default=4, validator=integer())
     first_step: float | None = attrs.field(default=None, converter=_first_step)
-    max_steps: int = attrs.field(default=100_000, converter=int)
+    max_steps: int = attrs.field(default=100_000, validator=integer())
 
     def __attrs_post_init__(self):
+        if not self.dt_max > 0:
+            raise ValueError(f"dt_max must be > 0 (inf: no bound); received {self.dt_max!r}")
         if self.rtol == 0 and self.atol == 0:
             raise ValueError("rtol and atol cannot both be 0 (the error scale atol + rtol·|y| would vanish)")
         if self.dt_min > self.dt_max:
@@ -200,8 +186,6 @@ class PIController(Controller):
             )
         if not (self.safety <= 1):
             raise ValueError(f"safety must lie in (0, 1]; received {self.safety:g}")
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1; received {self.max_steps!r}")
 
     @property
     def options(self) -> dict:
