@@ -26,7 +26,7 @@ normalised on both sides, π = diag(a)·(wᵢwⱼe^{⟨Qxᵢ, Kxⱼ⟩})·diag(b
 Σⱼπᵢⱼ = wᵢ and Σᵢπᵢⱼ = wⱼ (doubly stochastic for uniform weights), and Γ(xᵢ) = Σⱼ πᵢⱼ Vxⱼ / wᵢ. Since
 ⟨q, k⟩ = −½|q − k|² + ½|q|² + ½|k|², this kernel is the Gibbs kernel e^{−|q − k|²/ε} of the cost |q − k|²
 at ε = 2, times factors of i alone and of j alone that the potentials absorb: π is the entropic plan
-between Σwᵢδ_{Qxᵢ} and Σwⱼδ_{Kxⱼ}, solved by :func:`measureflow_plugins.sinkhorn.sinkhorn_potentials`
+between Σwᵢδ_{Qxᵢ} and Σwⱼδ_{Kxⱼ}, solved by :func:`measureflow.reductions.sinkhorn_potentials`
 (log-domain, warm-started from the previous call; its stopping test reads one number back from the
 device every few sweeps, as in the ``sinkhorn`` field). With g the potential on the keys, the row of xᵢ
 is softmaxⱼ(⟨Qxᵢ, Kxⱼ⟩ + log wⱼ + (gⱼ − |Kxⱼ|²)/2), and off the particles the same log-sum-exp extends it
@@ -87,11 +87,9 @@ import measureflow
 from measureflow.errors import CapabilityError, ParameterError, ShapeError, StateError, TimeRangeError
 from measureflow.fields import Field, check_compatible
 from measureflow.linalg import from_eigh, matrix_function, symmetrize
-from measureflow.reductions import softmax_average
+from measureflow.reductions import sinkhorn_potentials, softmax_average
 from measureflow.state import Gaussians, Particles, as_tensor
 from measureflow.targets import check_points, positive
-
-from .sinkhorn import sinkhorn_potentials
 
 __all__ = ["AttentionField", "LayerwiseIntegrator", "NORMALISATIONS"]
 

@@ -55,9 +55,9 @@
 
     the exact Wasserstein gradient flow of ½S_{2ε} (MATH.md §9). The cost ½|x − y|² at ε is the cost
     |x − y|² at 2ε with the same plans and potentials halved, so the field is ½ × the Sinkhorn-divergence
-    flow of :mod:`measureflow_plugins.sinkhorn` at 2ε: its log-domain potentials (streamed softmax
-    averages, over-relaxed sweeps, warm start across steps), barycentric projections, closure and energy
-    are used as they are. Gaussian closure = ½ × MATH.md §7 at 2ε: b = m_β − m, toward γ
+    flow at 2ε: the core's :class:`~measureflow.reductions.SinkhornDivergence` (log-domain potentials by
+    streamed softmax averages, over-relaxed sweeps, warm start across steps, barycentric projections,
+    closure and energy), the same the ``sinkhorn`` field uses. Gaussian closure = ½ × MATH.md §7 at 2ε: b = m_β − m, toward γ
     Ċ = (4C + ε²I)^{1/2} − (4C² + ε²I)^{1/2}. Energy ½S_{2ε}(μ, β).
 
 Both fields are autonomous (defined for every t; drifting runs forward from t = 0).
@@ -74,11 +74,9 @@ from measureflow.errors import CapabilityError, ParameterError
 from measureflow.fields import Field
 from measureflow.linalg import matrix_function, spd_inverse, symmetrize
 from measureflow.measures import GaussianMixture
-from measureflow.reductions import kernel_sum, softmax_average
+from measureflow.reductions import SinkhornDivergence, kernel_sum, softmax_average
 from measureflow.state import Gaussians, Particles
 from measureflow.targets import as_target, check_points, check_replicas, check_state, positive
-
-from measureflow_plugins.sinkhorn import SinkhornField
 
 __all__ = [
     "DriftingField",
@@ -406,18 +404,12 @@ class SinkhornDriftingField(Field):
         if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
             raise ParameterError(f"{where}: max_iterations must be a positive integer; received {max_iterations!r}")
         self.max_iterations = max_iterations
-        # Validated here so that a bad target is reported under this field's name.
-        checked = as_target(target, where, samples=samples, seed=seed)
-        if checked.points is None and not checked.is_gaussian:
-            raise ParameterError(
-                f"{where}: a {type(checked.law).__name__} target needs samples=<n> (drawn once) for the particle field; "
-                "the Gaussian closure needs a single Gaussian target"
-            )
         # Cost ½|x − y|² at ε ≡ cost |x − y|² at 2ε: same plans, potentials halved (MATH.md §0, §9), so the
         # field is ½ × the Sinkhorn-divergence flow at 2ε (whose tolerance is relative to its own 2ε, as ours).
-        self.divergence = SinkhornField(
-            target, epsilon=2.0 * self.epsilon, tol=self.tolerance, max_iter=max_iterations, check_every=check_every,
+        self.divergence = SinkhornDivergence(
+            target, 2.0 * self.epsilon, tol=self.tolerance, max_iter=max_iterations, check_every=check_every,
             relaxation=relaxation, epsilon_scaling=epsilon_scaling, warm_start=warm_start, samples=samples, seed=seed,
+            where="sinkhorn_drifting",
         )
         self.target = self.divergence.target
         self.dim = self.divergence.dim
@@ -435,7 +427,6 @@ class SinkhornDriftingField(Field):
     def potentials(self, state: Particles) -> dict:
         """Potentials of the cost ½|x − y|² at ε: f_μβ (R, N), g_μβ (R, M), f_μμ (R, N) (half those of
         |x − y|² at 2ε)."""
-        check_state(state, self.dim, "sinkhorn_drifting.potentials", Particles)
         return {k: 0.5 * v for k, v in self.divergence.potentials(state).items()}
 
     def velocity(self, t, x, state: Particles):
@@ -443,23 +434,15 @@ class SinkhornDriftingField(Field):
         check_state(state, self.dim, where, Particles)
         check_points(x, self.dim, where)
         check_replicas(self.target, state.replicas, where)
-        return 0.5 * self.divergence.velocity(t, x, state)
+        return 0.5 * self.divergence.velocity(x, state)
 
     def affine(self, t, state: Gaussians):
         """½ × the Sinkhorn-divergence closure at 2ε (MATH.md §7, §9): b = m_β − m, A symmetric."""
-        where = "sinkhorn_drifting.affine"
-        if "affine" not in self._capabilities:
-            raise CapabilityError(
-                f"{where}: the Gaussian closure needs a Gaussian target; the target is samples. Run the field on "
-                "Particles, or give target=Gaussian(...)"
-            )
-        check_state(state, self.dim, where, Gaussians)
-        b, A = self.divergence.affine(t, state)
+        b, A = self.divergence.affine(state)
         return 0.5 * b, 0.5 * A
 
     def energy(self, state) -> torch.Tensor:
         """½S_{2ε}(μ, β), shape (R,): dual formula on particles, Janati et al.'s closed form on Gaussians."""
-        check_state(state, self.dim, "sinkhorn_drifting.energy")
         return 0.5 * self.divergence.energy(state)
 
     def describe(self):

@@ -38,7 +38,9 @@ Layout (one job a module): :mod:`.settings` (:class:`ReductionConfig` and :data:
 :mod:`.arguments` (argument checks), :mod:`.blocking` (eager block sizes, explicit squared
 distances), :mod:`.kernel_sums` and :mod:`.softmax` (the two reductions and their eager paths),
 :mod:`.cpu_attention` (softmax averages on torch's CPU attention kernel), :mod:`.fused` and
-:mod:`.fused_kernels` (the compiled path).
+:mod:`.fused_kernels` (the compiled path); :mod:`.sinkhorn` (log-domain Sinkhorn on the softmax
+average: OT_ε potentials and the debiased divergence, which fields import from here, never from a
+plugin).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import types
 from . import settings
 from .kernel_sums import KERNELS, kernel_sum
 from .settings import ReductionConfig
+from .sinkhorn import SinkhornDivergence, sinkhorn_potentials, symmetric_potential
 from .softmax import softmax_average
 
 __all__ = [
@@ -57,6 +60,9 @@ __all__ = [
     "KERNELS",
     "ReductionConfig",
     "config",
+    "sinkhorn_potentials",
+    "symmetric_potential",
+    "SinkhornDivergence",
 ]
 
 
