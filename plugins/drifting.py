@@ -70,6 +70,7 @@ import math
 import torch
 
 import measureflow
+from measureflow.cache import DeviceCache
 from measureflow.errors import CapabilityError, ParameterError
 from measureflow.fields import Field
 from measureflow.linalg import matrix_function, spd_inverse, symmetrize
@@ -204,39 +205,29 @@ class DriftingField(Field):
         if kernel == "gaussian" and self.target.is_gaussian:
             caps.add("affine")
         self._capabilities = frozenset(caps)
-        self._constants: dict = {}
+        # what the fixed target gives on each device and dtype, built on first use
+        self._gaussian_pull = DeviceCache(self._build_gaussian_pull)
+        self._smoothed_mixture = DeviceCache(self._build_smoothed_mixture)
+        self._target_atoms = DeviceCache(self._build_target_atoms)
 
     # -- pieces -------------------------------------------------------------------------------------------------
-    def _cached(self, key, like, make):
-        full = (key, like.dtype, like.device)
-        hit = self._constants.get(full)
-        if hit is None:
-            hit = self._constants[full] = make()
-        return hit
-
-    def _gaussian_pull(self, like):
+    def _build_gaussian_pull(self, like):
         """(m_β (d,), ε(Σ_β + εI)⁻¹ (d, d)) of a Gaussian target."""
-        def make():
-            mb, Sb = self.target.gaussian(like)
-            eye = torch.eye(self.dim, dtype=like.dtype, device=like.device)
-            return mb, self.bandwidth * spd_inverse(Sb + self.bandwidth * eye)
-        return self._cached("pull", like, make)
+        mb, Sb = self.target.gaussian(like)
+        eye = torch.eye(self.dim, dtype=like.dtype, device=like.device)
+        return mb, self.bandwidth * spd_inverse(Sb + self.bandwidth * eye)
 
-    def _smoothed_mixture(self, like):
+    def _build_smoothed_mixture(self, like):
         """K_ε*β up to a constant: Σ_c π_c N(m_c, Σ_c + εI)."""
-        def make():
-            means, covs, pis = self.target.components(like)
-            eye = torch.eye(self.dim, dtype=like.dtype, device=like.device)
-            return GaussianMixture(pis, means, covs + self.bandwidth * eye)
-        return self._cached("mixture", like, make)
+        means, covs, pis = self.target.components(like)
+        eye = torch.eye(self.dim, dtype=like.dtype, device=like.device)
+        return GaussianMixture(pis, means, covs + self.bandwidth * eye)
 
-    def _target_atoms(self, like):
+    def _build_target_atoms(self, like):
         """(y (R_β, M, d), log q (R_β, M)) of a sampled target."""
-        def make():
-            y, q = self.target.tensors(like)
-            logq = None if q is None else torch.log(q)
-            return y, logq
-        return self._cached("atoms", like, make)
+        y, q = self.target.tensors(like)
+        logq = None if q is None else torch.log(q)
+        return y, logq
 
     def target_drift(self, x):
         """B_ε[β](x) for x (R, N', d) (closed form for an analytic target and the Gaussian kernel)."""
