@@ -1,8 +1,8 @@
 """Kernel drifting and Sinkhorn drifting fields (MATH.md §9).
 
 ``drifting`` (:class:`DriftingField`)
-    For a measure ν and the Gaussian kernel K_ε(x, y) = e^{−|x−y|²/(2ε)} (ε = bandwidth², a variance,
-    MATH.md §0) the *kernel drift* is
+    For a measure ν and the Gaussian kernel K_ε(x, y) = e^{−|x−y|²/(2ε)} (ε = ``epsilon``, a variance in
+    units of length², MATH.md §0; its length scale is √ε) the *kernel drift* is
 
         B_ε[ν](x) = Σⱼ νⱼ K_ε(x, yⱼ)(yⱼ − x) / Σⱼ νⱼ K_ε(x, yⱼ) = ε ∇log(K_ε * ν)(x),
 
@@ -66,6 +66,7 @@ Both fields are autonomous (defined for every t; drifting runs forward from t = 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -89,7 +90,7 @@ __all__ = [
     "drift_norm",
 ]
 
-#: Kernels of the drifting field (ε = ``bandwidth``).
+#: Kernels of the drifting field (ε = ``epsilon``, a variance).
 KERNELS = {
     "gaussian": "K_ε(x, y) = exp(−|x − y|²/(2ε)); B_ε[ν] = ε∇log(K_ε*ν)",
     "laplace": "k(x, y) = exp(−|x − y|/√ε); not a gradient field, no Gaussian closure",
@@ -99,14 +100,43 @@ KERNELS = {
 _BISECTIONS = 200
 
 
+#: Owners whose old ``bandwidth=`` keyword has warned in this process (each warns once).
+_WARNED_BANDWIDTH: set[str] = set()
+
+
+def _renamed_epsilon(where: str, epsilon, bandwidth):
+    """ε given as ``epsilon=`` or under its old name ``bandwidth=`` (the same value: it always was the variance ε,
+    not a length). The old name warns once per process and owner; both at once is an error."""
+    if bandwidth is None:
+        return epsilon
+    if epsilon is not None:
+        raise ParameterError(
+            f"{where}: give epsilon only (ε, the kernel's variance in units of length²); bandwidth is its old name"
+        )
+    if where not in _WARNED_BANDWIDTH:
+        _WARNED_BANDWIDTH.add(where)
+        warnings.warn(
+            f"{where}: the keyword bandwidth= is renamed epsilon= (ε, the variance of the kernel K_ε, in units of "
+            "length²; the value means the same and is used unchanged). Use epsilon=; bandwidth= will be removed.",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return bandwidth
+
+
 # -- the drift of a measure ---------------------------------------------------------------------------------
 
 
-def kernel_drift(x, points, log_weights=None, *, bandwidth: float, kernel: str = "gaussian"):
+def kernel_drift(x, points, log_weights=None, *, epsilon: float | None = None, kernel: str = "gaussian",
+                 bandwidth: float | None = None):
     """B_ε[ν](x) for ν = Σⱼ e^{ℓⱼ} δ_{yⱼ}: x (R, N, d), points (R or 1, M, d), log-weights ℓ (R or 1, M)
-    (None: uniform); returns (R, N, d). ``kernel="gaussian"``: one streamed softmax average; ``"laplace"``:
-    the ratio of two kernel sums (see the module docstring)."""
-    return _barycentre(x, points, log_weights, bandwidth, kernel) - x
+    (None: uniform), ε = ``epsilon`` (the kernel's variance, length²); returns (R, N, d).
+    ``kernel="gaussian"``: one streamed softmax average; ``"laplace"``: the ratio of two kernel sums (see the
+    module docstring). ``bandwidth`` is the old name of ``epsilon`` (same value; FutureWarning)."""
+    epsilon = _renamed_epsilon("kernel_drift", epsilon, bandwidth)
+    if epsilon is None:
+        raise ParameterError("kernel_drift: epsilon (ε > 0, the kernel's variance in units of length²) is required")
+    return _barycentre(x, points, log_weights, epsilon, kernel) - x
 
 
 def _barycentre(x, points, log_weights, eps, kernel):
@@ -169,8 +199,9 @@ class DriftingField(Field):
         β: :class:`~measureflow.measures.Gaussian` or :class:`~measureflow.measures.GaussianMixture`
         (closed form, Gaussian kernel), :class:`~measureflow.measures.Empirical`, a Particles state, or
         samples (M, d) / (R, M, d).
-    bandwidth:
-        ε > 0, the variance of K_ε (a squared length); the Laplace kernel uses τ = √ε.
+    epsilon:
+        ε > 0, the variance of K_ε (units of length², default 1); the Laplace kernel uses τ = √ε. The old
+        keyword ``bandwidth`` still works for this value (it warns once: a bandwidth elsewhere is a length).
     kernel:
         ``"gaussian"`` (default) or ``"laplace"``.
     self_correction:
@@ -181,10 +212,11 @@ class DriftingField(Field):
 
     name = "drifting"
 
-    def __init__(self, target, bandwidth: float = 1.0, kernel: str = "gaussian", self_correction: bool = True,
-                 samples: int | None = None, seed: int = 0):
+    def __init__(self, target, epsilon: float | None = None, kernel: str = "gaussian", self_correction: bool = True,
+                 samples: int | None = None, seed: int = 0, *, bandwidth: float | None = None):
         where = "drifting"
-        self.bandwidth = positive(bandwidth, "bandwidth", where)
+        epsilon = _renamed_epsilon(where, epsilon, bandwidth)
+        self.epsilon = positive(1.0 if epsilon is None else epsilon, "epsilon", where)
         if not isinstance(kernel, str) or kernel not in KERNELS:
             raise ParameterError(f"{where}: unknown kernel {kernel!r}; choose 'gaussian' or 'laplace'")
         self.kernel = kernel
@@ -215,13 +247,13 @@ class DriftingField(Field):
         """(m_β (d,), ε(Σ_β + εI)⁻¹ (d, d)) of a Gaussian target."""
         mb, Sb = self.target.gaussian(like)
         eye = torch.eye(self.dim, dtype=like.dtype, device=like.device)
-        return mb, self.bandwidth * spd_inverse(Sb + self.bandwidth * eye)
+        return mb, self.epsilon * spd_inverse(Sb + self.epsilon * eye)
 
     def _build_smoothed_mixture(self, like):
         """K_ε*β up to a constant: Σ_c π_c N(m_c, Σ_c + εI)."""
         means, covs, pis = self.target.components(like)
         eye = torch.eye(self.dim, dtype=like.dtype, device=like.device)
-        return GaussianMixture(pis, means, covs + self.bandwidth * eye)
+        return GaussianMixture(pis, means, covs + self.epsilon * eye)
 
     def _build_target_atoms(self, like):
         """(y (R_β, M, d), log q (R_β, M)) of a sampled target."""
@@ -235,14 +267,14 @@ class DriftingField(Field):
             if self.target.is_gaussian:
                 mb, pull = self._gaussian_pull(x)
                 return (mb - x) @ pull.T
-            return self.bandwidth * self._smoothed_mixture(x).score(x)
+            return self.epsilon * self._smoothed_mixture(x).score(x)
         y, logq = self._target_atoms(x)
-        return kernel_drift(x, y, logq, bandwidth=self.bandwidth, kernel=self.kernel)
+        return kernel_drift(x, y, logq, epsilon=self.epsilon, kernel=self.kernel)
 
     def self_drift(self, x, state: Particles):
         """B_ε[μ](x) of the particle state μ (its every atom included)."""
         logw = None if state.weights is None else torch.log(state.weights)
-        return kernel_drift(x, state.x, logw, bandwidth=self.bandwidth, kernel=self.kernel)
+        return kernel_drift(x, state.x, logw, epsilon=self.epsilon, kernel=self.kernel)
 
     # -- the protocol -------------------------------------------------------------------------------------------
     def velocity(self, t, x, state: Particles):
@@ -253,13 +285,13 @@ class DriftingField(Field):
         if not self.self_correction:
             return self.target_drift(x)
         logw = None if state.weights is None else torch.log(state.weights)
-        own = _barycentre(x, state.x, logw, self.bandwidth, self.kernel)
+        own = _barycentre(x, state.x, logw, self.epsilon, self.kernel)
         if self.analytic:
             return self.target_drift(x) - (own - x)
         # Both averages are taken at the same x, so x cancels without rounding: at μ = β, u is the
         # difference of two equal softmax averages (summed in another order at most).
         y, logq = self._target_atoms(x)
-        return _barycentre(x, y, logq, self.bandwidth, self.kernel) - own
+        return _barycentre(x, y, logq, self.epsilon, self.kernel) - own
 
     def affine(self, t, state: Gaussians):
         """(b, A) of v(x) = b + A(x − m) on N(m, Σ): b = ε(Σ_β + εI)⁻¹(m_β − m),
@@ -278,7 +310,7 @@ class DriftingField(Field):
         A = -pull.expand(S.shape)
         if self.self_correction:
             eye = torch.eye(self.dim, dtype=S.dtype, device=S.device)
-            A = A + self.bandwidth * spd_inverse(S + self.bandwidth * eye)
+            A = A + self.epsilon * spd_inverse(S + self.epsilon * eye)
         return b, A
 
     def monitor(self, state) -> torch.Tensor:
@@ -309,7 +341,7 @@ class DriftingField(Field):
         """m(t) = m_β + exp(−(t − t0)ε(Σ_β + εI)⁻¹)(m₀ − m_β), shape (R, d): exact for any Σ (ṁ = b does not
         depend on Σ), with or without self-correction."""
         mb, Sb = self._closed_form_target(initial, "drifting.mean_solution")
-        h, eps = float(t - t0), self.bandwidth
+        h, eps = float(t - t0), self.epsilon
         E = matrix_function(Sb, lambda lam: torch.exp(-h * eps / (lam + eps)))
         return mb + (initial.mean - mb) @ E.T
 
@@ -323,7 +355,7 @@ class DriftingField(Field):
         """
         where = "drifting.solution"
         mb, Sb = self._closed_form_target(initial, where)
-        h, eps = float(t - t0), self.bandwidth
+        h, eps = float(t - t0), self.epsilon
         mean = self.mean_solution(t, initial, t0)
         S0 = initial.cov
         if not self.self_correction:
@@ -349,7 +381,7 @@ class DriftingField(Field):
         return Gaussians(mean, symmetrize((U * lam[..., None, :]) @ U.transpose(-1, -2)))
 
     def describe(self):
-        return {"name": self.name, "bandwidth": self.bandwidth, "kernel": self.kernel,
+        return {"name": self.name, "epsilon": self.epsilon, "kernel": self.kernel,
                 "self_correction": self.self_correction, "target": self.target.describe()}
 
 
