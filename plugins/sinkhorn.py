@@ -58,25 +58,10 @@ __all__ = ["SinkhornField"]
 class SinkhornField(Field):
     """Wasserstein gradient flow of S_ε(·, β) (module docstring; MATH.md §7).
 
-    Parameters
-    ----------
-    target:
-        β: Gaussian (closure; with ``samples`` also particles), Empirical, Particles or samples (M, d) / (R, M, d).
-    epsilon:
-        ε > 0, the entropic regularisation (length², cost |x − y|², Gibbs kernel e^{−|x−y|²/ε}).
-    tol, max_iter, check_every:
-        Sinkhorn stopping rule: potentials change by at most tol·ε in a sweep (tol=None: always
-        ``max_iter`` sweeps, no read-back), tested every ``check_every`` sweeps.
-    relaxation:
-        ω of the over-relaxed μβ sweeps: ``"auto"`` (default; estimated from the observed contraction and
-        kept with the warm start) or a number in [1, 2) (1: plain Sinkhorn).
-    epsilon_scaling:
-        None or ρ ∈ (0, 1): cold solves anneal ε from the squared diameter by factors ρ.
-    warm_start:
-        start each solve from the previous potentials of the same shape (default True).
-    samples, seed:
-        draw ``samples`` points of a Gaussian target once, for the particle field.
-
+    The parameters are those of :class:`~measureflow.reductions.SinkhornDivergence`, which solves for the
+    potentials: the target β; ``epsilon`` = ε > 0, the entropic regularisation in units of length²; the
+    stopping rule ``tol``, ``max_iter``, ``check_every``; ``relaxation`` ("auto" or ω in [1, 2));
+    ``epsilon_scaling``; ``warm_start``; ``samples`` and ``seed`` for a Gaussian target on particles.
     After each solve ``stats`` holds, per problem ("mu_beta", "mu_mu", "beta_beta"), the sweeps run and
     the last measured change (in units of ε).
     """
