@@ -12,7 +12,7 @@ one run (each round calls every implementation once, in turn; the table gives th
   Qx, Kx, Vx (three N × d × d products) and one ``softmax_average(score="bilinear")``;
 * **measureflow reduction**: ``softmax_average(Qx, Kx, Vx, score="bilinear")`` on the precomputed
   projections — the same inputs as SDPA. On the CPU it runs torch's fused attention kernel (see
-  measureflow/reductions.py);
+  measureflow/reductions/cpu_attention.py);
 * **measureflow blocked**: the same call with ``block_size=(1024, 1024)``, which selects measureflow's
   own blocked path (GEMM per block, exponential in place, streaming maximum);
 * **SDPA**: ``torch.nn.functional.scaled_dot_product_attention(Qx, Kx, Vx, scale=1)`` on (1, 1, N, d)

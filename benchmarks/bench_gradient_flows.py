@@ -17,7 +17,7 @@ uniform weights), timed side by side in one run:
    every evaluation after the first finds them) and a new field per evaluation (sorts both clouds, as
    POT does).
 3. **Sinkhorn potentials** of OT_ε(μ, β), cost |x − y|², ε in length² (MATH.md §7). measureflow's
-   ``sinkhorn_potentials`` (the solver inside the ``sinkhorn`` field: streamed log-domain sweeps,
+   ``measureflow.reductions.sinkhorn_potentials`` (the solver inside the ``sinkhorn`` field: streamed log-domain sweeps,
    over-relaxed with ω learnt from the contraction; ``relaxation=1`` is plain Sinkhorn) against POT's
    numpy ``ot.bregman.sinkhorn_log`` (dense N×M cost) and GeomLoss ``SamplesLoss("sinkhorn", p=2,
    blur=√(ε/2), debias=False, potentials=True)`` (ε-scaling; its cost is |x − y|²/2 and its ε is
@@ -62,10 +62,9 @@ import numpy as np
 import torch
 
 from measureflow import reductions
-from measureflow.reductions import softmax_average
+from measureflow.reductions import sinkhorn_potentials, softmax_average
 from measureflow.state import Particles
 from measureflow_plugins.mmd import MMDField
-from measureflow_plugins.sinkhorn import sinkhorn_potentials
 from measureflow_plugins.sliced_wasserstein import DirectionSet, SlicedWassersteinField
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -26,7 +26,7 @@ normalised on both sides, π = diag(a)·(wᵢwⱼe^{⟨Qxᵢ, Kxⱼ⟩})·diag(b
 Σⱼπᵢⱼ = wᵢ and Σᵢπᵢⱼ = wⱼ (doubly stochastic for uniform weights), and Γ(xᵢ) = Σⱼ πᵢⱼ Vxⱼ / wᵢ. Since
 ⟨q, k⟩ = −½|q − k|² + ½|q|² + ½|k|², this kernel is the Gibbs kernel e^{−|q − k|²/ε} of the cost |q − k|²
 at ε = 2, times factors of i alone and of j alone that the potentials absorb: π is the entropic plan
-between Σwᵢδ_{Qxᵢ} and Σwⱼδ_{Kxⱼ}, solved by :func:`measureflow_plugins.sinkhorn.sinkhorn_potentials`
+between Σwᵢδ_{Qxᵢ} and Σwⱼδ_{Kxⱼ}, solved by :func:`measureflow.reductions.sinkhorn_potentials`
 (log-domain, warm-started from the previous call; its stopping test reads one number back from the
 device every few sweeps, as in the ``sinkhorn`` field). With g the potential on the keys, the row of xᵢ
 is softmaxⱼ(⟨Qxᵢ, Kxⱼ⟩ + log wⱼ + (gⱼ − |Kxⱼ|²)/2), and off the particles the same log-sum-exp extends it
@@ -84,14 +84,13 @@ import attrs
 import torch
 
 import measureflow
+from measureflow.cache import DeviceCache
 from measureflow.errors import CapabilityError, ParameterError, ShapeError, StateError, TimeRangeError
 from measureflow.fields import Field
 from measureflow.linalg import from_eigh, matrix_function, symmetrize
-from measureflow.reductions import softmax_average
+from measureflow.reductions import sinkhorn_potentials, softmax_average
 from measureflow.state import Gaussians, Particles, as_tensor
 from measureflow.targets import check_points, positive
-
-from .sinkhorn import sinkhorn_potentials
 
 __all__ = ["AttentionField", "LayerwiseIntegrator", "NORMALISATIONS"]
 
@@ -203,6 +202,7 @@ class AttentionField(Field):
     _table: tuple | None = attrs.field(init=False, default=None, repr=False)
     _dim: int | None = attrs.field(init=False, default=None, repr=False)
     _capabilities: frozenset = attrs.field(init=False, default=frozenset(), repr=False)
+    _table_copies: DeviceCache | None = attrs.field(init=False, default=None, repr=False)
     _cache: dict = attrs.field(init=False, factory=dict, repr=False)
 
     def __attrs_post_init__(self):
@@ -243,6 +243,7 @@ class AttentionField(Field):
                     f"{where}: layer_times has {len(times)} entries but Q, K, V have {Q.shape[0]} layers (leading axis)"
                 )
             object.__setattr__(self, "_table", (Q, K, V))
+            object.__setattr__(self, "_table_copies", DeviceCache(self._convert_table))
             object.__setattr__(self, "_dim", Q.shape[-1])
             object.__setattr__(self, "time_range", (times[0] if layered else 0.0, math.inf))
         caps = {"velocity"}
@@ -288,13 +289,12 @@ class AttentionField(Field):
             Q, K, V = self._call(float(t))
             return tuple(m.to(like) for m in (Q, K, V)) if like is not None else (Q, K, V)
         layer = self.layer_index(t)
-        if like is None:
-            return tuple(m[layer] for m in self._table)
-        key = ("theta", layer, like.dtype, like.device)
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = self._cache[key] = tuple(m[layer].to(like) for m in self._table)
-        return hit
+        table = self._table if like is None else self._table_copies(like)
+        return tuple(m[layer] for m in table)
+
+    def _convert_table(self, like: torch.Tensor):
+        """The table (Q, K, V), every layer, in ``like``'s dtype and device."""
+        return tuple(m.to(like) for m in self._table)
 
     def pieces(self, t0: float, t1: float) -> list:
         """[(a, b, field)]: [t0, t1] cut at the layer boundaries inside it, each piece with the field whose

@@ -1,8 +1,8 @@
 """Kernel drifting and Sinkhorn drifting fields (MATH.md §9).
 
 ``drifting`` (:class:`DriftingField`)
-    For a measure ν and the Gaussian kernel K_ε(x, y) = e^{−|x−y|²/(2ε)} (ε = bandwidth², a variance,
-    MATH.md §0) the *kernel drift* is
+    For a measure ν and the Gaussian kernel K_ε(x, y) = e^{−|x−y|²/(2ε)} (ε = ``epsilon``, a variance in
+    units of length², MATH.md §0; its length scale is √ε) the *kernel drift* is
 
         B_ε[ν](x) = Σⱼ νⱼ K_ε(x, yⱼ)(yⱼ − x) / Σⱼ νⱼ K_ε(x, yⱼ) = ε ∇log(K_ε * ν)(x),
 
@@ -55,9 +55,9 @@
 
     the exact Wasserstein gradient flow of ½S_{2ε} (MATH.md §9). The cost ½|x − y|² at ε is the cost
     |x − y|² at 2ε with the same plans and potentials halved, so the field is ½ × the Sinkhorn-divergence
-    flow of :mod:`measureflow_plugins.sinkhorn` at 2ε: its log-domain potentials (streamed softmax
-    averages, over-relaxed sweeps, warm start across steps), barycentric projections, closure and energy
-    are used as they are. Gaussian closure = ½ × MATH.md §7 at 2ε: b = m_β − m, toward γ
+    flow at 2ε: the core's :class:`~measureflow.reductions.SinkhornDivergence` (log-domain potentials by
+    streamed softmax averages, over-relaxed sweeps, warm start across steps, barycentric projections,
+    closure and energy), the same the ``sinkhorn`` field uses. Gaussian closure = ½ × MATH.md §7 at 2ε: b = m_β − m, toward γ
     Ċ = (4C + ε²I)^{1/2} − (4C² + ε²I)^{1/2}. Energy ½S_{2ε}(μ, β).
 
 Both fields are autonomous (defined for every t; drifting runs forward from t = 0).
@@ -66,19 +66,19 @@ Both fields are autonomous (defined for every t; drifting runs forward from t = 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 import measureflow
+from measureflow.cache import DeviceCache
 from measureflow.errors import CapabilityError, ParameterError
 from measureflow.fields import Field
 from measureflow.linalg import matrix_function, spd_inverse, symmetrize
 from measureflow.measures import GaussianMixture
-from measureflow.reductions import kernel_sum, softmax_average
+from measureflow.reductions import SinkhornDivergence, kernel_sum, softmax_average
 from measureflow.state import Gaussians, Particles
 from measureflow.targets import as_target, check_points, check_replicas, check_state, positive
-
-from measureflow_plugins.sinkhorn import SinkhornField
 
 __all__ = [
     "DriftingField",
@@ -90,7 +90,7 @@ __all__ = [
     "drift_norm",
 ]
 
-#: Kernels of the drifting field (ε = ``bandwidth``).
+#: Kernels of the drifting field (ε = ``epsilon``, a variance).
 KERNELS = {
     "gaussian": "K_ε(x, y) = exp(−|x − y|²/(2ε)); B_ε[ν] = ε∇log(K_ε*ν)",
     "laplace": "k(x, y) = exp(−|x − y|/√ε); not a gradient field, no Gaussian closure",
@@ -100,14 +100,43 @@ KERNELS = {
 _BISECTIONS = 200
 
 
+#: Owners whose old ``bandwidth=`` keyword has warned in this process (each warns once).
+_WARNED_BANDWIDTH: set[str] = set()
+
+
+def _renamed_epsilon(where: str, epsilon, bandwidth):
+    """ε given as ``epsilon=`` or under its old name ``bandwidth=`` (the same value: it always was the variance ε,
+    not a length). The old name warns once per process and owner; both at once is an error."""
+    if bandwidth is None:
+        return epsilon
+    if epsilon is not None:
+        raise ParameterError(
+            f"{where}: give epsilon only (ε, the kernel's variance in units of length²); bandwidth is its old name"
+        )
+    if where not in _WARNED_BANDWIDTH:
+        _WARNED_BANDWIDTH.add(where)
+        warnings.warn(
+            f"{where}: the keyword bandwidth= is renamed epsilon= (ε, the variance of the kernel K_ε, in units of "
+            "length²; the value means the same and is used unchanged). Use epsilon=; bandwidth= will be removed.",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return bandwidth
+
+
 # -- the drift of a measure ---------------------------------------------------------------------------------
 
 
-def kernel_drift(x, points, log_weights=None, *, bandwidth: float, kernel: str = "gaussian"):
+def kernel_drift(x, points, log_weights=None, *, epsilon: float | None = None, kernel: str = "gaussian",
+                 bandwidth: float | None = None):
     """B_ε[ν](x) for ν = Σⱼ e^{ℓⱼ} δ_{yⱼ}: x (R, N, d), points (R or 1, M, d), log-weights ℓ (R or 1, M)
-    (None: uniform); returns (R, N, d). ``kernel="gaussian"``: one streamed softmax average; ``"laplace"``:
-    the ratio of two kernel sums (see the module docstring)."""
-    return _barycentre(x, points, log_weights, bandwidth, kernel) - x
+    (None: uniform), ε = ``epsilon`` (the kernel's variance, length²); returns (R, N, d).
+    ``kernel="gaussian"``: one streamed softmax average; ``"laplace"``: the ratio of two kernel sums (see the
+    module docstring). ``bandwidth`` is the old name of ``epsilon`` (same value; FutureWarning)."""
+    epsilon = _renamed_epsilon("kernel_drift", epsilon, bandwidth)
+    if epsilon is None:
+        raise ParameterError("kernel_drift: epsilon (ε > 0, the kernel's variance in units of length²) is required")
+    return _barycentre(x, points, log_weights, epsilon, kernel) - x
 
 
 def _barycentre(x, points, log_weights, eps, kernel):
@@ -170,8 +199,9 @@ class DriftingField(Field):
         β: :class:`~measureflow.measures.Gaussian` or :class:`~measureflow.measures.GaussianMixture`
         (closed form, Gaussian kernel), :class:`~measureflow.measures.Empirical`, a Particles state, or
         samples (M, d) / (R, M, d).
-    bandwidth:
-        ε > 0, the variance of K_ε (a squared length); the Laplace kernel uses τ = √ε.
+    epsilon:
+        ε > 0, the variance of K_ε (units of length², default 1); the Laplace kernel uses τ = √ε. The old
+        keyword ``bandwidth`` still works for this value (it warns once: a bandwidth elsewhere is a length).
     kernel:
         ``"gaussian"`` (default) or ``"laplace"``.
     self_correction:
@@ -182,10 +212,11 @@ class DriftingField(Field):
 
     name = "drifting"
 
-    def __init__(self, target, bandwidth: float = 1.0, kernel: str = "gaussian", self_correction: bool = True,
-                 samples: int | None = None, seed: int = 0):
+    def __init__(self, target, epsilon: float | None = None, kernel: str = "gaussian", self_correction: bool = True,
+                 samples: int | None = None, seed: int = 0, *, bandwidth: float | None = None):
         where = "drifting"
-        self.bandwidth = positive(bandwidth, "bandwidth", where)
+        epsilon = _renamed_epsilon(where, epsilon, bandwidth)
+        self.epsilon = positive(1.0 if epsilon is None else epsilon, "epsilon", where)
         if not isinstance(kernel, str) or kernel not in KERNELS:
             raise ParameterError(f"{where}: unknown kernel {kernel!r}; choose 'gaussian' or 'laplace'")
         self.kernel = kernel
@@ -206,39 +237,29 @@ class DriftingField(Field):
         if kernel == "gaussian" and self.target.is_gaussian:
             caps.add("affine")
         self._capabilities = frozenset(caps)
-        self._constants: dict = {}
+        # what the fixed target gives on each device and dtype, built on first use
+        self._gaussian_pull = DeviceCache(self._build_gaussian_pull)
+        self._smoothed_mixture = DeviceCache(self._build_smoothed_mixture)
+        self._target_atoms = DeviceCache(self._build_target_atoms)
 
     # -- pieces -------------------------------------------------------------------------------------------------
-    def _cached(self, key, like, make):
-        full = (key, like.dtype, like.device)
-        hit = self._constants.get(full)
-        if hit is None:
-            hit = self._constants[full] = make()
-        return hit
-
-    def _gaussian_pull(self, like):
+    def _build_gaussian_pull(self, like):
         """(m_β (d,), ε(Σ_β + εI)⁻¹ (d, d)) of a Gaussian target."""
-        def make():
-            mb, Sb = self.target.gaussian(like)
-            eye = torch.eye(self.dim, dtype=like.dtype, device=like.device)
-            return mb, self.bandwidth * spd_inverse(Sb + self.bandwidth * eye)
-        return self._cached("pull", like, make)
+        mb, Sb = self.target.gaussian(like)
+        eye = torch.eye(self.dim, dtype=like.dtype, device=like.device)
+        return mb, self.epsilon * spd_inverse(Sb + self.epsilon * eye)
 
-    def _smoothed_mixture(self, like):
+    def _build_smoothed_mixture(self, like):
         """K_ε*β up to a constant: Σ_c π_c N(m_c, Σ_c + εI)."""
-        def make():
-            means, covs, pis = self.target.components(like)
-            eye = torch.eye(self.dim, dtype=like.dtype, device=like.device)
-            return GaussianMixture(pis, means, covs + self.bandwidth * eye)
-        return self._cached("mixture", like, make)
+        means, covs, pis = self.target.components(like)
+        eye = torch.eye(self.dim, dtype=like.dtype, device=like.device)
+        return GaussianMixture(pis, means, covs + self.epsilon * eye)
 
-    def _target_atoms(self, like):
+    def _build_target_atoms(self, like):
         """(y (R_β, M, d), log q (R_β, M)) of a sampled target."""
-        def make():
-            y, q = self.target.tensors(like)
-            logq = None if q is None else torch.log(q)
-            return y, logq
-        return self._cached("atoms", like, make)
+        y, q = self.target.tensors(like)
+        logq = None if q is None else torch.log(q)
+        return y, logq
 
     def target_drift(self, x):
         """B_ε[β](x) for x (R, N', d) (closed form for an analytic target and the Gaussian kernel)."""
@@ -246,14 +267,14 @@ class DriftingField(Field):
             if self.target.is_gaussian:
                 mb, pull = self._gaussian_pull(x)
                 return (mb - x) @ pull.T
-            return self.bandwidth * self._smoothed_mixture(x).score(x)
+            return self.epsilon * self._smoothed_mixture(x).score(x)
         y, logq = self._target_atoms(x)
-        return kernel_drift(x, y, logq, bandwidth=self.bandwidth, kernel=self.kernel)
+        return kernel_drift(x, y, logq, epsilon=self.epsilon, kernel=self.kernel)
 
     def self_drift(self, x, state: Particles):
         """B_ε[μ](x) of the particle state μ (its every atom included)."""
         logw = None if state.weights is None else torch.log(state.weights)
-        return kernel_drift(x, state.x, logw, bandwidth=self.bandwidth, kernel=self.kernel)
+        return kernel_drift(x, state.x, logw, epsilon=self.epsilon, kernel=self.kernel)
 
     # -- the protocol -------------------------------------------------------------------------------------------
     def velocity(self, t, x, state: Particles):
@@ -264,13 +285,13 @@ class DriftingField(Field):
         if not self.self_correction:
             return self.target_drift(x)
         logw = None if state.weights is None else torch.log(state.weights)
-        own = _barycentre(x, state.x, logw, self.bandwidth, self.kernel)
+        own = _barycentre(x, state.x, logw, self.epsilon, self.kernel)
         if self.analytic:
             return self.target_drift(x) - (own - x)
         # Both averages are taken at the same x, so x cancels without rounding: at μ = β, u is the
         # difference of two equal softmax averages (summed in another order at most).
         y, logq = self._target_atoms(x)
-        return _barycentre(x, y, logq, self.bandwidth, self.kernel) - own
+        return _barycentre(x, y, logq, self.epsilon, self.kernel) - own
 
     def affine(self, t, state: Gaussians):
         """(b, A) of v(x) = b + A(x − m) on N(m, Σ): b = ε(Σ_β + εI)⁻¹(m_β − m),
@@ -289,7 +310,7 @@ class DriftingField(Field):
         A = -pull.expand(S.shape)
         if self.self_correction:
             eye = torch.eye(self.dim, dtype=S.dtype, device=S.device)
-            A = A + self.bandwidth * spd_inverse(S + self.bandwidth * eye)
+            A = A + self.epsilon * spd_inverse(S + self.epsilon * eye)
         return b, A
 
     def monitor(self, state) -> torch.Tensor:
@@ -320,7 +341,7 @@ class DriftingField(Field):
         """m(t) = m_β + exp(−(t − t0)ε(Σ_β + εI)⁻¹)(m₀ − m_β), shape (R, d): exact for any Σ (ṁ = b does not
         depend on Σ), with or without self-correction."""
         mb, Sb = self._closed_form_target(initial, "drifting.mean_solution")
-        h, eps = float(t - t0), self.bandwidth
+        h, eps = float(t - t0), self.epsilon
         E = matrix_function(Sb, lambda lam: torch.exp(-h * eps / (lam + eps)))
         return mb + (initial.mean - mb) @ E.T
 
@@ -334,7 +355,7 @@ class DriftingField(Field):
         """
         where = "drifting.solution"
         mb, Sb = self._closed_form_target(initial, where)
-        h, eps = float(t - t0), self.bandwidth
+        h, eps = float(t - t0), self.epsilon
         mean = self.mean_solution(t, initial, t0)
         S0 = initial.cov
         if not self.self_correction:
@@ -360,7 +381,7 @@ class DriftingField(Field):
         return Gaussians(mean, symmetrize((U * lam[..., None, :]) @ U.transpose(-1, -2)))
 
     def describe(self):
-        return {"name": self.name, "bandwidth": self.bandwidth, "kernel": self.kernel,
+        return {"name": self.name, "epsilon": self.epsilon, "kernel": self.kernel,
                 "self_correction": self.self_correction, "target": self.target.describe()}
 
 
@@ -406,18 +427,12 @@ class SinkhornDriftingField(Field):
         if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
             raise ParameterError(f"{where}: max_iterations must be a positive integer; received {max_iterations!r}")
         self.max_iterations = max_iterations
-        # Validated here so that a bad target is reported under this field's name.
-        checked = as_target(target, where, samples=samples, seed=seed)
-        if checked.points is None and not checked.is_gaussian:
-            raise ParameterError(
-                f"{where}: a {type(checked.law).__name__} target needs samples=<n> (drawn once) for the particle field; "
-                "the Gaussian closure needs a single Gaussian target"
-            )
         # Cost ½|x − y|² at ε ≡ cost |x − y|² at 2ε: same plans, potentials halved (MATH.md §0, §9), so the
         # field is ½ × the Sinkhorn-divergence flow at 2ε (whose tolerance is relative to its own 2ε, as ours).
-        self.divergence = SinkhornField(
-            target, epsilon=2.0 * self.epsilon, tol=self.tolerance, max_iter=max_iterations, check_every=check_every,
+        self.divergence = SinkhornDivergence(
+            target, 2.0 * self.epsilon, tol=self.tolerance, max_iter=max_iterations, check_every=check_every,
             relaxation=relaxation, epsilon_scaling=epsilon_scaling, warm_start=warm_start, samples=samples, seed=seed,
+            where="sinkhorn_drifting",
         )
         self.target = self.divergence.target
         self.dim = self.divergence.dim
@@ -435,7 +450,6 @@ class SinkhornDriftingField(Field):
     def potentials(self, state: Particles) -> dict:
         """Potentials of the cost ½|x − y|² at ε: f_μβ (R, N), g_μβ (R, M), f_μμ (R, N) (half those of
         |x − y|² at 2ε)."""
-        check_state(state, self.dim, "sinkhorn_drifting.potentials", Particles)
         return {k: 0.5 * v for k, v in self.divergence.potentials(state).items()}
 
     def velocity(self, t, x, state: Particles):
@@ -443,23 +457,15 @@ class SinkhornDriftingField(Field):
         check_state(state, self.dim, where, Particles)
         check_points(x, self.dim, where)
         check_replicas(self.target, state.replicas, where)
-        return 0.5 * self.divergence.velocity(t, x, state)
+        return 0.5 * self.divergence.velocity(x, state)
 
     def affine(self, t, state: Gaussians):
         """½ × the Sinkhorn-divergence closure at 2ε (MATH.md §7, §9): b = m_β − m, A symmetric."""
-        where = "sinkhorn_drifting.affine"
-        if "affine" not in self._capabilities:
-            raise CapabilityError(
-                f"{where}: the Gaussian closure needs a Gaussian target; the target is samples. Run the field on "
-                "Particles, or give target=Gaussian(...)"
-            )
-        check_state(state, self.dim, where, Gaussians)
-        b, A = self.divergence.affine(t, state)
+        b, A = self.divergence.affine(state)
         return 0.5 * b, 0.5 * A
 
     def energy(self, state) -> torch.Tensor:
         """½S_{2ε}(μ, β), shape (R,): dual formula on particles, Janati et al.'s closed form on Gaussians."""
-        check_state(state, self.dim, "sinkhorn_drifting.energy")
         return 0.5 * self.divergence.energy(state)
 
     def describe(self):

@@ -58,6 +58,7 @@ import attrs
 import torch
 
 import measureflow
+from measureflow.cache import DeviceCache
 from measureflow.errors import CapabilityError, ParameterError, ShapeError, StateError, TimeRangeError
 from measureflow.fields import Field
 from measureflow.measures import Empirical, Gaussian, GaussianMixture
@@ -358,7 +359,7 @@ class FlowMatchingField(Field):
             self._noise = _noise_endpoint(sigma, d, ref.dtype, ref.device)
         self._check_pairs()
         self._set_time_range(t_min, t_max)
-        self._cache: dict = {}
+        self._endpoints = DeviceCache(self._build_endpoints)
         caps = {"velocity"}
         if self._data.single and self._noise.single:
             caps.add("affine")
@@ -477,25 +478,21 @@ class FlowMatchingField(Field):
         tau = self._to_internal(float(t))
         return tuple(float(c) for c in self.schedule.coefficients(tau))
 
-    # -- device cache ----------------------------------------------------------------------------------------
-    def _endpoints(self, like: torch.Tensor):
-        key = (like.dtype, like.device)
-        hit = self._cache.get(key)
-        if hit is None:
-            E0 = self._data.to(like.dtype, like.device)
-            E1 = self._noise.to(like.dtype, like.device)
-            factors = {}
-            for side, other in ((E0, E1), (E1, E0)):
-                if side.n_atoms and other.n_components:
-                    facs = []
-                    for j in range(other.n_components):
-                        L = torch.linalg.cholesky(other.covs[j])
-                        Linv = torch.linalg.solve_triangular(L, torch.eye(E0.dim, dtype=L.dtype, device=L.device), upper=False)
-                        facs.append((Linv, float(torch.log(torch.diagonal(L)).sum())))
-                    factors[other.label] = facs
-            hit = (E0, E1, factors)
-            self._cache[key] = hit
-        return hit
+    # -- per-device copies -----------------------------------------------------------------------------------
+    def _build_endpoints(self, like: torch.Tensor):
+        """(E0, E1, Cholesky factors of each side's components) in ``like``'s dtype and device."""
+        E0 = self._data.to(like.dtype, like.device)
+        E1 = self._noise.to(like.dtype, like.device)
+        factors = {}
+        for side, other in ((E0, E1), (E1, E0)):
+            if side.n_atoms and other.n_components:
+                facs = []
+                for j in range(other.n_components):
+                    L = torch.linalg.cholesky(other.covs[j])
+                    Linv = torch.linalg.solve_triangular(L, torch.eye(E0.dim, dtype=L.dtype, device=L.device), upper=False)
+                    facs.append((Linv, float(torch.log(torch.diagonal(L)).sum())))
+                factors[other.label] = facs
+        return E0, E1, factors
 
     def _check_points(self, x: torch.Tensor, where: str) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():

@@ -56,11 +56,11 @@ The field is autonomous: defined for every t.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 
 import measureflow
+from measureflow.cache import DeviceCache
 from measureflow.errors import CapabilityError, ParameterError, ShapeError
 from measureflow.fields import Field
 from measureflow.linalg import matrix_function, spd_inverse, symmetrize
@@ -87,22 +87,6 @@ def gaussian_kl(m: torch.Tensor, S: torch.Tensor, mb: torch.Tensor, P: torch.Ten
     trace = torch.einsum("ij,rji->r", P, S)
     quad = torch.einsum("ri,ij,rj->r", diff, P, diff)
     return 0.5 * (trace + quad - d - logdet + logdet_b)
-
-
-class _Cache:
-    """Per-(dtype, device) copies of a target's tensors, converted once (no conversion in the step loop)."""
-
-    def __init__(self, build: Callable[[torch.dtype, torch.device], dict]):
-        self._build = build
-        self._store: dict = {}
-
-    def __call__(self, like: torch.Tensor) -> dict:
-        key = (like.dtype, like.device)
-        hit = self._store.get(key)
-        if hit is None:
-            hit = self._build(like.dtype, like.device)
-            self._store[key] = hit
-        return hit
 
 
 # -- targets -------------------------------------------------------------------------------------------------
@@ -135,9 +119,10 @@ class _GaussianTarget:
         self.measure = measure
         self.dim = measure.dim
         self.epsilon = epsilon
-        self._tensors = _Cache(self._build)
+        self._tensors = DeviceCache(self._build)
 
-    def _build(self, dtype, device):
+    def _build(self, like):
+        dtype, device = like.dtype, like.device
         g = self.measure
         mean = g.mean_.to(torch.float64)
         cov = g.cov.to(torch.float64)
@@ -181,9 +166,10 @@ class _MixtureTarget:
         if epsilon is not None:
             eye = torch.eye(self.dim, dtype=measure.dtype, device=measure.device)
             self.smooth = GaussianMixture(measure.weights, measure.means, measure.covs + epsilon * eye)
-        self._plain = _Cache(self._build)
+        self._plain = DeviceCache(self._build)
 
-    def _build(self, dtype, device):
+    def _build(self, like):
+        dtype, device = like.dtype, like.device
         smooth = None if self.smooth is None else self.smooth.to(device=device, dtype=dtype)
         return {"law": self.measure.to(device=device, dtype=dtype), "smooth": smooth}
 
@@ -247,9 +233,10 @@ class _SampleTarget:
         self.points = points
         self.weights = weights
         self.dim = points.shape[-1]
-        self._tensors = _Cache(self._build)
+        self._tensors = DeviceCache(self._build)
 
-    def _build(self, dtype, device):
+    def _build(self, like):
+        dtype, device = like.dtype, like.device
         q = None if self.weights is None else self.weights.to(dtype=dtype, device=device)
         return {"y": self.points.to(dtype=dtype, device=device), "q": q}
 

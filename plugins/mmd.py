@@ -54,6 +54,7 @@ import math
 import torch
 
 import measureflow
+from measureflow.cache import DeviceCache
 from measureflow.errors import CapabilityError, ParameterError
 from measureflow.fields import Field
 from measureflow.linalg import matrix_function, symmetrize
@@ -130,7 +131,9 @@ class MMDField(Field):
         if self.polynomial:
             caps.add("affine")
         self._capabilities = frozenset(caps)
-        self._constants: dict = {}
+        # what the fixed target gives on each device and dtype, built on first use
+        self._moment_points = DeviceCache(self._build_moment_points)
+        self._target_self = DeviceCache(self._build_target_self)
 
     # -- pieces ----------------------------------------------------------------------------------------------
     def _kernel_name(self) -> str:
@@ -139,14 +142,13 @@ class MMDField(Field):
     def _sum(self, x, y, w, gradient):
         return kernel_sum(x, y, weights=w, kernel=self.kernel, bandwidth=self.bandwidth, gradient=gradient)
 
+    def _build_moment_points(self, like):
+        return moment_points(*self.target.moments(like))
+
     def _target_points(self, like):
         """Atoms standing for β: the samples, or (polynomial kernels) the 2d moment points; weights."""
         if self.polynomial:
-            key = ("moment_points", like.dtype, like.device)
-            pts = self._constants.get(key)
-            if pts is None:
-                pts = self._constants[key] = moment_points(*self.target.moments(like))
-            return pts, None
+            return self._moment_points(like), None
         return self.target.tensors(like)
 
     def _analytic(self) -> bool:
@@ -213,21 +215,15 @@ class MMDField(Field):
             cross = (wx * self._sum(x, y, q, False)).sum(-1)
         return own - 2.0 * cross + self._target_self(x)
 
-    def _target_self(self, like) -> torch.Tensor:
+    def _build_target_self(self, like) -> torch.Tensor:
         """qᵀK_yy q (shape (R_β,)), computed once per dtype and device."""
-        key = ("self", like.dtype, like.device)
-        value = self._constants.get(key)
-        if value is None:
-            if self._analytic():
-                means, covs, pis = self.target.components(like)
-                e = gaussian_kernel_expectation(means[:, None], covs[:, None], means[None], covs[None], self.bandwidth)
-                value = (pis @ e @ pis)[None]
-            else:
-                y, q = self._target_points(like)
-                qy = torch.full(y.shape[:2], 1.0 / y.shape[1], dtype=y.dtype, device=y.device) if q is None else q
-                value = (qy * self._sum(y, y, q, False)).sum(-1)
-            self._constants[key] = value
-        return value
+        if self._analytic():
+            means, covs, pis = self.target.components(like)
+            e = gaussian_kernel_expectation(means[:, None], covs[:, None], means[None], covs[None], self.bandwidth)
+            return (pis @ e @ pis)[None]
+        y, q = self._target_points(like)
+        qy = torch.full(y.shape[:2], 1.0 / y.shape[1], dtype=y.dtype, device=y.device) if q is None else q
+        return (qy * self._sum(y, y, q, False)).sum(-1)
 
     def _gaussian_energy(self, state: Gaussians, where: str) -> torch.Tensor:
         m, S = state.mean, state.cov

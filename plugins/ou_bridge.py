@@ -53,6 +53,7 @@ import math
 import torch
 
 import measureflow
+from measureflow.cache import DeviceCache
 from measureflow.errors import CapabilityError, ParameterError, ShapeError, TimeRangeError
 from measureflow.fields import Field
 from measureflow.measures import Empirical, Gaussian, GaussianMixture
@@ -180,7 +181,7 @@ class OUBridge(Field):
         self._means = mixture.means
         self._covs = mixture.covs
         self._atomic = bool((mixture.covs == 0).all())
-        self._cache: dict = {}
+        self._data_like = DeviceCache(self._build_data_like)
         span = self.tau_max - self.tau_min
         self.time_range = (self.tau_min, self.tau_max) if direction == "forward" else (0.0, span)
         caps = {"velocity"}
@@ -254,15 +255,11 @@ class OUBridge(Field):
         """(a_τ, s_τ²) = (e^{−τ}, (1 − e^{−2τ})σ²) as Python floats."""
         return math.exp(-tau), -math.expm1(-2.0 * tau) * self.sigma**2
 
-    def _data_like(self, like: torch.Tensor):
-        key = (like.device, like.dtype)
-        found = self._cache.get(key)
-        if found is None:
-            w = self._weights.to(device=like.device, dtype=like.dtype)
-            found = (w, torch.log(w), self._means.to(device=like.device, dtype=like.dtype),
-                     self._covs.to(device=like.device, dtype=like.dtype))
-            self._cache[key] = found
-        return found
+    def _build_data_like(self, like: torch.Tensor):
+        """(w, log w, means, covs) of the data mixture in ``like``'s dtype and device."""
+        w = self._weights.to(device=like.device, dtype=like.dtype)
+        return (w, torch.log(w), self._means.to(device=like.device, dtype=like.dtype),
+                self._covs.to(device=like.device, dtype=like.dtype))
 
     def _check_points(self, x: torch.Tensor, where: str) -> None:
         if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != self.dim:

@@ -15,24 +15,15 @@ with (f, g) = (f_μβ, g_μβ) in the first sum and f = f_μμ in the second. At
 2(Σⱼ Π^{μβ}ᵢⱼ yⱼ − Σₖ Π^{μμ}ᵢₖ xₖ)/wᵢ, Πᵢⱼ = wᵢqⱼ e^{(fᵢ + gⱼ − |xᵢ − yⱼ|²)/ε}; elsewhere the potentials are
 extended by the same log-sum-exp (the c-transform), so ``velocity`` may be evaluated anywhere.
 
-**Potentials.** Log-domain Sinkhorn (MATH.md §7): gⱼ ← −ε log Σᵢ wᵢ e^{(fᵢ − Cᵢⱼ)/ε},
-fᵢ ← −ε log Σⱼ qⱼ e^{(gⱼ − Cᵢⱼ)/ε}, and for the symmetric pair the damped update f ← ⅓f + ⅔T(f).
-The μβ sweeps are over-relaxed, g ← (1 − ω)g + ωT(f) and likewise f (same fixed point): with
-``relaxation="auto"`` ω is learnt from the observed contraction (Young's optimum for a two-block
-Gauss–Seidel iteration, see :func:`_iterate`), typically 1.3–1.6 at ε comparable to the data's variance,
-which cuts the sweeps 2–5× against plain Sinkhorn. Every log-sum-exp and both barycentric sums are :func:`measureflow.reductions.softmax_average` calls
-(streamed: no N×M matrix). Iterations stop once one sweep changes no potential by more than
-``tol``·ε (the marginals then hold to a relative error of about ``tol``), after ``max_iter`` sweeps at
-most; the test runs every ``check_every`` sweeps and is the only read-back from the device this module
-adds (``tol=None``: exactly ``max_iter`` sweeps and none).
-
-*Warm start.* The converged potentials are kept on the field, keyed by the problem (μβ or μμ), the
-number of replicas and particles, dtype and device, and start the next solve: along a trajectory the
-particles move little between calls, so a few sweeps suffice. A state with another shape starts cold;
-:meth:`SinkhornField.reset` drops the cache (a different run of the same shape converges from the old
-potentials too, only less quickly). The target's own potential g_ββ (energy only) is solved once.
-*ε-scaling* (``epsilon_scaling`` = ρ ∈ (0, 1)): a cold solve first sweeps once at each of
-ε_k = max(ε, D²ρᵏ), D the diameter of the point clouds (one read-back to get D), then iterates at ε.
+The solver lives in the core, :mod:`measureflow.reductions.sinkhorn`: log-domain sweeps on the streaming
+softmax (no N×M matrix), over-relaxed with ω learnt from the observed contraction, stopped once a sweep
+changes no potential by more than ``tol``·ε (the only read-back from the device, every ``check_every``
+sweeps), optional ε-scaling of cold solves. The field holds one
+:class:`~measureflow.reductions.SinkhornDivergence`, which keeps the converged potentials keyed by the
+problem (μβ or μμ), the number of replicas and particles, dtype and device, and starts the next solve from
+them: along a trajectory the particles move little between calls, so a few sweeps suffice. A state with
+another shape starts cold; :meth:`SinkhornField.reset` drops them. The target's own potential g_ββ
+(energy only) is solved once.
 
 **Energy.** Dual formula S_ε = ⟨w, f_μβ − f_μμ⟩ + ⟨q, g_μβ − g_ββ⟩ (MATH.md §7) on particles;
 :func:`measureflow.observables.gaussian_sinkhorn_divergence` (Janati et al.) on Gaussians.
@@ -56,173 +47,21 @@ The field is autonomous: defined for every t.
 
 from __future__ import annotations
 
-import math
-import warnings
-
-import torch
-
 import measureflow
-from measureflow.errors import CapabilityError, ParameterError
 from measureflow.fields import Field
-from measureflow.linalg import matrix_function
-from measureflow.observables import gaussian_sinkhorn_divergence
-from measureflow.reductions import softmax_average
+from measureflow.reductions import SinkhornDivergence
 from measureflow.state import Gaussians, Particles
 
-from measureflow.targets import as_target, check_points, check_replicas, check_state, gaussian_target, positive
-
-__all__ = ["SinkhornField", "sinkhorn_potentials", "symmetric_potential"]
-
-#: Automatic over-relaxation: upper bound of ω (ω → 2 stalls), how close two successive contraction
-#: rates must be to count as steady, and how far above ω − 1 a rate must be to show ω below its optimum.
-_MAX_RELAXATION = 1.9
-_STEADY = 0.02
-_MARGIN = 0.03
-
-
-# -- log-domain Sinkhorn through the streaming softmax ------------------------------------------------------
-
-
-def _c_transform(queries, keys, log_weights, potential, eps):
-    """−ε log Σⱼ wⱼ e^{(φⱼ − |q − kⱼ|²)/ε} at every query (one half-sweep of log-domain Sinkhorn)."""
-    _, lse = softmax_average(queries, keys, log_weights=log_weights + potential / eps, scale=1.0 / eps,
-                             return_logsumexp=True)
-    return -eps * lse
-
-
-def _log_weights(weights, like, n):
-    if weights is None:
-        return torch.full(like.shape[:2], -math.log(n), dtype=like.dtype, device=like.device)
-    return torch.log(weights)
-
-
-def _schedule(eps, scaling, clouds):
-    """The ε levels of a cold solve: one sweep at each of max(ε, D²ρᵏ) before ε (none without scaling)."""
-    if scaling is None:
-        return []
-    points = torch.cat([c.reshape(-1, c.shape[-1]) for c in clouds])
-    diameter2 = float(((points.amax(0) - points.amin(0)) ** 2).sum())
-    levels, level = [], diameter2
-    while level > eps:
-        levels.append(level)
-        level *= scaling
-    return levels
-
-
-def _iterate(sweep, state, eps, tol, max_iter, check_every, omega=None):
-    """Run ``sweep(state, eps, check, ω) -> (state, change)`` to tolerance.
-
-    ``omega``: None (no relaxation parameter), a fixed ω, or ("auto", ω₀): start at ω₀ and raise ω
-    toward the optimal over-relaxation of a two-block Gauss–Seidel iteration (Young's theory, which
-    the linearised Sinkhorn map obeys). While ω is below its optimum the changes contract steadily at
-    a rate ρ > ω − 1 per sweep; the plain iteration's rate is then κ = (ρ + ω − 1)²/(ρω²) and the optimum
-    ω* = 2/(1 + √(1 − κ)). Once ρ reaches ω − 1 (ω at or past ω*, complex modes, ρ = ω − 1) nothing is
-    learnt and ω stays. A change that more than doubles resets ω to 1.
-    Returns (state, sweeps, residual/ε or None, ω).
-    """
-    auto = isinstance(omega, tuple)
-    w = omega[1] if auto else omega
-    residual, previous, last_rate = None, None, None
-    for it in range(1, max_iter + 1):
-        check = tol is not None and (it % check_every == 0 or it == max_iter)
-        state, change = sweep(state, eps, check, w)
-        if not check:
-            continue
-        residual = float(change) / eps
-        if residual <= tol:
-            return state, it, residual, w
-        if auto and previous:
-            rate = (residual / previous) ** (1.0 / check_every) if residual > 0 else 0.0
-            if residual > 2.0 * previous:
-                w, rate = 1.0, None
-            elif last_rate is not None and abs(rate - last_rate) < _STEADY and w - 1.0 + _MARGIN < rate < 1.0:
-                kappa = min((rate + w - 1.0) ** 2 / (rate * w * w), 1.0)
-                w = max(w, min(_MAX_RELAXATION, 2.0 / (1.0 + math.sqrt(1.0 - kappa))))
-                rate = None  # the next estimate must come from sweeps at the new ω
-            last_rate = rate
-        previous = residual
-    return state, max_iter, residual, w
-
-
-def sinkhorn_potentials(x, logw, y, logq, eps, *, f=None, g=None, relaxation=("auto", 1.0), tol=1e-6,
-                        max_iter=1000, check_every=2, epsilon_scaling=None):
-    """(f, g, ω, sweeps, residual) of OT_ε between Σwᵢδ_{xᵢ} and Σqⱼδ_{yⱼ}, cost |x − y|² (log-domain).
-
-    x (R, N, d), y (R or 1, M, d), log-weights (R or 1, N) / (R or 1, M); f, g optional warm starts.
-    Over-relaxed sweeps g ← (1 − ω)g + ωT(f), f ← (1 − ω)f + ωT(g) (ω = 1: plain Sinkhorn); the fixed
-    point is the same for every ω, only the speed changes.
-    """
-    R = max(x.shape[0], y.shape[0])
-    f = torch.zeros(R, x.shape[1], dtype=x.dtype, device=x.device) if f is None else f
-    cold = g is None
-    g = torch.zeros(R, y.shape[1], dtype=x.dtype, device=x.device) if g is None else g
-
-    def sweep(fg, e, check, w):
-        f_old, g_old = fg
-        g_new = _c_transform(y, x, logw, f_old, e)
-        if w != 1.0:
-            g_new = torch.lerp(g_old, g_new, w)
-        f_new = _c_transform(x, y, logq, g_new, e)
-        if w != 1.0:
-            f_new = torch.lerp(f_old, f_new, w)
-        change = (f_new - f_old).abs().amax() if check else None
-        return (f_new, g_new), change
-
-    if cold:
-        for level in _schedule(eps, epsilon_scaling, (x, y)):
-            (f, g), _ = sweep((f, g), level, False, 1.0)
-    (f, g), sweeps, residual, w = _iterate(sweep, (f, g), eps, tol, max_iter, check_every, relaxation)
-    return f, g, w, sweeps, residual
-
-
-def symmetric_potential(x, logw, eps, *, f=None, tol=1e-6, max_iter=1000, check_every=2, epsilon_scaling=None):
-    """(f, sweeps, residual) of OT_ε(α, α), α = Σwᵢδ_{xᵢ}, by the damped update f ← ⅓f + ⅔T(f).
-
-    T alone oscillates: near the fixed point δT(f) = −Pδf with P = softmax matrix, similar to a congruence
-    of the positive semi-definite Gibbs kernel and row-stochastic, so spec(P) ⊂ [0, 1]. The damped map
-    (1 − θ)I − θP contracts every mode by at most max(|1 − 2θ|, 1 − θ), which θ = ⅔ minimises: ⅓ per
-    sweep (the classical average θ = ½ gives ½).
-    """
-    cold = f is None
-    f = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device) if f is None else f
-
-    def sweep(f_old, e, check, w):
-        f_new = torch.lerp(f_old, _c_transform(x, x, logw, f_old, e), 2.0 / 3.0)
-        change = (f_new - f_old).abs().amax() if check else None
-        return f_new, change
-
-    if cold:
-        for level in _schedule(eps, epsilon_scaling, (x,)):
-            f, _ = sweep(f, level, False, None)
-    f, sweeps, residual, _ = _iterate(sweep, f, eps, tol, max_iter, check_every)
-    return f, sweeps, residual
-
-
-# -- the field ----------------------------------------------------------------------------------------------
+__all__ = ["SinkhornField"]
 
 
 class SinkhornField(Field):
     """Wasserstein gradient flow of S_ε(·, β) (module docstring; MATH.md §7).
 
-    Parameters
-    ----------
-    target:
-        β: Gaussian (closure; with ``samples`` also particles), Empirical, Particles or samples (M, d) / (R, M, d).
-    epsilon:
-        ε > 0, the entropic regularisation (length², cost |x − y|², Gibbs kernel e^{−|x−y|²/ε}).
-    tol, max_iter, check_every:
-        Sinkhorn stopping rule: potentials change by at most tol·ε in a sweep (tol=None: always
-        ``max_iter`` sweeps, no read-back), tested every ``check_every`` sweeps.
-    relaxation:
-        ω of the over-relaxed μβ sweeps: ``"auto"`` (default; estimated from the observed contraction and
-        kept with the warm start) or a number in [1, 2) (1: plain Sinkhorn).
-    epsilon_scaling:
-        None or ρ ∈ (0, 1): cold solves anneal ε from the squared diameter by factors ρ.
-    warm_start:
-        start each solve from the previous potentials of the same shape (default True).
-    samples, seed:
-        draw ``samples`` points of a Gaussian target once, for the particle field.
-
+    The parameters are those of :class:`~measureflow.reductions.SinkhornDivergence`, which solves for the
+    potentials: the target β; ``epsilon`` = ε > 0, the entropic regularisation in units of length²; the
+    stopping rule ``tol``, ``max_iter``, ``check_every``; ``relaxation`` ("auto" or ω in [1, 2));
+    ``epsilon_scaling``; ``warm_start``; ``samples`` and ``seed`` for a Gaussian target on particles.
     After each solve ``stats`` holds, per problem ("mu_beta", "mu_mu", "beta_beta"), the sweeps run and
     the last measured change (in units of ε).
     """
@@ -232,161 +71,35 @@ class SinkhornField(Field):
     def __init__(self, target, epsilon: float = 1.0, tol: float | None = 1e-6, max_iter: int = 1000,
                  check_every: int = 2, relaxation="auto", epsilon_scaling: float | None = None,
                  warm_start: bool = True, samples: int | None = None, seed: int = 0):
-        where = "sinkhorn"
-        self.epsilon = positive(epsilon, "epsilon", where)
-        self.tol = None if tol is None else positive(tol, "tol", where)
-        for name, value in (("max_iter", max_iter), ("check_every", check_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ParameterError(f"{where}: {name} must be a positive integer; received {value!r}")
-        self.max_iter = max_iter
-        self.check_every = check_every
-        if relaxation != "auto":
-            omega = positive(relaxation, "relaxation", where)
-            if not 1.0 <= omega < 2.0:
-                raise ParameterError(
-                    f"{where}: relaxation must be 'auto' or a number in [1, 2); received {relaxation!r}"
-                )
-            relaxation = omega
-        self.relaxation = relaxation
-        if epsilon_scaling is not None:
-            rho = positive(epsilon_scaling, "epsilon_scaling", where)
-            if rho >= 1:
-                raise ParameterError(f"{where}: epsilon_scaling must lie in (0, 1); received {epsilon_scaling!r}")
-            epsilon_scaling = rho
-        self.epsilon_scaling = epsilon_scaling
-        self.warm_start = bool(warm_start)
-        self.target = as_target(target, where, samples=samples, seed=seed)
-        self.dim = self.target.dim
-        self.gaussian = None if self.target.law is None else gaussian_target(self.target.law)
-        if self.target.points is None and self.gaussian is None:
-            raise ParameterError(
-                f"{where}: a {type(self.target.law).__name__} target needs samples=<n> (the Gaussian closure needs a "
-                "single Gaussian target)"
-            )
-        caps = {"velocity", "energy"}
-        if self.gaussian is not None:
-            caps.add("affine")
-        self._capabilities = frozenset(caps)
-        self._cache: dict = {}
-        self.stats: dict = {}
+        self.divergence = SinkhornDivergence(
+            target, epsilon, tol=tol, max_iter=max_iter, check_every=check_every, relaxation=relaxation,
+            epsilon_scaling=epsilon_scaling, warm_start=warm_start, samples=samples, seed=seed, where="sinkhorn",
+        )
+        div = self.divergence
+        self.epsilon, self.tol, self.max_iter, self.check_every = div.epsilon, div.tol, div.max_iter, div.check_every
+        self.relaxation, self.epsilon_scaling, self.warm_start = div.relaxation, div.epsilon_scaling, div.warm_start
+        self.target, self.dim, self.gaussian = div.target, div.dim, div.gaussian
+        self._capabilities = div.capabilities
+        self.stats = div.stats  # the divergence fills this dict after each solve
 
     def reset(self) -> None:
         """Forget the cached potentials (the next solve starts cold)."""
-        self._cache.clear()
-
-    # -- potentials -----------------------------------------------------------------------------------------
-    def _samples(self, like, where):
-        if self.target.points is None:
-            raise CapabilityError(
-                f"{where}: the particle field needs samples of the target; build the field with samples=<n> (drawn "
-                "once from the Gaussian target) or give the target as an Empirical"
-            )
-        y, q = self.target.tensors(like)
-        return y, _log_weights(q, y, y.shape[1])
-
-    def _options(self):
-        return {"tol": self.tol, "max_iter": self.max_iter, "check_every": self.check_every,
-                "epsilon_scaling": self.epsilon_scaling}
-
-    def _record(self, problem, sweeps, residual):
-        self.stats[problem] = {"sweeps": sweeps, "residual": residual}
-        if self.tol is not None and residual is not None and residual > self.tol:
-            warnings.warn(
-                f"sinkhorn: the {problem} potentials stopped after max_iter = {self.max_iter} sweeps with a change of "
-                f"{residual:.2e}·ε > tol = {self.tol:.1e}; raise max_iter, raise epsilon or use epsilon_scaling",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-
-    def _start(self, key):
-        return self._cache.get(key, {}) if self.warm_start else {}
+        self.divergence.reset()
 
     def potentials(self, state: Particles) -> dict:
         """The Sinkhorn potentials of the state: f_μβ (R, N), g_μβ (R, M), f_μμ (R, N)."""
-        where = "sinkhorn.potentials"
-        check_state(state, self.dim, where, Particles)
-        check_replicas(self.target, state.replicas, where)
-        x = state.x
-        R, N, _ = x.shape
-        y, logq = self._samples(x, where)
-        logw = _log_weights(state.weights, x, N)
-        eps = self.epsilon
-
-        key = ("mu_beta", R, N, y.shape[1], x.dtype, x.device)
-        start = self._start(key)
-        omega = self.relaxation if self.relaxation != "auto" else ("auto", start.get("omega", 1.0))
-        f_mb, g_mb, omega, sweeps, residual = sinkhorn_potentials(
-            x, logw, y, logq, eps, f=start.get("f"), g=start.get("g"), relaxation=omega, **self._options())
-        self._cache[key] = {"f": f_mb, "g": g_mb, "omega": omega}
-        self._record("mu_beta", sweeps, residual)
-
-        key = ("mu_mu", R, N, x.dtype, x.device)
-        f_mm, sweeps, residual = symmetric_potential(x, logw, eps, f=self._start(key).get("f"), **self._options())
-        self._cache[key] = {"f": f_mm}
-        self._record("mu_mu", sweeps, residual)
-        return {"f_mu_beta": f_mb, "g_mu_beta": g_mb, "f_mu_mu": f_mm}
-
-    def _target_potential(self, like):
-        """g_ββ, solved once (the target does not move)."""
-        y, logq = self._samples(like, "sinkhorn.energy")
-        key = ("beta_beta", y.shape[0], y.shape[1], like.dtype, like.device)
-        hit = self._cache.get(key)
-        if hit is None:
-            g, sweeps, residual = symmetric_potential(y, logq, self.epsilon, **self._options())
-            self._record("beta_beta", sweeps, residual)
-            hit = self._cache[key] = {"f": g}
-        return hit["f"]
+        return self.divergence.potentials(state)
 
     # -- the protocol ---------------------------------------------------------------------------------------
     def velocity(self, t, x, state: Particles):
-        where = "sinkhorn.velocity"
-        check_state(state, self.dim, where, Particles)
-        check_points(x, self.dim, where)
-        pot = self.potentials(state)
-        eps = self.epsilon
-        y, logq = self._samples(x, where)
-        logw = _log_weights(state.weights, state.x, state.size)
-        toward = softmax_average(x, y, log_weights=logq + pot["g_mu_beta"] / eps, scale=1.0 / eps)
-        own = softmax_average(x, state.x, log_weights=logw + pot["f_mu_mu"] / eps, scale=1.0 / eps)
-        return 2.0 * (toward - own)
+        return self.divergence.velocity(x, state)
 
     def affine(self, t, state: Gaussians):
-        where = "sinkhorn.affine"
-        if self.gaussian is None:
-            raise CapabilityError(
-                f"{where}: the Gaussian closure needs a Gaussian target; the target is samples. Run the field on "
-                "Particles, or give target=Gaussian(...)"
-            )
-        check_state(state, self.dim, where, Gaussians)
-        m, S = state.mean, state.cov
-        mb, Sb = self.target.moments(m)
-        s2 = 0.5 * self.epsilon
-        s4 = s2 * s2
-        root = matrix_function(S, torch.sqrt)
-        inv_root = matrix_function(S, torch.rsqrt)
-        D = matrix_function(4.0 * root @ Sb @ root, lambda lam: torch.sqrt(lam.clamp_min(0) + s4))
-        A = inv_root @ D @ inv_root - matrix_function(S, lambda lam: torch.sqrt(4.0 * lam * lam + s4) / lam)
-        return 2.0 * (mb - m), 0.5 * (A + A.transpose(-1, -2))
+        return self.divergence.affine(state)
 
-    def energy(self, state) -> torch.Tensor:
+    def energy(self, state):
         """S_ε(μ, β), shape (R,): dual formula on particles, Janati et al.'s closed form on Gaussians."""
-        where = "sinkhorn.energy"
-        check_state(state, self.dim, where)
-        check_replicas(self.target, state.replicas, where)
-        if isinstance(state, Gaussians):
-            if self.gaussian is None:
-                raise CapabilityError(
-                    f"{where}: S_ε of a Gaussian state has a closed form against a Gaussian target only; the target "
-                    "is samples. Evaluate it on Particles (e.g. state.sample(n))"
-                )
-            mb, Sb = self.target.moments(state.mean)
-            return gaussian_sinkhorn_divergence(state.mean, state.cov, mb, Sb, self.epsilon)
-        pot = self.potentials(state)
-        w = state.weights_or_uniform()
-        y, q = self.target.tensors(state.x)
-        q = torch.full(y.shape[:2], 1.0 / y.shape[1], dtype=y.dtype, device=y.device) if q is None else q
-        g_bb = self._target_potential(state.x)
-        return (w * (pot["f_mu_beta"] - pot["f_mu_mu"])).sum(-1) + (q * (pot["g_mu_beta"] - g_bb)).sum(-1)
+        return self.divergence.energy(state)
 
     def describe(self):
         return {"name": self.name, "epsilon": self.epsilon, "tol": self.tol, "max_iter": self.max_iter,

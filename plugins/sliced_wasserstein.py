@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 import measureflow
+from measureflow.cache import DeviceCache
 from measureflow.errors import CapabilityError, ParameterError, ShapeError, StateError
 from measureflow.fields import Field
 from measureflow.linalg import symmetrize
@@ -270,55 +271,56 @@ class SlicedWassersteinField(Field):
             self.directions = DirectionSet(directions, count, resample, seed)
         self.target = as_target(target, "sliced_wasserstein", weights=weights, mixtures=False, arrays=True)
         self.directions.check_dim(self.target.dim)
-        self._cache: dict = {}
+        # the fixed direction set (the reference set of a resampled one) and the target's sorted
+        # projections on it, per device and dtype: the target does not move along a flow
+        self._fixed_nodes = DeviceCache(self._build_fixed_nodes)
+        self._sorted_target = DeviceCache(self._build_sorted_target)
 
     # -- cached pieces --------------------------------------------------------------------------------
+    def _build_fixed_nodes(self, like: torch.Tensor):
+        theta, omega = self.directions.nodes(like.shape[-1])
+        return theta.to(like), omega.to(like)
+
+    def _build_sorted_target(self, like: torch.Tensor):
+        return self._sorted_projections(self._fixed_nodes(like)[0], like)
+
     def _nodes(self, like: torch.Tensor, t=None, *, reference: bool = False):
         d = like.shape[-1]
         self.target.check_dim(d)
         if self.directions.varies and not reference:
             theta, omega = self.directions.nodes(d, t)
             return theta.to(like), omega.to(like)
-        key = ("nodes", like.dtype, like.device)
-        if key not in self._cache:
-            theta, omega = self.directions.nodes(d)
-            self._cache[key] = (theta.to(like), omega.to(like))
-        return self._cache[key]
+        return self._fixed_nodes(like)
 
-    def _target_sorted(self, theta: torch.Tensor, like: torch.Tensor, replicas: int, cache: bool):
-        """Sorted projected samples and their cumulative weights, (Rb, L, M) each."""
-        key = ("target", like.dtype, like.device)
-        if cache and key in self._cache:
-            return self._cache[key]
-        y, q = self.target.samples(like, replicas)
-        values, _, mass = _sorted_with_mass(_project(y, theta), q if self.target.weights is not None else None)
-        out = (values, _cumulative(mass, values))
-        if cache:
-            self._cache[key] = out
-        return out
+    def _sorted_projections(self, theta: torch.Tensor, like: torch.Tensor):
+        """Sorted projected samples and their cumulative weights on the directions ``theta``, (Rb, L, M) each
+        (callers check the state's replicas against the target's first, with ``target.samples``)."""
+        y, q = self.target.tensors(like)
+        values, _, mass = _sorted_with_mass(_project(y, theta), q)
+        return values, _cumulative(mass, values)
 
     def _gaussian_slices(self, theta: torch.Tensor, like: torch.Tensor):
         """(⟨θ_l, m_β⟩, (θ_lᵀΣ_βθ_l)^{1/2}), each (L,)."""
         mb, Sb = self.target.gaussian(like)
         return theta @ mb, torch.einsum("ld,de,le->l", theta, Sb, theta).sqrt()
 
-    def _target_block(self, theta, block, like, replicas, cache):
+    def _target_block(self, theta, block, like, fixed):
         """The target's sorted projections and cumulative weights on the directions ``theta[block]``.
 
-        With ``cache`` (a fixed direction set) the whole set is sorted once and sliced; otherwise only
-        the block's directions are projected.
+        With ``fixed`` (``theta`` is the fixed set) the whole set is sorted once per device and dtype and
+        sliced; otherwise only the block's directions are projected.
         """
-        if cache:
-            ty, cum_q = self._target_sorted(theta, like, replicas, True)
+        if fixed:
+            ty, cum_q = self._sorted_target(like)
             return ty[:, block], cum_q[:, block]
-        return self._target_sorted(theta[block], like, replicas, False)
+        return self._sorted_projections(theta[block], like)
 
-    def _quantiles(self, u, theta, block, like, replicas, cache):
+    def _quantiles(self, u, theta, block, like, fixed):
         """Q_{θ#β}(u) for levels u (R, L_block, N) on the directions ``theta[block]``."""
         if self.target.is_gaussian:
             centre, scale = self._gaussian_slices(theta[block], like)
             return centre[:, None] + scale[:, None] * torch.special.ndtri(u)
-        return _sample_quantiles(*self._target_block(theta, block, like, replicas, cache), u)
+        return _sample_quantiles(*self._target_block(theta, block, like, fixed), u)
 
     def _blocks(self, R: int, L: int, N: int):
         size = max(1, _BLOCK_ELEMENTS // max(1, R * N))
@@ -344,7 +346,7 @@ class SlicedWassersteinField(Field):
             p = _project(state.x, theta[block])
             q = p if at_particles else _project(x, theta[block])
             u = _mid_ranks(p, w) if at_particles else _cdf_midpoints(p, w, q)
-            gap = self._quantiles(u, theta, block, x, R, not self.directions.varies) - q
+            gap = self._quantiles(u, theta, block, x, not self.directions.varies) - q
             out = out + torch.einsum("rln,l,ld->rnd", gap, omega[block], theta[block])
         return 2.0 * out
 
@@ -377,6 +379,8 @@ class SlicedWassersteinField(Field):
             )
         x, w = state.x, state.weights
         theta, omega = self._nodes(x, reference=True)
+        if not self.target.is_gaussian:
+            self.target.samples(x, state.replicas)  # names a replica mismatch before any work
         total = torch.zeros(state.replicas, dtype=x.dtype, device=x.device)
         for block in self._blocks(state.replicas, theta.shape[0], state.size):
             values, _, mass = _sorted_with_mass(_project(x, theta[block]), w)
@@ -388,7 +392,7 @@ class SlicedWassersteinField(Field):
             if self.target.is_gaussian:
                 costs = self._gaussian_slice_costs(values, mass, upper, theta[block], x)
             else:
-                costs = self._sample_slice_costs(values, upper, theta, block, x, state.replicas)
+                costs = self._sample_slice_costs(values, upper, theta, block, x)
             total = total + costs @ omega[block]
         return total
 
@@ -401,10 +405,10 @@ class SlicedWassersteinField(Field):
         per_atom = mass * shifted**2 - 2 * scale[:, None] * shifted * first + scale[:, None] ** 2 * second
         return per_atom.sum(-1)
 
-    def _sample_slice_costs(self, values, upper, theta, block, like, replicas):
+    def _sample_slice_costs(self, values, upper, theta, block, like):
         """W₂² between two weighted 1-D point sets: ∫₀¹ (Q_μ − Q_β)² du over the merged quantile levels."""
         # The energy's directions are the fixed reference set, so the target's sort is kept.
-        ty, cum_q = self._target_block(theta, block, like, replicas, True)
+        ty, cum_q = self._target_block(theta, block, like, True)
         if ty.shape[0] != values.shape[0]:
             ty, cum_q = ty.expand(values.shape[0], -1, -1), cum_q.expand(values.shape[0], -1, -1)
         levels, _ = torch.sort(torch.cat([upper, cum_q], -1).clamp_max(1), -1)

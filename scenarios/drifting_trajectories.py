@@ -2,7 +2,7 @@
 
 A few dozen particles start in a small blob at the centre of a 2-D target β that no Gaussian describes:
 ``m`` samples of four Gaussian blobs of unequal weights. They move by the kernel drift with the Gaussian
-kernel K_ε (ε = ``bandwidth``, a variance), either
+kernel K_ε (ε = ``epsilon``, a variance in units of length²), either
 
 * raw, ẋ = B_ε[β](x) = ε∇log(K_ε*β)(x): each particle climbs the smoothed target density to the nearest of
   its modes and stops there — the particles *collapse* onto a few points, whatever the blobs' spread; or
@@ -12,7 +12,7 @@ kernel K_ε (ε = ``bandwidth``, a variance), either
 
 This is the particle ODE behind a one-step generator's update G⁺(z) = G(z) + τ u(G(z)) [B] (the explicit
 Euler step). The run records ∫|v|²dμ of the field that moves the particles (``drift_norm``; neither field
-descends a fixed functional, so this, not an energy, says when they stop) and the RBF MMD² (ℓ = ``mmd_length``)
+descends a fixed functional, so this, not an energy, says when they stop) and the RBF MMD² (ℓ = ``mmd_bandwidth``)
 to the target samples. Both flows come to rest; only the self-corrected one comes to rest *at* β.
 
 The scenario runs ``self_correction`` (default: the self-corrected drift) into ``out``; the report runs the
@@ -21,7 +21,7 @@ other one in memory, prints both final MMD² and how many distinct points the pa
 two curves.
 
     python scenarios/drifting_trajectories.py
-    measureflow run scenarios/drifting_trajectories.py --set self_correction=false --set bandwidth=0.2
+    measureflow run scenarios/drifting_trajectories.py --set self_correction=false --set epsilon=0.2
 """
 
 from __future__ import annotations
@@ -63,14 +63,14 @@ def start(n: int, seed: int) -> Particles:
     return Particles(0.25 * torch.randn(1, n, 2, generator=g, dtype=DTYPE) + torch.tensor([0.2, 0.0], dtype=DTYPE))
 
 
-def make_field(self_correction: bool, bandwidth: float, samples: torch.Tensor):
-    return measureflow.field("drifting", target=samples, bandwidth=bandwidth, self_correction=self_correction)
+def make_field(self_correction: bool, epsilon: float, samples: torch.Tensor):
+    return measureflow.field("drifting", target=samples, epsilon=epsilon, self_correction=self_correction)
 
 
-def observers(samples: torch.Tensor, mmd_length: float) -> list:
+def observers(samples: torch.Tensor, mmd_bandwidth: float) -> list:
     # The MMD field's energy is the same RBF MMD² as the ``mmd`` observable, with the target's own term
     # Σ qⱼqₖk(yⱼ, yₖ) computed once instead of at every sample.
-    estimator = measureflow.field("mmd", target=samples, kernel="gaussian", bandwidth=mmd_length)
+    estimator = measureflow.field("mmd", target=samples, kernel="gaussian", bandwidth=mmd_bandwidth)
 
     def mmd_to_target(state, **_):
         return estimator.energy(state)
@@ -81,13 +81,13 @@ def observers(samples: torch.Tensor, mmd_length: float) -> list:
 @scenario
 def drifting_trajectories(
     self_correction: bool = True,
-    bandwidth: float = 0.5,
+    epsilon: float = 0.5,
     n: int = 40,
     m: int = 600,
     t1: float = 12.0,
     steps: int = 120,
     every: int = 1,
-    mmd_length: float = 0.5,
+    mmd_bandwidth: float = 0.5,
     seed: int = 0,
     threads: int = 0,
     out: str = "runs/drifting_trajectories.h5",
@@ -99,9 +99,9 @@ def drifting_trajectories(
         # and a second intra-op thread only adds fork-join stalls on a shared machine.
         torch.set_num_threads(threads)
     samples = target_samples(m, seed)
-    field = make_field(self_correction, bandwidth, samples)
+    field = make_field(self_correction, epsilon, samples)
     return Simulation(start(n, seed), field, "rk4", 0.0, t1, steps=steps, writers=[out] if out else [],
-                      observers=observers(samples, mmd_length), observe_every=every, seed=seed)
+                      observers=observers(samples, mmd_bandwidth), observe_every=every, seed=seed)
 
 
 # -- numbers ------------------------------------------------------------------------------------------------
@@ -124,8 +124,8 @@ def summary(paths: np.ndarray, series: dict, params: dict) -> dict:
         "times": np.asarray(series["mmd"].times),
         "mmd": np.ravel(series["mmd"].values),
         "drift_norm": np.ravel(series["drift_norm"].values),
-        "start_mmd": float(mmd(start(params["n"], params["seed"]), target=samples, bandwidth=params["mmd_length"])[0]),
-        "final_mmd": float(mmd(final, target=samples, bandwidth=params["mmd_length"])[0]),
+        "start_mmd": float(mmd(start(params["n"], params["seed"]), target=samples, bandwidth=params["mmd_bandwidth"])[0]),
+        "final_mmd": float(mmd(final, target=samples, bandwidth=params["mmd_bandwidth"])[0]),
         "distinct": distinct_points(paths[-1]),
     }
 
@@ -144,9 +144,9 @@ def other_run(self_correction: bool, params: dict) -> dict:
     """The same particles and target under the other field, in memory."""
     samples = target_samples(params["m"], params["seed"])
     memory = measureflow.get_registry().writer("memory", every=params["every"])
-    result = Simulation(start(params["n"], params["seed"]), make_field(self_correction, params["bandwidth"], samples),
+    result = Simulation(start(params["n"], params["seed"]), make_field(self_correction, params["epsilon"], samples),
                         "rk4", 0.0, params["t1"], steps=params["steps"], writers=[memory],
-                        observers=observers(samples, params["mmd_length"]), observe_every=params["every"],
+                        observers=observers(samples, params["mmd_bandwidth"]), observe_every=params["every"],
                         seed=params["seed"], progress=False).run()
     return summary(memory.positions[:, 0], result.observables, params)
 
@@ -190,7 +190,7 @@ def draw(runs: dict, params: dict) -> None:
         ax.set_xlabel("x₁"), ax.set_ylabel("x₂")
         ax.legend(loc="lower left", fontsize="x-small", markerscale=1.5)
     for row, (key, title) in enumerate((("drift_norm", "∫|v|²dμ of the field that moves the particles"),
-                                         ("mmd", f"MMD² to the target samples (RBF, ℓ = {params['mmd_length']:g})"))):
+                                         ("mmd", f"MMD² to the target samples (RBF, ℓ = {params['mmd_bandwidth']:g})"))):
         ax = fig.add_subplot(grid[row, 2])
         for corrected in (False, True):
             run = runs[corrected]
@@ -201,7 +201,7 @@ def draw(runs: dict, params: dict) -> None:
         if row == 0:
             ax.legend(fontsize="x-small")
     fig.suptitle(f"Kernel drifting of n = {params['n']} particles toward four Gaussian blobs, "
-                 f"ε = {params['bandwidth']:g} (MATH.md §9)", fontsize="medium")
+                 f"ε = {params['epsilon']:g} (MATH.md §9)", fontsize="medium")
     Path(params["picture"]).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(params["picture"], dpi=100)
 

@@ -10,7 +10,7 @@ ellipses of axis ratio ``anisotropy`` turned ``angle`` degrees apart, moved thre
   Schrödinger bridge): Σ_t = (1 − t)²Σ₀ + t²Σ₁ + t(1 − t)(C_σ + C_σᵀ + σ²I), covariances inflated
   mid-way, the mean path still straight.
 * **Drifting-style closure** (MATH.md §9): the self-corrected drifting field u = B_ε[β] − B_ε[μ] with
-  bandwidth ε = ``drift`` on the Gaussian state, ṁ = ε(Σ₁ + εI)⁻¹(m₁ − m),
+  ε = ``drift`` (the kernel's variance) on the Gaussian state, ṁ = ε(Σ₁ + εI)⁻¹(m₁ − m),
   A = ε[(Σ + εI)⁻¹ − (Σ₁ + εI)⁻¹]: the mean relaxes along the eigen-directions of Σ₁ at different
   rates, so its path is curved, and the state reaches β only as t → ∞.
 
@@ -70,7 +70,7 @@ def endpoints(anisotropy: float, angle: float, separation: float) -> tuple[torch
 
 def drifting_field(anisotropy: float, angle: float, separation: float, drift: float):
     _, _, m1, S1 = endpoints(anisotropy, angle, separation)
-    return measureflow.field("drifting", target=Gaussian(m1, S1), bandwidth=drift)
+    return measureflow.field("drifting", target=Gaussian(m1, S1), epsilon=drift)
 
 
 def drift_horizon(anisotropy: float, drift: float) -> float:
@@ -204,7 +204,7 @@ def report(result, params):
           f"{num['sb_inflation']:.3f}× the geodesic's; {n} bridged sample pairs from POT's plan vs the closed form: "
           f"covariance {100 * num['sb_particle_cov_error']:.1f} %, mean {num['sb_particle_mean_error']:.3f} "
           f"(sampling error ≈ {100 * math.sqrt(2 / n):.1f} %, plus the plan's finite-sample bias)")
-    print(f"  drifting-style (bandwidth ε = {params['drift']:g}, t ∈ [0, {num['times'][-1]:.3g}]): mean path bends "
+    print(f"  drifting-style (ε = {params['drift']:g}, t ∈ [0, {num['times'][-1]:.3g}]): mean path bends "
           f"{100 * num['drift_bend']:.1f} % of its chord; W₂² to β at the end {num['drift_final_w2']:.2e}; "
           f"{n} particles vs the closure: covariance {100 * num['drift_cov_error']:.2f} %, mean "
           f"{num['drift_mean_error']:.2e} (sampling error ≈ {100 * math.sqrt(2 / n):.1f} %)")
@@ -273,7 +273,7 @@ def draw(result, params, num: dict) -> None:
     # colours by rank: the picked times are far from evenly spaced
     rank = np.linspace(0.0, 1.0, len(picks))
     shown = ", ".join(f"{times[i]:.2g}" for i in picks)
-    frame(ax, f"drifting-style closure (bandwidth ε = {params['drift']:g})\nt = {shown}")
+    frame(ax, f"drifting-style closure (ε = {params['drift']:g})\nt = {shown}")
     reader = measureflow.io.open_trajectory(params["out"]) if params["out"] else None
     if reader is not None:
         with reader as traj:

@@ -6,7 +6,7 @@ x = G(ζ), evaluates a particle field on it (the batch is the field's state μ̂
 explicit Euler step x⁺ = x + τv[μ̂](x) and regresses G onto x⁺ (MATH.md §9: G⁺ = G + τU∘G is the Euler step
 of the particle ODE; :func:`measureflow.generators.train_generator`). Two fields drive it:
 
-* ``drifting``: u = B_ε[β] − B_ε[μ] (kernel drifting, bandwidth ε a variance, MATH.md §9), which has no
+* ``drifting``: u = B_ε[β] − B_ε[μ] (kernel drifting, ε = ``drifting_epsilon`` a variance, MATH.md §9), which has no
   fixed functional;
 * ``sinkhorn``: the Wasserstein gradient flow of the debiased Sinkhorn divergence S_ε (MATH.md §7).
 
@@ -69,7 +69,7 @@ def make_data(kind: str, n: int, seed: int) -> torch.Tensor:
 
 def make_field(name: str, data: torch.Tensor, params: dict):
     if name == "drifting":
-        return measureflow.field("drifting", target=data, bandwidth=params["drifting_bandwidth"])
+        return measureflow.field("drifting", target=data, epsilon=params["drifting_epsilon"])
     if name == "sinkhorn":
         return measureflow.field("sinkhorn", target=data, epsilon=params["sinkhorn_epsilon"], tol=FIELD_TOL)
     raise ParameterError(f"field must be one of {', '.join(FIELDS)}; received {name!r}")
@@ -117,7 +117,7 @@ def one_step_generator(
     hidden: int = 64,
     depth: int = 3,
     latent_dim: int = 2,
-    drifting_bandwidth: float = 0.2,
+    drifting_epsilon: float = 0.2,
     drifting_step: float = 1.0,
     sinkhorn_epsilon: float = 0.5,
     sinkhorn_step: float = 0.25,
@@ -233,7 +233,7 @@ def draw(runs: dict, data: np.ndarray, params: dict, out: str) -> None:
     right.suptitle("distance to the data and mean squared velocity", fontsize="medium")
     fig.suptitle(f"One-step generator G⁺ = G + τ v∘G (mode {params['mode']}, {params['iterations']} iterations, "
                  f"batch {params['batch']}) on {params['dataset'].replace('_', ' ')}: drifting (ε = "
-                 f"{params['drifting_bandwidth']:g}) vs Sinkhorn (ε = {params['sinkhorn_epsilon']:g}) field",
+                 f"{params['drifting_epsilon']:g}) vs Sinkhorn (ε = {params['sinkhorn_epsilon']:g}) field",
                  fontsize="large")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)

@@ -3,6 +3,7 @@ and dense formulas, zero drift at μ = β, antisymmetry, the N^{-1/2} law, the G
 closed forms against the exact solution, particles against the closures, the plans against POT, errors."""
 
 import math
+import warnings
 
 import numpy as np
 import ot
@@ -13,12 +14,14 @@ import measureflow
 from measureflow import CapabilityError, Gaussians, ParameterError, Particles, ShapeError, Simulation
 from measureflow.measures import Empirical, Gaussian, GaussianMixture
 from measureflow.observables import sinkhorn as sinkhorn_observable
+import measureflow_plugins.drifting as drifting_module
 from measureflow_plugins.drifting import (
     DriftingField,
     SinkhornDriftingField,
     drift_norm,
     eigenvalue_solution,
     implicit_invariant,
+    kernel_drift,
 )
 from samples import MEAN_02, MEAN_03, MEAN_B2, MEAN_B3, SIGMA_02, SIGMA_03, SIGMA_B2, SIGMA_B3, relerr as rel, whitened, spectral, standard_gaussian as gamma
 
@@ -52,8 +55,8 @@ def test_drift_is_eps_grad_log_of_the_smoothed_measure():
     x, w = weighted_cloud(1, 45)
     queries = torch.cat([x, torch.randn(20, 2, generator=torch.Generator().manual_seed(2), dtype=F64) * 3])
     state = Particles(x[None], w[None])
-    raw = DriftingField(Empirical(y, q), bandwidth=eps, self_correction=False).velocity(0.0, queries[None], state)[0]
-    u = DriftingField(Empirical(y, q), bandwidth=eps).velocity(0.0, queries[None], state)[0]
+    raw = DriftingField(Empirical(y, q), epsilon=eps, self_correction=False).velocity(0.0, queries[None], state)[0]
+    u = DriftingField(Empirical(y, q), epsilon=eps).velocity(0.0, queries[None], state)[0]
     xg = queries.clone().requires_grad_(True)
     (g_beta,) = torch.autograd.grad(dense_log_smoothed(xg, y, q, eps).sum(), xg)
     (g_mu,) = torch.autograd.grad(dense_log_smoothed(xg, x, w, eps).sum(), xg)
@@ -68,7 +71,7 @@ def test_drift_vanishes_when_mu_is_beta(kernel):
     order of summation — MATH-CHECKS G: 2·10⁻¹⁵ / 1.3·10⁻¹⁵; ours ≲ 10⁻¹⁵ (bound 10⁻¹⁴ = a few ulps of |y|)."""
     y, q = weighted_cloud(3, 200)
     target = Empirical(y, q)
-    field = DriftingField(target, bandwidth=0.5, kernel=kernel)
+    field = DriftingField(target, epsilon=0.5, kernel=kernel)
     perm = torch.randperm(200, generator=torch.Generator().manual_seed(4))
     permuted = Particles(y[perm][None], q[perm][None])
     split = Particles(torch.cat([y, y])[None], torch.cat([q / 3, 2 * q / 3])[None])
@@ -93,8 +96,8 @@ def test_antisymmetry_under_swapping_mu_and_beta(kernel):
     x, w = weighted_cloud(7, 50)
     mu, beta = Particles(x[None], w[None]), Particles(y[None], q[None])
     queries = torch.randn(1, 40, 2, generator=torch.Generator().manual_seed(8), dtype=F64) * 2
-    forward = DriftingField(Empirical(y, q), bandwidth=0.4, kernel=kernel).velocity(0.0, queries, mu)
-    backward = DriftingField(Empirical(x, w), bandwidth=0.4, kernel=kernel).velocity(0.0, queries, beta)
+    forward = DriftingField(Empirical(y, q), epsilon=0.4, kernel=kernel).velocity(0.0, queries, mu)
+    backward = DriftingField(Empirical(x, w), epsilon=0.4, kernel=kernel).velocity(0.0, queries, beta)
     assert torch.equal(forward, -backward) and float(forward.abs().max()) > 0.1
 
 
@@ -115,7 +118,7 @@ def test_rms_drift_between_samples_of_one_law_scales_as_inverse_sqrt_n():
     for n, R in zip(sizes, replicas):
         x = torch.randn(R, n, d, generator=gen, dtype=F64)
         y = torch.randn(R, n, d, generator=gen, dtype=F64)
-        u = DriftingField(y, bandwidth=eps).velocity(0.0, x[:, :queries], Particles(x))
+        u = DriftingField(y, epsilon=eps).velocity(0.0, x[:, :queries], Particles(x))
         rms.append(float((u * u).sum(-1).mean().sqrt()))
     slope = np.polyfit(np.log(sizes), np.log(rms), 1)[0]
     assert abs(slope + 0.5) < 0.15, (rms, slope)
@@ -138,7 +141,7 @@ def test_analytic_targets_match_their_atoms_and_densities():
     means = torch.stack([MEAN_B2, torch.tensor([-1.0, 1.0], dtype=F64), torch.tensor([2.0, 0.0], dtype=F64)])
     pis = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
     mixture = GaussianMixture(pis, means, covs)
-    raw = DriftingField(mixture, bandwidth=eps, self_correction=False).velocity(0.0, queries, state)[0]
+    raw = DriftingField(mixture, epsilon=eps, self_correction=False).velocity(0.0, queries, state)[0]
     smoothed = torch.distributions.MixtureSameFamily(
         torch.distributions.Categorical(probs=pis),
         torch.distributions.MultivariateNormal(means, covs + eps * torch.eye(2, dtype=F64)),
@@ -147,16 +150,16 @@ def test_analytic_targets_match_their_atoms_and_densities():
     (score,) = torch.autograd.grad(smoothed.log_prob(xg).sum(), xg)
     assert torch.allclose(raw, eps * score, atol=1e-13, rtol=0)
 
-    gauss = DriftingField(Gaussian(MEAN_B2, SIGMA_B2), bandwidth=eps).velocity(0.0, queries, state)
+    gauss = DriftingField(Gaussian(MEAN_B2, SIGMA_B2), epsilon=eps).velocity(0.0, queries, state)
     one = GaussianMixture(torch.tensor([0.4, 0.6], dtype=F64), MEAN_B2.expand(2, 2), SIGMA_B2.expand(2, 2, 2))
-    assert torch.allclose(gauss, DriftingField(one, bandwidth=eps).velocity(0.0, queries, state), atol=1e-13, rtol=0)
+    assert torch.allclose(gauss, DriftingField(one, epsilon=eps).velocity(0.0, queries, state), atol=1e-13, rtol=0)
     pull = eps * torch.linalg.inv(SIGMA_B2 + eps * torch.eye(2, dtype=F64))
-    own = DriftingField(Empirical(x, w), bandwidth=eps, self_correction=False).velocity(0.0, queries, state)
+    own = DriftingField(Empirical(x, w), epsilon=eps, self_correction=False).velocity(0.0, queries, state)
     assert torch.allclose(gauss, (MEAN_B2 - queries) @ pull - own, atol=1e-13, rtol=0)
 
     y, q = weighted_cloud(12, 40, shift=0.3)
-    diracs = DriftingField(GaussianMixture.diracs(y, q), bandwidth=eps).velocity(0.0, queries, state)
-    atoms = DriftingField(Empirical(y, q), bandwidth=eps).velocity(0.0, queries, state)
+    diracs = DriftingField(GaussianMixture.diracs(y, q), epsilon=eps).velocity(0.0, queries, state)
+    atoms = DriftingField(Empirical(y, q), epsilon=eps).velocity(0.0, queries, state)
     assert torch.allclose(diracs, atoms, atol=1e-13, rtol=0)
 
 
@@ -176,7 +179,7 @@ def test_laplace_drift_is_the_kernel_ratio_and_not_a_gradient():
         k = weights * torch.exp(-torch.cdist(z, atoms) / math.sqrt(eps))
         return (k @ atoms) / k.sum(-1, keepdim=True) - z
 
-    laplace = DriftingField(Empirical(y, q), bandwidth=eps, kernel="laplace")
+    laplace = DriftingField(Empirical(y, q), epsilon=eps, kernel="laplace")
     expected = dense(queries[0], y, q) - dense(queries[0], x, w)
     assert torch.allclose(laplace.velocity(0.0, queries, state)[0], expected, atol=1e-13, rtol=0)
 
@@ -190,14 +193,14 @@ def test_laplace_drift_is_the_kernel_ratio_and_not_a_gradient():
         J = torch.stack(cols, -1)  # J[n, i, j] = ∂vᵢ/∂xⱼ
         return float((J - J.transpose(-1, -2)).abs().max()), float(J.abs().max())
 
-    gap, size = asymmetry(DriftingField(Empirical(y, q), bandwidth=eps))
+    gap, size = asymmetry(DriftingField(Empirical(y, q), epsilon=eps))
     assert gap < 1e-8 * size
     gap, size = asymmetry(laplace)
     assert gap > 0.05 * size
 
 
 def test_laplace_field_refuses_the_gaussian_closure():
-    field = DriftingField(gamma(2), bandwidth=0.5, kernel="laplace", samples=300)
+    field = DriftingField(gamma(2), epsilon=0.5, kernel="laplace", samples=300)
     assert "affine" not in field.capabilities
     start = Gaussians(torch.zeros(2, dtype=F64), C0)
     with pytest.raises(CapabilityError, match="laplace kernel's drift has no Gaussian closure.*kernel='gaussian'"):
@@ -216,7 +219,7 @@ def test_gaussian_reference_values_and_implicit_solution():
     ~10⁻¹²), and the closed forms: each eigenvalue keeps ε log λ − (1 + ε) log|1 − λ| − 2εt/(1 + ε) constant
     (MATH-CHECKS: 3·10⁻¹²), :meth:`solution` solves it to the float64 grid, the mean stays 0."""
     eps = 0.5
-    field = measureflow.field("drifting", target=gamma(2), bandwidth=eps)
+    field = measureflow.field("drifting", target=gamma(2), epsilon=eps)
     start = Gaussians(torch.zeros(2, dtype=F64), C0)
     run = Simulation(start, field, "rk4", 0.0, 0.5, steps=100, observers=["covariance"], observe_every=10,
                      progress=False).run()
@@ -253,7 +256,7 @@ def test_one_dimensional_implicit_solution_against_the_ode():
     eps, t1 = 0.5, 4.0
     for s, lam0 in ((1.0, (4.0, 0.25)), (2.5, (0.3, 6.0)), (0.4, (3.0, 0.1))):
         target = Gaussian(torch.zeros(1, dtype=F64), torch.full((1, 1), s, dtype=F64))
-        field = DriftingField(target, bandwidth=eps)
+        field = DriftingField(target, epsilon=eps)
         lam0 = torch.tensor(lam0, dtype=F64)
         start = Gaussians(torch.zeros(2, 1, dtype=F64), lam0[:, None, None])
         exact = eigenvalue_solution(t1, lam0, eps, s)
@@ -271,9 +274,9 @@ def test_closure_in_three_dimensions_is_the_field_of_a_gaussian():
     b = ε(Σ_β + εI)⁻¹(m_β − m), A = ε[(Σ + εI)⁻¹ − (Σ_β + εI)⁻¹] written out with numpy; the raw drift's closure
     has A = −ε(Σ_β + εI)⁻¹. The fixed point is exactly (m_β, Σ_β): b = 0 and A = 0 to rounding."""
     eps = 0.45
-    field = DriftingField(Gaussian(MEAN_B3, SIGMA_B3), bandwidth=eps)
-    raw = DriftingField(Gaussian(MEAN_B3, SIGMA_B3), bandwidth=eps, self_correction=False)
-    own = DriftingField(Gaussian(MEAN_03, SIGMA_03), bandwidth=eps, self_correction=False)
+    field = DriftingField(Gaussian(MEAN_B3, SIGMA_B3), epsilon=eps)
+    raw = DriftingField(Gaussian(MEAN_B3, SIGMA_B3), epsilon=eps, self_correction=False)
+    own = DriftingField(Gaussian(MEAN_03, SIGMA_03), epsilon=eps, self_correction=False)
     state = Gaussians(MEAN_03, SIGMA_03)
     b, A = field.affine(0.0, state)
     queries = 2 * torch.randn(1, 30, 3, generator=torch.Generator().manual_seed(16), dtype=F64)
@@ -300,7 +303,7 @@ def test_mean_formula_and_raw_drift_solution_in_three_dimensions():
     eps = 0.5
     start = Gaussians(MEAN_03, SIGMA_03)
     for correct in (True, False):
-        field = DriftingField(Gaussian(MEAN_B3, SIGMA_B3), bandwidth=eps, self_correction=correct)
+        field = DriftingField(Gaussian(MEAN_B3, SIGMA_B3), epsilon=eps, self_correction=correct)
         errors, extrapolated = fourth_order_errors(field, start, field.mean_solution(2.0, start), 2.0, 100,
                                                    lambda g: g.mean)
         assert 12 < errors[0] / errors[1] < 20 and extrapolated < 1e-11, (errors, extrapolated)
@@ -314,7 +317,7 @@ def test_mean_formula_and_raw_drift_solution_in_three_dimensions():
             assert float(torch.linalg.eigvalsh(field.solution(25.0, start).cov).max()) < 1e-3
     # a start commuting with a non-isotropic target: the eigenbasis is kept and solution() is exact
     commuting = Gaussians(MEAN_03, SIGMA_B3 @ SIGMA_B3 + 0.2 * torch.eye(3, dtype=F64))
-    field = DriftingField(Gaussian(MEAN_B3, SIGMA_B3), bandwidth=eps)
+    field = DriftingField(Gaussian(MEAN_B3, SIGMA_B3), epsilon=eps)
     errors, extrapolated = fourth_order_errors(field, commuting, field.solution(2.0, commuting).cov, 2.0, 100,
                                                lambda g: g.cov)
     assert 12 < errors[0] / errors[1] < 20 and extrapolated < 1e-11, (errors, extrapolated)
@@ -324,7 +327,7 @@ def test_monitor_on_gaussians_and_particles():
     """∫|v|²dμ: |b|² + tr(AΣAᵀ) on Gaussians. The raw drift toward a Gaussian is affine in x, so on whitened
     samples (exact first two moments) the particle value Σᵢwᵢ|v(xᵢ)|² equals it to rounding; the observable
     ``drift_norm`` returns the same."""
-    field = DriftingField(Gaussian(MEAN_B2, SIGMA_B2), bandwidth=0.5, self_correction=False)
+    field = DriftingField(Gaussian(MEAN_B2, SIGMA_B2), epsilon=0.5, self_correction=False)
     x = whitened(500, MEAN_02, SIGMA_02, 17)
     particles = field.monitor(Particles(x[None]))
     gaussian = field.monitor(Gaussians(MEAN_02, SIGMA_02))
@@ -343,7 +346,7 @@ def test_particles_follow_the_closure():
     was 0.06–0.21 % and 0.9–1.1·10⁻³ (RK4 at h = ½ vs ¼ moves it by 10⁻⁵). Bounds: MATH's 0.37 % and
     1.4·10⁻³, while a 10 % error in ε moves the covariance by 0.7 % (ε ↔ 2ε: 4 %)."""
     eps = 0.5
-    field = DriftingField(Gaussian(MEAN_B2, SIGMA_B2), bandwidth=eps)
+    field = DriftingField(Gaussian(MEAN_B2, SIGMA_B2), epsilon=eps)
     x = whitened(6000, MEAN_02, SIGMA_02, 0)
     run = Simulation(Particles(x[None]), field, "rk4", 0.0, 1.0, steps=2, progress=False).run()
     closure = Simulation(Gaussians(MEAN_02, SIGMA_02), field, "rk4", 0.0, 1.0, steps=100, progress=False).run()
@@ -357,7 +360,7 @@ def test_particles_follow_the_closure_in_three_dimensions():
     kernel sees fewer neighbours): 0.44–0.93 % in covariance and 0.9–2.1·10⁻³ in the mean over four seeds.
     Bounds 2 % and 4·10⁻³ (twice the worst), below what ε ↔ 2ε or ε ↔ ε/2 does to the covariance (3.6 %, 5.0 %)."""
     eps = 0.5
-    field = DriftingField(Gaussian(MEAN_B3, SIGMA_B3), bandwidth=eps)
+    field = DriftingField(Gaussian(MEAN_B3, SIGMA_B3), epsilon=eps)
     x = whitened(3000, MEAN_03, SIGMA_03, 0)
     run = Simulation(Particles(x[None]), field, "rk4", 0.0, 1.0, steps=2, progress=False).run()
     closure = Simulation(Gaussians(MEAN_03, SIGMA_03), field, "rk4", 0.0, 1.0, steps=100, progress=False).run()
@@ -484,9 +487,9 @@ def test_replicas_are_independent():
     x = torch.randn(3, 40, 2, generator=gen, dtype=F64)
     w = torch.rand(3, 40, generator=gen, dtype=F64) + 0.1
     w = w / w.sum(-1, keepdim=True)
-    v = DriftingField(y, bandwidth=0.5).velocity(0.0, x, Particles(x, w))
+    v = DriftingField(y, epsilon=0.5).velocity(0.0, x, Particles(x, w))
     for r in range(3):
-        one = DriftingField(y[r], bandwidth=0.5).velocity(0.0, x[r:r + 1], Particles(x[r:r + 1], w[r:r + 1]))
+        one = DriftingField(y[r], epsilon=0.5).velocity(0.0, x[r:r + 1], Particles(x[r:r + 1], w[r:r + 1]))
         assert torch.allclose(v[r], one[0], atol=1e-14, rtol=0)
 
 
@@ -495,7 +498,8 @@ def test_registry_and_bad_inputs():
     assert registry.owner_of("fields", "drifting") == "measureflow_plugins.drifting"
     assert registry.owner_of("fields", "sinkhorn_drifting") == "measureflow_plugins.drifting"
     for kwargs, match in (
-        ({"bandwidth": 0.0}, "bandwidth must be positive"),
+        ({"epsilon": 0.0}, "epsilon must be positive"),
+        ({"epsilon": 0.5, "bandwidth": 0.5}, "give epsilon only"),
         ({"kernel": "imq"}, "unknown kernel 'imq'; choose 'gaussian' or 'laplace'"),
         ({"self_correction": 1}, "self_correction must be True or False"),
     ):
@@ -532,3 +536,25 @@ def test_registry_and_bad_inputs():
         field.energy(Particles(torch.randn(1, 5, 2, dtype=F64)))
     with pytest.raises(ParameterError, match="runs forward in time"):
         DriftingField(gamma(2)).solution(-1.0, Gaussians(torch.zeros(2, dtype=F64), C0))
+
+
+def test_the_old_bandwidth_keyword_warns_once_and_means_epsilon(monkeypatch):
+    """drifting's ε was called bandwidth (DESIGN.md, "Names of scales": a bandwidth is a length, ε a variance):
+    the old keyword gives the same field and the same numbers, with one FutureWarning per process and owner."""
+    monkeypatch.setattr(drifting_module, "_WARNED_BANDWIDTH", set())
+    y, q = weighted_cloud(21, 30)
+    x, _ = weighted_cloud(22, 12, shift=0.3)
+    state = Particles(x[None])
+    with pytest.warns(FutureWarning, match=r"drifting: the keyword bandwidth= is renamed epsilon= .*length²"):
+        old = DriftingField(Empirical(y, q), bandwidth=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: no second warning
+        again = measureflow.field("drifting", target=Empirical(y, q), bandwidth=0.3)
+    new = DriftingField(Empirical(y, q), epsilon=0.3)
+    assert old.epsilon == again.epsilon == new.epsilon == 0.3 and old.describe()["epsilon"] == 0.3
+    assert torch.equal(old.velocity(0.0, state.x, state), new.velocity(0.0, state.x, state))
+    with pytest.warns(FutureWarning, match="kernel_drift: the keyword bandwidth= is renamed epsilon="):
+        drift = kernel_drift(x[None], y[None], bandwidth=0.3, kernel="laplace")
+    assert torch.equal(drift, kernel_drift(x[None], y[None], epsilon=0.3, kernel="laplace"))
+    with pytest.raises(ParameterError, match="kernel_drift: epsilon .* is required"):
+        kernel_drift(x[None], y[None])

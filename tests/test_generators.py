@@ -118,7 +118,7 @@ def test_one_residual_iteration_in_2d_is_the_particle_euler_step():
 
 FIELDS = {
     # name: (field, step τ); the velocities' scales differ (a displacement, 2× one, a kernel gradient).
-    "drifting": (lambda: measureflow.field("drifting", target=DATA, bandwidth=0.2), 1.0),
+    "drifting": (lambda: measureflow.field("drifting", target=DATA, epsilon=0.2), 1.0),
     "sinkhorn": (lambda: measureflow.field("sinkhorn", target=DATA, epsilon=0.5, tol=1e-3), 0.25),
     "mmd": (lambda: measureflow.field("mmd", target=DATA, bandwidth=0.5), 2.0),
 }

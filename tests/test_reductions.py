@@ -131,17 +131,17 @@ def path(request, monkeypatch):
         pytest.skip("torch.compile on CPU needs a C++ compiler; none found")
     monkeypatch.setenv("MEASUREFLOW_COMPILE", "1" if fused else "0")
     monkeypatch.setattr(red, "config", red.ReductionConfig())
-    monkeypatch.setattr(red, "_compile_failure", None)
+    monkeypatch.setattr(red.fused, "failure", None)
 
     def forbidden(*args, **kwargs):
         raise AssertionError(f"the {'eager' if fused else 'fused'} path ran while the {request.param} path was forced")
 
     if fused:
-        monkeypatch.setattr(red, "_eager_kernel_sum", forbidden)
-        monkeypatch.setattr(red, "_eager_softmax", forbidden)
+        monkeypatch.setattr(red.kernel_sums, "_eager_kernel_sum", forbidden)
+        monkeypatch.setattr(red.softmax, "_eager_softmax", forbidden)
     else:
-        monkeypatch.setattr(red, "_fused_kernel_sum", forbidden)
-        monkeypatch.setattr(red, "_fused_softmax", forbidden)
+        monkeypatch.setattr(red.kernel_sums, "_fused_kernel_sum", forbidden)
+        monkeypatch.setattr(red.softmax, "_fused_softmax", forbidden)
     return request.param
 
 
@@ -270,9 +270,9 @@ def test_polynomial_exp_is_float32_accurate():
     of the float32 argument's own evaluation order) on [−87, 0], and exactly 0 below −87."""
     t = torch.linspace(-87.0, 0.0, 400_001, dtype=torch.float32)
     exact = torch.exp(t.double())
-    err = ((red._exp32(t).double() - exact) / exact).abs().max().item()
+    err = ((red.fused_kernels.exp32(t).double() - exact) / exact).abs().max().item()
     assert err <= 3e-7, err
-    assert torch.equal(red._exp32(torch.tensor([-87.5, -1e4, -math.inf])), torch.zeros(3))
+    assert torch.equal(red.fused_kernels.exp32(torch.tensor([-87.5, -1e4, -math.inf])), torch.zeros(3))
 
 
 @pytest.mark.parametrize("name", ["poly2", "poly2_affine"])
@@ -411,9 +411,9 @@ def test_auto_chooses_the_path_by_the_call_size_alone(monkeypatch):
     """'auto': a call fuses iff its own pairs reach compile_min_pairs, whatever ran before — the
     paths round differently, so a history-dependent choice would make runs irreproducible."""
     monkeypatch.setattr(red, "config", red.ReductionConfig(compile="auto", compile_min_pairs=40 * 50))
-    monkeypatch.setattr(red, "_compile_failure", None)
+    monkeypatch.setattr(red.fused, "failure", None)
     ran = []
-    eager = red._eager_kernel_sum
+    eager = red.kernel_sums._eager_kernel_sum
 
     def fake_fused(key, h, x, y, v, w, want_value, want_grad, block):
         ran.append("fused")
@@ -423,8 +423,8 @@ def test_auto_chooses_the_path_by_the_call_size_alone(monkeypatch):
         ran.append("eager")
         return eager(*args)
 
-    monkeypatch.setattr(red, "_fused_kernel_sum", fake_fused)
-    monkeypatch.setattr(red, "_eager_kernel_sum", spy_eager)
+    monkeypatch.setattr(red.kernel_sums, "_fused_kernel_sum", fake_fused)
+    monkeypatch.setattr(red.kernel_sums, "_eager_kernel_sum", spy_eager)
     small_x, small_y = clouds(1, 40, 49, 2, seed=100)
     x, y = clouds(1, 40, 50, 2, seed=100)
     for _ in range(3):
@@ -442,12 +442,12 @@ def test_auto_chooses_the_path_by_the_call_size_alone(monkeypatch):
 
 def test_compile_failure_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(red, "config", red.ReductionConfig(compile="on"))
-    monkeypatch.setattr(red, "_compile_failure", None)
+    monkeypatch.setattr(red.fused, "failure", None)
 
     def broken(*args):
         raise RuntimeError("no C++ compiler here")
 
-    monkeypatch.setattr(red, "_fused", lambda kind, key, make: broken)
+    monkeypatch.setattr(red.fused, "compiled_kernel", lambda kind, key, make: broken)
     x, y = clouds(2, 30, 40, 2, seed=110)
     expected = dense_sum("gaussian", 1.0, x, y, torch.full((2, 40), 1 / 40, dtype=torch.float64))[0]
     with pytest.warns(RuntimeWarning, match="torch.compile of the fused reduction failed .*no C\\+\\+ compiler"):
@@ -462,7 +462,7 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch):
 def test_eager_blocks_respect_the_memory_budget():
     """The blocks the eager path picks at N = M = 200,000 stay within budget and cache cap."""
     for R, itemsize in ((1, 4), (1, 8), (16, 8)):
-        bn, bm = red._blocks(None, R, 200_000, 200_000, itemsize, torch.device("cpu"), temporaries=3)
+        bn, bm = red.blocking.block_shape(None, R, 200_000, 200_000, itemsize, torch.device("cpu"), temporaries=3)
         assert 3 * R * bn * bm * itemsize <= red.config.memory_budget
         assert R * bn * bm <= max(red.config.cpu_block_elements, 64 * 64)
         assert bn < 200_000 and bm < 200_000
@@ -565,7 +565,7 @@ BIG_SCRIPT = textwrap.dedent(
     ref = torch.exp(-((x64[:, None, :] - y64[None, :, :]) ** 2).sum(-1) / (2 * h * h)).mean(-1)
     err = ((S[rows].double() - ref).abs().max() / ref.abs().max()).item()
     print(json.dumps({"peak_kib": peak, "exact": exact, "err": err, "shape": list(S.shape),
-                      "dtype": str(S.dtype), "seconds": seconds, "fused": "kernel_sum" in str(list(red._compiled))}))
+                      "dtype": str(S.dtype), "seconds": seconds, "fused": "kernel_sum" in str(list(red.fused.kernels))}))
     """
 )
 

@@ -35,13 +35,13 @@ def data(R, N, M, d, C, dtype, seed):
 def spy(monkeypatch):
     """Record whether each call went through the attention kernel."""
     calls = []
-    real = red._attention_kernel_softmax
+    real = red.cpu_attention.bilinear_softmax
 
     def wrapped(*args):
         calls.append("kernel")
         return real(*args)
 
-    monkeypatch.setattr(red, "_attention_kernel_softmax", wrapped)
+    monkeypatch.setattr(red.cpu_attention, "bilinear_softmax", wrapped)
     return calls
 
 
@@ -147,12 +147,12 @@ def test_memory_stays_linear_in_the_points():
 
 
 def test_a_refusing_kernel_warns_once_and_the_blocked_path_serves(monkeypatch, spy):
-    monkeypatch.setattr(red, "_attention_kernel_failure", None)
+    monkeypatch.setattr(red.cpu_attention, "failure", None)
 
     def refuse(*args, **kwargs):
         raise RuntimeError("unsupported here")
 
-    monkeypatch.setattr(red, "_attention_op", lambda: refuse)
+    monkeypatch.setattr(red.cpu_attention, "attention_op", lambda: refuse)
     q, k, v, w = data(2, 30, 40, 3, 3, F64, seed=5)
     expected, _ = dense(q, k, v, w.log(), 0.8)
     with pytest.warns(RuntimeWarning, match="attention kernel refused .*unsupported here"):
@@ -162,8 +162,8 @@ def test_a_refusing_kernel_warns_once_and_the_blocked_path_serves(monkeypatch, s
         warnings.simplefilter("error")
         assert torch.allclose(red.softmax_average(q, k, v, w, score="bilinear", scale=0.8), expected, atol=1e-13)
     assert spy == ["kernel"]  # the failure is remembered: the second call does not try again
-    monkeypatch.setattr(red, "_attention_op", lambda: None)
-    monkeypatch.setattr(red, "_attention_kernel_failure", None)
+    monkeypatch.setattr(red.cpu_attention, "attention_op", lambda: None)
+    monkeypatch.setattr(red.cpu_attention, "failure", None)
     assert torch.allclose(red.softmax_average(q, k, v, w, score="bilinear", scale=0.8), expected, atol=1e-13)
     assert spy == ["kernel"]  # a torch without the kernel never reaches it
 
