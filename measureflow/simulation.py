@@ -358,7 +358,8 @@ class Simulation:
         saying why when they cannot be stacked (see :func:`measureflow.packing.why_not_stackable`)."""
         from .packing import stack_simulations
 
-        return stack_simulations(list(simulations), parameters=parameters, checkpoint=checkpoint)
+        stacked = stack_simulations(list(simulations), parameters=parameters)
+        return stacked if checkpoint is None else stacked.with_checkpoint(checkpoint)
 
     # -- what the file records --------------------------------------------------------------------------
     def run_parameters(self) -> dict:
