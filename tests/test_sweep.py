@@ -373,3 +373,43 @@ def test_sweep_modules_import_one_way():
                 private += [a.name for a in node.names if a.name.startswith("_")]
         assert siblings <= may, f"{name}.py imports {sorted(siblings - may)}"
         assert not private, f"{name}.py imports private names {private}"
+
+
+
+ROTATION = textwrap.dedent(
+    '''
+    """Gaussians under the rotation v(x) = Ax, A = [[0, −1], [1, 0]]: an odd seed starts thin along x₁."""
+    import torch
+    import measureflow
+    from measureflow import Gaussians, Simulation, scenario
+
+    @scenario
+    def rotation(steps: int = 4, seed: int = 0, out: str = "rotation.h5") -> Simulation:
+        """A rotation whose first Heun step takes a thin start out of the SPD cone."""
+        s = 1e-3 if seed % 2 else 0.5
+        start = Gaussians(torch.tensor([[1.0, 0.0]], dtype=torch.float64),
+                          torch.diag(torch.tensor([s, 1.0], dtype=torch.float64))[None])
+        field = measureflow.field("linear", A=[[0.0, -1.0], [1.0, 0.0]])
+        writer = measureflow.get_registry().writer("h5md", out)
+        return Simulation(start, field, "heun", 0.0, 1.0, steps=steps, writers=[writer], seed=seed)
+    '''
+)
+
+
+def test_a_batch_whose_gaussian_step_was_split_runs_one_by_one(tmp_path, capfd):
+    # Heun on Σ̇ = AΣ + ΣAᵀ from Σ₀ = diag(s, 1) with h = 1/4 gives Σ₁ = Σ₀ + hδJ − h²δK (δ = s − 1,
+    # J = [[0, 1], [1, 0]], K = diag(1, −1)), whose determinant is < 0 for s = 10⁻³ (the step is
+    # split) and > 0 for s = 1/2 (no split when alone). In a batch both share the split steps and the
+    # s = 1/2 run's mean would differ from its own run's, so the batch must not stand for the runs.
+    script = tmp_path / "rotation.py"
+    script.write_text(ROTATION)
+    runs = plan_runs(load_scenarios(script)["rotation"], {}, [0, 1, 2, 3], tmp_path)
+    assert {r.parameters["seed"] % 2 for r in runs} == {0, 1}  # thin and thick starts share the grid point
+    alone = run_sweep(script, {}, "0-3", tmp_path / "alone", progress=False)
+    capfd.readouterr()
+    packed = run_sweep(script, {}, "0-3", tmp_path / "packed", pack=True, progress=False)
+    assert alone.ok and packed.ok
+    assert "4 runs not packed (the integrator split steps for the whole batch)" in capfd.readouterr().err
+    assert all(record["pack"] == 1 for record in index_of(tmp_path / "packed").values())
+    assert_same_files(tmp_path / "alone", tmp_path / "packed")
+    assert not list((tmp_path / "packed").glob("*.ckpt"))
