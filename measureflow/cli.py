@@ -64,8 +64,7 @@ def _cmd_sweep(args) -> int:
 def _cmd_collect(args) -> int:
     from pathlib import Path
 
-    from .sweep import write_atomic
-    from .sweep_collect import sweep_table
+    from .sweep import sweep_table, write_atomic
 
     table = sweep_table(args.directory)
     print(table.format())
@@ -129,7 +128,7 @@ def _plot_sweep(args) -> int:
     import re
     from pathlib import Path
 
-    from .sweep_collect import plot_sweep, sweep_table
+    from .sweep import plot_sweep, sweep_table
 
     if args.x is None or args.y is None:
         table = sweep_table(args.file)

@@ -83,7 +83,7 @@ BUILTIN_PLUGINS = (
     "measureflow.integrators.builtin",
     "measureflow.io.builtin",
     "measureflow.observables",
-    "measureflow.executors",
+    "measureflow.sweep.executors",
     "measureflow_plugins.linear",
     "measureflow_plugins.schedules",
     "measureflow_plugins.flow_matching",

@@ -26,7 +26,7 @@ import logging
 import os
 
 from measureflow.errors import ParameterError, PluginError
-from measureflow.executors import Executor
+from measureflow.sweep import Executor
 from measureflow.plugins import hookimpl
 from measureflow.validators import check_nonnegative
 

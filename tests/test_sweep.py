@@ -243,17 +243,17 @@ def test_packed_runs_equal_unpacked_runs(tiny, tmp_path):
 
 
 def test_runs_that_cannot_be_packed_run_one_by_one(tiny, tiny_scenario, tmp_path, capfd):
-    from measureflow.sweep_pack import unpackable
-    from measureflow.sweep_run import place
+    from measureflow.packing import why_not_stackable
+    from measureflow.sweep import place
 
     runs = plan_runs(tiny_scenario, {}, [0, 1], tmp_path)
     sims = [place(tiny_scenario, run, torch.device("cpu"), None) for run in runs]
-    assert unpackable(sims) is None
+    assert why_not_stackable(sims) is None
     sims[1].field.sigma = 0.7
-    assert "fields differ" in unpackable(sims)
+    assert "fields differ" in why_not_stackable(sims)
     sims[1].field.sigma = 0.5
     sims[1].observers[0].params["extra"] = 1
-    assert "observers differ" in unpackable(sims)
+    assert "observers differ" in why_not_stackable(sims)
     # A pack whose build fails falls back to the runs alone, which record their own error.
     report = run_sweep(tiny, {"fail": ["true"]}, "0-1", tmp_path / "f", pack=True, progress=False)
     assert report.counts == {"failed": 2}
@@ -261,7 +261,7 @@ def test_runs_that_cannot_be_packed_run_one_by_one(tiny, tiny_scenario, tmp_path
 
 
 def test_device_and_dtype(tiny, tmp_path):
-    from measureflow.sweep_run import resolve_device
+    from measureflow.sweep import resolve_device
 
     report = run_sweep(tiny, {}, "0", tmp_path / "f32", device="cpu", dtype="float32", progress=False)
     assert report.ok
@@ -332,8 +332,84 @@ def test_sigterm_stops_a_packed_sweep_which_resumes_as_a_batch(tiny, tmp_path):
 
 def test_the_ray_executor_without_ray_names_the_extra_to_install(monkeypatch):
     from measureflow import PluginError
-    from measureflow.executors import make_executor
+    from measureflow.sweep import make_executor
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails, as where it is not installed
     with pytest.raises(PluginError, match=r'install it with pip install -e "\.\[ray\]"'):
         make_executor("ray", gpus_per_run=0.5)
+
+
+def test_an_executor_defines_map_unordered_and_serial_reports_errors_per_job():
+    from measureflow.sweep import Executor, SerialExecutor
+
+    class Incomplete(Executor):
+        name = "incomplete"
+
+    with pytest.raises(TypeError, match="map_unordered"):
+        Incomplete()
+    results = list(SerialExecutor().map_unordered(lambda job: 6 // job, [3, 0, 2]))
+    assert [job for job, _ in results] == [3, 0, 2] and results[0][1] == 2 and results[2][1] == 3
+    assert isinstance(results[1][1], ZeroDivisionError)
+
+
+def test_sweep_modules_import_one_way():
+    # grid ← run ← pack ← driver (executors and collect beside them): run never reaches pack, no
+    # module imports one that imports it back, and no private name crosses a module boundary.
+    import ast
+
+    import measureflow.sweep as package
+
+    allowed = {"grid": set(), "run": {"grid"}, "pack": {"grid", "run"}, "executors": set(), "collect": {"grid"},
+               "driver": {"grid", "run", "pack", "executors"}}
+    folder = Path(package.__file__).parent
+    assert {p.stem for p in folder.glob("*.py")} == {*allowed, "__init__"}
+    for name, may in allowed.items():
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        siblings, private = set(), []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    siblings |= {node.module} if node.module else {a.name for a in node.names}
+                private += [a.name for a in node.names if a.name.startswith("_")]
+        assert siblings <= may, f"{name}.py imports {sorted(siblings - may)}"
+        assert not private, f"{name}.py imports private names {private}"
+
+
+
+ROTATION = textwrap.dedent(
+    '''
+    """Gaussians under the rotation v(x) = Ax, A = [[0, −1], [1, 0]]: an odd seed starts thin along x₁."""
+    import torch
+    import measureflow
+    from measureflow import Gaussians, Simulation, scenario
+
+    @scenario
+    def rotation(steps: int = 4, seed: int = 0, out: str = "rotation.h5") -> Simulation:
+        """A rotation whose first Heun step takes a thin start out of the SPD cone."""
+        s = 1e-3 if seed % 2 else 0.5
+        start = Gaussians(torch.tensor([[1.0, 0.0]], dtype=torch.float64),
+                          torch.diag(torch.tensor([s, 1.0], dtype=torch.float64))[None])
+        field = measureflow.field("linear", A=[[0.0, -1.0], [1.0, 0.0]])
+        writer = measureflow.get_registry().writer("h5md", out)
+        return Simulation(start, field, "heun", 0.0, 1.0, steps=steps, writers=[writer], seed=seed)
+    '''
+)
+
+
+def test_a_batch_whose_gaussian_step_was_split_runs_one_by_one(tmp_path, capfd):
+    # Heun on Σ̇ = AΣ + ΣAᵀ from Σ₀ = diag(s, 1) with h = 1/4 gives Σ₁ = Σ₀ + hδJ − h²δK (δ = s − 1,
+    # J = [[0, 1], [1, 0]], K = diag(1, −1)), whose determinant is < 0 for s = 10⁻³ (the step is
+    # split) and > 0 for s = 1/2 (no split when alone). In a batch both share the split steps and the
+    # s = 1/2 run's mean would differ from its own run's, so the batch must not stand for the runs.
+    script = tmp_path / "rotation.py"
+    script.write_text(ROTATION)
+    runs = plan_runs(load_scenarios(script)["rotation"], {}, [0, 1, 2, 3], tmp_path)
+    assert {r.parameters["seed"] % 2 for r in runs} == {0, 1}  # thin and thick starts share the grid point
+    alone = run_sweep(script, {}, "0-3", tmp_path / "alone", progress=False)
+    capfd.readouterr()
+    packed = run_sweep(script, {}, "0-3", tmp_path / "packed", pack=True, progress=False)
+    assert alone.ok and packed.ok
+    assert "4 runs not packed (the integrator split steps for the whole batch)" in capfd.readouterr().err
+    assert all(record["pack"] == 1 for record in index_of(tmp_path / "packed").values())
+    assert_same_files(tmp_path / "alone", tmp_path / "packed")
+    assert not list((tmp_path / "packed").glob("*.ckpt"))

@@ -1,14 +1,16 @@
-"""Executing sweep jobs where an executor puts them: in the driver's process, or a Ray worker.
+"""Running the runs of a sweep where an executor puts them: in the driver's process, or a Ray worker.
 
-:func:`execute` is the one function executors call. It takes a :class:`Job` (plain data: the
-scenario file, the runs, the device and dtype) and returns one :class:`Outcome` per run; it
-never raises — a run that fails is an outcome with status ``failed`` and its traceback.
+A :class:`Job` is plain data (the scenario file, the runs, the device and dtype); each run ends
+in one :class:`Outcome`. :func:`run_one` runs one run and never raises — a run that fails is an
+outcome with status ``failed`` and its traceback. (:func:`measureflow.sweep.driver.execute`, the
+function executors call, runs a job's runs one by one here or as one batch through
+:mod:`measureflow.sweep.pack`.)
 
 Placement. ``device="auto"`` becomes CUDA when one is visible where the job executes (under
 Ray, the GPU that Ray assigned to the task), else the CPU. A scenario that declares a ``device``
-(or ``dtype``) parameter receives it; otherwise the sweep builds the scenario's Simulation and
-moves its initial state (``Particles.to`` / ``Gaussians.to``); fields take their own parameters
-to the state's device and dtype when they evaluate.
+(or ``dtype``) parameter receives it; otherwise :func:`place` builds the scenario's Simulation and
+asks for a copy on that device and dtype (``Simulation.with_device``); fields take their own
+parameters to the state's device and dtype when they evaluate.
 
 Final observables. For each observable of the run's Result (or of its file, for a run found
 completed on disk), the last sample — one value per replica, shape (R, ...); a packed run's own
@@ -20,17 +22,29 @@ number per entry, named ``mean[0]``, ``covariance[0][1]``; larger ones are left 
 from __future__ import annotations
 
 import os
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import attrs
 import numpy as np
+import torch
 
-from .errors import MeasureflowError, ParameterError
+from ..errors import MeasureflowError, ParameterError
+from ..scenario import choose_scenario, load_scenarios, output_path, with_run_checkpoint
 
-__all__ = ["Job", "Outcome", "execute", "resolve_device", "final_observables", "summarise", "place", "run_one"]
+__all__ = [
+    "Job",
+    "Outcome",
+    "resolve_device",
+    "load_scenario",
+    "place",
+    "final_observables",
+    "summarise",
+    "run_one",
+    "file_completed",
+    "MAX_COMPONENTS",
+]
 
 MAX_COMPONENTS = 16
 _SCENARIOS: dict[tuple, object] = {}
@@ -40,8 +54,8 @@ _SCENARIOS: dict[tuple, object] = {}
 class Job:
     """Work for one executor call: one run, or (``pack=True``) the runs of one grid point.
 
-    ``checkpoint`` is the packed batch's own checkpoint file (None for a single run, whose
-    checkpoint lies beside its file).
+    ``runs`` are :class:`~measureflow.sweep.grid.RunSpec` objects; ``checkpoint`` is the packed
+    batch's own checkpoint file (None for a single run, whose checkpoint lies beside its file).
     """
 
     scenario: str
@@ -70,16 +84,20 @@ class Outcome:
     def failure(cls, key: str, message: str, error: str | None = None, device: str = "") -> "Outcome":
         return cls(key, "failed", message, None, {}, error or message, device)
 
+    @classmethod
+    def from_exception(cls, key: str, exc: BaseException, device: str = "") -> "Outcome":
+        """The failure of a run that raised ``exc`` (call it inside the ``except`` block: the
+        traceback being handled is recorded)."""
+        return cls.failure(key, f"{type(exc).__name__}: {exc}", traceback.format_exc(), device)
+
     def record(self) -> dict:
         """The fields of the run's index record."""
         return {"status": self.status, "message": self.message, "wall_time": self.wall_time,
                 "observables": self.observables, "error": self.error, "device": self.device, "pack": self.pack}
 
 
-def resolve_device(spec: str):
+def resolve_device(spec: str) -> torch.device:
     """``auto`` → CUDA where visible, else CPU; ``cuda:N`` is checked against the visible devices."""
-    import torch
-
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
@@ -97,8 +115,6 @@ def resolve_device(spec: str):
 
 def load_scenario(path: str, name: str):
     """The scenario ``name`` of the file at ``path``, imported once per process and file version."""
-    from .scenario import choose_scenario, load_scenarios
-
     stat = os.stat(path)
     key = (path, name, stat.st_mtime_ns, stat.st_size)
     if key not in _SCENARIOS:
@@ -106,31 +122,31 @@ def load_scenario(path: str, name: str):
     return _SCENARIOS[key]
 
 
-def place(scn, run, device, dtype: str | None):
-    """Build the run's Simulation (quietly, with its checkpoint attached) on ``device`` / ``dtype``."""
-    import torch
+def place(scn, run, device: torch.device, dtype: str | None):
+    """The run's Simulation on ``device`` / ``dtype``, quiet, with the checkpoint beside its file
+    (resumed from when it exists).
 
-    from .scenario import attach_checkpoint
-
+    The scenario is built with the run's parameters (and ``device``, when it declares one); a
+    scenario that does not take the device or dtype itself gets a copy of its Simulation moved
+    there (``with_device``). Refuses a Simulation that does not write the run's file."""
     overrides = dict(run.parameters)
     if "device" in scn.parameters:
         overrides["device"] = str(device)
     simulation, _ = scn.build(overrides)
-    moves = {}
-    if "device" not in scn.parameters and simulation.state.device != device:
-        moves["device"] = device
-    if dtype is not None and "dtype" not in scn.parameters:
-        moves["dtype"] = getattr(torch, dtype)
-    if moves:
-        simulation.state = simulation.state.to(**moves)
-    h5_path = attach_checkpoint(simulation)
+    move_device = "device" not in scn.parameters and simulation.state.device != device
+    move_dtype = dtype is not None and "dtype" not in scn.parameters
+    if move_device or move_dtype:
+        simulation = simulation.with_device(device if move_device else None,
+                                            getattr(torch, dtype) if move_dtype else None)
+    h5_path = output_path(simulation)
     if h5_path is None or Path(h5_path).absolute() != Path(run.file):
         raise MeasureflowError(
             f"scenario {scn.name!r} did not write its `out` parameter: its Simulation writes "
             f"{h5_path or 'no H5MD file'} instead of {run.file}; pass `out` to its h5md writer"
         )
-    simulation.progress = False
-    return simulation
+    simulation = simulation.with_options(progress=False)
+    checkpoint = simulation.checkpoint_path or Path(run.file + ".ckpt")
+    return with_run_checkpoint(simulation, checkpoint, resume=Path(checkpoint).exists())
 
 
 def final_observables(observables: dict, replicas: slice = slice(None)) -> dict[str, float]:
@@ -155,7 +171,7 @@ def summarise(run, status: str, message: str, wall_time: float | None, device: s
     """The outcome of a run that ended with ``status``; its final observables from ``observables``
     (name → final value) or, when None, read from its file."""
     if observables is None:
-        from .io.reader import open_trajectory
+        from ..io.reader import open_trajectory  # h5py loads on first use
 
         observables = {}
         if Path(run.file).exists():
@@ -164,38 +180,23 @@ def summarise(run, status: str, message: str, wall_time: float | None, device: s
     return Outcome(run.key, status, message, wall_time, observables, None, device, pack)
 
 
-def _failed(run, exc: BaseException, device: str) -> Outcome:
-    return Outcome.failure(run.key, f"{type(exc).__name__}: {exc}", traceback.format_exc(), device)
+def file_completed(path) -> bool:
+    """Whether the trajectory file at ``path`` records that its run completed (False when the file
+    is missing, unreadable or records another status). The sweep reads a file's status only here."""
+    from ..io import completed_status  # h5py loads on first use
+
+    return completed_status(path) is not None
 
 
-def run_one(scn, run, device, dtype: str | None) -> Outcome:
-    """Run (or resume, from the checkpoint beside its file) one run."""
+def run_one(scn, run, device: torch.device, dtype: str | None) -> Outcome:
+    """Run (or resume, from the checkpoint beside its file) one run; never raises."""
     start = time.monotonic()
     try:
         simulation = place(scn, run, device, dtype)
-        simulation.resume = simulation.checkpoint_path.exists()
         result = simulation.run()
         if result.status.ok:
             simulation.checkpoint_path.unlink(missing_ok=True)
         return summarise(run, result.status.code, result.status.message, time.monotonic() - start, str(device),
                          observables=final_observables(result.observables))
     except Exception as exc:  # noqa: BLE001 - recorded in the index; the other runs go on
-        return _failed(run, exc, str(device))
-
-
-def execute(job: Job) -> list[Outcome]:
-    """Run a job and return one outcome per run (never raises)."""
-    try:
-        device = resolve_device(job.device)
-        scn = load_scenario(job.scenario, job.name)
-    except Exception as exc:  # noqa: BLE001
-        return [_failed(run, exc, job.device) for run in job.runs]
-    if job.pack and len(job.runs) > 1:
-        from .sweep_pack import run_pack
-
-        packed = run_pack(scn, job.runs, device, job.dtype, job.checkpoint)
-        if not isinstance(packed, str):
-            return packed
-        print(f"measureflow sweep: {len(job.runs)} runs not packed ({packed}); running them one by one",
-              file=sys.stderr)
-    return [run_one(scn, run, device, job.dtype) for run in job.runs]
+        return Outcome.from_exception(run.key, exc, str(device))

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MeasureflowError
-from .sweep import SweepIndex
+from ..errors import MeasureflowError
+from .grid import SweepIndex
 
 __all__ = ["SweepTable", "sweep_table", "plot_sweep"]
 

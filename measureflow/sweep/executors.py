@@ -7,7 +7,7 @@ is small so that another engine fits through the same hook:
 
 .. code-block:: python
 
-    class MyExecutor(measureflow.executors.Executor):
+    class MyExecutor(measureflow.sweep.Executor):
         name = "mine"
 
         def __init__(self, *, workers: int = 4):  # keyword options, from the command line
@@ -19,7 +19,7 @@ is small so that another engine fits through the same hook:
         def close(self):                          # optional: release it (called by __exit__)
             ...
 
-        def map_unordered(self, function, jobs):
+        def map_unordered(self, function, jobs):  # required
             # call function(job) for every job, wherever the engine puts it, and yield
             # (job, its return value) — or (job, the exception) when the engine lost it —
             # as each finishes, in any order
@@ -32,7 +32,7 @@ is small so that another engine fits through the same hook:
 The contract:
 
 * ``function`` is a module-level function (picklable by reference) and ``job`` plain picklable
-  data (:class:`measureflow.sweep_run.Job`); ``function`` catches the runs' own errors and
+  data (:class:`measureflow.sweep.Job`); ``function`` catches the runs' own errors and
   returns their outcomes, so an exception reaching the executor means the engine lost the job
   (a killed worker, a lost node): yield it and go on with the others.
 * Only the driver writes the sweep's index; executors never touch it. A job writes its runs'
@@ -49,6 +49,7 @@ The contract:
 
 from __future__ import annotations
 
+import abc
 import inspect
 import threading
 from typing import Any, Callable, Iterable, Iterator
@@ -59,8 +60,9 @@ from ..plugins import get_registry, hookimpl
 __all__ = ["Executor", "SerialExecutor", "make_executor"]
 
 
-class Executor:
-    """Base class of sweep executors (see the module docstring for the contract)."""
+class Executor(abc.ABC):
+    """Base class of sweep executors (see the module docstring for the contract): a subclass
+    defines :meth:`map_unordered`, and may override ``__enter__`` and :meth:`close`."""
 
     name = "executor"
 
@@ -82,9 +84,9 @@ class Executor:
     def close(self) -> None:
         """Release the engine and cancel queued jobs; calling it twice is harmless."""
 
+    @abc.abstractmethod
     def map_unordered(self, function: Callable, jobs: Iterable) -> Iterator[tuple[Any, Any]]:
         """Yield ``(job, function(job))`` — or ``(job, exception)`` — for every job as it finishes."""
-        raise NotImplementedError
 
 
 class SerialExecutor(Executor):

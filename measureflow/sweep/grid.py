@@ -1,5 +1,5 @@
-"""Sweeps: a scenario run over a parameter grid × seeds, one H5MD file per run (DESIGN.md
-"Sweeps and distribution").
+"""Planning a sweep: a scenario over a parameter grid × seeds, one H5MD file per run (DESIGN.md
+"Sweeps and distribution"), and the sweep's index.
 
     measureflow sweep scenarios/relaxation.py --grid n=100,1000 --grid t1=1,2 --seeds 0-9 --out runs/grid
 
@@ -24,9 +24,7 @@ expands into 2 × 2 × 10 runs. What this module fixes:
   from the checkpoint beside their file, and runs the rest. A failing run is recorded with its
   error and does not stop the others; it is attempted again by the next invocation.
 
-The driver hands :class:`~measureflow.sweep_run.Job` objects to an executor (see
-:mod:`measureflow.executors`); with ``pack=True`` the runs of one grid point form one job,
-advanced as one batch of replicas (:mod:`measureflow.sweep_pack`).
+This module plans a sweep and keeps its index; :mod:`measureflow.sweep.driver` runs it.
 """
 
 from __future__ import annotations
@@ -37,25 +35,30 @@ import itertools
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Iterable
 
 import attrs
+import torch
 
-from .errors import MeasureflowError, ParameterError
+from ..errors import MeasureflowError, ParameterError
+from ..io.checkpoint import fsync_directory
+from ..io.runinfo import to_jsonable
 
 __all__ = [
     "parse_grid",
     "parse_seeds",
+    "check_dtype",
+    "check_device",
     "run_key",
     "derive_seed",
     "RunSpec",
+    "check_sweepable",
     "plan_runs",
     "SweepIndex",
-    "SweepReport",
-    "run_sweep",
+    "write_atomic",
+    "now",
     "INDEX_NAME",
     "OUTPUT_PARAMETERS",
 ]
@@ -124,8 +127,6 @@ def check_device(device: str) -> str:
     """Validate the spelling of ``--device`` (whether the device exists is checked where runs execute)."""
     if device == "auto":
         return device
-    import torch
-
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
@@ -187,12 +188,6 @@ class RunSpec:
     point: str
 
 
-def _jsonable_parameters(params: dict, scenario: str) -> dict:
-    from .io.runinfo import to_jsonable
-
-    return to_jsonable(params, f"scenario {scenario!r} parameters")
-
-
 def check_sweepable(scn, grid: dict, fixed: dict) -> None:
     """Refuse a scenario without ``out``/``seed`` parameters, and grid or fixed values for them."""
     params = scn.parameters
@@ -227,7 +222,7 @@ def plan_runs(scn, grid: dict, labels: list[int], directory: Path, *, fixed: dic
     runs, seen = [], set()
     for values in itertools.product(*(grid[n] for n in names)):
         resolved = scn.resolve({**fixed, **dict(zip(names, values))})
-        resolved = _jsonable_parameters(resolved, scn.name)
+        resolved = to_jsonable(resolved, f"scenario {scn.name!r} parameters")
         point = run_key(scn.name, {k: v for k, v in resolved.items() if k != "seed"}, key_dtype)
         for label in labels:
             params = dict(resolved, seed=derive_seed(sweep_seed, scn.name, resolved, label))
@@ -245,14 +240,13 @@ def plan_runs(scn, grid: dict, labels: list[int], directory: Path, *, fixed: dic
 # the index
 
 
-def _now() -> str:
+def now() -> str:
+    """The current UTC time, to the second, as the index records it."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` so that readers see the old or the new file, never a torn one."""
-    from .io.checkpoint import fsync_directory
-
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -273,7 +267,7 @@ class SweepIndex:
     ``status`` (``pending``, ``completed``, ``failed`` or the run's own status: ``nonfinite``,
     ``blowup``, ``terminated`` …), ``message``, ``error`` (traceback of a failure),
     ``wall_time`` (seconds; a packed run gets its share of the pack's time), ``observables``
-    (final values, see :func:`measureflow.sweep_run.final_observables`), ``device``, ``pack``
+    (final values, see :func:`measureflow.sweep.run.final_observables`), ``device``, ``pack``
     (runs in its batch) and ``updated`` (UTC time).
     """
 
@@ -311,7 +305,7 @@ class SweepIndex:
         if throttle and time.monotonic() - self._saved_at < INDEX_INTERVAL:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.header["updated"] = _now()
+        self.header["updated"] = now()
         text = json.dumps({"format": INDEX_FORMAT, "sweep": self.header, "runs": self.runs}, indent=1, allow_nan=True)
         write_atomic(self.path, text)
         self._saved_at = time.monotonic()
@@ -321,176 +315,8 @@ class SweepIndex:
         entry.update(parameters=run.parameters, label=run.label, file=Path(run.file).name)
         entry.setdefault("status", "pending")
         entry.update(fields)
-        entry["updated"] = _now()
+        entry["updated"] = now()
         return entry
 
     def file_of(self, key: str) -> Path:
         return self.directory / self.runs[key]["file"]
-
-
-# ------------------------------------------------------------------------------------------------
-# the driver
-
-
-@attrs.frozen
-class SweepReport:
-    """What :func:`run_sweep` did: counts by status, the runs that did not complete, the index path."""
-
-    index: Path
-    total: int
-    skipped: int
-    counts: dict
-    unfinished: tuple  # (key, status, message) of runs not completed
-    stopped: bool = False  # SIGTERM or a terminated run ended the sweep early
-
-    @property
-    def ok(self) -> bool:
-        return not self.unfinished and not self.stopped
-
-    def summary(self) -> str:
-        parts = ", ".join(f"{n} {status}" for status, n in sorted(self.counts.items()))
-        text = f"{self.total} runs: {parts or 'none run'} ({self.skipped} already completed); index {self.index}"
-        if self.stopped:
-            text += "; stopped early — run the same command again to continue"
-        return text
-
-
-def _recover(index: SweepIndex, run: RunSpec) -> bool:
-    """True when ``run`` is already completed (its file says so and no checkpoint is left)."""
-    from .io import completed_status
-
-    entry = index.runs.get(run.key, {})
-    file = Path(run.file)
-    checkpoint = Path(run.file + ".ckpt")
-    if entry.get("status") == "completed" and file.exists() and not checkpoint.exists():
-        return True
-    if checkpoint.exists() or completed_status(file) is None:
-        return False
-    # The run completed but the index missed it (the driver was killed before its next write).
-    from .sweep_run import summarise
-
-    outcome = summarise(run, "completed", "", None, entry.get("device", ""))
-    index.record(run, **outcome.record())
-    return True
-
-
-def _jobs(scenario_path: Path, name: str, runs: list[RunSpec], *, pack: bool, device: str, dtype: str | None,
-          directory: Path):
-    from .sweep_run import Job
-
-    if not pack:
-        return [Job(str(scenario_path), name, (run,), device, dtype) for run in runs]
-    points: dict[str, list[RunSpec]] = {}
-    for run in runs:
-        points.setdefault(run.point, []).append(run)
-    jobs = []
-    for members in points.values():
-        checkpoint = None
-        if len(members) > 1:
-            pack_key = hashlib.sha256(",".join(sorted(r.key for r in members)).encode()).hexdigest()[:16]
-            checkpoint = str(directory / f"pack-{pack_key}.ckpt")
-        jobs.append(Job(str(scenario_path), name, tuple(members), device, dtype, pack=len(members) > 1,
-                        checkpoint=checkpoint))
-    return jobs
-
-
-def _progress(total: int, initial: int, progress: bool | None, name: str):
-    from tqdm.auto import tqdm
-
-    disable = None if progress is None else not progress
-    if progress is None and os.environ.get("CI"):
-        disable = True
-    return tqdm(total=total, initial=initial, disable=disable, desc=f"sweep {name}", unit="run",
-                file=sys.stderr, dynamic_ncols=True)
-
-
-def run_sweep(
-    scenario,
-    grid: dict | None = None,
-    seeds="0",
-    out="sweep",
-    *,
-    fixed: dict | None = None,
-    name: str | None = None,
-    executor: str = "serial",
-    executor_options: dict | None = None,
-    pack: bool = False,
-    device: str = "auto",
-    dtype: str | None = None,
-    sweep_seed: int = 0,
-    progress: bool | None = None,
-) -> SweepReport:
-    """Run ``scenario`` (a scenario file) over ``grid`` (name → list of values) × ``seeds`` into ``out``.
-
-    ``fixed`` holds parameter values shared by every run; ``executor`` names a registered executor
-    built with ``executor_options``; ``pack`` advances the runs of one grid point as one batch;
-    ``device`` is ``auto`` (CUDA where the run executes and one is visible, else CPU), ``cpu`` or
-    ``cuda:N``; ``dtype`` casts each run's state. Returns a :class:`SweepReport`; the index is
-    ``out/sweep.json``. See the module docstring for keys, seeds and resumption.
-    """
-    from .executors import make_executor
-    from .scenario import choose_scenario, load_scenarios
-    from .simulation import install_sigterm
-    from .sweep_run import Outcome, execute
-
-    scenario_path = Path(scenario).absolute()
-    scenarios = load_scenarios(scenario_path)
-    scn = choose_scenario(scenarios, scenario_path, name)
-    directory = Path(out).absolute()
-    if directory.exists() and not directory.is_dir():
-        raise ParameterError(f"--out {out}: exists and is not a directory; give a directory for the sweep's files")
-    grid = {k: list(v) for k, v in (grid or {}).items()}
-    fixed = dict(fixed or {})
-    labels = parse_seeds(seeds)
-    dtype = check_dtype(dtype)
-    device = check_device(device)
-    engine = make_executor(executor, **(executor_options or {}))
-    runs = plan_runs(scn, grid, labels, directory, fixed=fixed, sweep_seed=sweep_seed, dtype=dtype)
-
-    index = SweepIndex.load(directory, missing_ok=True)
-    previous = index.header.get("scenario", {}).get("name")
-    if previous is not None and previous != scn.name:
-        raise ParameterError(
-            f"--out {out} holds a sweep of scenario {previous!r}; sweep {scn.name!r} into another directory"
-        )
-    index.header.update(scenario={"name": scn.name, "path": str(scenario_path)}, sweep_seed=int(sweep_seed),
-                        grid=sorted(set(index.header.get("grid", [])) | set(grid)), dtype=dtype)
-    index.header.setdefault("created", _now())
-    todo = [run for run in runs if not _recover(index, run)]
-    for run in todo:
-        index.record(run)
-    index.save()
-    skipped = len(runs) - len(todo)
-
-    counts: dict[str, int] = {}
-    unfinished = []
-    stop = engine.stopping
-    bar = _progress(len(runs), skipped, progress, scn.name)
-    restore = install_sigterm(stop)
-    try:
-        jobs = _jobs(scenario_path, scn.name, todo, pack=pack, device=device, dtype=dtype, directory=directory)
-        with engine:
-            for job, result in engine.map_unordered(execute, jobs):
-                if isinstance(result, BaseException):
-                    message = f"{type(result).__name__}: {result}"
-                    result = [Outcome.failure(run.key, message, message) for run in job.runs]
-                by_key = {outcome.key: outcome for outcome in result}
-                for run in job.runs:
-                    outcome = by_key.get(run.key) or Outcome.failure(run.key, "the executor returned no outcome for it")
-                    index.record(run, **outcome.record())
-                    counts[outcome.status] = counts.get(outcome.status, 0) + 1
-                    if outcome.status != "completed":
-                        unfinished.append((run.key, outcome.status, outcome.message))
-                    if outcome.status == "terminated":
-                        stop.set()
-                    bar.update(1)
-                index.save(throttle=True)
-                if stop.is_set():
-                    break
-        stopped = stop.is_set()
-    finally:
-        restore()
-        bar.close()
-        index.save()
-    return SweepReport(index.path, len(runs), skipped, counts, tuple(unfinished), stopped)
-
