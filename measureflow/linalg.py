@@ -3,7 +3,8 @@
 MATH.md §0 fixes every matrix function (Σ^{1/2}, Σ^{-1/2}, C^{1/2}, …) as the spectral function of a
 symmetric matrix: for S = U diag(λ) Uᵀ (``torch.linalg.eigh``), f(S) = U diag(f(λ)) Uᵀ. Everything
 here keeps the dtype and device of its inputs and acts on the symmetric part ½(S + Sᵀ), so that
-round-off asymmetry in a computed covariance is harmless.
+round-off asymmetry in a computed covariance is harmless. :func:`as_tensor` is the conversion every
+boundary (states, measures, fields) uses for array-likes handed in by a user.
 """
 
 from __future__ import annotations
@@ -14,11 +15,29 @@ import torch
 
 from .errors import ShapeError, StateError
 
-__all__ = ["symmetrize", "from_eigh", "matrix_function", "spd_roots", "spd_inverse", "check_psd", "covariance_pair"]
+__all__ = ["as_tensor", "symmetrize", "from_eigh", "matrix_function", "spd_roots", "spd_inverse", "check_psd", "covariance_pair"]
 
 # Eigenvalues within this many ulps of the largest one (in modulus) are rounding noise: a matrix whose
 # smallest eigenvalue is below that level is numerically singular.
 _ULPS = 16
+
+
+def as_tensor(value, *, dtype=None, device=None, name="value") -> torch.Tensor:
+    """Convert array-likes (numpy, lists, tensors) to a torch tensor, keeping tensors' dtype/device."""
+    if isinstance(value, torch.Tensor):
+        out = value
+        if dtype is not None or device is not None:
+            out = out.to(dtype=dtype or out.dtype, device=device or out.device)
+        return out
+    try:
+        out = torch.as_tensor(value, device=device)
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        raise StateError(f"{name}: cannot convert {type(value).__name__} to a tensor ({exc})") from exc
+    if dtype is not None:
+        out = out.to(dtype)
+    elif not out.is_floating_point():
+        out = out.to(torch.get_default_dtype())
+    return out
 
 
 def symmetrize(a: torch.Tensor) -> torch.Tensor:
@@ -79,8 +98,6 @@ def covariance_pair(S0, S1, where: str = "", names: tuple[str, str] = ("S0", "S1
     entries, tensors on different devices and non-square or mismatched shapes are refused.
     """
     # state.py builds on this module (symmetrize), so its converter is imported at call time.
-    from .state import as_tensor
-
     prefix = f"{where}: " if where else ""
     a = as_tensor(S0, name=names[0])
     b = as_tensor(S1, name=names[1])

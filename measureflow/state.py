@@ -20,27 +20,9 @@ import attrs
 import torch
 
 from .errors import ShapeError, StateError
-from .linalg import symmetrize
+from .linalg import as_tensor, symmetrize
 
 __all__ = ["Particles", "Gaussians", "State", "as_tensor"]
-
-
-def as_tensor(value, *, dtype=None, device=None, name="value") -> torch.Tensor:
-    """Convert array-likes (numpy, lists, tensors) to a torch tensor, keeping tensors' dtype/device."""
-    if isinstance(value, torch.Tensor):
-        out = value
-        if dtype is not None or device is not None:
-            out = out.to(dtype=dtype or out.dtype, device=device or out.device)
-        return out
-    try:
-        out = torch.as_tensor(value, device=device)
-    except Exception as exc:  # noqa: BLE001 - re-raised with context
-        raise StateError(f"{name}: cannot convert {type(value).__name__} to a tensor ({exc})") from exc
-    if dtype is not None:
-        out = out.to(dtype)
-    elif not out.is_floating_point():
-        out = out.to(torch.get_default_dtype())
-    return out
 
 
 def _positions(value) -> torch.Tensor:
