@@ -85,8 +85,15 @@ class Solver(abc.ABC):
 
     @property
     def options(self) -> dict:
-        """The constructor keyword arguments, JSON-serialisable (written to trajectory parameters)."""
-        return {}
+        """The constructor keyword arguments, JSON-serialisable (written to trajectory parameters):
+        by default its controller's options."""
+        controller = self.controller
+        return dict(controller.options) if controller is not None else {}
+
+    @property
+    def max_halvings(self) -> int | None:
+        """How many times a Gaussian step leaving the SPD cone is halved (its constant controller's)."""
+        return getattr(self.controller, "max_halvings", None)
 
     def advance(self, field, state, t0: float, t1: float, noise=None):
         """Integrate ``state`` from t0 to t1 with a fresh run (a one-off :class:`Stepper`) and

@@ -115,14 +115,6 @@ class ExplicitRungeKutta(Solver):
         """Order of the embedded error estimate (one less than the method's)."""
         return self.tableau.order - 1
 
-    @property
-    def max_halvings(self) -> int | None:
-        return getattr(self.controller, "max_halvings", None)
-
-    @property
-    def options(self) -> dict:
-        return dict(self.controller.options)
-
     # -- stepping -------------------------------------------------------------------------------------
     def init(self, dynamics, t0: float, y):
         """f(t0, y) for a first-same-as-last method (its first stage), else None."""

@@ -51,14 +51,6 @@ class EulerMaruyama(Solver):
     def __init__(self, *, max_halvings: int = 10, controller=None):
         self.controller = controller if controller is not None else ConstantController(max_halvings=max_halvings)
 
-    @property
-    def max_halvings(self) -> int | None:
-        return getattr(self.controller, "max_halvings", None)
-
-    @property
-    def options(self) -> dict:
-        return dict(self.controller.options)
-
     def uses_noise(self, field) -> bool:
         return "diffusion" in capabilities(field)
 

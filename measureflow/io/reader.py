@@ -30,7 +30,7 @@ from ..status import STATUS_COMPLETED, Status
 from . import layout as L
 from .base import Series
 from .h5md import valid_rows
-from .trajectory import Trajectory
+from .trajectory import ShapedTrajectory, Trajectory
 
 __all__ = ["open_trajectory", "TrajectoryFile", "FrameArray", "completed_status", "FILE_STATUS_CODES"]
 
@@ -148,7 +148,7 @@ def completed_status(path) -> Status | None:
     return status if status is not None and status.code == STATUS_COMPLETED else None
 
 
-class TrajectoryFile(Trajectory):
+class TrajectoryFile(ShapedTrajectory):
     """A measureflow H5MD trajectory opened for reading (lazy; use as a context manager).
 
     Implements :class:`~measureflow.io.trajectory.Trajectory`: ``positions``, ``means``, ``covs``
@@ -233,23 +233,6 @@ class TrajectoryFile(Trajectory):
 
     def __len__(self) -> int:
         return self._frame_count
-
-    # -- shape --------------------------------------------------------------------------------------
-    @property
-    def kind(self) -> str:
-        return self._kind
-
-    @property
-    def replicas(self) -> int:
-        return self._replicas
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def dim(self) -> int:
-        return self._dim
 
     @property
     def source(self) -> str:

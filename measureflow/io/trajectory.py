@@ -30,7 +30,7 @@ from ..state import state_kind
 from ..status import Status
 from .base import Series
 
-__all__ = ["Trajectory", "RecordedTrajectory", "Snapshot", "KINDS"]
+__all__ = ["Trajectory", "ShapedTrajectory", "RecordedTrajectory", "Snapshot", "KINDS"]
 
 #: The kinds of trajectory: weighted particles, or Gaussian parameters (mean, covariance).
 KINDS = ("particles", "gaussians")
@@ -140,7 +140,34 @@ def _host(value) -> np.ndarray:
     return np.array(value, dtype=np.float64)
 
 
-class RecordedTrajectory(Trajectory):
+class ShapedTrajectory(Trajectory):
+    """A trajectory whose kind and shapes are fixed attributes (``_kind``, ``_replicas``, ``_size``,
+    ``_dim``), set once when it learns them: the common part of the file reader and the in-memory
+    trajectories."""
+
+    _kind: str | None = None
+    _replicas: int = 0
+    _size: int = 0
+    _dim: int = 0
+
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+    @property
+    def replicas(self) -> int:
+        return self._replicas
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+
+class RecordedTrajectory(ShapedTrajectory):
     """A trajectory held in memory as host numpy arrays, one entry per recorded frame.
 
     Fill it with :meth:`record_frame` and :meth:`record_observables`; :meth:`drop_after` cuts it
@@ -244,22 +271,6 @@ class RecordedTrajectory(Trajectory):
             del steps[keep:], times[keep:], values[keep:]
 
     # -- the protocol -------------------------------------------------------------------------------
-    @property
-    def kind(self) -> str:
-        return self._kind
-
-    @property
-    def replicas(self) -> int:
-        return self._replicas
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
     @property
     def parameters(self) -> dict:
         return self._parameters

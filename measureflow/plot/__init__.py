@@ -30,6 +30,7 @@ Modules: :mod:`~measureflow.plot.overview` (:func:`plot_run`), :mod:`~measureflo
 
 from __future__ import annotations
 
+from . import common
 from .animation import animate
 from .common import (
     CURVE_FRAMES,
@@ -51,11 +52,5 @@ __all__ = [
     "plot_covariance_ellipses",
     "quiver",
     "animate",
-    "PREFERRED_OBSERVABLES",
-    "LINE_FRAMES",
-    "ELLIPSE_FRAMES",
-    "CURVE_FRAMES",
-    "HEATMAP_FRAMES",
-    "MAX_REPLICA_LINES",
-    "MAX_OBSERVABLE_PANELS",
+    *common.LIMITS,
 ]

@@ -12,7 +12,8 @@ from matplotlib.figure import Figure
 
 from ..io.trajectory import Trajectory
 
-__all__ = [
+#: The limits a user may tune (re-exported by :mod:`measureflow.plot`).
+LIMITS = (
     "PREFERRED_OBSERVABLES",
     "LINE_FRAMES",
     "ELLIPSE_FRAMES",
@@ -20,6 +21,11 @@ __all__ = [
     "HEATMAP_FRAMES",
     "MAX_REPLICA_LINES",
     "MAX_OBSERVABLE_PANELS",
+)
+
+__all__ = [
+    *LIMITS,
+    "LIMITS",
     "CMAP",
     "even_indices",
     "particle_subset",

@@ -17,22 +17,6 @@ from .operations import Callback, Checkpoint, Observer, Operation, Progress, Rec
 from .process import Process
 from .signals import install_sigterm
 
-__all__ = [
-    "Process",
-    "RunLoop",
-    "RunOutcome",
-    "RunContext",
-    "StopPolicy",
-    "TimeGrid",
-    "Checkpointing",
-    "Operation",
-    "Observer",
-    "Record",
-    "Checkpoint",
-    "Callback",
-    "Progress",
-    "Health",
-    "observer_list",
-    "progress_enabled",
-    "install_sigterm",
-]
+from . import health, loop, operations, process, signals, specs
+
+__all__ = [*process.__all__, *loop.__all__, *specs.__all__, *operations.__all__, *health.__all__, *signals.__all__]

@@ -43,7 +43,7 @@ from .operations import WRITE, Checkpoint, Observer, Progress, progress_enabled
 from .signals import install_sigterm
 from .specs import Checkpointing, StopPolicy
 
-__all__ = ["RunLoop", "RunOutcome", "StopPolicy", "Checkpointing", "RunContext"]
+__all__ = ["RunLoop", "RunOutcome", "RunContext"]
 
 
 @attrs.frozen
