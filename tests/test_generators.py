@@ -11,7 +11,7 @@ import measureflow
 from measureflow import Gaussians
 from measureflow.errors import CapabilityError, MeasureflowError, ParameterError, ShapeError, TimeRangeError
 from measureflow.fields import Field
-from measureflow.generators import GeneratorMLP, ResidualGenerator, train_generator
+from measureflow.training import GeneratorMLP, ResidualGenerator, train_generator
 from measureflow.measures import Gaussian
 
 pytestmark = pytest.mark.usefixtures("small_reductions")
@@ -175,7 +175,7 @@ def test_interrupted_training_resumes_bit_for_bit(tmp_path, mode):
 
     with pytest.raises(RuntimeError, match="killed"):
         small_run(tmp_path, "resumed", mode=mode, checkpoint=ckpt, callback=crash)
-    assert torch.load(ckpt, weights_only=True)["iteration"] == 5
+    assert torch.load(ckpt, weights_only=True)["step"] == 5
     resumed = small_run(tmp_path, "resumed", mode=mode, checkpoint=ckpt, resume=True)
     assert resumed.ok and same_modules(resumed.generator, reference.generator)
     for key in ("velocity_sq", "fit", "steps", "snapshots"):
@@ -190,7 +190,7 @@ def test_interrupted_training_resumes_bit_for_bit(tmp_path, mode):
             assert np.array_equal(ref.observables[name].values[:], res.observables[name].values[:]), name
         assert res.status["status"] == "completed" and res.status["resumed_from"] == [5]
     # A run with other settings refuses the checkpoint instead of mixing two trainings.
-    with pytest.raises(MeasureflowError, match="different training run"):
+    with pytest.raises(MeasureflowError, match="different run"):
         small_run(mode=mode, checkpoint=ckpt, resume=True, step=0.3)
 
 
@@ -288,5 +288,5 @@ def test_bad_inputs_are_refused_with_a_useful_message(tmp_path):
         train_generator(GeneratorMLP(2, 2), Late(), 2, step=0.1, iterations=11, batch=8, eval_batch=8)
     ckpt = tmp_path / "other.ckpt"
     torch.save({"format": "something else"}, ckpt)
-    with pytest.raises(MeasureflowError, match="not a train_generator checkpoint"):
+    with pytest.raises(MeasureflowError, match="not a train_generator mmd checkpoint"):
         train_generator(None, field, 2, checkpoint=ckpt, resume=True, **common)

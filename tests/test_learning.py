@@ -23,7 +23,7 @@ import torch
 import measureflow as mf
 from measureflow.io import save_checkpoint
 from measureflow.errors import CapabilityError, MeasureflowError, ParameterError, ShapeError, TrajectoryFileError
-from measureflow.learning import (
+from measureflow.training import (
     TrainingResult,
     VelocityMLP,
     load_model,
@@ -213,7 +213,7 @@ def test_learned_field_approaches_the_closed_form(trained):
     tail = max(1, TRAIN["steps"] // 10) * TRAIN["batch_size"]
     assert abs(result.final_loss - l_star) < 4 * sd / math.sqrt(tail) + 0.01 * l_star
     assert result.steps[0] == 1 and result.steps[-1] == TRAIN["steps"] and len(result.losses) == TRAIN["steps"]
-    assert result.status == "completed" and result.wall_time > 0
+    assert result.ok and result.status.code == "completed" and result.wall_time > 0
     # regression_loss is the same functional estimated on fresh samples: L* + excess within its noise.
     fresh = regression_loss(result.model, SOURCE, TARGET, linear(), n=40_000,
                             generator=torch.Generator().manual_seed(14))
@@ -309,13 +309,13 @@ def test_resume_after_an_interrupted_run_gives_the_uninterrupted_result(tmp_path
     assert torch.load(path, weights_only=True)["step"] == 40
 
     # A different run refuses the checkpoint rather than mixing two trainings.
-    with pytest.raises(MeasureflowError, match="different training run"):
+    with pytest.raises(MeasureflowError, match="different run"):
         _small(checkpoint=path, resume=True, lr=5e-3, **cosine)
 
 
 def test_callback_can_stop_training_early():
     result = _small(callback=lambda step, loss, model: step == 15)
-    assert result.status == "stopped" and len(result.losses) == 15
+    assert result.status.code == "stopped" and result.status.step == 15 and len(result.losses) == 15
 
 
 # -- the learned field -------------------------------------------------------------------------------------
@@ -434,8 +434,9 @@ def test_bad_inputs_are_refused_with_a_useful_message(tmp_path):
             nan = torch.full_like(t, math.nan)
             return nan, nan, nan, nan
 
-    with pytest.raises(MeasureflowError, match="non-finite at step 1"):
-        train_velocity(SOURCE, TARGET, Broken(), **common)
+    # A non-finite loss is a status, not an exception (the run-loop vocabulary).
+    broken = train_velocity(SOURCE, TARGET, Broken(), **common)
+    assert broken.status.code == "nonfinite" and broken.status.step == 1 and len(broken.losses) == 0
 
     with pytest.raises(ParameterError, match="exactly one of model"):
         mf.field("learned")
