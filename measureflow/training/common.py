@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["default_device", "model_dtype", "default_optimizer", "to_jsonable_lenient"]
+__all__ = ["default_device", "model_dtype", "default_optimizer", "steps_kept", "to_jsonable_lenient"]
 
 
 def default_device(model) -> torch.device:
@@ -37,6 +37,15 @@ def default_optimizer(parameters, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=float(lr), fused=True)
     except (RuntimeError, ValueError, TypeError):
         return torch.optim.Adam(params, lr=float(lr))
+
+
+def steps_kept(outcome) -> int:
+    """How many steps of a finished run (a :class:`~measureflow.run.RunOutcome`) a result keeps: the
+    steps done, and for a run that went bad only those before its first bad step (the loop may have
+    advanced past it before its next health check)."""
+    if outcome.status.code in ("nonfinite", "blowup"):
+        return min(outcome.steps_done, max(0, outcome.status.step - 1))
+    return outcome.steps_done
 
 
 # The project's JSON helpers are meant to live in measureflow/jsonable.py; until that module exists

@@ -85,7 +85,7 @@ from ..scenario import scenario
 from ..state import Particles
 from ..status import Status
 from ..triggers import as_trigger
-from .common import default_device, default_optimizer, model_dtype, to_jsonable_lenient
+from .common import default_device, default_optimizer, model_dtype, steps_kept, to_jsonable_lenient
 from .networks import GeneratorMLP
 
 __all__ = [
@@ -106,7 +106,6 @@ CHECKPOINT_FORMAT = "measureflow-generator-training-2"
 DEFAULT_EVERY = 10
 #: The observables a run records (see the module docstring).
 PER_ITERATION = ("velocity_sq", "fit")
-DISTANCES = ("mmd", "sinkhorn")
 
 #: A scenario returning a :class:`GeneratorTraining` is an ordinary scenario (the runner takes any
 #: :class:`~measureflow.scenario.Runnable`); the name stays for scripts written against it.
@@ -282,6 +281,7 @@ def _module_desc(module: nn.Module) -> dict:
             "config": to_jsonable_lenient(getattr(module, "config", None))}
 
 
+# -- one iteration's pieces ----------------------------------------------------------------------------------
 
 
 def _velocity(field, t: float, x: torch.Tensor, field_name: str) -> torch.Tensor:
@@ -372,14 +372,6 @@ def _regress(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, opt,
 
     for _ in range(steps):
         opt.step(closure)
-
-
-def _distance_names(data, bandwidth, epsilon) -> list[str]:
-    if data is None:
-        return []
-    return [n for n, p in zip(DISTANCES, (bandwidth, epsilon)) if p is not None]
-
-
 
 
 # -- the result ---------------------------------------------------------------------------------------------
@@ -597,9 +589,7 @@ class GeneratorTrainingProcess(Process):
 
     # -- the result ---------------------------------------------------------------------------------------
     def result(self, outcome, config: dict, out) -> GeneratorResult:
-        kept = outcome.steps_done
-        if outcome.status.code in ("nonfinite", "blowup"):
-            kept = min(kept, max(0, outcome.status.step - 1))
+        kept = steps_kept(outcome)
         monitors = self.monitors[:kept].double().cpu().numpy()
         chosen = [k for k, s in enumerate(self.snapshot_steps) if s <= kept]
         snapshots = (torch.stack([self.snapshots[k] for k in chosen]).double().numpy() if chosen

@@ -47,7 +47,7 @@ from torch.nn import functional as F
 from ..errors import CapabilityError, ParameterError, ShapeError, TrajectoryFileError
 from ..run import Callback, Checkpointing, Process, RunLoop, StopPolicy
 from ..status import Status
-from .common import default_device, default_optimizer, model_dtype, to_jsonable_lenient
+from .common import default_device, default_optimizer, model_dtype, steps_kept, to_jsonable_lenient
 from .networks import VelocityMLP
 
 __all__ = [
@@ -506,7 +506,8 @@ def train_velocity(
                   "config": getattr(model, "config", None)},
         "source": desc0,
         "target": desc1,
-        "schedule": schedule.describe() if callable(getattr(schedule, "describe", None)) else getattr(schedule, "name", type(schedule).__name__),
+        "schedule": (schedule.describe() if callable(getattr(schedule, "describe", None))
+                     else getattr(schedule, "name", type(schedule).__name__)),
         "coupling": coupling_desc,
         "batch_size": batch_size,
         "lr": float(lr),
@@ -535,7 +536,7 @@ def train_velocity(
         progress=progress,
     )
     outcome = loop.run()
-    kept = _steps_kept(outcome)
+    kept = steps_kept(outcome)
     return TrainingResult(
         model=model,
         steps=np.arange(1, kept + 1),
@@ -544,14 +545,6 @@ def train_velocity(
         status=outcome.status,
         config=config,
     )
-
-
-def _steps_kept(outcome) -> int:
-    """Steps whose values a result keeps: those done, and for a run that went bad only those before
-    its first bad step (the loop may have advanced past it before its next health check)."""
-    if outcome.status.code in ("nonfinite", "blowup"):
-        return min(outcome.steps_done, max(0, outcome.status.step - 1))
-    return outcome.steps_done
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------
