@@ -2,7 +2,7 @@
 
 **Training step** (forward + loss + backward + optimiser step), at each ``--batch-sizes`` B, for the
 independent and the mini-batch exact-OT coupling with the linear schedule Zₜ = (1 − t)X₀ + tX₁
-(MATH.md §1). Both sides train the same network — a :class:`~measureflow.learning.VelocityMLP`
+(MATH.md §1). Both sides train the same network — a :class:`~measureflow.training.VelocityMLP`
 (d = 2, ``--hidden`` × ``--depth``, time embedding with 4 frequencies), the same initial weights —
 with Adam (lr 1e-3), on the same data: X₀ ~ N(0, I₂) and X₁ resampled with replacement from a fixed
 cloud of 20,000 points of an eight-Gaussian ring. Each side runs its public API:
@@ -78,7 +78,7 @@ from torch import nn
 
 import measureflow
 from measureflow.integrators import ButcherTableau, DormandPrince5, ExplicitRungeKutta
-from measureflow.learning import VelocityMLP, train_velocity
+from measureflow.training import VelocityMLP, train_velocity
 from measureflow.measures import Gaussian
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -42,8 +42,11 @@ _LAZY = {
     "diagnostics": ("measureflow.diagnostics", None),
     "schedules": ("measureflow.schedules", None),
     "couplings": ("measureflow.couplings", None),
-    "learning": ("measureflow.learning", None),
-    "generators": ("measureflow.generators", None),
+    "training": ("measureflow.training", None),
+    # Earlier names of the training package, kept so that measureflow.learning.train_velocity and
+    # measureflow.generators.train_generator still work.
+    "learning": ("measureflow.training", None),
+    "generators": ("measureflow.training", None),
 }
 
 
@@ -92,7 +95,7 @@ __all__ = [
     "diagnostics",
     "schedules",
     "couplings",
-    "learning",
+    "training",
     "MeasureflowError",
     "ShapeError",
     "StateError",

@@ -1,10 +1,10 @@
 """Learned velocity fields: a trained network used as a field (MATH.md §1, regression loss).
 
 ``learned``
-    v_t(x) = v_θ(x, t) for a network trained by :func:`measureflow.learning.train_velocity` (or any
+    v_t(x) = v_θ(x, t) for a network trained by :func:`measureflow.training.train_velocity` (or any
     ``nn.Module`` with ``forward(x, t)`` mapping (..., d) to (..., d)). Given as ``model=`` (a
-    module or a :class:`~measureflow.learning.TrainingResult`) or ``path=`` (a file written by
-    :func:`measureflow.learning.save_model`). It is local (it ignores the rest of the measure) and
+    module or a :class:`~measureflow.training.TrainingResult`) or ``path=`` (a file written by
+    :func:`measureflow.training.save_model`). It is local (it ignores the rest of the measure) and
     has no Gaussian closure, so it moves particles; any deterministic integrator runs it, forwards
     or backwards in time, and the run is written to HDF5 like any other.
 
@@ -42,7 +42,7 @@ class LearnedField(Field):
     name = "learned"
 
     def __init__(self, model=None, path=None, time_range=(0.0, 1.0)):
-        from measureflow.learning import TrainingResult, load_model
+        from measureflow.training import TrainingResult, load_model
 
         if (model is None) == (path is None):
             raise ParameterError("field 'learned' needs exactly one of model= (a trained network) or path= (a saved model file)")

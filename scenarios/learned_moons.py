@@ -191,13 +191,13 @@ def train_or_reuse(params: dict, source, target: Empirical, config: dict, device
     and is resumed; a checkpoint of another config (or any checkpoint, with ``retrain``) is
     discarded first.
     """
-    from measureflow import learning
+    from measureflow import training
 
     files = sidecar_files(params["out"])
     meta = _read_meta(files["meta"])
     same = meta is not None and meta.get("config") == config
     if same and meta.get("status") == "completed" and files["weights"].exists() and not params["retrain"]:
-        model = learning.load_model(files["weights"], device=device)
+        model = training.load_model(files["weights"], device=device)
         print(f"reusing the trained weights {files['weights']} ({len(meta['losses'])} steps, "
               f"final loss {meta['final_loss']:.4g})", file=sys.stderr)
         return model, {**meta, "trained": False}
@@ -207,7 +207,7 @@ def train_or_reuse(params: dict, source, target: Empirical, config: dict, device
     files["meta"].write_text(json.dumps({"config": config, "status": "training"}, indent=1))
     steps = params["train_steps"]
     print(f"training v_θ for {steps} steps on {device} (checkpoint {files['checkpoint']})", file=sys.stderr)
-    result = learning.train_velocity(
+    result = training.train_velocity(
         source, target, "linear",
         model=dict(hidden=params["hidden"], depth=params["depth"]),
         steps=steps, batch_size=params["batch_size"], lr=params["lr"],
@@ -215,12 +215,13 @@ def train_or_reuse(params: dict, source, target: Empirical, config: dict, device
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps),
         seed=params["seed"], device=device, checkpoint=files["checkpoint"], resume=True,
     )
-    if result.status != "completed":
-        raise MeasureflowError(
-            f"training {result.status} at step {len(result.losses)} of {steps}; run the scenario again "
-            f"to resume from {files['checkpoint']}"
-        )
-    learning.save_model(result.model, files["weights"])
+    if not result.ok:
+        if result.status.code == "nonfinite":
+            hint = f"lower lr, delete {files['checkpoint']} and run the scenario again"
+        else:
+            hint = f"run the scenario again to resume from {files['checkpoint']}"
+        raise MeasureflowError(f"training ({steps} steps) ended early: {result.status}; {hint}")
+    training.save_model(result.model, files["weights"])
     meta = {"config": config, "status": "completed", "final_loss": result.final_loss,
             "wall_time": result.wall_time, "losses": [float(v) for v in result.losses]}
     files["meta"].write_text(json.dumps(meta))
@@ -413,7 +414,7 @@ def conservativity(learned, exact, points: torch.Tensor, bridges: torch.Tensor) 
 def evaluate(result, params: dict) -> tuple[dict, dict]:
     """All the report's numbers (JSON-able) and the arrays its picture needs."""
     from measureflow import diagnostics as D
-    from measureflow import learning
+    from measureflow import training
 
     dev = result.state.x.device
     files = sidecar_files(params["out"])
@@ -421,7 +422,7 @@ def evaluate(result, params: dict) -> tuple[dict, dict]:
     src = make_source(params["source"])
     points, weights, upper = make_moons(params["n_atoms"], params["upper_mass"], params["seed"])
     target = Empirical(points, weights).to(device=dev)
-    learned = measureflow.field("learned", model=learning.load_model(files["weights"], device=dev))
+    learned = measureflow.field("learned", model=training.load_model(files["weights"], device=dev))
     exact = exact_field(src.to(device=dev), points.to(dev), weights.to(dev))
     rng = torch.Generator().manual_seed(params["seed"] + 2)
 

@@ -4,7 +4,7 @@ A small MLP G : R² → R² pushes standard normal latents to a 2-D toy data set
 seed (eight Gaussians on a circle, or a checkerboard). Each training iteration draws a batch
 x = G(ζ), evaluates a particle field on it (the batch is the field's state μ̂), moves the batch by one
 explicit Euler step x⁺ = x + τv[μ̂](x) and regresses G onto x⁺ (MATH.md §9: G⁺ = G + τU∘G is the Euler step
-of the particle ODE; :func:`measureflow.generators.train_generator`). Two fields drive it:
+of the particle ODE; :func:`measureflow.training.train_generator`). Two fields drive it:
 
 * ``drifting``: u = B_ε[β] − B_ε[μ] (kernel drifting, ε = ``drifting_epsilon`` a variance, MATH.md §9), which has no
   fixed functional;
@@ -33,7 +33,8 @@ import torch
 
 import measureflow
 from measureflow.errors import ParameterError
-from measureflow.generators import GeneratorTraining, generator_scenario, train_generator
+from measureflow.scenario import scenario
+from measureflow.training import GeneratorTraining, train_generator
 
 FIELDS = ("drifting", "sinkhorn")
 DATASETS = ("eight_gaussians", "checkerboard")
@@ -103,7 +104,7 @@ def companion_path(out: str, name: str) -> str:
 # -- the scenario --------------------------------------------------------------------------------------------
 
 
-@generator_scenario
+@scenario
 def one_step_generator(
     field: str = "drifting",
     compare: bool = True,

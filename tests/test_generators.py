@@ -1,7 +1,11 @@
 """One-step generators trained by explicit Euler steps of a particle field (MATH.md §9, last paragraph)."""
 
 import math
+import os
+import signal
+from pathlib import Path
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -11,7 +15,8 @@ import measureflow
 from measureflow import Gaussians
 from measureflow.errors import CapabilityError, MeasureflowError, ParameterError, ShapeError, TimeRangeError
 from measureflow.fields import Field
-from measureflow.generators import GeneratorMLP, ResidualGenerator, train_generator
+from measureflow.scenario import Runnable
+from measureflow.training import GeneratorMLP, GeneratorTraining, ResidualGenerator, train_generator
 from measureflow.measures import Gaussian
 
 pytestmark = pytest.mark.usefixtures("small_reductions")
@@ -175,7 +180,7 @@ def test_interrupted_training_resumes_bit_for_bit(tmp_path, mode):
 
     with pytest.raises(RuntimeError, match="killed"):
         small_run(tmp_path, "resumed", mode=mode, checkpoint=ckpt, callback=crash)
-    assert torch.load(ckpt, weights_only=True)["iteration"] == 5
+    assert torch.load(ckpt, weights_only=True)["step"] == 5
     resumed = small_run(tmp_path, "resumed", mode=mode, checkpoint=ckpt, resume=True)
     assert resumed.ok and same_modules(resumed.generator, reference.generator)
     for key in ("velocity_sq", "fit", "steps", "snapshots"):
@@ -190,8 +195,75 @@ def test_interrupted_training_resumes_bit_for_bit(tmp_path, mode):
             assert np.array_equal(ref.observables[name].values[:], res.observables[name].values[:]), name
         assert res.status.code == "completed" and res.status.resumed_from == (5,)
     # A run with other settings refuses the checkpoint instead of mixing two trainings.
-    with pytest.raises(MeasureflowError, match="different training run"):
+    with pytest.raises(MeasureflowError, match="different run"):
         small_run(mode=mode, checkpoint=ckpt, resume=True, step=0.3)
+
+
+def mmd_run(tmp_path, name, **kw):
+    """A small run on the MMD field, which keeps no warm start between calls."""
+    params = dict(iterations=12, batch=48, step=0.5, inner_steps=3, lr=3e-3, data=DATA[:100], eval_batch=60, every=4,
+                  mmd_bandwidth=0.5, sinkhorn_epsilon=None, seed=3, progress=False, checkpoint_every=5,
+                  out=tmp_path / f"{name}.h5")
+    params.update(kw)
+    field = measureflow.field("mmd", target=DATA[:100], bandwidth=0.5)
+    return train_generator(dict(hidden=16, depth=2), field, 2, **params)
+
+
+def test_sigterm_stops_training_with_a_checkpoint_and_resume_matches(tmp_path):
+    reference = mmd_run(tmp_path, "reference")
+    ckpt = tmp_path / "train.ckpt"
+
+    def terminate(i, generator):
+        if i == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = mmd_run(tmp_path, "resumed", checkpoint=ckpt, callback=terminate)
+    # Stopped at the end of iteration 7, between scheduled checkpoints (5, 10): the stop saved one there.
+    assert stopped.status.code == "terminated" and stopped.status.step == 7 and stopped.iterations == 7
+    assert np.array_equal(stopped.fit, reference.fit[:7]) and list(stopped.steps) == [0, 4]
+    assert torch.load(ckpt, weights_only=True)["step"] == 7
+    with measureflow.open(tmp_path / "resumed.h5") as traj:
+        assert traj.status["status"] == "terminated" and list(traj.observables["fit"].steps) == list(range(1, 8))
+    resumed = mmd_run(tmp_path, "resumed", checkpoint=ckpt, resume=True)
+    assert resumed.ok and same_modules(resumed.generator, reference.generator)
+    for key in ("velocity_sq", "fit", "steps", "snapshots"):
+        assert np.array_equal(getattr(resumed, key), getattr(reference, key)), key
+    assert np.array_equal(resumed.distances["mmd"], reference.distances["mmd"])
+    with measureflow.open(tmp_path / "reference.h5") as ref, measureflow.open(tmp_path / "resumed.h5") as res:
+        assert np.array_equal(ref.steps, res.steps) and np.array_equal(ref.positions[:], res.positions[:])
+        for name in ("velocity_sq", "fit", "mmd"):
+            assert np.array_equal(ref.observables[name].steps, res.observables[name].steps), name
+            assert np.array_equal(ref.observables[name].values[:], res.observables[name].values[:]), name
+        assert res.status["status"] == "completed" and res.status["resumed_from"] == [7]
+
+
+def test_generator_training_is_a_fixed_runnable(tmp_path):
+    base = GeneratorMLP(2, 2, hidden=8, depth=1, generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    field = measureflow.field("mmd", target=DATA[:50], bandwidth=0.5)
+    options = dict(iterations=4, batch=16, eval_batch=8, every=2, data=DATA[:50], sinkhorn_epsilon=None)
+    training = GeneratorTraining(base, field, 2, options=options, out=tmp_path / "g.h5", progress=False)
+    assert isinstance(training, Runnable) and training.n_steps == 4
+    assert training.writers[0].path == tmp_path / "g.h5"
+    # New runs, never a changed one.
+    labelled = training.with_options(parameters={"a": 1}, description="d", every=1)
+    assert training.parameters == {} and training.options["every"] == 2
+    assert labelled.parameters == {"a": 1} and labelled.description == "d" and labelled.options["every"] == 1
+    saving = training.with_checkpoint(tmp_path / "g.ckpt", every=2, resume=True)
+    assert training.checkpoint_path is None and not training.resume
+    assert saving.checkpoint_path == Path(tmp_path / "g.ckpt") and saving.resume and saving.checkpoint_trigger == 2
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        training.out = None
+    # run() trains a copy of the module: every run starts from the same weights.
+    first, second = training.run(), training.run()
+    assert first.ok and same_modules(first.generator, second.generator) and np.array_equal(first.fit, second.fit)
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ParameterError, match="not keyword arguments of train_generator"):
+        GeneratorTraining(None, field, 2, options={"iteration": 3})
+    with pytest.raises(ParameterError, match="as attributes"):
+        GeneratorTraining(None, field, 2, options={"checkpoint": "x.ckpt"})
+    with pytest.raises(ParameterError, match="unknown options"):
+        training.with_options(colour="red")
 
 
 def test_trajectory_file_is_readable_and_plots(tmp_path):
@@ -244,8 +316,11 @@ def test_nonfinite_field_ends_training_with_a_status(tmp_path):
     result = train_generator(dict(hidden=8, depth=1), _Broken(bad=3), 2, iterations=10, batch=16, eval_batch=8,
                              every=5, out=tmp_path / "bad.h5", progress=False)
     assert result.status.code == "nonfinite" and result.status.step == 3 and not result.ok
+    # What was recorded before the first bad iteration is kept, nothing after it.
+    assert result.iterations == 2 and np.isfinite(result.fit).all() and list(result.steps) == [0]
     with measureflow.open(tmp_path / "bad.h5") as traj:
         assert list(traj.steps) == [0] and traj.status.code == "nonfinite"
+        assert list(traj.observables["fit"].steps) == [1, 2]
 
 
 def test_bad_inputs_are_refused_with_a_useful_message(tmp_path):
@@ -288,5 +363,5 @@ def test_bad_inputs_are_refused_with_a_useful_message(tmp_path):
         train_generator(GeneratorMLP(2, 2), Late(), 2, step=0.1, iterations=11, batch=8, eval_batch=8)
     ckpt = tmp_path / "other.ckpt"
     torch.save({"format": "something else"}, ckpt)
-    with pytest.raises(MeasureflowError, match="not a train_generator checkpoint"):
+    with pytest.raises(MeasureflowError, match="not a train_generator mmd checkpoint"):
         train_generator(None, field, 2, checkpoint=ckpt, resume=True, **common)

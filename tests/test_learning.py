@@ -14,6 +14,8 @@ L(u) − L* = E_t E|u_t(Z_t) − v_t(Z_t)|² (MATH.md §1): these identities set
 from __future__ import annotations
 
 import math
+import os
+import signal
 
 import h5py
 import numpy as np
@@ -23,7 +25,7 @@ import torch
 import measureflow as mf
 from measureflow.io import save_checkpoint
 from measureflow.errors import CapabilityError, MeasureflowError, ParameterError, ShapeError, TrajectoryFileError
-from measureflow.learning import (
+from measureflow.training import (
     TrainingResult,
     VelocityMLP,
     load_model,
@@ -213,7 +215,7 @@ def test_learned_field_approaches_the_closed_form(trained):
     tail = max(1, TRAIN["steps"] // 10) * TRAIN["batch_size"]
     assert abs(result.final_loss - l_star) < 4 * sd / math.sqrt(tail) + 0.01 * l_star
     assert result.steps[0] == 1 and result.steps[-1] == TRAIN["steps"] and len(result.losses) == TRAIN["steps"]
-    assert result.status == "completed" and result.wall_time > 0
+    assert result.ok and result.status.code == "completed" and result.wall_time > 0
     # regression_loss is the same functional estimated on fresh samples: L* + excess within its noise.
     fresh = regression_loss(result.model, SOURCE, TARGET, linear(), n=40_000,
                             generator=torch.Generator().manual_seed(14))
@@ -309,13 +311,72 @@ def test_resume_after_an_interrupted_run_gives_the_uninterrupted_result(tmp_path
     assert torch.load(path, weights_only=True)["step"] == 40
 
     # A different run refuses the checkpoint rather than mixing two trainings.
-    with pytest.raises(MeasureflowError, match="different training run"):
+    with pytest.raises(MeasureflowError, match="different run"):
         _small(checkpoint=path, resume=True, lr=5e-3, **cosine)
 
 
 def test_callback_can_stop_training_early():
     result = _small(callback=lambda step, loss, model: step == 15)
-    assert result.status == "stopped" and len(result.losses) == 15
+    assert result.status.code == "stopped" and result.status.step == 15 and len(result.losses) == 15
+
+
+class _NaNFrom:
+    """The linear schedule, with NaN coefficients from the ``bad``-th optimiser step on."""
+
+    name = "linear_nan_from"
+    time_range = (0.0, 1.0)
+
+    def __init__(self, bad: int):
+        self.calls, self.bad, self.inner = 0, bad, linear()
+
+    def coefficients(self, t):
+        self.calls += 1
+        coefficients = self.inner.coefficients(t)
+        if self.calls < self.bad:
+            return coefficients
+        return tuple(torch.full_like(c, math.nan) for c in coefficients)
+
+
+def test_a_nonfinite_loss_ends_training_with_a_status_and_keeps_the_losses_before_it(tmp_path):
+    reference = _small()
+    path = tmp_path / "train.ckpt"
+    params = dict(model=dict(hidden=16, depth=2), steps=40, batch_size=64, lr=1e-2, seed=5, device="cpu",
+                  progress=False)
+    # Step 7 is the first with a NaN loss; the health record is read at the checkpoint of step 10.
+    result = train_velocity(SOURCE, TARGET, _NaNFrom(7), checkpoint=path, checkpoint_every=5, **params)
+    assert result.status.code == "nonfinite" and result.status.step == 7 and not result.ok
+    # Steps 1–6 are the reference run's, bit for bit; nothing from step 7 on is kept.
+    assert list(result.steps) == list(range(1, 7))
+    assert np.array_equal(result.losses, reference.losses[:6])
+    # The checkpoint was never replaced by a state that had gone bad: it is still the one of step 5.
+    assert torch.load(path, weights_only=True)["step"] == 5
+
+
+def test_sigterm_ends_training_with_a_checkpoint_and_resume_finishes_bit_for_bit(tmp_path):
+    cosine = dict(lr_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40))
+    reference = _small(**cosine)
+    path = tmp_path / "train.ckpt"
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def terminate(step, loss, model):
+        if step == 13:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = _small(checkpoint=path, checkpoint_every=10, callback=terminate, **cosine)
+    # SIGTERM is a stop request: the run ends at the end of step 13 and saves its checkpoint there.
+    assert stopped.status.code == "terminated" and stopped.status.step == 13
+    assert np.array_equal(stopped.losses, reference.losses[:13])
+    assert torch.load(path, weights_only=True)["step"] == 13
+    assert signal.getsignal(signal.SIGTERM) is handler  # the previous handler is back
+    resumed = _small(checkpoint=path, checkpoint_every=10, resume=True, **cosine)
+    assert resumed.ok and _same_weights(resumed.model, reference.model)
+    assert np.array_equal(resumed.losses, reference.losses)
+
+
+def test_earlier_module_names_are_aliases_of_the_training_package():
+    assert mf.learning is mf.training and mf.generators is mf.training
+    assert mf.learning.train_velocity is train_velocity
+    assert mf.generators.train_generator is mf.training.train_generator
 
 
 # -- the learned field -------------------------------------------------------------------------------------
@@ -434,8 +495,9 @@ def test_bad_inputs_are_refused_with_a_useful_message(tmp_path):
             nan = torch.full_like(t, math.nan)
             return nan, nan, nan, nan
 
-    with pytest.raises(MeasureflowError, match="non-finite at step 1"):
-        train_velocity(SOURCE, TARGET, Broken(), **common)
+    # A non-finite loss is a status, not an exception (the run-loop vocabulary).
+    broken = train_velocity(SOURCE, TARGET, Broken(), **common)
+    assert broken.status.code == "nonfinite" and broken.status.step == 1 and len(broken.losses) == 0
 
     with pytest.raises(ParameterError, match="exactly one of model"):
         mf.field("learned")

@@ -21,7 +21,7 @@ import torch
 
 import measureflow
 from measureflow import diagnostics as D
-from measureflow import learning
+from measureflow import training
 from measureflow.scenario import load_scenarios
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_run_writes_the_trajectory_the_picture_and_the_weights(first):
         assert traj.times[0] == 0.0 and traj.times[-1] == 1.0
         assert "mmd_to_target" in traj.observables
         assert traj.parameters["field"]["name"] == "learned"
-    model = learning.load_model(directory / "moons.weights.pt")
+    model = training.load_model(directory / "moons.weights.pt")
     assert model.config == {"dim": 2, "hidden": TINY["hidden"], "depth": TINY["depth"], "time_frequencies": 4}
     meta = json.loads((directory / "moons.training.json").read_text())
     assert meta["status"] == "completed" and len(meta["losses"]) == TINY["train_steps"]
@@ -155,13 +155,13 @@ def test_rerun_reuses_the_weights_and_retrain_forces_training(first, moons, monk
     weights = directory / "moons.weights.pt"
     before = weights.read_bytes()
     calls = []
-    original = learning.train_velocity
+    original = training.train_velocity
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("steps"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(learning, "train_velocity", counting)
+    monkeypatch.setattr(training, "train_velocity", counting)
     _, result, numbers = _run(moons, directory, **LIGHT)
     assert result.ok and calls == [] and not numbers["training"]["trained_now"]
     assert weights.read_bytes() == before

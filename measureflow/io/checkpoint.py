@@ -79,34 +79,6 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return payload
 
 
-def load_training_checkpoint(path, *, owner: str, expected_format: str, fingerprint: str, counter: str,
-                             limit: int, differs: str) -> tuple[dict, int]:
-    """Read a training loop's checkpoint and check that it belongs to this run; returns (payload, count).
-
-    ``owner`` names the loop (``"train_velocity"``), ``counter`` the payload key of its progress
-    (``"step"``, ``"iteration"``), ``limit`` the count the caller asks for, ``differs`` what a different
-    fingerprint means (for the message). Refuses another loop's file, another run's file, and a
-    checkpoint beyond ``limit``.
-    """
-    payload = load_checkpoint(path)
-    if payload.get("format") != expected_format:
-        raise TrajectoryFileError(
-            f"checkpoint {path} is not a {owner} checkpoint (format {payload.get('format')!r}); point "
-            "checkpoint= at the file that training wrote, or delete it"
-        )
-    if payload.get("fingerprint") != fingerprint:
-        raise MeasureflowError(
-            f"checkpoint {path} belongs to a different training run ({differs}); delete it or point "
-            "checkpoint= elsewhere"
-        )
-    done = int(payload[counter])
-    if done > limit:
-        raise ParameterError(
-            f"{owner}: checkpoint {path} is at {counter} {done}, beyond {counter}s = {limit}; ask for at least {done}"
-        )
-    return payload, done
-
-
 def load_run_checkpoint(path, *, owner: str, expected_format: str, fingerprint: str, limit: int,
                         differs: str) -> dict:
     """Read a run's checkpoint (:class:`measureflow.run.RunLoop`) and check that it belongs to this run.

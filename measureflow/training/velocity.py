@@ -22,6 +22,10 @@ forward. With source = data and target = noise, generation integrates it backwar
 The loss is unhalved and summed over coordinates (a squared Euclidean norm), so its values are
 directly comparable with L*.
 
+Training runs on the run loop (:mod:`measureflow.run.loop`) as a :class:`VelocityTrainingProcess`:
+one step is one optimiser step, its health is the step's loss, so a non-finite loss ends the run
+with status ``nonfinite`` at the first bad step and the losses before it are kept.
+
 A trained network becomes a field like any other through the ``learned`` field plugin
 (``measureflow.field("learned", model=result.model)`` or ``path="model.pt"``).
 """
@@ -31,10 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import sys
-import threading
-import time as _time
 from pathlib import Path
 from typing import Callable
 
@@ -44,12 +44,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import CapabilityError, MeasureflowError, ParameterError, ShapeError, TrajectoryFileError
-from .run import install_sigterm
+from ..errors import CapabilityError, ParameterError, ShapeError, TrajectoryFileError
+from ..run import Callback, Checkpointing, Process, RunLoop, StopPolicy
+from ..status import Status
+from .common import default_device, default_optimizer, model_dtype, steps_kept, to_jsonable_lenient
+from .networks import VelocityMLP
 
 __all__ = [
     "VelocityMLP",
     "TrainingResult",
+    "VelocityTrainingProcess",
     "train_velocity",
     "regression_loss",
     "save_model",
@@ -57,95 +61,14 @@ __all__ = [
     "plot_loss",
 ]
 
-CHECKPOINT_FORMAT = "measureflow-training-1"
+CHECKPOINT_FORMAT = "measureflow-training-2"
 MODEL_FORMAT = "measureflow-velocity-model-1"
+#: The class names a model file may carry for a VelocityMLP (files written before the training
+#: package recorded the class under measureflow.learning).
+VELOCITY_MLP_CLASSES = (f"{VelocityMLP.__module__}.{VelocityMLP.__qualname__}", "measureflow.learning.VelocityMLP")
 
 # Step losses kept as separate 0-dim tensors before one stacked copy into the loss history.
 _LOSS_BUFFER = 256
-
-
-# -- the network ----------------------------------------------------------------------------------------
-
-
-class VelocityMLP(nn.Module):
-    """A time-conditioned multilayer perceptron v_θ(x, t) : R^d × R → R^d.
-
-    The input is (x, e(t)) with the time embedding e(t) = (t, sin(kπt), cos(kπt))_{k=1..F}
-    (F = ``time_frequencies``; periods 2/k on the unit interval, so the network can represent fields
-    whose time dependence is sharp near an endpoint without a very deep stack); then ``depth``
-    hidden layers of width ``hidden`` with SiLU activations and a linear output layer.
-
-    ``forward(x, t)`` accepts x of shape (..., d) with any leading dimensions (a batch (B, d) in
-    training, a particle state (R, N, d) when used as a field) and t a Python number, a 0-dim
-    tensor, or a tensor of shape x.shape[:-1] (or x.shape[:-1] + (1,)); it returns (..., d).
-
-    ``config`` holds the constructor arguments; :func:`save_model` stores it next to the weights so
-    that :func:`load_model` can rebuild the network. ``generator`` draws the initial weights (see
-    :meth:`reset_parameters`); without it they come from the global torch random state.
-    """
-
-    def __init__(self, dim: int, hidden: int = 64, depth: int = 3, time_frequencies: int = 4,
-                 *, device=None, dtype=None, generator: torch.Generator | None = None):
-        super().__init__()
-        for name, value, low in (("dim", dim, 1), ("hidden", hidden, 1), ("depth", depth, 1),
-                                 ("time_frequencies", time_frequencies, 0)):
-            if isinstance(value, bool) or int(value) != value or int(value) < low:
-                raise ParameterError(f"VelocityMLP: {name} must be an integer >= {low}; received {value!r}")
-        self.config = {"dim": int(dim), "hidden": int(hidden), "depth": int(depth),
-                       "time_frequencies": int(time_frequencies)}
-        factory = {"device": device, "dtype": dtype}
-        freqs = math.pi * torch.arange(1, int(time_frequencies) + 1, **factory)
-        # Not a learned quantity: kept out of the state dict so the file holds weights only.
-        self.register_buffer("frequencies", freqs, persistent=False)
-        width_in = int(dim) + 1 + 2 * int(time_frequencies)
-        layers: list[nn.Module] = [nn.Linear(width_in, int(hidden), **factory), nn.SiLU()]
-        for _ in range(int(depth) - 1):
-            layers += [nn.Linear(int(hidden), int(hidden), **factory), nn.SiLU()]
-        layers.append(nn.Linear(int(hidden), int(dim), **factory))
-        self.net = nn.Sequential(*layers)
-        if generator is not None:
-            self.reset_parameters(generator)
-
-    @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Re-draw the weights with PyTorch's default ``nn.Linear`` law (W, b ~ U(±1/√fan_in)),
-        from ``generator`` when given, so that an initialisation is reproducible without touching
-        the global random state."""
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                bound = 1.0 / math.sqrt(layer.in_features)
-                layer.weight.uniform_(-bound, bound, generator=generator)
-                layer.bias.uniform_(-bound, bound, generator=generator)
-
-    @property
-    def dim(self) -> int:
-        return self.config["dim"]
-
-    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
-        """e(t) for t of shape (..., 1): returns (..., 1 + 2F)."""
-        angles = t * self.frequencies
-        return torch.cat([t, torch.sin(angles), torch.cos(angles)], dim=-1)
-
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        if x.shape[-1] != self.dim:
-            raise ShapeError(
-                f"VelocityMLP: x must have shape (..., d) with d = {self.dim}; received {tuple(x.shape)}"
-            )
-        lead = x.shape[:-1]
-        if isinstance(t, torch.Tensor):
-            t = t.to(dtype=x.dtype)
-            if t.ndim == x.ndim and t.shape[-1] == 1:
-                t = t.expand(*lead, 1)
-            else:
-                t = t.expand(lead).unsqueeze(-1)
-        else:
-            # A fill from a Python number: no host→device copy.
-            t = torch.full((*lead, 1), float(t), dtype=x.dtype, device=x.device)
-        return self.net(torch.cat([x, self.embed_time(t)], dim=-1))
-
-    def extra_repr(self) -> str:
-        c = self.config
-        return f"dim={c['dim']}, hidden={c['hidden']}, depth={c['depth']}, time_frequencies={c['time_frequencies']}"
 
 
 # -- inputs ------------------------------------------------------------------------------------------------
@@ -192,7 +115,7 @@ def _sampler(obj, role: str, device: torch.device, dtype: torch.dtype) -> tuple[
 
 def _resolve_schedule(schedule):
     if isinstance(schedule, str):
-        from .plugins import get_registry
+        from ..plugins import get_registry
 
         return get_registry().schedule(schedule)
     if not callable(getattr(schedule, "coefficients", None)):
@@ -203,17 +126,13 @@ def _resolve_schedule(schedule):
     return schedule
 
 
-def _identity_pairing(x0, x1, generator=None):
-    return x0, x1
-
-
 def _resolve_coupling(coupling, params):
     """(callable or None for the independent pairing, JSON-able description)."""
     if coupling is None or coupling == "independent":
         # Independent samples paired row by row are already a sample of the product coupling.
         return None, {"name": "independent"}
     if isinstance(coupling, str):
-        from . import couplings
+        from .. import couplings
 
         fn = couplings.get(coupling, **params)
         describe = getattr(fn, "describe", None)
@@ -248,44 +167,10 @@ def _check_t_range(t_range, schedule) -> tuple[float, float]:
     return lo, hi
 
 
-def default_device(model):
-    """Where training runs when no device is given: the model's parameters' device, else CUDA when present."""
-    if isinstance(model, nn.Module):
-        for p in model.parameters():
-            return p.device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def model_dtype(model) -> torch.dtype:
-    """The dtype of the model's parameters (torch's default for a model without any)."""
-    for p in model.parameters():
-        return p.dtype
-    return torch.get_default_dtype()
-
-
-def default_optimizer(parameters, lr: float) -> torch.optim.Optimizer:
-    """Adam with learning rate ``lr``, in its fused form (one kernel per parameter tensor) where the
-    parameters' device and dtype support it, else the standard form. Same update rule; for the small
-    networks of flow matching the per-tensor launches of the standard form are a large part of a
-    step (about a quarter at batch 256 on one CPU thread; benchmarks/README.md)."""
-    params = list(parameters)
-    try:
-        return torch.optim.Adam(params, lr=float(lr), fused=True)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.Adam(params, lr=float(lr))
-
-
-def _jsonable(value):
-    return json.loads(json.dumps(value, default=str))
-
-
-def progress_enabled(progress) -> bool:
-    """Whether to show a progress bar: as asked, else on an interactive terminal and never under CI=true."""
-    if progress is not None:
-        return bool(progress)
-    if os.environ.get("CI"):
-        return False
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise ParameterError(f"train_velocity: {name} must be a positive integer; received {value!r}")
+    return int(value)
 
 
 # -- the result ---------------------------------------------------------------------------------------------
@@ -297,17 +182,23 @@ class TrainingResult:
 
     ``model`` is the trained network (on the training device, in train mode); ``steps`` and
     ``losses`` the loss curve (``losses[i]`` is the mini-batch loss of optimiser step ``steps[i]``,
-    1-based); ``wall_time`` the seconds spent training in this call (a resumed run adds its earlier
-    time, recorded in the checkpoint); ``status`` is ``"completed"``, ``"stopped"`` (the callback
-    asked to stop) or ``"terminated"`` (SIGTERM); ``config`` the JSON-able training set-up.
+    1-based; a run that went non-finite keeps the losses before its first bad step); ``wall_time``
+    the seconds spent training (a resumed run adds its earlier time, recorded in the checkpoint);
+    ``status`` a :class:`~measureflow.status.Status`: ``completed``, ``stopped`` (the callback asked
+    to stop), ``terminated`` (SIGTERM) or ``nonfinite`` (a NaN or infinite loss, at the step it
+    names); ``config`` the JSON-able training set-up.
     """
 
     model: nn.Module
     steps: np.ndarray
     losses: np.ndarray
     wall_time: float
-    status: str = "completed"
+    status: Status
     config: dict = attrs.field(factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status.ok
 
     @property
     def final_loss(self) -> float:
@@ -326,8 +217,147 @@ class TrainingResult:
         return plot_loss(self, out, **kwargs)
 
     def __repr__(self) -> str:
-        return (f"TrainingResult(status={self.status!r}, steps={len(self.steps)}, "
+        return (f"TrainingResult(status={self.status}, steps={len(self.steps)}, "
                 f"final_loss={self.final_loss:.4g}, wall_time={self.wall_time:.3g}s)")
+
+
+# -- the process ----------------------------------------------------------------------------------------------
+
+
+class VelocityTrainingProcess(Process):
+    """Flow-matching regression as the run loop drives it: step k is optimiser step k (time k).
+
+    The run's state is the last step's loss (a 0-dim tensor on the training device; NaN before the
+    first step), which is also its health. The loss curve stays on the device: step losses are
+    gathered in blocks of 256 into one preallocated tensor, so no step waits for the host.
+    """
+
+    label = "train_velocity"
+    unit = "step"
+    checkpoint_format = CHECKPOINT_FORMAT
+    differs = "other model, schedule, coupling, batch size, learning rate, seed or dtype"
+
+    def __init__(self, *, model, optimizer, lr_scheduler, generator, draw_source, draw_target, pair, schedule,
+                 t_range, batch_size: int, steps: int, device, dtype, fingerprint: str):
+        self.model = model
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.generator = generator
+        self.draw_source = draw_source
+        self.draw_target = draw_target
+        self.pair = pair
+        self.schedule = schedule
+        self.t_lo, self.t_hi = t_range
+        self.batch_size = batch_size
+        self.n_steps = steps
+        self.device = device
+        self.dtype = dtype
+        self._fingerprint = fingerprint
+        self.losses = torch.empty(steps, dtype=dtype, device=device)
+        # Detached step losses not yet copied into `losses`: one stacked copy every few steps
+        # instead of an indexed copy per step (the step's fixed cost matters for small networks).
+        self.pending: list[torch.Tensor] = []
+        self.written = 0
+
+    def time_at(self, step: int) -> float:
+        return float(step)
+
+    def start(self):
+        self.model.train()
+        return torch.full((), math.nan, dtype=self.dtype, device=self.device)
+
+    def advance(self, state, step: int):
+        batch, generator, device, dtype = self.batch_size, self.generator, self.device, self.dtype
+        lo, span = self.t_lo, self.t_hi - self.t_lo
+        x0 = self.draw_source(batch, generator)
+        x1 = self.draw_target(batch, generator)
+        if self.pair is not None:
+            x0, x1 = self.pair(x0, x1, generator=generator)
+        t = torch.rand(batch, generator=generator, device=device, dtype=dtype)
+        if lo != 0.0 or span != 1.0:
+            t = lo + span * t
+        # Coefficients of shape (B, 1), broadcasting against the (B, d) batch.
+        a, da, b, db = self.schedule.coefficients(t.unsqueeze(-1))
+        if a.dtype != dtype:
+            a, da, b, db = (c.to(dtype) for c in (a, da, b, db))
+        z = torch.addcmul(a * x0, b, x1)
+        u = torch.addcmul(da * x0, db, x1)
+        v = self.model(z, t)
+        # mean_i |v_i − u_i|², one fused kernel with one backward node
+        loss = F.mse_loss(v, u, reduction="sum") / v.shape[0]
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        loss = loss.detach()
+        self.pending.append(loss)
+        if len(self.pending) >= _LOSS_BUFFER:
+            self.flush_losses()
+        return loss
+
+    def flush_losses(self) -> None:
+        """Copy the pending step losses into the loss history (one stacked copy on the device)."""
+        pending = self.pending
+        if pending:
+            self.losses[self.written:self.written + len(pending)] = torch.stack(pending)
+            self.written += len(pending)
+            pending.clear()
+
+    def loss_history(self, upto: int) -> np.ndarray:
+        """The losses of steps 1 … ``upto`` as float64 on the host."""
+        self.flush_losses()
+        return self.losses[:upto].detach().to(torch.float64).cpu().numpy()
+
+    def health(self, state):
+        return state
+
+    def run_info(self, state, observable_shapes: dict, resume_step):
+        return None  # nothing is written to a trajectory
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def state_dict(self, state) -> dict:
+        self.flush_losses()
+        sched = self.lr_scheduler
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": None if sched is None else sched.state_dict(),
+            "generator": self.generator.get_state(),
+            "losses": self.losses[:self.written].detach().cpu(),
+        }
+
+    def load_state_dict(self, saved: dict):
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.lr_scheduler is not None and saved.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        self.generator.set_state(saved["generator"])
+        history = saved["losses"]
+        done = int(history.shape[0])
+        self.losses[:done] = history.to(device=self.device, dtype=self.dtype)
+        self.pending.clear()
+        self.written = done
+        self.model.train()
+        if done == 0:
+            return torch.full((), math.nan, dtype=self.dtype, device=self.device)
+        return self.losses[done - 1].clone()
+
+    def postfix(self, context) -> dict:
+        return {"loss": f"{float(context.state):.4g}"}
+
+
+def _loss_callback(callback: Callable, model: nn.Module) -> Callable:
+    """``callback(step, loss, model)`` as a run-loop callback ``f(step, time, state)`` (the state is the loss)."""
+
+    def call(step, time, loss):
+        return callback(step, loss, model)
+
+    call.__name__ = getattr(callback, "__name__", "callback")
+    return call
 
 
 # -- training -----------------------------------------------------------------------------------------------
@@ -382,7 +412,8 @@ def train_velocity(
     steps, batch_size, lr:
         optimiser steps (in total, counting those of a resumed run), mini-batch size, learning rate.
     optimizer:
-        ``optimizer(parameters) -> torch.optim.Optimizer``; default :func:`default_optimizer` (Adam with ``lr``, fused where supported).
+        ``optimizer(parameters) -> torch.optim.Optimizer``; default
+        :func:`~measureflow.training.default_optimizer` (Adam with ``lr``, fused where supported).
     lr_scheduler:
         ``lr_scheduler(optimizer) -> torch.optim.lr_scheduler.LRScheduler``, stepped once per
         optimiser step and saved in checkpoints (e.g. ``lambda o: CosineAnnealingLR(o, T_max=steps)``,
@@ -400,29 +431,29 @@ def train_velocity(
     progress:
         a tqdm bar; None shows it when stderr is a terminal and the CI variable is unset.
     checkpoint, checkpoint_every, resume:
-        a checkpoint path written atomically every ``checkpoint_every`` steps (default steps // 10)
-        and at the end (model, optimiser, generator, loss history, step); with ``resume=True`` an
-        existing checkpoint is continued, and the result equals that of an uninterrupted run.
+        a checkpoint path written atomically every ``checkpoint_every`` steps (default steps // 10),
+        when the run is stopped (callback, SIGTERM) and at the end (model, optimiser, generator,
+        loss history, step); with ``resume=True`` an existing checkpoint is continued, and the
+        result equals that of an uninterrupted run.
     callback:
         ``callback(step, loss, model)`` after every step (``loss`` a 0-dim tensor still on the
-        device); returning True ends training early (status ``"stopped"``).
+        device); returning True ends training early (status ``stopped``).
+
+    A NaN or infinite loss ends training with status ``nonfinite`` naming the first bad step (the
+    loss is checked at checkpoints, every max(64, steps // 100) steps and at the end, without a
+    per-step host synchronisation); the result keeps the losses before that step.
     """
-    if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
-        raise ParameterError(f"train_velocity: steps must be a positive integer; received {steps!r}")
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
-        raise ParameterError(f"train_velocity: batch_size must be a positive integer; received {batch_size!r}")
+    steps = _positive_int(steps, "steps")
+    batch_size = _positive_int(batch_size, "batch_size")
     if not (float(lr) > 0 and math.isfinite(float(lr))):
         raise ParameterError(f"train_velocity: lr must be positive and finite; received {lr!r}")
-    steps, batch_size = int(steps), int(batch_size)
     if generator is not None and seed is not None:
         raise ParameterError("train_velocity: give seed or generator, not both")
     if resume and checkpoint is None:
         raise ParameterError("train_velocity: resume=True needs a checkpoint path (checkpoint='train.ckpt')")
     if checkpoint_every is None:
         checkpoint_every = max(1, steps // 10)
-    if isinstance(checkpoint_every, bool) or int(checkpoint_every) != checkpoint_every or int(checkpoint_every) < 1:
-        raise ParameterError(f"train_velocity: checkpoint_every must be a positive integer; received {checkpoint_every!r}")
-    checkpoint_every = int(checkpoint_every)
+    checkpoint_every = _positive_int(checkpoint_every, "checkpoint_every")
 
     schedule = _resolve_schedule(schedule)
     lo, hi = _check_t_range(t_range, schedule)
@@ -470,12 +501,13 @@ def train_velocity(
     opt = optimizer(model.parameters()) if optimizer is not None else default_optimizer(model.parameters(), lr)
     sched = lr_scheduler(opt) if lr_scheduler is not None else None
 
-    config = _jsonable({
+    config = to_jsonable_lenient({
         "model": {"class": f"{type(model).__module__}.{type(model).__qualname__}",
                   "config": getattr(model, "config", None)},
         "source": desc0,
         "target": desc1,
-        "schedule": schedule.describe() if callable(getattr(schedule, "describe", None)) else getattr(schedule, "name", type(schedule).__name__),
+        "schedule": (schedule.describe() if callable(getattr(schedule, "describe", None))
+                     else getattr(schedule, "name", type(schedule).__name__)),
         "coupling": coupling_desc,
         "batch_size": batch_size,
         "lr": float(lr),
@@ -488,148 +520,31 @@ def train_velocity(
     fingerprint = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in ("source", "target")},
                                             sort_keys=True).encode()).hexdigest()[:16]
 
-    losses = torch.empty(steps, dtype=dtype, device=device)
-    start_step = 0
-    earlier_time = 0.0
-    ckpt_path = Path(checkpoint) if checkpoint is not None else None
-    if resume and ckpt_path.exists():
-        start_step, earlier_time, history = _load_training(ckpt_path, fingerprint, model, opt, sched, generator, steps)
-        losses[:start_step] = history.to(device=device, dtype=dtype)
-
-    def save(step_done: int, elapsed: float):
-        _save_training(ckpt_path, fingerprint, config, step_done, model, opt, sched, generator,
-                       losses[:step_done], earlier_time + elapsed)
-
-    # Detached step losses not yet copied into `losses`: one stacked copy every few steps instead
-    # of an indexed copy per step (the step's fixed cost matters for small networks).
-    pending: list[torch.Tensor] = []
-    written = start_step
-
-    def flush():
-        nonlocal written
-        if pending:
-            losses[written:written + len(pending)] = torch.stack(pending)
-            written += len(pending)
-            pending.clear()
-
-    def check_finite(upto: int, since: int):
-        flush()
-        window = losses[since:upto]
-        bad = ~torch.isfinite(window)
-        if bool(bad.any()):  # host sync, only at progress/checkpoint/end points
-            first = since + int(bad.nonzero()[0, 0]) + 1
-            raise MeasureflowError(
-                f"train_velocity: the loss became non-finite at step {first}; lower lr, check the "
-                "schedule on t_range (a singular coefficient), or scale the data"
-            )
-
-    model.train()
-    bar = None
-    status = "completed"
-    stop_flag = threading.Event()
-    # SIGTERM ends training at the end of the current step (with a checkpoint when configured).
-    restore_signal = install_sigterm(stop_flag)
-    t_start = _time.monotonic()
-    checked = start_step
-    step = start_step
-    span = hi - lo
-    try:
-        if progress_enabled(progress) and start_step < steps:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps, initial=start_step, desc="train_velocity", unit="step",
-                       file=sys.stderr, dynamic_ncols=True)
-        refresh = max(1, steps // 100)
-        while step < steps:
-            x0 = draw0(batch_size, generator)
-            x1 = draw1(batch_size, generator)
-            if pair is not None:
-                x0, x1 = pair(x0, x1, generator=generator)
-            t = torch.rand(batch_size, generator=generator, device=device, dtype=dtype)
-            if lo != 0.0 or span != 1.0:
-                t = lo + span * t
-            # Coefficients of shape (B, 1), broadcasting against the (B, d) batch.
-            a, da, b, db = schedule.coefficients(t.unsqueeze(-1))
-            if a.dtype != dtype:
-                a, da, b, db = (c.to(dtype) for c in (a, da, b, db))
-            z = torch.addcmul(a * x0, b, x1)
-            u = torch.addcmul(da * x0, db, x1)
-            v = model(z, t)
-            # mean_i |v_i − u_i|², one fused kernel with one backward node
-            loss = F.mse_loss(v, u, reduction="sum") / v.shape[0]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            pending.append(loss.detach())
-            step += 1
-            stop = bool(callback(step, pending[-1], model)) if callback is not None else False
-            if len(pending) >= _LOSS_BUFFER:
-                flush()
-            if bar is not None and (step % refresh == 0 or step == steps):
-                check_finite(step, checked)
-                checked = step
-                bar.update(step - bar.n)
-                bar.set_postfix(loss=f"{float(losses[step - 1]):.4g}", refresh=False)
-            if ckpt_path is not None and step % checkpoint_every == 0 and step < steps:
-                check_finite(step, checked)
-                checked = step
-                save(step, _time.monotonic() - t_start)
-            if stop or stop_flag.is_set():
-                status = "stopped" if stop else "terminated"
-                break
-        check_finite(step, checked)
-        elapsed = _time.monotonic() - t_start
-        if ckpt_path is not None and step > start_step:
-            save(step, elapsed)
-    finally:
-        if bar is not None:
-            bar.close()
-        restore_signal()
-    history = losses[:step].detach().to(torch.float64).cpu().numpy()
+    process = VelocityTrainingProcess(
+        model=model, optimizer=opt, lr_scheduler=sched, generator=generator, draw_source=draw0, draw_target=draw1,
+        pair=pair, schedule=schedule, t_range=(lo, hi), batch_size=batch_size, steps=steps, device=device,
+        dtype=dtype, fingerprint=fingerprint,
+    )
+    operations = [] if callback is None else [Callback(_loss_callback(callback, model))]
+    loop = RunLoop(
+        process, operations,
+        # A loss has no blow-up bound. Reading the health record every hundredth of the run, and no
+        # more often than every 64 steps (the record's block, so a read finds it folded), ends a
+        # diverged training early for a host synchronisation per 64 steps at most.
+        stop=StopPolicy(blowup=None, check_every=max(64, steps // 100)),
+        checkpointing=Checkpointing(path=checkpoint, every=checkpoint_every, resume=bool(resume), at_end=True),
+        progress=progress,
+    )
+    outcome = loop.run()
+    kept = steps_kept(outcome)
     return TrainingResult(
         model=model,
-        steps=np.arange(1, step + 1),
-        losses=history,
-        wall_time=earlier_time + elapsed,
-        status=status,
+        steps=np.arange(1, kept + 1),
+        losses=process.loss_history(kept),
+        wall_time=outcome.wall_time,
+        status=outcome.status,
         config=config,
     )
-
-
-def _save_training(path, fingerprint, config, step, model, opt, sched, generator, losses, wall_time):
-    from .io.checkpoint import save_checkpoint
-
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "fingerprint": fingerprint,
-        "config": config,
-        "step": int(step),
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": opt.state_dict(),
-        "lr_scheduler": None if sched is None else sched.state_dict(),
-        "generator": generator.get_state(),
-        "losses": losses.detach().cpu(),
-        "wall_time": float(wall_time),
-    }
-    save_checkpoint(path, payload)
-
-
-def _load_training(path, fingerprint, model, opt, sched, generator, steps):
-    from .io.checkpoint import load_training_checkpoint
-
-    payload, step = load_training_checkpoint(
-        path, owner="train_velocity", expected_format=CHECKPOINT_FORMAT, fingerprint=fingerprint,
-        counter="step", limit=steps,
-        differs="other model, schedule, coupling, batch size, learning rate, seed or dtype",
-    )
-    model.load_state_dict(payload["model"])
-    opt.load_state_dict(payload["optimizer"])
-    if sched is not None and payload.get("lr_scheduler") is not None:
-        sched.load_state_dict(payload["lr_scheduler"])
-    generator.set_state(payload["generator"])
-    return step, float(payload.get("wall_time", 0.0)), payload["losses"]
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------
@@ -673,7 +588,7 @@ def save_model(model: nn.Module, path) -> Path:
     ``{"format", "class", "config", "state_dict"}``. The model needs a ``config`` dict of its
     constructor arguments (every :class:`VelocityMLP` has one).
     """
-    from .io.checkpoint import save_checkpoint
+    from ..io.checkpoint import save_checkpoint
 
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not isinstance(config, dict):
@@ -685,7 +600,7 @@ def save_model(model: nn.Module, path) -> Path:
     payload = {
         "format": MODEL_FORMAT,
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "config": _jsonable(config),
+        "config": to_jsonable_lenient(config),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     return save_checkpoint(path, payload)
@@ -695,7 +610,7 @@ def load_model(path, cls: type | None = None, *, device=None) -> nn.Module:
     """Rebuild a network written by :func:`save_model`: ``cls(**config)`` with the saved weights, in
     the saved precision, on ``device`` (default CPU). ``cls`` defaults to :class:`VelocityMLP`; give
     your own class for a model saved from another module."""
-    from .io.checkpoint import load_checkpoint
+    from ..io.checkpoint import load_checkpoint
 
     payload = load_checkpoint(path)
     if payload.get("format") != MODEL_FORMAT:
@@ -704,7 +619,7 @@ def load_model(path, cls: type | None = None, *, device=None) -> nn.Module:
         )
     saved_class = payload.get("class", "")
     if cls is None:
-        if saved_class != f"{VelocityMLP.__module__}.{VelocityMLP.__qualname__}":
+        if saved_class not in VELOCITY_MLP_CLASSES:
             raise CapabilityError(
                 f"load_model: {path} holds a {saved_class}, not a VelocityMLP; pass its class: "
                 "load_model(path, cls=MyModel)"
