@@ -1,15 +1,11 @@
-"""What both trainings share: where they run, the default optimiser, and the lenient JSON form of
-their set-up descriptions."""
+"""What both trainings share: where they run, the default optimiser, and how many steps a run kept."""
 
 from __future__ import annotations
-
-import json
-from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["default_device", "model_dtype", "default_optimizer", "steps_kept", "to_jsonable_lenient"]
+__all__ = ["default_device", "model_dtype", "default_optimizer", "steps_kept"]
 
 
 def default_device(model) -> torch.device:
@@ -46,11 +42,3 @@ def steps_kept(outcome) -> int:
     if outcome.status.code in ("nonfinite", "blowup"):
         return min(outcome.steps_done, max(0, outcome.status.step - 1))
     return outcome.steps_done
-
-
-# The project's JSON helpers are meant to live in measureflow/jsonable.py; until that module exists
-# this is the trainings' one copy, with the same name and behaviour, so switching is an import change.
-def to_jsonable_lenient(value: Any) -> Any:
-    """A JSON round trip of ``value`` in which anything JSON cannot hold becomes ``str(value)``
-    (tuples come back as lists, non-string keys as strings): describing an object never fails."""
-    return json.loads(json.dumps(value, default=str))

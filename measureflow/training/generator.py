@@ -85,7 +85,8 @@ from ..scenario import scenario
 from ..state import Particles
 from ..status import Status
 from ..triggers import as_trigger
-from .common import default_device, default_optimizer, model_dtype, steps_kept, to_jsonable_lenient
+from ..jsonable import to_jsonable_lenient
+from .common import default_device, default_optimizer, model_dtype, steps_kept
 from .networks import GeneratorMLP
 
 __all__ = [

@@ -47,7 +47,8 @@ from torch.nn import functional as F
 from ..errors import CapabilityError, ParameterError, ShapeError, TrajectoryFileError
 from ..run import Callback, Checkpointing, Process, RunLoop, StopPolicy
 from ..status import Status
-from .common import default_device, default_optimizer, model_dtype, steps_kept, to_jsonable_lenient
+from ..jsonable import to_jsonable_lenient
+from .common import default_device, default_optimizer, model_dtype, steps_kept
 from .networks import VelocityMLP
 
 __all__ = [
