@@ -79,6 +79,7 @@ from measureflow.measures import GaussianMixture
 from measureflow.reductions import SinkhornDivergence, kernel_sum, softmax_average
 from measureflow.state import Gaussians, Particles
 from measureflow.targets import as_target, check_points, check_replicas, check_state, positive
+from measureflow.validators import check_int
 
 __all__ = [
     "DriftingField",
@@ -424,9 +425,7 @@ class SinkhornDriftingField(Field):
         where = "sinkhorn_drifting"
         self.epsilon = positive(epsilon, "epsilon", where)
         self.tolerance = None if tolerance is None else positive(tolerance, "tolerance", where)
-        if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
-            raise ParameterError(f"{where}: max_iterations must be a positive integer; received {max_iterations!r}")
-        self.max_iterations = max_iterations
+        self.max_iterations = check_int(max_iterations, "max_iterations", where)
         # Cost ½|x − y|² at ε ≡ cost |x − y|² at 2ε: same plans, potentials halved (MATH.md §0, §9), so the
         # field is ½ × the Sinkhorn-divergence flow at 2ε (whose tolerance is relative to its own 2ε, as ours).
         self.divergence = SinkhornDivergence(

@@ -223,7 +223,7 @@ def test_sigterm_stops_training_with_a_checkpoint_and_resume_matches(tmp_path):
     assert np.array_equal(stopped.fit, reference.fit[:7]) and list(stopped.steps) == [0, 4]
     assert torch.load(ckpt, weights_only=True)["step"] == 7
     with measureflow.open(tmp_path / "resumed.h5") as traj:
-        assert traj.status["status"] == "terminated" and list(traj.observables["fit"].steps) == list(range(1, 8))
+        assert traj.status.code == "terminated" and list(traj.observables["fit"].steps) == list(range(1, 8))
     resumed = mmd_run(tmp_path, "resumed", checkpoint=ckpt, resume=True)
     assert resumed.ok and same_modules(resumed.generator, reference.generator)
     for key in ("velocity_sq", "fit", "steps", "snapshots"):
@@ -234,7 +234,7 @@ def test_sigterm_stops_training_with_a_checkpoint_and_resume_matches(tmp_path):
         for name in ("velocity_sq", "fit", "mmd"):
             assert np.array_equal(ref.observables[name].steps, res.observables[name].steps), name
             assert np.array_equal(ref.observables[name].values[:], res.observables[name].values[:]), name
-        assert res.status["status"] == "completed" and res.status["resumed_from"] == [7]
+        assert res.status.code == "completed" and res.status.resumed_from == (7,)
 
 
 def test_generator_training_is_a_fixed_runnable(tmp_path):

@@ -41,6 +41,10 @@ from .combine import combine
 
 __all__ = ["Controller", "ConstantController", "PIController", "error_norm"]
 
+# Landing on t1: a remainder this close to the proposal (relative) is taken in one step rather
+# than leaving a sliver of a step behind.
+_STRETCH = 1.01
+
 
 def error_norm(err, y0, y1, rtol: float, atol: float) -> torch.Tensor:
     """max over replicas r of RMS_r( err / (atol + rtol·max(|y0|, |y1|)) ), a 0-dim tensor.

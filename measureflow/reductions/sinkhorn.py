@@ -46,6 +46,7 @@ from ..errors import CapabilityError, ParameterError
 from ..linalg import matrix_function
 from ..state import Gaussians, Particles
 from ..targets import as_target, check_points, check_replicas, check_state, gaussian_target, positive
+from ..validators import check_int
 from .softmax import softmax_average
 
 __all__ = ["sinkhorn_potentials", "symmetric_potential", "SinkhornDivergence"]
@@ -216,11 +217,8 @@ class SinkhornDivergence:
         self.where = where
         self.epsilon = positive(epsilon, "epsilon", where)
         self.tol = None if tol is None else positive(tol, "tol", where)
-        for name, value in (("max_iter", max_iter), ("check_every", check_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ParameterError(f"{where}: {name} must be a positive integer; received {value!r}")
-        self.max_iter = max_iter
-        self.check_every = check_every
+        self.max_iter = check_int(max_iter, "max_iter", where)
+        self.check_every = check_int(check_every, "check_every", where)
         if relaxation != "auto":
             omega = positive(relaxation, "relaxation", where)
             if not 1.0 <= omega < 2.0:

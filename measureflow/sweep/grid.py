@@ -33,7 +33,6 @@ import datetime as _dt
 import hashlib
 import itertools
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -43,8 +42,8 @@ import attrs
 import torch
 
 from ..errors import MeasureflowError, ParameterError
-from ..io.checkpoint import fsync_directory
-from ..io.runinfo import to_jsonable
+from ..io.atomic import atomic_replace
+from ..jsonable import to_jsonable
 
 __all__ = [
     "parse_grid",
@@ -247,17 +246,8 @@ def now() -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` so that readers see the old or the new file, never a torn one."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
+    with atomic_replace(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 class SweepIndex:

@@ -86,6 +86,7 @@ from ..state import Particles
 from ..status import Status
 from ..triggers import as_trigger
 from ..jsonable import to_jsonable_lenient
+from ..validators import check_int, check_positive
 from .common import default_device, default_optimizer, model_dtype, steps_kept
 from .networks import GeneratorMLP
 
@@ -230,22 +231,6 @@ def _data_on(data, device, dtype):
     if callable(to):
         return to(device=device, dtype=dtype)
     return data
-
-
-def _positive_int(value, name) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
-        raise ParameterError(f"train_generator: {name} must be a positive integer; received {value!r}")
-    return int(value)
-
-
-def _positive_float(value, name) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ParameterError(f"train_generator: {name} must be a positive number; received {value!r}") from None
-    if not (out > 0 and math.isfinite(out)):
-        raise ParameterError(f"train_generator: {name} must be positive and finite; received {value!r}")
-    return out
 
 
 def _check_field(field, step: float, iterations: int):
@@ -801,20 +786,20 @@ def train_generator(
         ``callback(iteration, generator)`` after every iteration; returning True ends training (status
         ``stopped``).
     """
-    iterations = _positive_int(iterations, "iterations")
-    batch = _positive_int(batch, "batch")
-    inner_steps = _positive_int(inner_steps, "inner_steps")
-    eval_batch = _positive_int(eval_batch, "eval_batch")
-    tau = _positive_float(step, "step")
-    lr = _positive_float(lr, "lr")
+    iterations = check_int(iterations, "iterations", "train_generator")
+    batch = check_int(batch, "batch", "train_generator")
+    inner_steps = check_int(inner_steps, "inner_steps", "train_generator")
+    eval_batch = check_int(eval_batch, "eval_batch", "train_generator")
+    tau = check_positive(step, "step", "train_generator")
+    lr = check_positive(lr, "lr", "train_generator")
     if mode not in MODES:
         raise ParameterError(f"train_generator: mode must be one of {', '.join(map(repr, MODES))}; received {mode!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ParameterError(f"train_generator: seed must be an integer; received {seed!r}")
     if resume and checkpoint is None:
         raise ParameterError("train_generator: resume=True needs a checkpoint path (checkpoint='train.ckpt')")
-    bandwidth = None if mmd_bandwidth is None else _positive_float(mmd_bandwidth, "mmd_bandwidth")
-    epsilon = None if sinkhorn_epsilon is None else _positive_float(sinkhorn_epsilon, "sinkhorn_epsilon")
+    bandwidth = None if mmd_bandwidth is None else check_positive(mmd_bandwidth, "mmd_bandwidth", "train_generator")
+    epsilon = None if sinkhorn_epsilon is None else check_positive(sinkhorn_epsilon, "sinkhorn_epsilon", "train_generator")
     sinkhorn_options = {"tol": 1e-6, **dict(sinkhorn_options or {})}
     monitor_every = as_trigger(DEFAULT_EVERY if every is None else every)
     ckpt_every = as_trigger(max(1, iterations // 10) if checkpoint_every is None else checkpoint_every)

@@ -48,6 +48,7 @@ from ..errors import CapabilityError, ParameterError, ShapeError, TrajectoryFile
 from ..run import Callback, Checkpointing, Process, RunLoop, StopPolicy
 from ..status import Status
 from ..jsonable import to_jsonable_lenient
+from ..validators import check_int, check_positive
 from .common import default_device, default_optimizer, model_dtype, steps_kept
 from .networks import VelocityMLP
 
@@ -166,12 +167,6 @@ def _check_t_range(t_range, schedule) -> tuple[float, float]:
                 f"[{a_lo:g}, {a_hi:g}]; choose t_range inside it"
             )
     return lo, hi
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
-        raise ParameterError(f"train_velocity: {name} must be a positive integer; received {value!r}")
-    return int(value)
 
 
 # -- the result ---------------------------------------------------------------------------------------------
@@ -444,17 +439,16 @@ def train_velocity(
     loss is checked at checkpoints, every max(64, steps // 100) steps and at the end, without a
     per-step host synchronisation); the result keeps the losses before that step.
     """
-    steps = _positive_int(steps, "steps")
-    batch_size = _positive_int(batch_size, "batch_size")
-    if not (float(lr) > 0 and math.isfinite(float(lr))):
-        raise ParameterError(f"train_velocity: lr must be positive and finite; received {lr!r}")
+    steps = check_int(steps, "steps", "train_velocity")
+    batch_size = check_int(batch_size, "batch_size", "train_velocity")
+    lr = check_positive(lr, "lr", "train_velocity")
     if generator is not None and seed is not None:
         raise ParameterError("train_velocity: give seed or generator, not both")
     if resume and checkpoint is None:
         raise ParameterError("train_velocity: resume=True needs a checkpoint path (checkpoint='train.ckpt')")
     if checkpoint_every is None:
         checkpoint_every = max(1, steps // 10)
-    checkpoint_every = _positive_int(checkpoint_every, "checkpoint_every")
+    checkpoint_every = check_int(checkpoint_every, "checkpoint_every", "train_velocity")
 
     schedule = _resolve_schedule(schedule)
     lo, hi = _check_t_range(t_range, schedule)
