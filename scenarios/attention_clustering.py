@@ -2,7 +2,7 @@
 
 n tokens drawn uniformly on S^{d−1} (d = 3 by default) follow the attention flow with Q = K = √β·I, V = I,
 kept on the sphere as layer normalisation keeps them (``sphere=True``: tangent velocity, and
-:class:`~measureflow_plugins.attention.LayerwiseIntegrator` projects back after each step):
+every integrator applies the field's projection back onto the sphere after each step):
 
     ẋᵢ = P_{xᵢ}( Σⱼ e^{β⟨xᵢ, xⱼ⟩} xⱼ / Σⱼ e^{β⟨xᵢ, xⱼ⟩} ),   P_x = I − xxᵀ.
 
@@ -32,7 +32,7 @@ import measureflow
 from measureflow import Particles, Simulation, scenario
 from measureflow.io.h5md import H5MDWriter
 from measureflow.simulation import Observer
-from measureflow_plugins.attention import AttentionField, LayerwiseIntegrator
+from measureflow_plugins.attention import AttentionField
 
 DTYPE = torch.float64
 
@@ -91,7 +91,7 @@ def attention_clustering(
     """Tokens on the sphere clustering over depth under self-attention with inverse temperature β."""
     if d < 2:
         raise measureflow.ParameterError(f"d must be at least 2 (tokens on S^(d-1)); received {d!r}")
-    return Simulation(uniform_sphere(n, d, seed), make_field(beta, d), LayerwiseIntegrator("rk4"), 0.0, t1,
+    return Simulation(uniform_sphere(n, d, seed), make_field(beta, d), "rk4", 0.0, t1,
                       steps=steps, writers=[H5MDWriter(out, every=every)] if out else [],
                       observers=observers(threshold), observe_every=every,
                       seed=seed)
@@ -105,7 +105,7 @@ def counts(result) -> tuple[np.ndarray, np.ndarray]:
 def variant(beta: float, params: dict):
     """Another β at the same sizes, in memory (for the comparison curve)."""
     sim = Simulation(uniform_sphere(params["n"], params["d"], params["seed"]), make_field(beta, params["d"]),
-                     LayerwiseIntegrator("rk4"), 0.0, params["t1"], steps=params["steps"],
+                     "rk4", 0.0, params["t1"], steps=params["steps"],
                      observers=observers(params["threshold"]), observe_every=params["every"], progress=False)
     return sim.run()
 

@@ -19,7 +19,7 @@ def test_tokens_on_the_sphere_cluster_over_depth(tmp_path):
         assert traj.kind == "particles" and traj.size == n and len(traj.times) == 13  # every 5 of 60 steps
         x = np.asarray(traj.positions[-1])[0]
         clusters = np.ravel(np.asarray(traj.observables["clusters"].values[:]))
-    # LayerwiseIntegrator projects after every step: the file's tokens are on the sphere to rounding
+    # every integrator applies the field's projection after each step: the file's tokens are on the sphere to rounding
     assert np.abs(np.linalg.norm(x, axis=-1) - 1).max() < 1e-14
     # Measured at these sizes (β = 9, threshold 0.05): 90 components at t = 0 (uniform tokens, a few pairs
     # closer than 0.05), 14 at depth 5, 5 at depth 7.5 (a plateau: metastable clusters), 3 at the end. A flow
