@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from ..io.trajectory import Trajectory
 from .common import axis_labels, chosen_replicas, even_indices, format_time, marker_sizes, particle_subset, run_title
 from .ellipses import ellipse_vertices
-from .inputs import drawn_weights, frame_times, gaussian_frames, opened, replica_positions
+from .inputs import drawn_weights, frame_times, gaussian_frames, line_densities, opened, replica_positions
 
 __all__ = ["animate"]
 
@@ -97,17 +97,7 @@ def _particles_scatter_frames(ax, traj: Trajectory, r, particles, frames):
 
 
 def _particles_histogram_frames(ax, traj: Trajectory, r, frames):
-    positions = traj.positions
-    xs = [replica_positions(traj, positions, f, r)[:, 0] for f in frames]
-    pooled = np.concatenate(xs)
-    pooled = pooled[np.isfinite(pooled)]
-    lo, hi = (np.quantile(pooled, [0.002, 0.998]) if pooled.size else (-1.0, 1.0))
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    edges = np.linspace(lo, hi, 61)
-    weights = drawn_weights(traj)
-    w = None if weights is None else weights[r]
-    dens = np.stack([np.histogram(x, bins=edges, weights=w, density=True)[0] for x in xs])
+    _, edges, dens, _ = line_densities(traj, frames, r, 60)
     ax.stairs(dens[0], edges, color="0.75", lw=1.0)
     line = ax.stairs(dens[0], edges, color="C0", lw=1.6, fill=False)
     ax.set_ylim(0, 1.05 * max(float(np.nanmax(dens)), 1e-12))

@@ -23,6 +23,7 @@ __all__ = [
     "drawn_weights",
     "replica_positions",
     "gaussian_frames",
+    "line_densities",
 ]
 
 
@@ -115,3 +116,24 @@ def gaussian_frames(traj: Trajectory, idx: np.ndarray) -> tuple[np.ndarray, np.n
     """Means (k, R, d) and covariances (k, R, d, d) at frames ``idx`` (sorted, unique), as floats."""
     idx = np.asarray(idx, dtype=np.int64)
     return to_numpy(traj.means[idx]).astype(float), to_numpy(traj.covs[idx]).astype(float)
+
+
+def line_densities(traj: Trajectory, frames, replica: int, bins: int):
+    """(xs, edges, densities, w) of a 1-D particle replica over ``frames``: the positions of each frame,
+    ``bins`` equal bins spanning the 0.2–99.8 % quantiles of all of them, the weighted histogram
+    densities (frames, bins) and the replica's weights (None when uniform). Raises ValueError when
+    every position is non-finite."""
+    positions = traj.positions
+    xs = [replica_positions(traj, positions, f, replica)[:, 0] for f in frames]
+    pooled = np.concatenate([x[np.isfinite(x)] for x in xs]) if xs else np.zeros(0)
+    if pooled.size == 0:
+        raise ValueError(f"{traj.source}: every position is non-finite; nothing to draw")
+    lo, hi = np.quantile(pooled, [0.002, 0.998])
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, bins + 1)
+    weights = drawn_weights(traj)
+    w = None if weights is None else weights[replica]
+    dens = np.stack([np.histogram(x, bins=edges, weights=w, density=True)[0] for x in xs])
+    return xs, edges, dens, w
+

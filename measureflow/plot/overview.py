@@ -31,7 +31,7 @@ from .common import (
     time_norm,
 )
 from .ellipses import plot_covariance_ellipses
-from .inputs import drawn_weights, frame_times, gaussian_frames, opened, replica_positions
+from .inputs import drawn_weights, frame_times, gaussian_frames, line_densities, opened, replica_positions
 from .observables import default_observables, observable_panels
 
 __all__ = ["plot_run"]
@@ -106,20 +106,9 @@ def _density_over_time(fig, ax, times, grid_edges, density, label):
 
 def _draw_particles_line(fig, ax, traj: Trajectory, replica: int):
     times = frame_times(traj)
-    positions = traj.positions
     frames = even_indices(len(traj), HEATMAP_FRAMES)
     # Histograms use every particle of the replica: a frame is read whole anyway.
-    xs = [replica_positions(traj, positions, f, replica)[:, 0] for f in frames]
-    pooled = np.concatenate([x[np.isfinite(x)] for x in xs]) if xs else np.zeros(0)
-    if pooled.size == 0:
-        raise ValueError(f"{traj.source}: every position is non-finite; nothing to draw")
-    lo, hi = np.quantile(pooled, [0.002, 0.998])
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    edges = np.linspace(lo, hi, 81)
-    weights = drawn_weights(traj)
-    w = None if weights is None else weights[replica]
-    dens = np.stack([np.histogram(x, bins=edges, weights=w, density=True)[0] for x in xs])
+    xs, edges, dens, w = line_densities(traj, frames, replica, 80)
     _density_over_time(fig, ax, times[frames], edges, dens, "density")
     means = [np.average(x, weights=w) for x in xs]
     ax.plot(times[frames], means, color="white", lw=1.0, ls="--", label="mean")
