@@ -144,5 +144,5 @@ def stack_simulations(simulations, *, parameters: dict | None = None):
     blocks = [(s.seed, s.state.replicas) for s in simulations]
     # The batch's checkpoint must never be taken for another batch's: the seeds enter its parameters.
     merged = {**lead.parameters, "pack": [p["seed"] for p in run_parameters], **dict(parameters or {})}
-    return lead._replace(state=stack_states(states), writers=writers, noise_blocks=blocks, parameters=merged,
+    return lead.with_options(state=stack_states(states), writers=writers, noise_blocks=blocks, parameters=merged,
                          checkpoint=None, checkpoint_every=None, resume=False)

@@ -339,8 +339,9 @@ class Simulation:
                              resume=self.checkpointing.resume if resume is None else bool(resume))
 
     def with_options(self, **options) -> "Simulation":
-        """The same simulation with other keyword options (``progress``, ``parameters``,
-        ``description``, ``wall_time``, ``blowup``, ``callbacks``…): any constructor keyword."""
+        """The same simulation with other constructor arguments (``progress``, ``parameters``,
+        ``description``, ``wall_time``, ``blowup``, ``callbacks``, ``writers``, ``state``…), checked
+        again: any argument of the constructor."""
         unknown = set(options) - set(self._arguments)
         if unknown:
             raise MeasureflowError(f"with_options: unknown options {sorted(unknown)}; use Simulation's keywords")
@@ -461,7 +462,12 @@ class SimulationProcess(Process):
         return list(self._times)
 
     def start(self):
-        return self.simulation.state
+        state = self.simulation.state
+        if self.simulation.channels:
+            # The channels' initial values, so that step 0 is recorded with them.
+            dynamics = self.stepper.dynamics
+            state = dynamics.unpack(dynamics.pack(state), state)
+        return state
 
     def advance(self, state, step: int):
         return self.stepper.advance(state, self._times[step], self._times[step + 1])
@@ -490,6 +496,7 @@ class SimulationProcess(Process):
             parameters=self.simulation.run_parameters(),
             observable_names=[o.name for o in self.simulation.observers],
             observable_shapes=observable_shapes,
+            channels={k: tuple(v.shape[2:]) for k, v in getattr(state, "channels", {}).items()},
             resume_step=resume_step,
         )
 
@@ -581,6 +588,10 @@ class Result(Trajectory):
     @property
     def weights(self):
         return self._frames().weights
+
+    @property
+    def channels(self) -> dict:
+        return self._frames().channels
 
     @property
     def means(self):

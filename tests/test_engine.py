@@ -216,6 +216,26 @@ def test_an_auxiliary_channel_is_integrated_with_the_particles(integrator):
     torch.testing.assert_close(result.state.x, state.x * math.exp(-lam * t1), rtol=tol, atol=tol)
 
 
+def test_channels_are_recorded_with_every_frame(tmp_path):
+    state = particles(n=5)
+    memory = measureflow.get_registry().writer("memory", every=4)
+    path = tmp_path / "run.h5"
+    result = Simulation(state, Decay(), "rk4", 0.0, 1.0, steps=8, channels=[Action()], progress=False,
+                        writers=[memory, measureflow.get_registry().writer("h5md", path, every=4)]).run()
+    lam = 0.7
+    for traj in (memory, result, measureflow.open(path)):
+        action = np.asarray(traj.channels["action"][:])
+        assert action.shape == (3, 2, 5) and list(traj.steps) == [0, 4, 8]
+        assert np.array_equal(action[0], np.zeros((2, 5)))
+        for k, t in enumerate((0.0, 0.5, 1.0)):
+            expected = lam * state.x.square().sum(-1).numpy() * (1 - math.exp(-2 * lam * t)) / 2
+            # RK4 at h = 0.125 on ẋ = −0.7x: relative error ~(λh)⁴/5! ≈ 5e-7 per unit time
+            np.testing.assert_allclose(action[k], expected, rtol=1e-5, atol=1e-9)
+    # resuming into the file keeps the channel's frames together with the positions
+    with h5py.File(path, "r") as f:
+        assert f["particles/trajectory/action/value"].shape == (3, 10)
+
+
 # -- pieces and projection -----------------------------------------------------------------------------------------
 class Switching(Field):
     """ẋ = a(t)·x with a = −1 before t = 0.5 and +1 after: x(1) = x₀ (e^{−0.5}·e^{0.5})."""

@@ -309,6 +309,9 @@ class H5MDWriter(Writer):
             f.create_dataset(L.WEIGHT, data=weights.reshape(R * N).astype(np.float64))
             f.create_dataset(L.REPLICA, data=np.repeat(np.arange(R, dtype=np.int32), N))
             self._frame_elements = [self._new_element(f, L.POSITION, (R * N, d), run.dtype, True)]
+            for name, tail in run.channels.items():
+                self._frame_elements.append(
+                    self._new_element(f, f"{L.PARTICLES}/{name}", (R * N, *tail), run.dtype, True))
         else:
             R, d = run.replicas, run.dim
             self._frame_elements = [
@@ -350,7 +353,13 @@ class H5MDWriter(Writer):
             self._check_compatible(f, run)
             valid = valid_rows(f)
             if run.kind == "particles":
-                frame_paths = [L.POSITION]
+                frame_paths = [L.POSITION, *(f"{L.PARTICLES}/{name}" for name in run.channels)]
+                missing = [p for p in frame_paths if p not in f]
+                if missing:
+                    raise TrajectoryFileError(
+                        f"{self.path}: cannot resume: the file has no {', '.join(missing)} (the run records "
+                        "channels the file does not hold); resume with the original channels or write to another file"
+                    )
             else:
                 frame_paths = [L.MEAN, L.COV]
             paths = [p for p in valid if p not in frame_paths]
@@ -483,6 +492,17 @@ class H5MDWriter(Writer):
                 )
             host = x.detach().reshape(run.rows, run.dim).cpu().numpy()
             self._append(self._frame_elements[0], step, time, host)
+            if run.channels:
+                held = getattr(state, "channels", {})
+                for el, (name, tail) in zip(self._frame_elements[1:], run.channels.items()):
+                    value = held.get(name)
+                    if value is None or tuple(value.shape) != (run.replicas, run.size, *tail):
+                        got = None if value is None else tuple(value.shape)
+                        raise ShapeError(
+                            f"{self.path}: channel {name!r} must have shape {(run.replicas, run.size, *tail)} in "
+                            f"every frame; received {got}"
+                        )
+                    self._append(el, step, time, value.detach().reshape(run.rows, *tail).to(x.dtype).cpu().numpy())
         else:
             mean, cov = getattr(state, "mean", None), getattr(state, "cov", None)
             R, d = run.replicas, run.dim

@@ -9,6 +9,7 @@ The writer and the reader share these names so the layout is stated once::
     /particles/trajectory        (particle runs only)
         box                      +dimension = d, +boundary = ["none"] * d
         position/{step, time, value[frames][R·N][d]}
+        <channel>/{step, time, value[frames][R·N]...}   (auxiliary channels: log_density, …)
         weight[R·N]              (fixed in time)
         replica[R·N]             (fixed in time: which replica each row belongs to)
     /observables/<name>/{step, time, value[frames][R]...}
@@ -36,6 +37,8 @@ PARTICLES = "particles/trajectory"
 POSITION = PARTICLES + "/position"
 WEIGHT = PARTICLES + "/weight"
 REPLICA = PARTICLES + "/replica"
+#: Names a channel cannot take (the fixed members of the particle group).
+RESERVED_CHANNELS = ("position", "weight", "replica", "box", "image", "velocity")
 BOX = PARTICLES + "/box"
 OBSERVABLES = "observables"
 PARAMETERS = "parameters/measureflow"

@@ -297,6 +297,20 @@ class TrajectoryFile(ShapedTrajectory):
             return None
         return FrameArray(self.file[L.POSITION]["value"], self._frame_count, (self._replicas, self._size, self._dim))
 
+    @property
+    def channels(self) -> dict:
+        """Lazy auxiliary channels (name → (frames, R, N, ...)), the particle group's time-dependent
+        members other than position."""
+        if self.kind != "particles":
+            return {}
+        out = {}
+        group = self.file[L.PARTICLES]
+        for name, obj in group.items():
+            if name not in L.RESERVED_CHANNELS and L.is_element(obj):
+                tail = tuple(obj["value"].shape[2:])
+                out[name] = FrameArray(obj["value"], self._frame_count, (self._replicas, self._size, *tail))
+        return out
+
     @cached_property
     def weights(self) -> np.ndarray | None:
         """Weights, shape (R, N); None for a Gaussian run."""

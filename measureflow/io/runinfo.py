@@ -104,6 +104,10 @@ class RunInfo:
         Optional shape of one sample of each observable, e.g. ``(R,)`` or ``(R, d)``. Known shapes
         let the file writer lay out every dataset before writing starts (the crash-safe mode);
         observables without a shape are laid out at their first write.
+    channels:
+        Auxiliary per-particle channels written with every frame (particle runs only): name → the
+        shape of one particle's value (``()`` for a scalar such as a log-density), stored as
+        ``/particles/trajectory/<name>`` with value [frames][R·N]....
     resume_step:
         None for a fresh run; otherwise the step of the checkpoint being resumed: frames and
         observable samples with a larger step are dropped from the existing file.
@@ -120,6 +124,7 @@ class RunInfo:
     parameters: dict = attrs.field(factory=dict, converter=lambda p: to_jsonable(dict(p or {})))
     observable_names: tuple[str, ...] = attrs.field(default=(), converter=lambda v: tuple(str(n) for n in v))
     observable_shapes: dict[str, tuple[int, ...]] = attrs.field(factory=dict, converter=_shapes)
+    channels: dict[str, tuple[int, ...]] = attrs.field(factory=dict, converter=_shapes)
     resume_step: int | None = attrs.field(default=None, converter=_resume)
     author: str | None = attrs.field(default=None)
 
@@ -136,6 +141,11 @@ class RunInfo:
                     f"RunInfo.weights must have shape (R, N) = {(self.replicas, self.size)}; "
                     f"received {self.weights.shape}"
                 )
+        if self.channels and self.kind != "particles":
+            raise StateError("RunInfo: channels apply to particle runs only")
+        for name in self.channels:
+            if not name.isidentifier() or name in ("position", "weight", "replica", "box", "image", "velocity"):
+                raise ParameterError(f"RunInfo: {name!r} cannot name a channel (an identifier, not a particle group member)")
         if len(set(self.observable_names)) != len(self.observable_names):
             raise ParameterError(f"RunInfo.observable_names has duplicates: {list(self.observable_names)}")
         for name in self.observable_names:
@@ -151,6 +161,7 @@ class RunInfo:
         if kind == "particles":
             R, N, d = state.x.shape
             kwargs.setdefault("weights", state.weights)
+            kwargs.setdefault("channels", {k: tuple(v.shape[2:]) for k, v in state.channels.items()})
         else:
             (R, d), N = state.mean.shape, 0
         return cls(kind=kind, replicas=R, size=N, dim=d, dtype=state.dtype, **kwargs)

@@ -114,6 +114,12 @@ class Trajectory(abc.ABC):
     def __len__(self) -> int:
         """F, the number of frames."""
 
+    @property
+    def channels(self) -> dict:
+        """Auxiliary per-particle channels recorded with every frame (a log-density, …): name →
+        (F, R, N, ...) array; empty when the run recorded none (always for Gaussians)."""
+        return {}
+
     # -- derived ------------------------------------------------------------------------------------
     @property
     def frames(self) -> int:
@@ -206,6 +212,7 @@ class RecordedTrajectory(ShapedTrajectory):
         self._steps: list[int] = []
         self._times: list[float] = []
         self._frames: list[tuple[np.ndarray, ...]] = []
+        self._channels: dict[str, list[np.ndarray]] = {}
         self._obs: dict[str, tuple[list, list, list]] = {}
 
     def _describe(self, kind, replicas, size, dim, *, dtype="float64", weights=None, parameters=None) -> None:
@@ -237,6 +244,13 @@ class RecordedTrajectory(ShapedTrajectory):
                 got = tuple(x.shape) if x is not None else type(state).__name__
                 raise ShapeError(f"{label}: expected positions of shape {(R, N, d)}, received {got}")
             frame = (_host(x),)
+            held = getattr(state, "channels", {})
+            for name in held:
+                self._channels.setdefault(name, [])
+            for name, values in self._channels.items():
+                if name not in held:
+                    raise ShapeError(f"{label}: channel {name!r} is missing from the frame at step {step}")
+                values.append(_host(held[name]))
         else:
             mean, cov = getattr(state, "mean", None), getattr(state, "cov", None)
             if mean is None or cov is None or tuple(mean.shape) != (R, d) or tuple(cov.shape) != (R, d, d):
@@ -266,6 +280,8 @@ class RecordedTrajectory(ShapedTrajectory):
         """Forget the frames and observable samples recorded after ``step`` (steps are increasing)."""
         keep = sum(1 for s in self._steps if s <= step)
         del self._steps[keep:], self._times[keep:], self._frames[keep:]
+        for values in self._channels.values():
+            del values[keep:]
         for steps, times, values in self._obs.values():
             keep = sum(1 for s in steps if s <= step)
             del steps[keep:], times[keep:], values[keep:]
@@ -314,6 +330,10 @@ class RecordedTrajectory(ShapedTrajectory):
         if self._weights is not None:
             return self._weights
         return np.full((self._replicas, self._size), 1.0 / self._size)
+
+    @property
+    def channels(self) -> dict:
+        return {name: np.stack(values) for name, values in self._channels.items() if values}
 
     @property
     def means(self) -> np.ndarray | None:
