@@ -10,6 +10,7 @@ import torch
 import measureflow
 from measureflow import Field, Gaussians, MeasureflowError, Particles, Periodic, Simulation
 from measureflow.simulation import Observer
+from measureflow.run.health import Health
 
 A = torch.tensor([[-0.5, -2.0], [1.0, -0.5]], dtype=torch.float64)
 B = torch.tensor([0.5, 0.0], dtype=torch.float64)
@@ -227,7 +228,7 @@ def test_data_leaves_the_device_only_where_a_writer_writes(monkeypatch):
                 torch.cuda.set_sync_debug_mode("error")
         return wrapped
 
-    monkeypatch.setattr(Simulation, "_read_health", allowing_syncs(Simulation._read_health, "health"))
+    monkeypatch.setattr(Health, "first_bad", allowing_syncs(Health.first_bad, "health"))
     writer = memory_writer(every=Periodic(5))
     monkeypatch.setattr(writer, "write_frame", allowing_syncs(writer.write_frame, "frame"))
     monkeypatch.setattr(writer, "write_observables", allowing_syncs(writer.write_observables, "observables"))
