@@ -8,8 +8,9 @@ only after the host has caught up, and on small problems the GPU idles most of t
 * On any machine, :class:`HostReads` records what would synchronise on CUDA while a Simulation runs:
   the ATen operations that hand a device value to the host (``item``, ``float``/``int``/``bool`` of
   a tensor, ``nonzero``, ``equal``, boolean-mask indexing, the error checks behind ``linalg.inv``,
-  ``cholesky`` and ``solve``, ``eigh``/``svd``) and Python-level ``tolist``/``numpy``/``cpu``.
-  Outside the writer's methods and the health read, a run must record none. The CPU cannot see a
+  ``cholesky`` and ``solve``, ``eigh``/``svd``), Python-level ``tolist``/``numpy``/``cpu``, and a
+  field's constant converted again at every step (on CUDA, a blocking copy from the host). Outside
+  the writer's methods and the health read, a run must record none. The CPU cannot see a
   device-to-host copy made by ``.to("cpu")``; the CUDA test below can.
 * On a GPU (``@pytest.mark.gpu``; tests/conftest.py skips them where CUDA is absent) the same runs go
   under ``torch.cuda.set_sync_debug_mode("error")``, which raises at any synchronising CUDA call;
@@ -28,6 +29,7 @@ import json
 import logging
 import textwrap
 import traceback
+import weakref
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,12 @@ class HostReads(TorchDispatchMode):
     ``step`` is the step being taken (set by the patched SimulationProcess.advance; None before the
     first step, whose set-up is not counted); inside :meth:`allowed` nothing is recorded, and the
     label of each allowed block is noted with its step in ``allowed_at``.
+
+    Also recorded, from step 2 on: a conversion (``aten._to_copy``) of a tensor that no operation of
+    the run made — a field's constant converted at every evaluation. On CUDA a constant kept on the
+    host makes that a blocking host-to-device copy at every step (a first-use copy, on step 1, is
+    what a per-device cache does once). The CPU sees it only when the conversion changes the dtype
+    (a float64 constant, a float32 state), which the runs below arrange.
     """
 
     def __init__(self):
@@ -95,6 +103,7 @@ class HostReads(TorchDispatchMode):
         self.paused = 0
         self.reads: list[tuple[int, str, str]] = []
         self.allowed_at: list[tuple[str, int | None]] = []
+        self.made: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id → tensor made by the run
 
     def note(self, what: str) -> None:
         if self.step is not None and not self.paused:
@@ -104,7 +113,13 @@ class HostReads(TorchDispatchMode):
         name = str(func.overloadpacket)
         if name in SYNCING_OPS or (name in MASK_INDEXING and _mask_index(args)):
             self.note(name)
-        return func(*args, **(kwargs or {}))
+        elif name == "aten._to_copy" and (self.step or 0) >= 2 and self.made.get(id(args[0])) is not args[0]:
+            self.note("aten._to_copy of a constant")
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.made[id(t)] = t
+        return out
 
     def allowed(self, function, label: str):
         def wrapped(*args, **kwargs):
