@@ -450,7 +450,6 @@ def _attention(args, device, deadline: Deadline, info: dict) -> list[dict]:
             peak[name] = mem.bytes
             errors[name] = float((result[: ref.shape[0]].double() - ref).abs().max() / ref.abs().max())
             del result
-        bf16 = None
         if device.type == "cuda" and "SDPA flash" in unavailable:
             qb, kb, vb = (t.to(torch.bfloat16) for t in (q4, k4, v4))
             flash_bf16 = sdpa_backends(qb, kb, vb, device).get("SDPA flash")
