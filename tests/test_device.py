@@ -252,13 +252,25 @@ def sync_debug_allowed(function, label, allowed_at):
 
 
 def run_under_sync_debug(simulation: Simulation, monkeypatch, allowed_at: list):
+    """``simulation.run()`` with CUDA's sync debug mode raising from the loop's start to its end (the
+    Result is then built on the host: its observables become numpy arrays)."""
     monkeypatch.setattr(Health, "first_bad", sync_debug_allowed(Health.first_bad, "health", allowed_at))
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    loop = RunLoop.run
+
+    def looping(self):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return loop(self)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(RunLoop, "run", looping)
     try:
         return simulation.run()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+        monkeypatch.setattr(RunLoop, "run", loop)
 
 
 @pytest.mark.gpu
