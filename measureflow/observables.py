@@ -335,7 +335,7 @@ def gaussian_kernel_expectation(mean1, cov1, mean2, cov2, bandwidth: float) -> t
     for c in (cov1, cov2):
         if c is not None:
             g = g + c / bandwidth**2
-    chol = torch.linalg.cholesky(symmetrize(g))
+    chol = torch.linalg.cholesky_ex(symmetrize(g)).L  # SPD by construction; the checked form syncs on CUDA
     diff = ((mean1 - mean2) / bandwidth)[..., None]
     chol = chol.expand(diff.shape[:-2] + chol.shape[-2:]) if chol.ndim < diff.ndim else chol
     z = torch.linalg.solve_triangular(chol, diff, upper=False)[..., 0]

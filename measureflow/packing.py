@@ -15,6 +15,8 @@ parameters (R is a batch axis for every built-in field).
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import torch
 
@@ -59,6 +61,11 @@ def same_value(a, b, _depth: int = 0, _seen: set | None = None) -> bool:
         return a == b
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(same_value(a[k], b[k], depth, seen) for k in a)
+    if isinstance(a, (types.MethodType, types.BuiltinMethodType)):
+        # A bound method (a DeviceCache's build, say): the same function of owners holding the same
+        # values. The owner is often the object being compared, which the cycle check above settles.
+        same_function = a.__func__ is b.__func__ if isinstance(a, types.MethodType) else a.__name__ == b.__name__
+        return same_function and same_value(a.__self__, b.__self__, depth, seen)
     attrs_a, attrs_b = _attributes(a), _attributes(b)
     if attrs_a is None or attrs_b is None:
         return a == b  # functions, modules, classes: the same object (checked above) or equal

@@ -22,6 +22,7 @@ import math
 import torch
 
 import measureflow
+from measureflow.cache import DeviceCache
 from measureflow.errors import CapabilityError, ShapeError
 from measureflow.fields import Field
 from measureflow.state import Gaussians
@@ -59,9 +60,14 @@ class LinearField(Field):
         if torch.allclose(self.A, self.A.T):
             caps.add("energy")
         self._capabilities = frozenset(caps)
+        # A and b on each device and dtype, copied once (a copy per evaluation is a host sync on CUDA)
+        self._copies = DeviceCache(self._copy_to)
+
+    def _copy_to(self, like: torch.Tensor):
+        return self.A.to(like), self.b.to(like)
 
     def _on(self, like: torch.Tensor):
-        return self.A.to(like), self.b.to(like)
+        return self._copies(like)
 
     def _check_dim(self, d):
         if d != self.A.shape[0]:
@@ -122,9 +128,10 @@ class OrnsteinUhlenbeck(Field):
         self.sigma = float(sigma)
         self.center = torch.as_tensor(center, dtype=torch.float64)
         self.dim = dim
+        self._centers = DeviceCache(self.center.to)  # c on each device and dtype, copied once
 
     def _center(self, like):
-        c = self.center.to(like)
+        c = self._centers(like)
         return c if c.ndim else c.expand(like.shape[-1])
 
     def velocity(self, t, x, state):

@@ -160,7 +160,7 @@ class MMDField(Field):
         means, covs, pis = self.target.components(x)
         d = x.shape[-1]
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
-        inv = torch.linalg.inv(self.bandwidth**2 * eye + covs)  # (K, d, d)
+        inv = torch.linalg.inv_ex(self.bandwidth**2 * eye + covs).inverse  # (K, d, d); SPD, no check (a sync on CUDA)
         diff = x[..., None, :] - means  # (R, N', K, d)
         ek = gaussian_kernel_expectation(x[..., None, :], None, means, covs, self.bandwidth)  # (R, N', K)
         grad = -torch.einsum("k,rnk,kab,rnkb->rna", pis, ek, inv, diff)

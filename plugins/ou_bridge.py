@@ -302,7 +302,7 @@ class OUBridge(Field):
         K, d = c.shape
         eye = torch.eye(d, dtype=flat.dtype, device=flat.device)
         S = (a * a) * P + s2 * eye
-        L = torch.linalg.cholesky(S)  # (K, d, d); SPD since s² > 0
+        L = torch.linalg.cholesky_ex(S).L  # (K, d, d); SPD since s² > 0, so unchecked (the check syncs on CUDA)
         half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (K,)
         precision = torch.cholesky_inverse(L)  # Sⱼ⁻¹, symmetric
         gain = a * (P @ precision)  # a Pⱼ Sⱼ⁻¹

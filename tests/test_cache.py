@@ -73,3 +73,17 @@ def test_bad_arguments_are_named():
         DeviceCache(3)
     with pytest.raises(TypeError, match="pass a tensor .* received float"):
         DeviceCache(lambda like: like)(1.0)
+
+
+def test_owners_of_equal_caches_stay_the_same_value_for_packing():
+    """Packing compares fields value by value (measureflow.packing.same_value); a cache's build is a bound
+    method, so two fields built alike must compare equal through it, whether the build is a method of the
+    owner or of one of its tensors, and differ when what the build converts differs."""
+    import measureflow
+    from measureflow.packing import same_value
+
+    a, b, other = Precision(), Precision(), Precision()
+    other.matrix = other.matrix * 2
+    assert same_value(a, b) and not same_value(a, other)
+    ou = [measureflow.field("ornstein_uhlenbeck", center=c) for c in (1.0, 1.0, 2.0)]  # DeviceCache(center.to)
+    assert same_value(ou[0], ou[1]) and not same_value(ou[0], ou[2])

@@ -10,6 +10,8 @@ import torch
 import measureflow
 from measureflow import Field, Gaussians, MeasureflowError, Particles, Periodic, Simulation
 from measureflow.simulation import Observer
+from measureflow.run import RunLoop
+from measureflow.run.health import Health
 
 A = torch.tensor([[-0.5, -2.0], [1.0, -0.5]], dtype=torch.float64)
 B = torch.tensor([0.5, 0.0], dtype=torch.float64)
@@ -227,16 +229,26 @@ def test_data_leaves_the_device_only_where_a_writer_writes(monkeypatch):
                 torch.cuda.set_sync_debug_mode("error")
         return wrapped
 
-    monkeypatch.setattr(Simulation, "_read_health", allowing_syncs(Simulation._read_health, "health"))
+    monkeypatch.setattr(Health, "first_bad", allowing_syncs(Health.first_bad, "health"))
     writer = memory_writer(every=Periodic(5))
     monkeypatch.setattr(writer, "write_frame", allowing_syncs(writer.write_frame, "frame"))
     monkeypatch.setattr(writer, "write_observables", allowing_syncs(writer.write_observables, "observables"))
     field = measureflow.field("ornstein_uhlenbeck", theta=1.0, sigma=0.5)
     start = Particles(torch.randn(2, 1000, 2, dtype=torch.float32, device=device))
+    field.velocity(0.0, start.x, start)  # the field's one copy of its centre to the device, made beforehand
     sim = Simulation(start, field, "euler_maruyama", 0.0, 1.0, steps=20, writers=[writer],
                      observers=["mean"], observe_every=1, seed=0, progress=False)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    loop = RunLoop.run
+
+    def looping(self):  # the detector covers the loop; the Result is then built on the host
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return loop(self)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(RunLoop, "run", looping)
     try:
         result = sim.run()
     finally:

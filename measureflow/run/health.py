@@ -48,12 +48,13 @@ class Health:
         if self.bound is not None:
             kind = torch.where((kind == 0) & (peaks > self.bound), BLOWUP, kind)
         bad = kind > 0
-        # first offending slot of the block (argmax of a bool picks the first True)
-        slot = torch.argmax(bad.to(torch.uint8))
+        # First offending slot of the block (argmax of a bool picks the first True), kept as a
+        # one-element index: indexing by a 0-dim tensor would read it back to the host (an item()).
+        slot = torch.argmax(bad.to(torch.uint8), dim=0, keepdim=True)
         steps = torch.as_tensor(self.host_steps, dtype=torch.long).to(self.first.device, non_blocking=True)
         fresh = (self.first < 0) & bad.any()
-        self.first.copy_(torch.where(fresh, steps[slot], self.first))
-        self.kind.copy_(torch.where(fresh, kind[slot], self.kind))
+        self.first.copy_(torch.where(fresh, steps.index_select(0, slot)[0], self.first))
+        self.kind.copy_(torch.where(fresh, kind.index_select(0, slot)[0], self.kind))
         self.filled = 0
         self.host_steps = []
 
