@@ -96,6 +96,10 @@ class RayExecutor(Executor):
 
     def map_unordered(self, function, jobs):
         ray = self._ray
+        if self.gpus_per_run == 0:
+            # Ray leaves CUDA_VISIBLE_DEVICES alone for a task that reserves no GPU, which would then
+            # see every GPU of its node: hide them, as the option promises.
+            function = WithoutGpus(function)
         task = ray.remote(function).options(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run, max_retries=0)
         self._pending = {task.remote(job): job for job in jobs}
         while self._pending and not self.stopping.is_set():
@@ -131,3 +135,15 @@ class RayExecutor(Executor):
 @hookimpl
 def measureflow_register_executors(registry):
     registry.add_executor("ray", RayExecutor)
+
+
+class WithoutGpus:
+    """``function`` run with no GPU visible (CUDA_VISIBLE_DEVICES empty), for tasks that reserve none;
+    a class rather than a closure so that it pickles by reference to this module."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, job):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return self.function(job)
