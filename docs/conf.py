@@ -79,6 +79,9 @@ sphinx_gallery_conf = {
     "gallery_dirs": ["auto_gallery"],
     "filename_pattern": r"/plot_",
     "plot_gallery": "True" if _execute_gallery() else "False",
+    # Always execute: the fast and the full mode share the output folder, so a cached fast-mode
+    # page must never stand in for a full build's.
+    "run_stale_examples": True,
     "download_all_examples": False,
     "remove_config_comments": True,
     "within_subsection_order": "FileNameSortKey",

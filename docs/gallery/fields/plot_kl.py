@@ -19,7 +19,7 @@ from measureflow import Gaussians, Simulation
 from measureflow.measures import Empirical, Gaussian
 
 FAST = os.environ.get("MEASUREFLOW_DOCS_FAST", "0") not in ("", "0")
-N = 2000 if FAST else 20000
+N = 1000 if FAST else 20000
 STEPS = 50 if FAST else 100
 F64 = dict(dtype=torch.float64)
 gamma = Gaussian(torch.zeros(2, **F64), torch.eye(2, **F64))

@@ -18,8 +18,8 @@ import measureflow
 from measureflow import Gaussians, Particles, Simulation
 
 FAST = os.environ.get("MEASUREFLOW_DOCS_FAST", "0") not in ("", "0")
-N = 300 if FAST else 2000
-T1, STEPS = (6.0, 300) if FAST else (10.0, 1000)
+N = 200 if FAST else 2000
+T1, STEPS = (6.0, 150) if FAST else (10.0, 1000)
 
 F64 = dict(dtype=torch.float64)
 g = torch.Generator().manual_seed(1)
