@@ -55,7 +55,7 @@ autodoc_default_options = {
 }
 autodoc_typehints = "none"          # the signatures already show them; numpydoc lists parameters
 autodoc_class_signature = "mixed"
-autodoc_preserve_defaults = True
+autodoc_preserve_defaults = False   # attrs classes would show attr_dict[...] expressions
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 numpydoc_xref_param_type = False

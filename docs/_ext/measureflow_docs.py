@@ -220,7 +220,32 @@ def plain_text_docstring(app, what, name, obj, options, lines):
     lines[:] = [line if line.lstrip().startswith(".. ") else _escape_pipes(line) for line in converted]
 
 
+_SECTION = re.compile(r"^\s*(Parameters|Returns|Yields|Raises|Attributes|Other Parameters)\s*$")
+_NAME_COLON = re.compile(r"^(\s*)([\w*][\w*, ]*):\s*$")
+
+
+def numpydoc_names(app, what, name, obj, options, lines):
+    """``name:`` on its own line in a numpydoc section means ``name`` (no type): drop the colon,
+    which numpydoc would otherwise keep as part of the name."""
+    section_indent = None
+    for i, line in enumerate(lines):
+        if _SECTION.match(line) and i + 1 < len(lines) and set(lines[i + 1].strip()) == {"-"}:
+            section_indent = _indent(line)
+            continue
+        if section_indent is None:
+            continue
+        match = _NAME_COLON.match(line)
+        if match and len(match.group(1)) == section_indent:
+            lines[i] = match.group(1) + match.group(2)
+
+
+def drop_object_base(app, name, obj, options, bases):
+    bases[:] = [base for base in bases if base is not object]
+
+
 def _setup_docstrings(app):
+    app.connect("autodoc-process-docstring", numpydoc_names, priority=400)
+    app.connect("autodoc-process-bases", drop_object_base)
     # After numpydoc (priority 500), which needs the original section layout.
     app.connect("autodoc-process-docstring", plain_text_docstring, priority=600)
 

@@ -59,10 +59,12 @@ assert abs(rms / (b * math.sqrt(2)) - 1) < 1.5 / N ** 0.5 + 1e-3
 # %%
 # The picture: the cloud from the noise end to the data end.
 
-fig, axes = plt.subplots(1, len(result.times), figsize=(2.3 * len(result.times), 2.6), sharex=True, sharey=True)
-for ax, t, frame in zip(axes, result.times, result.positions):
-    ax.scatter(frame[0][:, 0], frame[0][:, 1], s=1, alpha=0.3)
-    ax.set_title(f"t = {t:.3g}", fontsize=9)
+shown = [0, 2, 4, len(result.times) - 1]
+fig, axes = plt.subplots(1, 4, figsize=(11, 3.2), sharex=True, sharey=True)
+for ax, k in zip(axes, shown):
+    frame = result.positions[k][0][:5000]
+    ax.scatter(frame[:, 0], frame[:, 1], s=1, alpha=0.3)
+    ax.set_title(f"t = {result.times[k]:.3g}", fontsize=10)
     ax.set_aspect("equal")
 axes[0].set_xlim(-3.5, 3.5)
 axes[0].set_ylim(-3.5, 3.5)

@@ -83,7 +83,7 @@ left.axhline(1.0, color="grey", lw=0.8, ls=":")
 left.set_xlabel("t")
 left.legend(fontsize=8)
 left.set_title("W₂: covariance toward γ = N(0, I)")
-first, last = particle_run.positions[0][0], particle_run.positions[-1][0]
+first, last = particle_run.positions[0][0][:3000], particle_run.positions[-1][0][:3000]
 right.scatter(first[:, 0], first[:, 1], s=2, alpha=0.3, color="grey", label="t = 0")
 right.scatter(last[:, 0], last[:, 1], s=2, alpha=0.5, color="C3", label="t = ½")
 plot_covariance_ellipses(closure.means[[0, -1], 0], closure.covs[[0, -1], 0], ax=right,

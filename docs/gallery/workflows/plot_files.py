@@ -70,5 +70,9 @@ assert err < 1e-8           # RK4, h = 0.01 on a non-stiff linear ODE
 
 from measureflow.plot import plot_run
 
-fig = plot_run(out)
+picture = out.with_suffix(".png")
+plot_run(out, out=picture)            # a matplotlib Figure, saved as `measureflow plot` saves it
+fig, ax = plt.subplots(figsize=(9, 6))
+ax.imshow(plt.imread(picture))
+ax.set_axis_off()
 plt.show()
