@@ -51,7 +51,6 @@ myst_dmath_double_inline = True
 autodoc_default_options = {
     "members": True,
     "member-order": "bysource",
-    "show-inheritance": True,
 }
 autodoc_typehints = "none"          # the signatures already show them; numpydoc lists parameters
 autodoc_class_signature = "mixed"

@@ -239,13 +239,8 @@ def numpydoc_names(app, what, name, obj, options, lines):
             lines[i] = match.group(1) + match.group(2)
 
 
-def drop_object_base(app, name, obj, options, bases):
-    bases[:] = [base for base in bases if base is not object]
-
-
 def _setup_docstrings(app):
     app.connect("autodoc-process-docstring", numpydoc_names, priority=400)
-    app.connect("autodoc-process-bases", drop_object_base)
     # After numpydoc (priority 500), which needs the original section layout.
     app.connect("autodoc-process-docstring", plain_text_docstring, priority=600)
 
