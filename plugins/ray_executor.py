@@ -96,12 +96,11 @@ class RayExecutor(Executor):
 
     def map_unordered(self, function, jobs):
         ray = self._ray
-        if self.gpus_per_run == 0:
-            # Ray leaves CUDA_VISIBLE_DEVICES alone for a task that reserves no GPU, which would then
-            # see every GPU of its node: hide them, as the option promises.
-            function = WithoutGpus(function)
-        task = ray.remote(function).options(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run, max_retries=0)
-        self._pending = {task.remote(job): job for job in jobs}
+        # Ray may leave CUDA_VISIBLE_DEVICES alone for a task that reserves no GPU, which would then
+        # see every GPU of its node: such a task hides them itself, as the option promises.
+        hide_gpus = self.gpus_per_run == 0
+        task = ray.remote(run_job).options(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run, max_retries=0)
+        self._pending = {task.remote(function, job, hide_gpus): job for job in jobs}
         while self._pending and not self.stopping.is_set():
             refs = list(self._pending)
             # Short waits, so that a SIGTERM of the driver is seen while runs go on.
@@ -137,13 +136,9 @@ def measureflow_register_executors(registry):
     registry.add_executor("ray", RayExecutor)
 
 
-class WithoutGpus:
-    """``function`` run with no GPU visible (CUDA_VISIBLE_DEVICES empty), for tasks that reserve none;
-    a class rather than a closure so that it pickles by reference to this module."""
-
-    def __init__(self, function):
-        self.function = function
-
-    def __call__(self, job):
+def run_job(function, job, hide_gpus: bool):
+    """One task: ``function(job)``, with no GPU visible when ``hide_gpus`` (CUDA_VISIBLE_DEVICES
+    emptied before the run touches CUDA). A module-level function, as ``ray.remote`` requires."""
+    if hide_gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        return self.function(job)
+    return function(job)
