@@ -45,6 +45,7 @@ from . import layout as L
 from .base import Writer
 from .runinfo import RunInfo
 from .atomic import atomic_replace
+from .hdf5file import open_h5
 
 __all__ = ["H5MDWriter", "rebuild_file", "valid_rows", "STEP_CHUNK"]
 
@@ -166,16 +167,7 @@ def rebuild_file(path, upto_step: int | None = None) -> dict[str, int]:
     file that any reader opens.
     """
     path = Path(path)
-    try:
-        src = h5py.File(path, "r")
-    except OSError:
-        try:
-            src = h5py.File(path, "r", swmr=True)
-        except OSError as exc:
-            raise TrajectoryFileError(
-                f"{path}: cannot be opened even in SWMR-read mode ({exc}); the file is damaged beyond "
-                "what can be recovered, delete it and start the run again"
-            ) from exc
+    src, _ = open_h5(path)
     with atomic_replace(path) as tmp:
         with src, h5py.File(tmp, "w", libver="latest") as dst:
             keep = {name: _rows_up_to(src[name], n, upto_step) for name, n in valid_rows(src).items()}
