@@ -597,13 +597,16 @@ def test_resume_truncates_and_reproduces_the_straight_run(tmp_path):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     with open_trajectory(resumed) as traj:
         assert traj.status.resumed_from == (5,)
-    # A file without the frames the checkpoint promises is reported, not silently accepted.
+    # A file without the frames the checkpoint promises is refused, and left as it was.
     short = tmp_path / "short.h5"
     write_file(short, range(3))
+    before = element_data(short)
     writer = H5MDWriter(short)
-    with pytest.warns(RuntimeWarning, match="steps 3, 4, 5"):
+    with pytest.raises(TrajectoryFileError, match=r"steps 3, 4, 5 \(steps 3 … 5\).*--restart"):
         writer.open(run_info(resume_step=5))
     writer.close()
+    after = element_data(short)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
 def test_resume_refuses_a_different_run(tmp_path):

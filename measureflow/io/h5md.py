@@ -45,7 +45,7 @@ from . import layout as L
 from .base import Writer
 from .runinfo import RunInfo
 from .atomic import atomic_replace
-from .hdf5file import open_h5
+from .hdf5file import START_OVER, damaged, first_row_off_disk, open_h5
 
 __all__ = ["H5MDWriter", "rebuild_file", "valid_rows", "STEP_CHUNK"]
 
@@ -258,11 +258,12 @@ class H5MDWriter(Writer):
         self.run = run
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if run.resume_step is not None and self.path.exists():
+            self._verify_resumable(run)
             self._reopen_for_resume(run)
         else:
-            self._create(run)
             if run.resume_step is not None:
-                self._warn_lost_frames(run.resume_step)
+                self._refuse_lost_frames(run.resume_step, None, "the file does not exist")
+            self._create(run)
         self._start_swmr()
         self._last_flush = _clock()
         _OPEN_WRITERS.add(self)
@@ -291,6 +292,8 @@ class H5MDWriter(Writer):
         for key in ("replicas", "size", "dim"):
             params.attrs.create(key, np.int64(getattr(run, key)))
         L.set_text(params.attrs, "dtype", run.dtype)
+        if run.fingerprint:
+            L.set_text(params.attrs, "fingerprint", run.fingerprint)
 
         if run.kind == "particles":
             R, N, d = run.replicas, run.size, run.dim
@@ -383,11 +386,52 @@ class H5MDWriter(Writer):
             resumes = list(np.atleast_1d(status.attrs.get("resumed_from", np.array([], dtype=np.int64))))
             status.attrs.create("resumed_from", np.array([*resumes, run.resume_step], dtype=np.int64))
             self._write_status_attrs(status, "running", run.resume_step, float("nan"), "")
-            self._warn_lost_frames(run.resume_step)
         except BaseException:
             f.close()
             self._file = None
             raise
+
+    def _frame_paths(self, run: RunInfo) -> list[str]:
+        if run.kind == "particles":
+            return [L.POSITION, *(f"{L.PARTICLES}/{name}" for name in run.channels)]
+        return [L.MEAN, L.COV]
+
+    def _verify_resumable(self, run: RunInfo) -> None:
+        """Before the file is touched: it holds this run (shapes, fingerprint) and every frame up to
+        the resume step is present and lies inside the file; otherwise refuse, naming the steps."""
+        step = run.resume_step
+        try:
+            f, _ = open_h5(self.path)
+        except TrajectoryFileError as exc:
+            raise TrajectoryFileError(f"cannot resume at step {step}: {exc}") from exc
+        try:
+            with f:
+                self._check_compatible(f, run)
+                valid = valid_rows(f)
+                last = None
+                for p in self._frame_paths(run):
+                    if p not in f:
+                        raise TrajectoryFileError(
+                            f"{self.path}: cannot resume: the file has no {p} (the run records channels the "
+                            "file does not hold); resume with the original channels or write to another file"
+                        )
+                    keep = _rows_up_to(f[p], valid.get(p, 0), step)
+                    steps = f[p]["step"][:keep]
+                    off = first_row_off_disk(f[p]["value"], keep, self.path)
+                    if off is not None:
+                        raise TrajectoryFileError(
+                            f"{self.path}: cannot resume at step {step}: the frames of steps {int(steps[off])} … "
+                            f"{int(steps[-1])} lie past the end of the file (it was cut short); {START_OVER}"
+                        )
+                    p_last = int(steps[-1]) if keep else None
+                    last = p_last if last is None or p_last is None else min(last, p_last)
+                    if p_last is None:
+                        break
+                self._refuse_lost_frames(step, last, f"the file's frames end at step {last}")
+        except TrajectoryFileError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - h5py's errors on damaged metadata
+            raise damaged(self.path, f"cannot resume at step {step}: the file's metadata is damaged", exc) from exc
 
     def _check_compatible(self, f: h5py.File, run: RunInfo) -> None:
         if L.PARAMETERS not in f or "h5md" not in f:
@@ -409,20 +453,25 @@ class H5MDWriter(Writer):
                 f"{self.path}: cannot resume: the file holds a run with {found}, the resumed run has "
                 f"{expected}; resume with the original parameters or write to another file"
             )
+        stored = L.text(attrs_.get("fingerprint", b""))
+        if run.fingerprint and stored and stored != run.fingerprint:
+            raise TrajectoryFileError(
+                f"{self.path}: cannot resume: the file holds another run (fingerprint {stored}, this run "
+                f"{run.fingerprint}: other field, parameters, seed or grid); resume with the original "
+                "parameters or write to another file"
+            )
 
-    def _warn_lost_frames(self, resume_step: int) -> None:
-        last = self._frame_elements[0].last_step
+    def _refuse_lost_frames(self, resume_step: int, last: int | None, why: str) -> None:
+        """Refuse a resume at ``resume_step`` when frames this writer wrote before it are missing."""
         start = 0 if last is None else last + 1
         # Bounded scan: the gap is normally a few steps; a huge gap is reported without listing.
         missing = [s for s in range(start, min(resume_step, start + 100_000) + 1) if self.trigger(s)]
         if missing:
             shown = ", ".join(map(str, missing[:5])) + (" …" if len(missing) > 5 else "")
-            warnings.warn(
-                f"{self.path}: resuming at step {resume_step} but the file's last complete frame is at step "
-                f"{last}; frames at steps {shown} were never flushed and are missing (flush the writers "
-                "before saving a checkpoint)",
-                RuntimeWarning,
-                stacklevel=4,
+            raise TrajectoryFileError(
+                f"{self.path}: cannot resume at step {resume_step}: {why}, so the frames at steps {shown} "
+                f"(steps {missing[0]} … {missing[-1]}), which the checkpoint counts as written, are missing; "
+                "start over with --restart (or delete the file and its checkpoint)"
             )
 
     def _write_order(self, f: h5py.File) -> None:

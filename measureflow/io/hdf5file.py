@@ -23,7 +23,7 @@ import h5py
 
 from ..errors import TrajectoryFileError
 
-__all__ = ["open_h5", "damaged", "check_rows_on_disk", "superblock", "START_OVER"]
+__all__ = ["open_h5", "damaged", "check_rows_on_disk", "first_row_off_disk", "superblock", "START_OVER"]
 
 #: What to do about a file that cannot be used (the tail of every "damaged" message).
 START_OVER = ("restore it from a copy, or start the run again: delete the file, or pass --restart "
@@ -121,13 +121,12 @@ def open_h5(path) -> tuple[h5py.File, bool]:
         raise damaged(path, "was left open by a writer that died, and is damaged", exc) from exc
 
 
-def check_rows_on_disk(dataset: h5py.Dataset, rows: int, path) -> None:
-    """Refuse when a chunk holding one of the first ``rows`` rows of ``dataset`` lies past the end
-    of the file (a truncated file reads such chunks as zeros)."""
+def first_row_off_disk(dataset: h5py.Dataset, rows: int, path) -> int | None:
+    """The first of the first ``rows`` rows of ``dataset`` whose chunk lies past the end of the file
+    (a truncated file reads such chunks as zeros), or None when all lie inside it."""
     if rows <= 0 or dataset.chunks is None:
-        return
+        return None
     size = os.path.getsize(path)
-    per_chunk = dataset.chunks[0]
     bad = []
 
     def visit(info):
@@ -142,10 +141,13 @@ def check_rows_on_disk(dataset: h5py.Dataset, rows: int, path) -> None:
                 visit(dataset.id.get_chunk_info(i))
     except Exception as exc:  # noqa: BLE001 - the chunk index itself is unreadable
         raise damaged(path, f"{dataset.name}: the chunk index cannot be read", exc) from exc
-    if bad:
-        first = min(bad)
-        raise damaged(
-            path,
-            f"{dataset.name}: rows {first} … {min(rows, first + per_chunk) - 1} and later lie past the end "
-            f"of the file ({size} bytes): it was cut short",
-        )
+    return min(bad) if bad else None
+
+
+def check_rows_on_disk(dataset: h5py.Dataset, rows: int, path) -> None:
+    """Refuse (:func:`damaged`) when one of the first ``rows`` rows of ``dataset`` lies past the
+    end of the file."""
+    first = first_row_off_disk(dataset, rows, path)
+    if first is not None:
+        raise damaged(path, f"{dataset.name}: rows {first} … {rows - 1} lie past the end of the file "
+                            f"({os.path.getsize(path)} bytes): it was cut short")
