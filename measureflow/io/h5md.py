@@ -45,6 +45,7 @@ from . import layout as L
 from .base import Writer
 from .runinfo import RunInfo
 from .atomic import atomic_replace
+from .lock import OutputLock
 from .hdf5file import START_OVER, damaged, first_row_off_disk, open_h5
 
 __all__ = ["H5MDWriter", "rebuild_file", "valid_rows", "STEP_CHUNK"]
@@ -248,6 +249,7 @@ class H5MDWriter(Writer):
         self._incomplete = False  # a write was interrupted: datasets may be longer than rows
         self._status: tuple | None = None
         self._closed = False
+        self._lock = OutputLock(self.path)
 
     # -- opening ----------------------------------------------------------------------------------
     def open(self, run: RunInfo) -> None:
@@ -257,14 +259,20 @@ class H5MDWriter(Writer):
             raise RuntimeError(f"H5MDWriter({self.path}) is already open; create one writer per run")
         self.run = run
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if run.resume_step is not None and self.path.exists():
-            self._verify_resumable(run)
-            self._reopen_for_resume(run)
-        else:
-            if run.resume_step is not None:
-                self._refuse_lost_frames(run.resume_step, None, "the file does not exist")
-            self._create(run)
-        self._start_swmr()
+        # Checked before any work: a second process writing the same file is refused at once.
+        self._lock = OutputLock(self.path).acquire()
+        try:
+            if run.resume_step is not None and self.path.exists():
+                self._verify_resumable(run)
+                self._reopen_for_resume(run)
+            else:
+                if run.resume_step is not None:
+                    self._refuse_lost_frames(run.resume_step, None, "the file does not exist")
+                self._create(run)
+            self._start_swmr()
+        except BaseException:
+            self._lock.release()
+            raise
         self._last_flush = _clock()
         _OPEN_WRITERS.add(self)
         _install_atexit()
@@ -666,13 +674,17 @@ class H5MDWriter(Writer):
         _OPEN_WRITERS.discard(self)
         f = self._file
         if f is None:
+            self._lock.release()
             return
         try:
-            self.flush()
+            try:
+                self.flush()
+            finally:
+                self._file = None
+                f.close()
+            self._store_status()
         finally:
-            self._file = None
-            f.close()
-        self._store_status()
+            self._lock.release()
 
     def __del__(self):
         try:

@@ -252,6 +252,12 @@ class TrajectoryFile(ShapedTrajectory):
             raise _fail(self.path, f"/parameters/measureflow is not valid JSON ({exc})") from exc
 
     @property
+    def fingerprint(self) -> str:
+        """Hash of what determines the run's numbers, as its writer recorded it ("" when not recorded;
+        see :func:`measureflow.io.runinfo.run_fingerprint`)."""
+        return L.text(self.file[L.PARAMETERS].attrs.get("fingerprint", b""))
+
+    @property
     def versions(self) -> dict:
         return dict(self.parameters.get("versions", {}))
 

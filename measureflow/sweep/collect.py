@@ -104,11 +104,31 @@ def sweep_table(directory) -> SweepTable:
     rows = []
     for record in records:
         row = {name: record.get("parameters", {}).get(name) for name in varying}
-        row.update(label=record.get("label"), status=record.get("status"), wall_time=record.get("wall_time"),
+        status, observables = _file_status(index.directory, record)
+        row.update(label=record.get("label"), status=status, wall_time=record.get("wall_time"),
                    file=record.get("file"))
-        row.update(record.get("observables") or {})
+        row.update(observables)
         rows.append(row)
     return SweepTable(rows, varying, shared, observables)
+
+
+def _file_status(directory: Path, record: dict) -> tuple[str, dict]:
+    """A run's status and final observables, checked against its file: the files are the authority,
+    so a run the index calls completed whose file is missing, damaged or unfinished is not."""
+    status = record.get("status")
+    observables = record.get("observables") or {}
+    if status != "completed":
+        return status, observables
+    from ..io.outputs import inspect_output  # h5py loads on first use
+
+    report = inspect_output(Path(directory) / str(record.get("file")))
+    if not report.exists:
+        return "missing", {}
+    if report.problem:
+        return "damaged", {}
+    if not report.completed:
+        return report.status.code if report.status is not None else "unknown", {}
+    return status, observables
 
 
 def _position(values: list) -> tuple[np.ndarray, list | None]:
