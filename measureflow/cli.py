@@ -5,6 +5,7 @@
     measureflow collect DIR [-o TABLE.csv]
     measureflow plugins
     measureflow info RUN.h5
+    measureflow repair RUN.h5
     measureflow plot RUN.h5 -o OUT.png [--animate OUT.gif]
     measureflow plot DIR --x key --y observable [-o OUT.png]
 """
@@ -99,6 +100,21 @@ def _cmd_info(args) -> int:
 
     with open_trajectory(args.file) as traj:
         print(traj.summary())
+        if traj.unclosed:
+            print("  note         its writer did not close it: other HDF5 tools (h5py, h5dump, pyh5md) refuse it "
+                  "until `measureflow repair FILE` (or a --resume) rewrites it")
+    return 0
+
+
+def _cmd_repair(args) -> int:
+    from .io.h5md import repair_file
+
+    frames = repair_file(args.file)
+    if frames is None:
+        print(f"{args.file}: was closed by its writer; nothing to repair")
+    else:
+        print(f"{args.file}: rewritten as a plain HDF5 file with the {frames} frames of its writer's last flush; "
+              "any HDF5 tool opens it now")
     return 0
 
 
@@ -198,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="summarise a trajectory file")
     info.add_argument("file")
     info.set_defaults(handler=_cmd_info)
+
+    repair = sub.add_parser(
+        "repair", help="make a trajectory whose writer was killed readable by any HDF5 tool",
+        description="A file whose writer was killed (SIGKILL, power cut) keeps HDF5's 'open for write' flag, "
+                    "which h5py, h5dump and pyh5md refuse. Rewrite it as a plain HDF5 file holding the "
+                    "frames of its last flush (a --resume does the same).",
+    )
+    repair.add_argument("file")
+    repair.set_defaults(handler=_cmd_repair)
 
     plot = sub.add_parser("plot", help="draw a trajectory file, or a sweep's observable against a parameter")
     plot.add_argument("file", help="a trajectory .h5 file, or a sweep's directory")

@@ -28,6 +28,7 @@ datasets back to the complete rows, so the file stays consistent; both are idemp
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import time as _time
 import warnings
@@ -40,16 +41,18 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import ShapeError, TrajectoryFileError
+from ..errors import MeasureflowError, ParameterError, ShapeError, TrajectoryFileError
 from . import layout as L
 from .base import Writer
 from .runinfo import RunInfo
 from .atomic import atomic_replace
 from .lock import OutputLock
-from .hdf5file import START_OVER, damaged, first_row_off_disk, open_h5
+from .hdf5file import START_OVER, damaged, first_row_off_disk, io_failure, open_h5
 
-__all__ = ["H5MDWriter", "rebuild_file", "valid_rows", "STEP_CHUNK"]
+__all__ = ["H5MDWriter", "rebuild_file", "repair_file", "valid_rows", "STEP_CHUNK", "SUFFIXES"]
 
+#: File name endings of a trajectory file: what it holds is HDF5, and its name says so.
+SUFFIXES = (".h5", ".hdf5", ".h5md")
 #: Rows per chunk of the step and time datasets (2 KiB each).
 STEP_CHUNK = 256
 #: Clock used by the flush schedule (replaceable in tests so that no test depends on wall time).
@@ -187,6 +190,35 @@ def rebuild_file(path, upto_step: int | None = None) -> dict[str, int]:
     return keep
 
 
+def repair_file(path) -> int | None:
+    """Make a file whose writer died (SIGKILL, power cut) readable by any HDF5 tool
+    (``measureflow repair FILE``).
+
+    Such a file still carries HDF5's "open for write" flag, which h5py, h5dump and pyh5md refuse
+    (measureflow's reader opens it in SWMR-read mode). The rows of its last flush are copied into a
+    plain HDF5 file that replaces it (:func:`rebuild_file`), and its provisional status ``running``
+    becomes ``interrupted``. Refused while a writer holds the file. Returns the frames kept, or None
+    when the file needed no repair.
+    """
+    path = Path(path)
+    with OutputLock(path):
+        f, unclosed = open_h5(path)
+        f.close()
+        if not unclosed:
+            return None
+        keep = rebuild_file(path)
+        with h5py.File(path, "r+") as f:
+            status = f.require_group(L.STATUS)
+            if L.text(status.attrs.get("status", b"running")) == "running":
+                frames = [n for name, n in keep.items() if name in (L.POSITION, L.MEAN)]
+                last = f[L.POSITION if L.POSITION in f else L.MEAN]["step"]
+                step = int(last[frames[0] - 1]) if frames and frames[0] else -1
+                H5MDWriter._write_status_attrs(
+                    status, "interrupted", step, float("nan"),
+                    "the writer was killed; measureflow repair kept the frames of its last flush")
+    return next((n for name, n in keep.items() if name in (L.POSITION, L.MEAN)), 0)
+
+
 class H5MDWriter(Writer):
     """Write a run to an H5MD 1.1 file (layout: :mod:`measureflow.io.layout`).
 
@@ -221,6 +253,11 @@ class H5MDWriter(Writer):
     ):
         super().__init__(every)
         self.path = Path(path)
+        if not self.path.name.lower().endswith(SUFFIXES):
+            raise ParameterError(
+                f"H5MDWriter: {str(self.path)!r} does not end in {', '.join(SUFFIXES)}; the writer writes an HDF5 "
+                f"(H5MD) trajectory, so name it so, e.g. {str(self.path.with_suffix('.h5'))!r}"
+            )
         if isinstance(flush_every, bool):
             raise TypeError("flush_every must be an int (frames) or a float (seconds)")
         if isinstance(flush_every, int):
@@ -249,6 +286,7 @@ class H5MDWriter(Writer):
         self._incomplete = False  # a write was interrupted: datasets may be longer than rows
         self._status: tuple | None = None
         self._closed = False
+        self._failed = False  # an I/O error happened: only closing is left
         self._lock = OutputLock(self.path)
 
     # -- opening ----------------------------------------------------------------------------------
@@ -504,6 +542,8 @@ class H5MDWriter(Writer):
         if self._file is None:
             state = "closed" if self._closed else "not open"
             raise RuntimeError(f"H5MDWriter({self.path}) is {state}; call open(run) first")
+        if self._failed:
+            raise TrajectoryFileError(f"{self.path}: an earlier write failed; the file holds the rows flushed before it")
 
     def _append(self, el: _Element, step: int, time: float, value: np.ndarray) -> None:
         if el.last_step is not None and step <= el.last_step:
@@ -529,65 +569,67 @@ class H5MDWriter(Writer):
     def write_frame(self, step: int, time: float, state) -> None:
         """Append the state at (step, time); the only place where positions leave the device."""
         self._check_open()
-        self._maybe_flush()
-        run = self.run
-        step, time = int(step), float(time)
-        if run.kind == "particles":
-            x = getattr(state, "x", None)
-            if x is None or tuple(x.shape) != (run.replicas, run.size, run.dim):
-                raise ShapeError(
-                    f"{self.path}: expected a Particles state of shape (R, N, d) = "
-                    f"{(run.replicas, run.size, run.dim)}, received {state!r}"
-                )
-            host = x.detach().reshape(run.rows, run.dim).cpu().numpy()
-            self._append(self._frame_elements[0], step, time, host)
-            if run.channels:
-                held = getattr(state, "channels", {})
-                for el, (name, tail) in zip(self._frame_elements[1:], run.channels.items()):
-                    value = held.get(name)
-                    if value is None or tuple(value.shape) != (run.replicas, run.size, *tail):
-                        got = None if value is None else tuple(value.shape)
-                        raise ShapeError(
-                            f"{self.path}: channel {name!r} must have shape {(run.replicas, run.size, *tail)} in "
-                            f"every frame; received {got}"
-                        )
-                    self._append(el, step, time, value.detach().reshape(run.rows, *tail).to(x.dtype).cpu().numpy())
-        else:
-            mean, cov = getattr(state, "mean", None), getattr(state, "cov", None)
-            R, d = run.replicas, run.dim
-            if mean is None or tuple(mean.shape) != (R, d) or tuple(cov.shape) != (R, d, d):
-                raise ShapeError(
-                    f"{self.path}: expected a Gaussians state with mean (R, d) = {(R, d)} and cov "
-                    f"{(R, d, d)}, received {state!r}"
-                )
-            # One device→host transfer for both parameters.
-            flat = torch.cat([mean.detach().reshape(R, d), cov.detach().reshape(R, d * d).to(mean.dtype)], dim=1)
-            flat = flat.cpu().numpy()
-            m_el, c_el = self._frame_elements
-            self._append(m_el, step, time, np.ascontiguousarray(flat[:, :d]))
-            self._append(c_el, step, time, np.ascontiguousarray(flat[:, d:]).reshape(R, d, d))
-        self.stats["frames"] += 1
-        self._pending_rows += 1
-        if not self._observables and not self.run.observable_names:
+        with self._io("write a frame"):
             self._maybe_flush()
+            run = self.run
+            step, time = int(step), float(time)
+            if run.kind == "particles":
+                x = getattr(state, "x", None)
+                if x is None or tuple(x.shape) != (run.replicas, run.size, run.dim):
+                    raise ShapeError(
+                        f"{self.path}: expected a Particles state of shape (R, N, d) = "
+                        f"{(run.replicas, run.size, run.dim)}, received {state!r}"
+                    )
+                host = x.detach().reshape(run.rows, run.dim).cpu().numpy()
+                self._append(self._frame_elements[0], step, time, host)
+                if run.channels:
+                    held = getattr(state, "channels", {})
+                    for el, (name, tail) in zip(self._frame_elements[1:], run.channels.items()):
+                        value = held.get(name)
+                        if value is None or tuple(value.shape) != (run.replicas, run.size, *tail):
+                            got = None if value is None else tuple(value.shape)
+                            raise ShapeError(
+                                f"{self.path}: channel {name!r} must have shape {(run.replicas, run.size, *tail)} in "
+                                f"every frame; received {got}"
+                            )
+                        self._append(el, step, time, value.detach().reshape(run.rows, *tail).to(x.dtype).cpu().numpy())
+            else:
+                mean, cov = getattr(state, "mean", None), getattr(state, "cov", None)
+                R, d = run.replicas, run.dim
+                if mean is None or tuple(mean.shape) != (R, d) or tuple(cov.shape) != (R, d, d):
+                    raise ShapeError(
+                        f"{self.path}: expected a Gaussians state with mean (R, d) = {(R, d)} and cov "
+                        f"{(R, d, d)}, received {state!r}"
+                    )
+                # One device→host transfer for both parameters.
+                flat = torch.cat([mean.detach().reshape(R, d), cov.detach().reshape(R, d * d).to(mean.dtype)], dim=1)
+                flat = flat.cpu().numpy()
+                m_el, c_el = self._frame_elements
+                self._append(m_el, step, time, np.ascontiguousarray(flat[:, :d]))
+                self._append(c_el, step, time, np.ascontiguousarray(flat[:, d:]).reshape(R, d, d))
+            self.stats["frames"] += 1
+            self._pending_rows += 1
+            if not self._observables and not self.run.observable_names:
+                self._maybe_flush()
 
     def write_observables(self, step: int, time: float, values: dict) -> None:
         """Append one sample of each observable (each (R,) or (R, ...)); values leave the device here."""
         self._check_open()
-        host = _to_host(values)
-        missing = {name: arr.shape for name, arr in host.items() if name not in self._observables}
-        if missing:
-            self._add_observables(missing)
-        step, time = int(step), float(time)
-        for name, arr in host.items():
-            el = self._observables[name]
-            if arr.shape != el.sample_shape:
-                raise ShapeError(
-                    f"{self.path}: observable {name!r} has shape {el.sample_shape} per sample in this file, "
-                    f"received {arr.shape}"
-                )
-            self._append(el, step, time, arr)
-        self._maybe_flush()
+        with self._io("write observables"):
+            host = _to_host(values)
+            missing = {name: arr.shape for name, arr in host.items() if name not in self._observables}
+            if missing:
+                self._add_observables(missing)
+            step, time = int(step), float(time)
+            for name, arr in host.items():
+                el = self._observables[name]
+                if arr.shape != el.sample_shape:
+                    raise ShapeError(
+                        f"{self.path}: observable {name!r} has shape {el.sample_shape} per sample in this file, "
+                        f"received {arr.shape}"
+                    )
+                self._append(el, step, time, arr)
+            self._maybe_flush()
 
     def _add_observables(self, shapes: dict) -> None:
         # New datasets cannot be created safely in SWMR mode: leave it (a clean close), add them,
@@ -634,12 +676,28 @@ class H5MDWriter(Writer):
         self._committed[...] = np.array([el.rows for el in self._elements()], dtype=np.int64)
         self._file.flush()
 
+    @contextlib.contextmanager
+    def _io(self, doing: str):
+        """Turn an I/O error of HDF5 (disk full, a vanished disk) into one line naming the file and the
+        cause; after one, the writer only closes its file (the rows committed before stay valid)."""
+        try:
+            yield
+        except MeasureflowError:
+            raise
+        except (OSError, RuntimeError) as exc:
+            self._failed = True
+            raise io_failure(self.path, doing, exc) from exc
+
     def flush(self) -> None:
         """Make every complete row durable; safe after an interrupted write and when closed."""
         if self._file is None:
             return
-        self._repair()
-        self._commit()
+        if self._failed:
+            # Never let a checkpoint be saved after rows that did not reach the file.
+            raise TrajectoryFileError(f"{self.path}: an earlier write failed; the file holds the rows flushed before it")
+        with self._io("flush the trajectory"):
+            self._repair()
+            self._commit()
         self.stats["flushes"] += 1
         self._pending_rows = 0
         self._last_flush = _clock()
@@ -677,12 +735,22 @@ class H5MDWriter(Writer):
             self._lock.release()
             return
         try:
-            try:
-                self.flush()
-            finally:
+            if self._failed:
+                # An I/O error already happened: close without writing more, and record the status if
+                # the disk takes it (the rows committed before the error stay the file's content).
                 self._file = None
-                f.close()
-            self._store_status()
+                with contextlib.suppress(Exception):
+                    f.close()
+                with contextlib.suppress(Exception):
+                    self._store_status()
+                return
+            with self._io("close the trajectory"):
+                try:
+                    self.flush()
+                finally:
+                    self._file = None
+                    f.close()
+                self._store_status()
         finally:
             self._lock.release()
 

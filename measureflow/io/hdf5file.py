@@ -15,7 +15,9 @@ the file: HDF5 reads a chunk past the end of a truncated file as zeros, which wo
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import h5py
 
 from ..errors import TrajectoryFileError
 
-__all__ = ["open_h5", "damaged", "check_rows_on_disk", "first_row_off_disk", "superblock", "START_OVER"]
+__all__ = ["open_h5", "damaged", "check_rows_on_disk", "first_row_off_disk", "superblock", "io_failure", "START_OVER"]
 
 #: What to do about a file that cannot be used (the tail of every "damaged" message).
 START_OVER = ("restore it from a copy, or start the run again: delete the file, or pass --restart "
@@ -41,6 +43,23 @@ def damaged(path, what: str, cause: BaseException | None = None) -> TrajectoryFi
     """The one-line error for a damaged file: the file, what is wrong, what to do."""
     detail = f" ({_first_line(cause)})" if cause is not None else ""
     return TrajectoryFileError(f"{path}: {what}{detail}; {START_OVER}")
+
+
+def io_failure(path, doing: str, exc: BaseException) -> TrajectoryFileError:
+    """The one-line error for an I/O failure while writing ``path`` (disk full, …), with the errno
+    cause when the error carries one (h5py puts it in its message as ``errno = N``)."""
+    code = getattr(exc, "errno", None)
+    if not code:
+        found = re.search(r"errno = (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    if code:
+        cause = f"{errno.errorcode.get(code, 'errno ' + str(code))}: {os.strerror(code)}"
+    else:
+        cause = _first_line(exc)
+    return TrajectoryFileError(
+        f"{path}: cannot {doing} ({cause}); the frames flushed before and the last checkpoint are intact: "
+        "fix the cause (free disk space), then run again with --resume"
+    )
 
 
 def superblock(path) -> tuple[int, int] | None:

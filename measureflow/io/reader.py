@@ -414,13 +414,22 @@ class TrajectoryFile(ShapedTrajectory):
         if versions:
             shown = ", ".join(f"{k} {v}" for k, v in versions.items() if isinstance(v, str))
             lines.append(f"  versions     {shown}")
-        return "\n".join(lines)
+        # Text from the file (parameters, messages, even its name) is shown escaped: a control
+        # character in it can neither fake a line nor send the terminal an escape sequence.
+        return "\n".join(_escape(line) for line in lines)
 
     def __repr__(self) -> str:
         return (
             f"TrajectoryFile({str(self.path)!r}, kind={self.kind}, R={self.replicas}, N={self.size}, "
             f"d={self.dim}, frames={self.frames})"
         )
+
+
+def _escape(text: str) -> str:
+    """``text`` with every non-printable character written as a Python escape (\\x1b, \\n, …)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def _size(n: int) -> str:
