@@ -173,7 +173,7 @@ def test_particle_layout_follows_h5md_1_1(tmp_path):
         assert f["measureflow/committed"][()].tolist() == [4, 4, 4]
 
 
-def test_gaussian_layout_has_no_particles_group(tmp_path):
+def test_gaussian_layout_has_an_h5md_view_of_the_means(tmp_path):
     path = tmp_path / "g.h5"
     Rg, d = 3, 2
     state = mf.Gaussians(torch.zeros(Rg, d), torch.eye(d).expand(Rg, d, d).clone())
@@ -185,7 +185,16 @@ def test_gaussian_layout_has_no_particles_group(tmp_path):
     writer.close()
     writer.set_status("completed", 4, 0.4, "")  # after close: written straight to the file
     objects = tree(path)
-    assert not any(name.startswith("particles") for name in objects)
+    # The H5MD view: /particles/gaussians with a box and links to the means (no second copy of the data).
+    assert sorted(name for name in objects if name.startswith("particles")) == [
+        "particles", "particles/gaussians", "particles/gaussians/box"]
+    with h5py.File(path, "r") as f:
+        assert f["particles/gaussians/box"].attrs["dimension"] == d
+        link = f["particles/gaussians"].get("position", getlink=True)
+        assert isinstance(link, h5py.SoftLink) and link.path == "/measureflow/gaussians/mean"
+        np.testing.assert_array_equal(f["particles/gaussians/position/value"][3], np.full((Rg, d), 3.0))
+        assert f["particles/gaussians/position/step"][()].tolist() == list(range(5))
+        assert f["particles/gaussians/covariance/value"].shape == (5, Rg, d, d)
     assert objects["measureflow/gaussians/mean/value"] == ("dataset", (5, Rg, d), "f")
     assert objects["measureflow/gaussians/cov/value"] == ("dataset", (5, Rg, d, d), "f")
     for element in ("mean", "cov"):

@@ -359,6 +359,13 @@ class H5MDWriter(Writer):
                 self._new_element(f, L.MEAN, (R, d), run.dtype, True),
                 self._new_element(f, L.COV, (R, d, d), run.dtype, True),
             ]
+            # The H5MD-standard view: each replica's mean as a "particle" position, so H5MD tools
+            # see a trajectory. Soft links: one copy of the data, and element walks visit it once.
+            box = f.create_group(L.GAUSSIAN_BOX)
+            box.attrs.create("dimension", np.int32(d))
+            box.attrs.create("boundary", L.fixed_strings(["none"] * d))
+            f[L.GAUSSIAN_POSITION] = h5py.SoftLink("/" + L.MEAN)
+            f[L.GAUSSIAN_COVARIANCE] = h5py.SoftLink("/" + L.COV)
         f.create_group(L.OBSERVABLES, track_order=True)
         for name in run.observable_names:
             if name in run.observable_shapes:

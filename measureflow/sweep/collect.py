@@ -49,7 +49,7 @@ class SweepTable:
         writer = csv.DictWriter(buffer, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in self.rows:
-            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in self.columns})
+            writer.writerow({k: _csv_cell(row.get(k)) for k in self.columns})
         return buffer.getvalue()
 
     def format(self) -> str:
@@ -64,6 +64,23 @@ class SweepTable:
         for row in cells:
             lines.append("  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths)))
         return "\n".join(lines)
+
+
+#: First characters that make a spreadsheet read a cell as a formula (OWASP "CSV injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value):
+    """A CSV cell no spreadsheet reads as a formula: text starting with = + - @ tab or CR gets a
+    leading apostrophe; numbers (and text that is a number, such as -1.5) stay numbers."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, int, float)):
+        return value
+    text = str(value)
+    if text.startswith(FORMULA_STARTS) and not _numeric(text):
+        return "'" + text
+    return text
 
 
 def _cell(value) -> str:
