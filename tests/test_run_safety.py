@@ -8,6 +8,7 @@ well under a second; the runs that must overlap in time slow it with a sleeping 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -390,3 +391,25 @@ def test_info_escapes_control_characters(straight, tmp_path, capsys):
     assert "\x1b" not in text and "\x07" not in text
     assert "evil\\x1b[2J\\n  status       fake\\x07" in text
     assert sum(line.lstrip().startswith("status") for line in text.splitlines()) == 1
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import torch
+
+    path = tmp_path / "run.ckpt"
+    save_checkpoint(path, {"step": 1})
+
+    real = torch.save
+
+    def no_space(obj, handle):
+        if isinstance(handle, io.BytesIO):  # serialising in memory works; the disk is full
+            return real(obj, handle)
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(TrajectoryFileError, match=r"run.ckpt: cannot write the checkpoint \(ENOSPC"):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"step": 1}
+    assert not list(tmp_path.glob("*.tmp-*"))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import MeasureflowError, ParameterError, TrajectoryFileError
-from .atomic import atomic_replace, fsync_directory  # noqa: F401 - fsync_directory: imported from here by sweep
+from .atomic import atomic_replace, fsync_directory, io_failure  # noqa: F401 - fsync_directory: imported from here by sweep
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
@@ -61,9 +61,12 @@ def save_checkpoint(path, payload: dict) -> Path:
     torch.save(payload, buffer)
     body = buffer.getvalue()
     wrapped = {_MARK: 1, "sha256": hashlib.sha256(body).hexdigest(), "body": body}
-    with atomic_replace(path) as tmp:
-        with open(tmp, "wb") as handle:
-            torch.save(wrapped, handle)
+    try:
+        with atomic_replace(path) as tmp:
+            with open(tmp, "wb") as handle:
+                torch.save(wrapped, handle)
+    except (OSError, RuntimeError) as exc:  # disk full: the previous checkpoint is still in place
+        raise io_failure(path, "write the checkpoint", exc) from exc
     return path
 
 

@@ -15,15 +15,14 @@ the file: HDF5 reads a chunk past the end of a truncated file as zeros, which wo
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
-import re
 import struct
 from pathlib import Path
 
 import h5py
 
 from ..errors import TrajectoryFileError
+from .atomic import io_failure  # noqa: F401 - re-exported: the writer's errors are built here too
 
 __all__ = ["open_h5", "damaged", "check_rows_on_disk", "first_row_off_disk", "superblock", "io_failure", "START_OVER"]
 
@@ -43,23 +42,6 @@ def damaged(path, what: str, cause: BaseException | None = None) -> TrajectoryFi
     """The one-line error for a damaged file: the file, what is wrong, what to do."""
     detail = f" ({_first_line(cause)})" if cause is not None else ""
     return TrajectoryFileError(f"{path}: {what}{detail}; {START_OVER}")
-
-
-def io_failure(path, doing: str, exc: BaseException) -> TrajectoryFileError:
-    """The one-line error for an I/O failure while writing ``path`` (disk full, …), with the errno
-    cause when the error carries one (h5py puts it in its message as ``errno = N``)."""
-    code = getattr(exc, "errno", None)
-    if not code:
-        found = re.search(r"errno = (\d+)", str(exc))
-        code = int(found.group(1)) if found else None
-    if code:
-        cause = f"{errno.errorcode.get(code, 'errno ' + str(code))}: {os.strerror(code)}"
-    else:
-        cause = _first_line(exc)
-    return TrajectoryFileError(
-        f"{path}: cannot {doing} ({cause}); the frames flushed before and the last checkpoint are intact: "
-        "fix the cause (free disk space), then run again with --resume"
-    )
 
 
 def superblock(path) -> tuple[int, int] | None:
