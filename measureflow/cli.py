@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -239,10 +240,23 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        code = args.handler(args)
     except MeasureflowError as exc:
         print(f"measureflow: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
+    _leave_if_hdf5_is_stuck(code)
+    return code
+
+
+def _leave_if_hdf5_is_stuck(code: int) -> None:
+    """After a write error (a full disk) whose file HDF5 could not close either, HDF5 would try again
+    at interpreter exit and may crash (a segfault, exit 139) after our one-line message: leave now,
+    with ``code``. The file keeps what its last flush committed."""
+    h5md = sys.modules.get("measureflow.io.h5md")
+    if h5md is not None and h5md.UNCLOSED_AFTER_ERROR:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

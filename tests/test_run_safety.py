@@ -413,3 +413,26 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
     monkeypatch.undo()
     assert load_checkpoint(path) == {"step": 1}
     assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_a_disk_too_full_for_the_next_flush_is_refused_before_hdf5_writes(tiny, straight, tmp_path, capsys,
+                                                                           monkeypatch):
+    import collections
+
+    out = tmp_path / "nearly-full.h5"
+    real = os.statvfs
+    calls = {"n": 0}
+    Fake = collections.namedtuple("Fake", "f_bavail f_frsize")
+
+    def statvfs(path):
+        calls["n"] += 1
+        return Fake(10, 4096) if calls["n"] > 4 else real(path)  # 40 KiB left after four flushes
+
+    monkeypatch.setattr(h5md_module.os, "statvfs", statvfs)
+    assert run(tiny, out) == 2
+    one_line_error(capsys, str(out), "bytes needed, 40960 free", "ENOSPC", "--resume")
+    monkeypatch.undo()
+    with h5py.File(out, "r") as f:  # closed cleanly: no HDF5 write failed halfway
+        assert f["measureflow/status"].attrs["status"] == b"interrupted"
+    assert run(tiny, out, "--resume") == 0
+    assert_same(straight, out)

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
+import os
 import json
 import time as _time
 import warnings
@@ -53,6 +55,11 @@ __all__ = ["H5MDWriter", "rebuild_file", "repair_file", "valid_rows", "STEP_CHUN
 
 #: File name endings of a trajectory file: what it holds is HDF5, and its name says so.
 SUFFIXES = (".h5", ".hdf5", ".h5md")
+#: Free space (bytes) a flush leaves for HDF5's metadata, beyond the chunks it writes.
+SPACE_MARGIN = 256 << 10
+#: Files whose writer met an I/O error and whose HDF5 close failed too: HDF5 keeps them open and
+#: retries (and may crash) at interpreter exit, so the command line leaves without that step.
+UNCLOSED_AFTER_ERROR: set[str] = set()
 #: Rows per chunk of the step and time datasets (2 KiB each).
 STEP_CHUNK = 256
 #: Clock used by the flush schedule (replaceable in tests so that no test depends on wall time).
@@ -85,6 +92,7 @@ class _Element:
     sample_shape: tuple
     rows: int = 0
     last_step: int | None = None
+    committed: int = 0  # rows the last successful flush made durable
     value: h5py.Dataset | None = None
     step: h5py.Dataset | None = None
     time: h5py.Dataset | None = None
@@ -682,6 +690,31 @@ class H5MDWriter(Writer):
         self._file.flush()
         self._committed[...] = np.array([el.rows for el in self._elements()], dtype=np.int64)
         self._file.flush()
+        for el in self._elements():
+            el.committed = el.rows
+
+    def _check_space(self) -> None:
+        """Refuse a flush the disk cannot hold, before HDF5 writes anything: an HDF5 file whose
+        write failed midway cannot be closed cleanly (HDF5 retries at exit, and may crash)."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except (AttributeError, OSError):  # no statvfs (Windows), or it failed: let HDF5 try
+            return
+        free = st.f_bavail * st.f_frsize
+        need = SPACE_MARGIN
+        for el in self._elements():
+            pending = el.rows - el.committed
+            if pending <= 0:
+                continue
+            for ds in (el.value, el.step, el.time):
+                chunk = ds.chunks or ds.shape
+                chunk_bytes = int(np.prod(chunk)) * ds.dtype.itemsize
+                # Every chunk the pending rows touch is written whole; the first may already have its place.
+                need += (pending // max(chunk[0], 1) + 1) * chunk_bytes
+        if free < need:
+            self._failed = True
+            raise io_failure(self.path, f"flush the trajectory ({need} bytes needed, {free} free)",
+                             OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
 
     @contextlib.contextmanager
     def _io(self, doing: str):
@@ -704,6 +737,7 @@ class H5MDWriter(Writer):
             raise TrajectoryFileError(f"{self.path}: an earlier write failed; the file holds the rows flushed before it")
         with self._io("flush the trajectory"):
             self._repair()
+            self._check_space()
             self._commit()
         self.stats["flushes"] += 1
         self._pending_rows = 0
@@ -745,9 +779,17 @@ class H5MDWriter(Writer):
             if self._failed:
                 # An I/O error already happened: close without writing more, and record the status if
                 # the disk takes it (the rows committed before the error stay the file's content).
-                self._file = None
+                # Rows after the last flush are dropped first, so that closing writes only chunks
+                # that already have their place in the file.
                 with contextlib.suppress(Exception):
+                    for el in self._elements():
+                        el.cut(el.committed)
+                self._file = None
+                try:
                     f.close()
+                except Exception:  # noqa: BLE001 - HDF5 keeps the file open and retries at exit
+                    UNCLOSED_AFTER_ERROR.add(str(self.path))
+                    return
                 with contextlib.suppress(Exception):
                     self._store_status()
                 return
