@@ -215,16 +215,16 @@ def repair_file(path) -> int | None:
         if not unclosed:
             return None
         keep = rebuild_file(path)
+        frame = L.POSITION if L.POSITION in keep else L.MEAN
+        frames = keep.get(frame, 0)
         with h5py.File(path, "r+") as f:
             status = f.require_group(L.STATUS)
             if L.text(status.attrs.get("status", b"running")) == "running":
-                frames = [n for name, n in keep.items() if name in (L.POSITION, L.MEAN)]
-                last = f[L.POSITION if L.POSITION in f else L.MEAN]["step"]
-                step = int(last[frames[0] - 1]) if frames and frames[0] else -1
+                step = int(f[frame]["step"][frames - 1]) if frames else -1
                 H5MDWriter._write_status_attrs(
                     status, "interrupted", step, float("nan"),
                     "the writer was killed; measureflow repair kept the frames of its last flush")
-    return next((n for name, n in keep.items() if name in (L.POSITION, L.MEAN)), 0)
+    return frames
 
 
 class H5MDWriter(Writer):
