@@ -252,11 +252,11 @@ def wait_for(path: Path, proc, limit=60.0):
 def test_a_second_run_on_the_same_output_is_refused_at_once(tiny, tmp_path, capsys):
     out = tmp_path / "shared.h5"
     first = subprocess.Popen(
-        [sys.executable, "-m", "measureflow", "run", str(tiny), "--set", f"out={out}", "--set", "pause=0.01",
+        [sys.executable, "-m", "measureflow", "run", str(tiny), "--set", f"out={out}", "--set", "pause=0.02",
          "--no-progress"], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(Path(str(out) + ".lock"), first)
-        assert run(tiny, out, "--overwrite", sets=["seed=1", "pause=0.01"]) == 2
+        assert run(tiny, out, "--overwrite", sets=["seed=1", "pause=0.02"]) == 2
         one_line_error(capsys, str(out), f"in use by process {first.pid}")
         assert first.wait(timeout=120) == 0, first.communicate()
     finally:
@@ -270,13 +270,13 @@ def test_a_second_run_on_the_same_output_is_refused_at_once(tiny, tmp_path, caps
 def test_a_second_sweep_into_the_same_directory_is_refused(tiny, tmp_path):
     out = tmp_path / "sweep"
     first = subprocess.Popen(
-        [sys.executable, "-m", "measureflow", "sweep", str(tiny), "--grid", "n=20,21", "--set", "pause=0.01",
+        [sys.executable, "-m", "measureflow", "sweep", str(tiny), "--grid", "n=20,21", "--set", "pause=0.02",
          "--out", str(out), "--no-progress"], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
         wait_for(out / "sweep.json.lock", first)
         with pytest.raises(MeasureflowError, match=f"in use by process {first.pid}"):
-            run_sweep(tiny, {"n": [20, 21]}, "0", out, fixed={"pause": "0.01"}, progress=False)
+            run_sweep(tiny, {"n": [20, 21]}, "0", out, fixed={"pause": "0.02"}, progress=False)
         assert first.wait(timeout=120) == 0, first.communicate()
     finally:
         if first.poll() is None:
@@ -346,7 +346,7 @@ def test_disk_full_is_one_line_and_the_run_resumes(tiny, straight, tmp_path, cap
 def test_sigkilled_run_is_repaired_for_any_hdf5_tool_and_resumes(tiny, straight, tmp_path, capsys):
     out = tmp_path / "killed.h5"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "measureflow", "run", str(tiny), "--set", f"out={out}", "--set", "pause=0.01",
+        [sys.executable, "-m", "measureflow", "run", str(tiny), "--set", f"out={out}", "--set", "pause=0.02",
          "--no-progress"], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(Path(str(out) + ".ckpt"), proc)  # past the first checkpoint
@@ -370,7 +370,7 @@ def test_sigkilled_run_is_repaired_for_any_hdf5_tool_and_resumes(tiny, straight,
             assert pyh5md.element(f.particles_group("trajectory"), "position").value.shape[0] == n
     with open_trajectory(out) as traj:
         assert traj.status.code == "interrupted" and not traj.unclosed
-    assert run(tiny, out, "--resume", sets=["pause=0.01"]) == 0
+    assert run(tiny, out, "--resume", sets=["pause=0.02"]) == 0
     assert_same(straight, out)
 
 
