@@ -97,13 +97,18 @@ def _cmd_plugins(args) -> int:
 
 
 def _cmd_info(args) -> int:
+    from .io.lock import holder
     from .io.reader import open_trajectory
 
     with open_trajectory(args.file) as traj:
         print(traj.summary())
         if traj.unclosed:
-            print("  note         its writer did not close it: other HDF5 tools (h5py, h5dump, pyh5md) refuse it "
-                  "until `measureflow repair FILE` (or a --resume) rewrites it")
+            pid = holder(args.file)
+            if pid is not None:
+                print(f"  note         process {pid} is writing it")
+            else:
+                print("  note         its writer was killed: other HDF5 tools (h5py, h5dump, pyh5md) refuse it "
+                      "until `measureflow repair FILE` (or a --resume) rewrites it")
     return 0
 
 

@@ -21,7 +21,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks; every lock is granted
     fcntl = None
 
-__all__ = ["OutputLock", "lock_path"]
+__all__ = ["OutputLock", "lock_path", "holder"]
 
 _HELD: dict[str, list] = {}  # lock path -> [file descriptor, count, owning pid]
 
@@ -39,6 +39,25 @@ def _owner(fd: int) -> str:
     except OSError:
         text = ""
     return text if text.isdigit() else "?"
+
+
+def holder(path) -> str | None:
+    """The process id ("?" when unknown) of the process that holds the lock on ``path``, or None
+    when no process holds it; creates nothing."""
+    file = lock_path(path)
+    if fcntl is None or not file.exists():
+        return None
+    try:
+        fd = os.open(file, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return _owner(fd)
+    finally:
+        os.close(fd)  # closing releases a shared lock we took
+    return None
 
 
 class OutputLock:
