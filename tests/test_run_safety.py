@@ -305,6 +305,16 @@ def test_a_sweep_decides_done_from_the_files(tiny, tmp_path):
     report = run_sweep(tiny, {"n": [20, 21]}, "0", out, progress=False)
     assert report.skipped == 2
     assert [row["status"] for row in sweep_table(out).rows] == ["completed", "completed"]
+    # A stopped run whose file was then cut short: its checkpoint cannot continue it, so it starts over.
+    record = next(iter(index["runs"].values()))
+    (scn,) = load_scenarios(tiny).values()
+    sim = scn(**record["parameters"]).with_checkpoint(str(files[0]) + ".ckpt", every=10)
+    assert sim.with_options(callbacks=[lambda step, t, state: step >= 20], progress=False).run().steps_done == 20
+    with open(files[0], "r+b") as handle:
+        handle.truncate(os.path.getsize(files[0]) // 2)
+    report = run_sweep(tiny, {"n": [20, 21]}, "0", out, progress=False)
+    assert report.ok and report.skipped == 1
+    assert files[0].read_bytes() == good
 
 
 def test_collect_writes_no_spreadsheet_formulas(tmp_path):

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import MeasureflowError, ParameterError, ShapeError, TrajectoryFileError
+from ..errors import MeasureflowError, ParameterError, ResumeRefusedError, ShapeError, TrajectoryFileError
 from . import layout as L
 from .base import Writer
 from .runinfo import RunInfo
@@ -308,12 +308,19 @@ class H5MDWriter(Writer):
         # Checked before any work: a second process writing the same file is refused at once.
         self._lock = OutputLock(self.path).acquire()
         try:
+            if run.resume_step is not None:
+                try:
+                    if self.path.exists():
+                        self._verify_resumable(run)
+                    else:
+                        self._refuse_lost_frames(run.resume_step, None, "the file does not exist")
+                except ResumeRefusedError:
+                    raise
+                except TrajectoryFileError as exc:
+                    raise ResumeRefusedError(str(exc)) from exc
             if run.resume_step is not None and self.path.exists():
-                self._verify_resumable(run)
                 self._reopen_for_resume(run)
             else:
-                if run.resume_step is not None:
-                    self._refuse_lost_frames(run.resume_step, None, "the file does not exist")
                 self._create(run)
             self._start_swmr()
         except BaseException:
