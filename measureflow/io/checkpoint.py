@@ -160,16 +160,16 @@ def load_run_checkpoint(path, *, owner: str, expected_format: str, fingerprint: 
     if not path.is_file():
         load_checkpoint(path)  # the "no such file" message
     payload, verified = _read(path, "cpu")
-    if not verified:
-        raise TrajectoryFileError(
-            f"checkpoint {path} carries no checksum (it was written by an older measureflow or by another "
-            "program); delete it and start the run again (--restart)"
-        )
     if not isinstance(payload, dict) or payload.get("format") != expected_format:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise TrajectoryFileError(
             f"checkpoint {path} is not a {owner} checkpoint (format {found!r}); point "
             "checkpoint= at the file this run wrote, or delete it"
+        )
+    if not verified:
+        raise TrajectoryFileError(
+            f"checkpoint {path} carries no checksum (it was written by an older measureflow or by another "
+            "program); delete it and start the run again (--restart)"
         )
     if payload.get("fingerprint") != fingerprint:
         raise MeasureflowError(
