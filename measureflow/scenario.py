@@ -170,8 +170,9 @@ class Scenario:
         """Build, run (with a checkpoint beside any H5MD output) and report; returns the Result, or
         None when ``resume`` finds the run already completed in its file.
 
-        An existing output file is never replaced without ``overwrite`` (or ``restart``, which also
-        drops the checkpoint), and ``resume`` continues only a file it can verify
+        An existing output file is replaced only when the new run ends (it is written beside it), and
+        ``resume`` continues only a file it can verify, refusing another run's finished file unless
+        ``overwrite`` (``restart`` starts over and drops the checkpoint)
         (:func:`measureflow.io.outputs.plan_output` has the table); a second process writing the same
         output is refused before any work."""
         simulation, params = self.build(overrides)
@@ -256,7 +257,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "holds this run, completed)")
     parser.add_argument("--restart", action="store_true",
                         help="start over: drop the checkpoint and replace the output file")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --resume: replace a finished output of other parameters instead of refusing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--params", action="store_true", help="list the scenario's parameters and exit")
 
