@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,6 +46,7 @@ from .run import (
 )
 from .state import Particles, state_from_tensors, state_kind
 from .status import Status
+from .validators import check_int
 
 __all__ = ["Simulation", "Result", "Status", "Observer", "Series", "Callback", "SimulationProcess", "Recording"]
 
@@ -209,6 +211,9 @@ class Simulation:
                 f"(t1 = {grid.t1:g} < t0 = {grid.t0:g}); write the reverse-time SDE as its own field"
             )
 
+        for name, every in (("observe_every", observe_every), ("checkpoint_every", checkpoint_every)):
+            if isinstance(every, numbers.Number):  # a trigger object or a list of steps is checked as a trigger
+                check_int(every, name, "Simulation", advice="Pass a whole number of steps ≥ 1, or a trigger.")
         default_every = observe_every if observe_every is not None else max(1, grid.steps // 100)
         recording = Recording(
             writers=tuple(_resolve_writer(w) for w in writers),
