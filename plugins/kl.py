@@ -259,6 +259,8 @@ def _sample_target(target) -> _SampleTarget | None:
                 f"kl: target samples must be a floating tensor of shape (M, d) or (R, M, d); received "
                 f"{tuple(target.shape)} of dtype {target.dtype}"
             )
+        if not bool(torch.isfinite(target).all()):
+            raise ParameterError("kl: target samples must be finite; they hold NaN or inf")
         return _SampleTarget(target if target.ndim == 3 else target[None], None)
     return None
 

@@ -132,6 +132,8 @@ class OrnsteinUhlenbeck(Field):
     def __init__(self, theta: float = 1.0, sigma: float = 1.0, center=0.0, dim: int | None = None):
         self.theta = check_positive(theta, "theta", "ornstein_uhlenbeck")
         self.sigma = check_nonnegative(sigma, "sigma", "ornstein_uhlenbeck")
+        if isinstance(center, (bool, str, bytes)):
+            raise ParameterError(f"ornstein_uhlenbeck: center must be a number or a vector (d,); received {center!r}")
         self.center = _finite(torch.as_tensor(center, dtype=torch.float64), "center")
         if self.center.ndim > 1:
             raise ShapeError(f"ornstein_uhlenbeck: center must be a scalar or a vector (d,); received shape "
