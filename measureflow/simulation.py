@@ -46,7 +46,7 @@ from .run import (
 )
 from .state import Particles, state_from_tensors, state_kind
 from .status import Status
-from .validators import check_int
+from .validators import check_finite_tensor, check_int
 
 __all__ = ["Simulation", "Result", "Status", "Observer", "Series", "Callback", "SimulationProcess", "Recording"]
 
@@ -218,7 +218,7 @@ class Simulation:
         recording = Recording(
             writers=tuple(_resolve_writer(w) for w in writers),
             observers=tuple(observer_list(observers, default_every)),
-            target=target,
+            target=check_finite_tensor(target, "target", "Simulation"),
             callbacks=tuple(c if isinstance(c, Callback) else Callback(c) for c in callbacks),
             operations=tuple(operations),
         )
@@ -484,6 +484,39 @@ class SimulationProcess(Process):
 
     def observe_args(self) -> dict:
         return {"field": self.simulation.field, "target": self.simulation.target}
+
+    def diagnose(self, bad_step: int, state, before=None) -> str:
+        """Names the non-finite parts of ``state`` and, from the finite state ``before`` the first bad
+        step, whether the field's output was already non-finite (the field's inputs are at fault) or
+        one step turned finite values non-finite (the step size is)."""
+        parts = {"mean": state.mean, "covariance": state.cov} if self._is_gaussian else {
+            "positions": state.x, **({} if state.weights is None else {"weights": state.weights}),
+            **{f"channel {k!r}": v for k, v in state.channels.items()}}
+        bad = [name for name, value in parts.items()
+               if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        text = f"the state's {' and '.join(bad) or 'values'} became non-finite (NaN or inf) at step {bad_step}"
+        if before is None:
+            return (f"{text}; pass check_every=1 to learn whether the field's output or the step size is at fault "
+                    "(the state before that step is no longer held)")
+        field = getattr(self.simulation.field, "name", type(self.simulation.field).__name__)
+        t = self.time_at(bad_step - 1)
+        dynamics = self.stepper.dynamics
+        try:
+            rates = dynamics.rate(t, dynamics.pack(before))
+        except Exception as exc:  # noqa: BLE001 - a diagnosis, not a run: report what the field said
+            return f"{text}; the field {field!r} fails on the state before it at t = {t:.6g} ({type(exc).__name__}: {exc})"
+        output = "affine closure (b, A)" if self._is_gaussian else "velocity"
+        if not all(bool(torch.isfinite(r).all()) for r in rates):
+            values = dynamics.pack(before)
+            largest = max(float(v.abs().max()) for v in values)
+            if largest > torch.finfo(values[0].dtype).max ** 0.5:  # a square of it overflows
+                return (f"{text}: the field {field!r} overflowed on a state already diverging (largest |value| "
+                        f"{largest:.3g} at t = {t:.6g}); the flow blows up or the step is too large: try more steps, "
+                        "or a blowup= bound to stop earlier")
+            return (f"{text}: the field {field!r} returned a non-finite {output} at t = {t:.6g} from a finite state, "
+                    "so a smaller step will not help; check the field's parameters and target")
+        return (f"{text}: one step from a finite state, with a finite {output} of the field {field!r} at "
+                f"t = {t:.6g}, went non-finite; the step is too large there: try more steps or an adaptive integrator")
 
     def run_info(self, state, observable_shapes: dict, resume_step):
         from .io.runinfo import RunInfo

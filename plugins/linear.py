@@ -24,7 +24,7 @@ import torch
 import measureflow
 from measureflow.cache import DeviceCache
 from measureflow.errors import CapabilityError, ParameterError, ShapeError
-from measureflow.validators import check_nonnegative, check_positive
+from measureflow.validators import check_finite_tensor, check_nonnegative, check_positive
 from measureflow.fields import Field
 from measureflow.state import Gaussians
 
@@ -49,20 +49,14 @@ def _vector(value, name, d) -> torch.Tensor:
     return tensor
 
 
-def _finite(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    if not bool(torch.isfinite(tensor).all()):
-        raise ParameterError(f"{name} must be finite; it has NaN or inf entries")
-    return tensor
-
-
 class LinearField(Field):
     """v(x) = b + A x (see the module docstring for the Gaussian solution)."""
 
     name = "linear"
 
     def __init__(self, A, b=None):
-        self.A = _finite(_matrix(A, "A"), "A")
-        self.b = _finite(_vector(b, "b", self.A.shape[0]), "b")
+        self.A = check_finite_tensor(_matrix(A, "A"), "A", "linear")
+        self.b = check_finite_tensor(_vector(b, "b", self.A.shape[0]), "b", "linear")
         self.dim = self.A.shape[0]
         caps = {"velocity", "affine"}
         if torch.allclose(self.A, self.A.T):
@@ -134,7 +128,7 @@ class OrnsteinUhlenbeck(Field):
         self.sigma = check_nonnegative(sigma, "sigma", "ornstein_uhlenbeck")
         if isinstance(center, (bool, str, bytes)):
             raise ParameterError(f"ornstein_uhlenbeck: center must be a number or a vector (d,); received {center!r}")
-        self.center = _finite(torch.as_tensor(center, dtype=torch.float64), "center")
+        self.center = check_finite_tensor(torch.as_tensor(center, dtype=torch.float64), "center", "ornstein_uhlenbeck")
         if self.center.ndim > 1:
             raise ShapeError(f"ornstein_uhlenbeck: center must be a scalar or a vector (d,); received shape "
                              f"{tuple(self.center.shape)}")

@@ -40,6 +40,7 @@ from ..errors import StepFailure
 from ..status import STATUS_COMPLETED, Status
 from .health import Health
 from .operations import WRITE, Checkpoint, Observer, Progress, progress_enabled
+from .process import Process
 from .signals import install_sigterm
 from .specs import Checkpointing, StopPolicy
 
@@ -203,7 +204,7 @@ class RunLoop:
                 try:
                     new_state = process.advance(state, step)
                 except StepFailure as exc:
-                    status = self._health_status(health) or Status(
+                    status = self._health_status(health, state) or Status(
                         "step_failure", step + 1, float(getattr(exc, "time", process.time_at(step + 1))), str(exc))
                     break
                 step += 1
@@ -212,7 +213,7 @@ class RunLoop:
                 health.record(process.health(new_state), step)
                 if last or (check_every is not None and step % check_every == 0) or any(
                         op.fires(step, t, last) for op in syncing):
-                    status = self._health_status(health)
+                    status = self._health_status(health, new_state, state, step)
                     if status is not None:
                         break
                 state, step_done = new_state, step
@@ -229,7 +230,7 @@ class RunLoop:
                     stop = Status("terminated", step, t, "SIGTERM received; stopped cleanly")
                 if stop is not None:
                     # Never checkpoint a state that went bad since the last check.
-                    status = self._health_status(health) or stop
+                    status = self._health_status(health, state) or stop
                     if status is stop and ckpt.path is not None:
                         self.save_checkpoint(context)
                     break
@@ -261,13 +262,20 @@ class RunLoop:
             resumed_from=resumed,
         )
 
-    def _health_status(self, health: Health) -> Status | None:
+    def _health_status(self, health: Health, state=None, previous=None, step: int | None = None) -> Status | None:
+        """The status of the first unhealthy step recorded, or None. ``state`` is the state at
+        ``step`` and ``previous`` the one before it: when the first bad step is ``step`` itself,
+        ``previous`` is finite and the process can say whether the field or the step was at fault."""
         found = health.first_bad()
         if found is None:
             return None
         bad, kind = found
         t = self.process.time_at(bad)
         if kind == "nonfinite":
-            return Status("nonfinite", bad, t, "the state has non-finite values (NaN or inf); try a smaller step")
+            if state is None:
+                message = Process.diagnose(self.process, bad, None)
+            else:
+                message = self.process.diagnose(bad, state, previous if bad == step else None)
+            return Status("nonfinite", bad, t, message)
         return Status("blowup", bad, t, f"max |value| exceeded the blow-up bound {self.stop.blowup:g}")
 
