@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import CapabilityError, MeasureflowError, TimeRangeError
+from .errors import CapabilityError, MeasureflowError, StepFailure, TimeRangeError
 from .fields import capabilities
 from .integrators import NoiseStream, Stepper
 from .io.base import Series
@@ -475,7 +475,18 @@ class SimulationProcess(Process):
         return state
 
     def advance(self, state, step: int):
-        return self.stepper.advance(state, self._times[step], self._times[step + 1])
+        t0, t1 = self._times[step], self._times[step + 1]
+        try:
+            return self.stepper.advance(state, t0, t1)
+        except StepFailure as exc:
+            # A step that failed on non-finite values from a finite state: when the field's own
+            # output at the step's times is already non-finite, say so instead of advising a smaller step.
+            verdict = None
+            for t in (t0, exc.time, t1) if "non-finite" in exc.reason else ():
+                verdict = verdict or self._field_verdict(state, t)
+            if verdict is None:
+                raise
+            raise StepFailure(exc.reason, exc.time, verdict) from None
 
     def health(self, state):
         if self._is_gaussian:
@@ -498,25 +509,37 @@ class SimulationProcess(Process):
         if before is None:
             return (f"{text}; pass check_every=1 to learn whether the field's output or the step size is at fault "
                     "(the state before that step is no longer held)")
-        field = getattr(self.simulation.field, "name", type(self.simulation.field).__name__)
         t = self.time_at(bad_step - 1)
+        verdict = self._field_verdict(before, t)
+        if verdict is not None:
+            return f"{text}: {verdict}"
+        output = "affine closure (b, A)" if self._is_gaussian else "velocity"
+        return (f"{text}: one step from a finite state, with a finite {output} of the field {self._field_name()!r} at "
+                f"t = {t:.6g}, went non-finite; the step is too large there: try more steps or an adaptive integrator")
+
+    def _field_name(self) -> str:
+        return getattr(self.simulation.field, "name", type(self.simulation.field).__name__)
+
+    def _field_verdict(self, state, t: float) -> str | None:
+        """Why the field is to blame at (t, state), a finite state: its output is non-finite there,
+        or it raises; None when its output is finite. Host reads: called only once a run has failed."""
+        field = self._field_name()
         dynamics = self.stepper.dynamics
         try:
-            rates = dynamics.rate(t, dynamics.pack(before))
+            rates = dynamics.rate(t, dynamics.pack(state))
         except Exception as exc:  # noqa: BLE001 - a diagnosis, not a run: report what the field said
-            return f"{text}; the field {field!r} fails on the state before it at t = {t:.6g} ({type(exc).__name__}: {exc})"
+            return f"the field {field!r} fails on the state at t = {t:.6g} ({type(exc).__name__}: {exc})"
+        if all(bool(torch.isfinite(r).all()) for r in rates):
+            return None
         output = "affine closure (b, A)" if self._is_gaussian else "velocity"
-        if not all(bool(torch.isfinite(r).all()) for r in rates):
-            values = dynamics.pack(before)
-            largest = max(float(v.abs().max()) for v in values)
-            if largest > torch.finfo(values[0].dtype).max ** 0.5:  # a square of it overflows
-                return (f"{text}: the field {field!r} overflowed on a state already diverging (largest |value| "
-                        f"{largest:.3g} at t = {t:.6g}); the flow blows up or the step is too large: try more steps, "
-                        "or a blowup= bound to stop earlier")
-            return (f"{text}: the field {field!r} returned a non-finite {output} at t = {t:.6g} from a finite state, "
-                    "so a smaller step will not help; check the field's parameters and target")
-        return (f"{text}: one step from a finite state, with a finite {output} of the field {field!r} at "
-                f"t = {t:.6g}, went non-finite; the step is too large there: try more steps or an adaptive integrator")
+        values = dynamics.pack(state)
+        largest = max(float(v.abs().max()) for v in values)
+        if largest > torch.finfo(values[0].dtype).max ** 0.5:  # a square of it overflows
+            return (f"the field {field!r} overflowed on a state already diverging (largest |value| {largest:.3g} at "
+                    f"t = {t:.6g}); the flow blows up or the step is too large: try more steps, or a blowup= bound "
+                    "to stop earlier")
+        return (f"the field {field!r} returned a non-finite {output} at t = {t:.6g} from a finite state, so a smaller "
+                "step will not help; check the field's parameters and target")
 
     def run_info(self, state, observable_shapes: dict, resume_step):
         from .io.runinfo import RunInfo

@@ -88,7 +88,9 @@ def test_cli_run_info_plot_and_errors(tmp_path):
     text.write_text("not hdf5")
     assert cli("plot", text, "-o", tmp_path / "x.png", check=False).returncode == 2
     params = cli("run", RELAXATION, "--params").stdout
-    assert "n (int) = 2000" in params
+    assert "n (int ≥ 1, fits in memory) = 2000" in params
+    # With --set, --params shows the values the run would use, checked.
+    assert "n (int ≥ 1, fits in memory) = 50" in cli("run", RELAXATION, "--set", "n=50", "--params").stdout
 
 
 def test_scenario_file_runs_as_a_script(tmp_path):

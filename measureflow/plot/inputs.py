@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..errors import ParameterError
+from ..errors import ParameterError, TrajectoryFileError
 from ..io.trajectory import KINDS, Trajectory
 
 __all__ = [
@@ -92,6 +92,9 @@ def drawn_weights(traj: Trajectory) -> np.ndarray | None:
     w = None if weights is None else to_numpy(weights).astype(float)
     if w is not None:
         w = w.reshape(R, N) if w.size == R * N else None
+    if w is not None and not (np.isfinite(w).all() and (w >= 0).all()):
+        raise TrajectoryFileError(f"{traj.source}: the particle weights hold NaN, inf or negative values; the file "
+                                  "is damaged (a run never writes such weights)")
     if w is not None and np.allclose(w, 1.0 / max(N, 1)):
         w = None
     return w

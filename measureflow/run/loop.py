@@ -36,7 +36,7 @@ from typing import Any
 
 import attrs
 
-from ..errors import StepFailure
+from ..errors import MeasureflowError, StepFailure, TrajectoryFileError
 from ..status import STATUS_COMPLETED, Status
 from .health import Health
 from .operations import WRITE, Checkpoint, Observer, Progress, progress_enabled
@@ -136,12 +136,23 @@ class RunLoop:
                                       expected_format=process.checkpoint_format,
                                       fingerprint=process.fingerprint(), limit=process.n_steps,
                                       differs=getattr(process, "differs", "other parameters"))
-        state = process.load_state_dict(payload["process"])
-        device = process.health(state).device
-        history = {o.name: [] for o in observers}
-        for name, entries in payload["history"].items():
-            history[name] = [(s, t, v.to(device)) for s, t, v in entries]
-        return state, int(payload["step"]), history, float(payload.get("wall_time", 0.0))
+        try:
+            state = process.load_state_dict(payload["process"])
+            device = process.health(state).device
+            history = {o.name: [] for o in observers}
+            for name, entries in payload["history"].items():
+                history[name] = [(int(s), float(t), v.to(device)) for s, t, v in entries]
+            return state, int(payload["step"]), history, float(payload.get("wall_time", 0.0))
+        except MeasureflowError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+            # Contents that do not have the shape this run saved (a damaged or hand-edited file): one
+            # line naming the file, not the traceback of the first access that trips on it.
+            detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            raise TrajectoryFileError(
+                f"checkpoint {self.checkpointing.path} is damaged: its contents cannot be restored ({detail}); "
+                "delete it to start the run over"
+            ) from None
 
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self) -> RunOutcome:
