@@ -14,7 +14,7 @@ the rules, so a bad ``--set`` ends in one :class:`~measureflow.errors.ParameterE
 any allocation, sampling or run. Without an annotated rule a parameter still gets its type's rule:
 
 * ``int``: a whole number ≥ 0 (counts, sizes, seeds, thread numbers); a bool is not an integer.
-  Declare ``Annotated[int, AtLeast(-k)]`` for a signed one.
+  Declare ``Annotated[int, AtLeast(-k)]`` for a signed one. Every int fits in 64 bits.
 * ``float``: a finite number (not nan or inf); a bool is not a number.
 * ``bool`` and ``str``: of that type.
 
@@ -54,6 +54,7 @@ __all__ = [
     "check_value",
     "available_memory",
     "check_writable_path",
+    "output_files",
 ]
 
 
@@ -157,11 +158,9 @@ class OneOf(Rule):
 
     def check(self, value, name, where, params):
         if value not in self.choices:
-            if len(self.choices) == 2:
-                allowed = " or ".join(map(repr, self.choices))
-            else:
-                allowed = "one of " + ", ".join(map(str, self.choices))
-            raise ParameterError(f"{where}: {name} must be {allowed}; received {value!r}")
+            raise ParameterError(
+                f"{where}: {name} must be one of {', '.join(map(str, self.choices))}; received {value!r}"
+            )
         return value
 
     def describe(self) -> str:
@@ -226,10 +225,10 @@ def _bytes(n: int) -> str:
 
 @attrs.frozen
 class OutputFile(Rule):
-    """A path the run will write after it ends (a picture): its suffix is one of ``suffixes`` and
-    its folder exists (or is the folder of the run's ``out`` file, which the runner creates), so a
-    typo fails before the run and not after it. The
-    empty string means "write nothing" when ``optional``. Nothing is created by the check."""
+    """A path the run will write after it ends (a picture): its suffix is one of ``suffixes``, it
+    is not a directory, and its folder exists or can be created (the runner creates it before the
+    run, as it does the ``out`` file's), so a bad path fails before the run and not after it. The
+    empty string means "write nothing" when ``optional``. The check itself creates nothing."""
 
     suffixes: tuple = attrs.field(converter=tuple)
     optional: bool = True
@@ -248,31 +247,36 @@ class OutputFile(Rule):
                 f"{where}: {name} must end in {', '.join(self.suffixes)}; received {value!r}"
                 + (" (or pass an empty value to write none)" if self.optional else "")
             )
-        # The runner creates the output file's folder, so a picture may go there before it exists.
-        out = params.get("out")
-        made = Path(out).parent if isinstance(out, str) and out else None
-        check_writable_path(path, f"{where}: {name}", will_exist=made)
+        check_writable_path(path, f"{where}: {name}", create=True)
         return value
 
     def describe(self) -> str:
         return "file " + "|".join(self.suffixes) + (" or empty" if self.optional else "")
 
 
-def check_writable_path(path, where: str, *, will_exist=None) -> None:
-    """Refuse ``path`` when it is a directory, or its folder does not exist (and is not
-    ``will_exist``, a folder something else creates first), is not a folder or cannot be written."""
+def check_writable_path(path, where: str, *, create: bool = False) -> None:
+    """Refuse ``path`` when it is a directory, or its folder is not a writable folder. With
+    ``create`` a missing folder is fine when its nearest existing ancestor is a writable folder (the
+    caller creates it before writing); without, the folder must exist."""
     path = Path(path)
     if path.is_dir():
         raise ParameterError(f"{where}: {str(path)!r} is a directory; give a file name")
     folder = path.parent
-    if will_exist is not None and folder.resolve() == Path(will_exist).resolve():
-        return
-    if not folder.exists():
+    probe = folder
+    while create and not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.exists():
         raise ParameterError(f"{where}: cannot write {str(path)!r}: the folder {str(folder)!r} does not exist; "
                              "create it first or choose another path")
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        what = "is not a folder" if not folder.is_dir() else "cannot be written"
-        raise ParameterError(f"{where}: cannot write {str(path)!r}: {str(folder)!r} {what}")
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not a folder" if not probe.is_dir() else "cannot be written"
+        raise ParameterError(f"{where}: cannot write {str(path)!r}: {str(probe)!r} {what}")
+
+
+def output_files(parameters: dict, values: dict) -> dict:
+    """``{name: path}`` of the parameters declared :class:`OutputFile` that have a path."""
+    return {name: values[name] for name, param in parameters.items()
+            if values.get(name) and any(isinstance(rule, OutputFile) for rule in param.rules)}
 
 
 # -- the common annotations ----------------------------------------------------------------------------------
@@ -287,7 +291,7 @@ Steps = Annotated[int, Size(bytes_each=64)]
 Threads = Annotated[int, Range(0, 1024)]
 #: A finite float > 0 (a time, a bandwidth, a scale).
 PositiveFloat = Annotated[float, Positive()]
-#: A picture written after the run: .png, .pdf or .svg in a writable place, or "" for none.
+#: A picture written after the run: .png, .pdf or .svg in a folder that exists or can be made, or "" for none.
 Picture = Annotated[str, OutputFile(".png", ".pdf", ".svg")]
 
 _DEFAULT_RULES: dict[type, Rule] = {int: AtLeast(0)}
@@ -311,6 +315,8 @@ def check_value(kind, rules: tuple, value, name: str, where: str, params: dict):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ParameterError(f"{where}: {name} must be a whole number; received {value!r}")
         value = int(value)
+        if not -(2**63) <= value < 2**63:  # torch (seeds, sizes, thread counts) takes 64-bit integers
+            raise ParameterError(f"{where}: {name} must fit in a 64-bit integer; received {value}")
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ParameterError(f"{where}: {name} must be a number; received {value!r}")

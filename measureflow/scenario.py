@@ -42,7 +42,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import attrs
 
 from .errors import MeasureflowError, ParameterError
-from .parameters import check_value, rules_of
+from .parameters import check_value, output_files, rules_of
 
 __all__ = ["scenario", "Scenario", "Parameter", "Runnable", "load_scenarios", "parse_assignments",
            "with_run_checkpoint", "output_path", "choose_scenario"]
@@ -188,6 +188,13 @@ class Scenario:
         if progress is not None:
             simulation = simulation.with_options(progress=progress)
         h5_path = output_path(simulation)
+        for name, path in output_files(self.parameters, params).items():
+            # Made before the run, as the output file's folder is: the report writes there afterwards.
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ParameterError(f"scenario {self.name!r}: {name}: cannot create the folder of {path!r} "
+                                     f"({exc.strerror or exc})") from None
         simulation = with_run_checkpoint(simulation, resume=resume)
         if resume and simulation.checkpoint_path is not None and not simulation.checkpoint_path.exists() \
                 and h5_path is not None:

@@ -137,7 +137,7 @@ def schedule_comparison(
     frames: Annotated[int, Size(bytes_each=64)] = 20,
     ratio: Annotated[float, Range(1e-4, 1.0)] = RATIO,
     seed: int = 0,
-    figure_particles: Points = 300,
+    figure_particles: Annotated[int, Size(minimum=0)] = 300,
     out: str = "runs/schedule_comparison.h5",
     picture: Picture = "runs/schedule_comparison.png",
 ) -> Simulation:

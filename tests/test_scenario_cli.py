@@ -103,7 +103,7 @@ def test_scenario_file_runs_as_a_script(tmp_path):
     assert "covariance error" in run.stdout and out.exists()
     bad = subprocess.run([sys.executable, str(RELAXATION), "--set", "state=cloud", "--no-progress"],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "state must be 'particles' or 'gaussians'" in bad.stderr
+    assert bad.returncode == 2 and "state must be one of particles, gaussians" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 

@@ -187,9 +187,11 @@ def cli(capsys, *argv):
 
 
 def run_fails(capsys, tmp_path, scenario, *sets, expect):
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "folder.png").mkdir()
     args = ["run", SCENARIOS / f"{scenario}.py", "--no-progress", "--set", f"out={tmp_path / 'r.h5'}", "--set", "picture="]
     for item in sets:
-        args += ["--set", item]
+        args += ["--set", item.format(tmp=tmp_path)]
     code, _, err = cli(capsys, *args)
     assert code == 2, err
     assert err.startswith("measureflow: error: ") and err.count("\n") == 1, err
@@ -208,9 +210,10 @@ SCENARIO_CASES = [
     ("relaxation", ("replicas=0",), "replicas must be a positive integer; received 0"),
     ("relaxation", ("t1=nan",), "t1 must be finite"),
     ("relaxation", ("steps=true",), "cannot read --set steps='true' as int"),
-    ("relaxation", ("state=cloud",), "state must be 'particles' or 'gaussians'"),
+    ("relaxation", ("state=cloud",), "state must be one of particles, gaussians"),
     ("relaxation", ("field=mmd",), "field 'mmd' needs the parameter 'target'"),
-    ("relaxation", ("picture=/nonexistent/x.png",), "the folder '/nonexistent' does not exist"),
+    ("relaxation", ("picture={tmp}/a_file/x.png",), "a_file' is not a folder"),
+    ("relaxation", ("picture={tmp}/folder.png",), "is a directory; give a file name"),
     ("relaxation", ("picture=x.txt",), "picture must end in .png, .pdf, .svg"),
     ("attention_blowup", ("n=1",), "n must be an integer ≥ 3; received 1"),
     ("mmd_kernels", ("threads=-3",), "threads must be a non-negative integer; received -3"),
@@ -225,6 +228,15 @@ SCENARIO_CASES = [
 @pytest.mark.parametrize("scenario, sets, expect", SCENARIO_CASES, ids=[f"{s}:{','.join(v)}" for s, v, _ in SCENARIO_CASES])
 def test_scenario_parameters_are_refused_before_any_work(scenario, sets, expect, capsys, tmp_path):
     run_fails(capsys, tmp_path, scenario, *sets, expect=expect)
+
+
+def test_a_picture_folder_is_made_before_the_run(capsys, tmp_path):
+    # `picture=/nonexistent/x.png` used to fail after a completed run: its folder is now checked
+    # (an existing ancestor that can be written) and made before the run, like the output file's.
+    picture = tmp_path / "new" / "sub" / "x.png"
+    code, _, err = cli(capsys, "run", SCENARIOS / "relaxation.py", "--no-progress", "--set", "n=10", "--set", "steps=2",
+                       "--set", f"out={tmp_path / 'r.h5'}", "--set", f"picture={picture}")
+    assert code == 0 and picture.stat().st_size > 0, err
 
 
 def test_params_checks_the_set_values(capsys):
