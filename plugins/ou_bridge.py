@@ -160,6 +160,8 @@ class OUBridge(Field):
         self.sigma = check_positive(sigma, "sigma", "ou_bridge")
         self.tau_min = check_positive(tau_min, "tau_min", "ou_bridge")
         try:
+            if isinstance(tau_max, bool):
+                raise TypeError("a bool is not a time")
             self.tau_max = float(tau_max)
         except (TypeError, ValueError):
             raise ParameterError(f"ou_bridge: tau_max must be a number; received {tau_max!r}") from None
