@@ -546,6 +546,19 @@ class FlowMatchingField(Field):
             v = -v
         return v.reshape(x.shape)
 
+    def velocity_and_score(self, t, x, state=None):
+        """(vₜ(x), ∇log αₜ(x)) from one posterior evaluation (what ``flow_sde``'s drift needs)."""
+        self.check_time(t)
+        x3 = self._check_points(x, "velocity_and_score")
+        (a, da, b, db), x0, x1, score = self._posterior(self._to_internal(float(t)), x3)
+        if self.form == "posterior":
+            v = da * x0 + db * x1
+        else:
+            v = (da / a) * x3 + (da * b * b / a - db * b) * self.sigma**2 * score
+        if self.convention == "survey":
+            v = -v
+        return v.reshape(x.shape), score.reshape(x.shape)
+
     def affine(self, t, state: Gaussians):
         """(b, A) with v(x) = b + A(x − m) the exact field (eq. 1.5) around the state's mean m."""
         if "affine" not in self._capabilities:
@@ -590,6 +603,20 @@ class FlowMatchingField(Field):
         x3 = self._check_points(x, "score")
         _, _, _, s = self._posterior(self._to_internal(float(t)), x3)
         return s.reshape(x.shape)
+
+    def marginal_score(self, t, x: torch.Tensor) -> torch.Tensor:
+        """∇log αₜ(x) at the field's own time t (either convention): the score a stochastic sampler
+        of this flow needs (``flow_sde``, MATH.md §15.2)."""
+        return self.score(t, x)
+
+    def noise_prediction(self, t, x: torch.Tensor) -> torch.Tensor:
+        """ε̂ₜ(x) = E[X_noise | Zₜ = x]/σ for noise N(0, σ²I) (MATH.md §15.2); same shape as x."""
+        if self.sigma is None:
+            raise CapabilityError("flow_matching.noise_prediction needs the noise endpoint N(0, σ²I) (sigma=...)")
+        self.check_time(t)
+        x3 = self._check_points(x, "noise_prediction")
+        _, _, x1, _ = self._posterior(self._to_internal(float(t)), x3)
+        return (x1 / self.sigma).reshape(x.shape)
 
     def marginal(self, t) -> GaussianMixture:
         """The law αₜ of Zₜ = Σᵢⱼ pᵢqⱼ N(aμᵢ + bνⱼ, a²Pᵢ + b²Rⱼ) (a mixture; MATH.md §1.1)."""

@@ -321,6 +321,11 @@ class OUBridge(Field):
             return xhats[0], scores[0]
         return torch.cat(xhats), torch.cat(scores)
 
+    def marginal_score(self, t, x: torch.Tensor) -> torch.Tensor:
+        """∇log ρ at the field's own time t (τ = t forward, τ = τ_max − t reverse): the score a
+        stochastic sampler of this flow needs (``flow_sde``, MATH.md §15.2)."""
+        return self.score(self._tau_checked(t), x)
+
     # -- the field protocol ------------------------------------------------------------------------
     def velocity(self, t, x, state=None):
         """Forward: −x − σ²∇log ρ_τ(x); reverse: x + σ²∇log ρ_{τ_max−s}(x)."""
