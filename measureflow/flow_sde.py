@@ -94,9 +94,9 @@ class FlowSDE(Field):
         if flow is None:
             raise ParameterError("flow_sde: give the flow, flow=<velocity field>")
         if isinstance(flow, str):
-            from . import field as build_field
+            from .plugins import get_registry
 
-            flow = build_field(flow)
+            flow = get_registry().field(flow)
         if not callable(getattr(flow, "velocity", None)):
             raise ParameterError(f"flow_sde: flow must be a velocity field; received {type(flow).__name__}")
         if "diffusion" in capabilities(flow):

@@ -116,6 +116,43 @@ def _sampler(obj, role: str, device: torch.device, dtype: torch.dtype) -> tuple[
     )
 
 
+def sample_points(obj, n: int, generator: torch.Generator, device, dtype) -> torch.Tensor:
+    """n draws (n, d) from a measure or a point cloud (resampled with replacement), as training draws them."""
+    draw, _, _ = _sampler(obj, "source", torch.device(device), dtype)
+    return draw(int(n), generator)
+
+
+def _paired_sampler(source, target, device, dtype):
+    """(draw_source, draw_target, d, descriptions) for paired rows: each step draws row indices once
+    (in draw_source, from the run's generator) and both ends take the same rows (a coupling given by
+    samples, e.g. (X₀, Φ(X₀)) in reflow)."""
+    points = []
+    for role, obj in (("source", source), ("target", target)):
+        if isinstance(obj, np.ndarray):
+            obj = torch.from_numpy(obj)
+        if not isinstance(obj, torch.Tensor) or obj.ndim != 2:
+            raise ParameterError(
+                f"train_velocity: coupling='paired' needs source and target as tensors of paired rows (N, d); the "
+                f"{role} is {type(obj).__name__}{'' if not isinstance(obj, torch.Tensor) else tuple(obj.shape)}"
+            )
+        points.append(obj.detach().to(device=device, dtype=dtype).contiguous())
+    p0, p1 = points
+    if p0.shape != p1.shape:
+        raise ShapeError(f"train_velocity: paired source and target must have the same shape; received "
+                         f"{tuple(p0.shape)} and {tuple(p1.shape)}")
+    rows: list = [None]
+
+    def draw0(n, generator):
+        rows[0] = torch.randint(p0.shape[0], (n,), generator=generator, device=device)
+        return p0[rows[0]]
+
+    def draw1(n, generator):
+        return p1[rows[0]]
+
+    desc = f"paired points(N={p0.shape[0]}, d={p0.shape[1]})"
+    return draw0, draw1, p0.shape[1], desc, desc
+
+
 def _resolve_schedule(schedule):
     if isinstance(schedule, str):
         from ..plugins import get_registry
@@ -427,7 +464,9 @@ def train_velocity(
         a registered schedule name or an object with ``coefficients(t) -> (a, a', b, b')``
         (noising convention, MATH.md §1.3).
     coupling:
-        ``"independent"`` (default: the product coupling), another name of
+        ``"paired"``: source and target are tensors of paired rows (N, d), drawn together (a coupling
+        given by samples, as in :func:`~measureflow.training.reflow`); ``"independent"`` (default: the
+        product coupling), another name of
         :func:`measureflow.couplings.get` (``"exact_ot"``, ``"sinkhorn"``, with ``coupling_params``), or
         a callable ``coupling(x0, x1, generator=None) -> (x0, x1)`` pairing the rows of a mini-batch.
     model:
@@ -487,7 +526,11 @@ def train_velocity(
 
     schedule = _resolve_schedule(schedule)
     lo, hi = _check_t_range(t_range, schedule)
-    pair, coupling_desc = _resolve_coupling(coupling, dict(coupling_params or {}))
+    paired = isinstance(coupling, str) and coupling == "paired"
+    if paired:
+        pair, coupling_desc = None, {"name": "paired"}
+    else:
+        pair, coupling_desc = _resolve_coupling(coupling, dict(coupling_params or {}))
     prediction = check_prediction(prediction, "train_velocity")
     sigma = check_positive(sigma, "sigma", "train_velocity")
     if prediction != "velocity":
@@ -508,8 +551,12 @@ def train_velocity(
         model = model.to(device=device, dtype=dtype)
     else:
         dtype = dtype or torch.float32
-    draw0, d0, desc0 = _sampler(source, "source", device, dtype)
-    draw1, d1, desc1 = _sampler(target, "target", device, dtype)
+    if paired:
+        draw0, draw1, d0, desc0, desc1 = _paired_sampler(source, target, device, dtype)
+        d1 = d0
+    else:
+        draw0, d0, desc0 = _sampler(source, "source", device, dtype)
+        draw1, d1, desc1 = _sampler(target, "target", device, dtype)
     if d0 is not None and d1 is not None and d0 != d1:
         raise ShapeError(f"train_velocity: source has dimension {d0} but target has dimension {d1}")
     dim = d0 if d0 is not None else d1
