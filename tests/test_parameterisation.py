@@ -80,7 +80,30 @@ def test_non_velocity_models_need_a_noise_target_of_the_given_sigma():
         train_velocity(data, Gaussian(torch.ones(1), torch.eye(1)), steps=1, prediction="score", progress=False)
 
 
-GMM_1D = GaussianMixture(torch.tensor([0.4, 0.6]), torch.tensor([[-1.2], [1.0]]), torch.tensor([[[0.16]], [[0.36]]]))
+@pytest.mark.slow
+def test_denoising_score_matching_learns_the_score_of_a_1d_mixture():
+    """DSM (|bσ s_θ + X₁/σ|², MATH.md §15.2) on a two-component 1-D GMM, linear path, noise N(0, 1):
+    relative L²(ρₜ) error of the learned score against the exact mixture score below 5 % at
+    t ∈ {0.2, 0.5, 0.8}. Measured 4.5 %, 2.0 %, 0.8 % (float32, 5000 steps of 512); the error at small
+    t shrinks with training (15 % after 2000 steps), and 2·10⁴ evaluation points put its Monte-Carlo
+    spread well under 0.5 %."""
+    weights, means, variances = [0.4, 0.6], [[-1.2], [1.0]], [[[0.16]], [[0.36]]]
+    data = GaussianMixture(torch.tensor(weights), torch.tensor(means), torch.tensor(variances))
+    noise = Gaussian(torch.zeros(1), torch.eye(1))
+    steps = 5000
+    result = train_velocity(data, noise, "linear", prediction="score", steps=steps, batch_size=512, lr=1e-2, seed=0,
+                            dtype=torch.float32, t_range=(0.1, 0.9),
+                            model={"hidden": 128, "depth": 3, "time_frequencies": 8}, progress=False,
+                            lr_scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=steps))
+    learned = measureflow.field("learned", model=result)
+    exact = measureflow.field("flow_matching", sigma=1.0, data=GaussianMixture(
+        torch.tensor(weights, dtype=F64), torch.tensor(means, dtype=F64), torch.tensor(variances, dtype=F64)))
+    g = torch.Generator().manual_seed(5)
+    for t in (0.2, 0.5, 0.8):
+        x = exact.marginal(t).sample(20_000, g)
+        s = exact.score(t, x)
+        s_hat = learned.marginal_score(t, x.float()).double()
+        assert float((s_hat - s).square().mean().sqrt() / s.square().mean().sqrt()) < 0.05, t
 
 
 @pytest.fixture(scope="module")
