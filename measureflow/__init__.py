@@ -69,7 +69,14 @@ def __getattr__(name):
 
 
 def field(name: str, /, **params):
-    """Build a registered field by name: ``measureflow.field("linear", A=..., b=...)``."""
+    """Build a registered field by name: ``measureflow.field("linear", A=..., b=...)``.
+
+    >>> import torch, measureflow
+    >>> contraction = measureflow.field("linear", A=-torch.eye(2), b=torch.zeros(2))
+    >>> cloud = measureflow.Particles(torch.ones(1, 3, 2))
+    >>> contraction.velocity(0.0, cloud.x, cloud)[0, 0]
+    tensor([-1., -1.])
+    """
     return get_registry().field(name, **params)
 
 

@@ -190,6 +190,15 @@ class Gaussian(Measure):
 
     Parameters are converted to tensors (numpy and lists are accepted) on one device and one
     floating dtype; ``to(device, dtype)`` moves the measure.
+
+    At its mean, the standard normal in d = 2 has log-density −log 2π:
+
+    >>> import math, torch
+    >>> standard = Gaussian(mean=torch.zeros(2, dtype=torch.float64), cov=torch.eye(2, dtype=torch.float64))
+    >>> round(float(standard.log_density(torch.zeros(1, 2, dtype=torch.float64))[0]), 12) == round(-math.log(2 * math.pi), 12)
+    True
+    >>> standard.score(torch.tensor([[1.0, -2.0]], dtype=torch.float64))
+    tensor([[-1.,  2.]], dtype=torch.float64)
     """
 
     mean_: torch.Tensor = attrs.field(alias="mean")

@@ -80,7 +80,15 @@ def _int_at_least(low: int, what: str):
 
 @attrs.frozen
 class Periodic(Trigger):
-    """Fires when ``step % period == phase % period`` (period ≥ 1)."""
+    """Fires when ``step % period == phase % period`` (period ≥ 1).
+
+    >>> every_third = Periodic(3, phase=1)
+    >>> [step for step in range(10) if every_third(step)]
+    [1, 4, 7]
+    >>> both = Periodic(2) & ~On([4])
+    >>> [step for step in range(9) if both(step)]
+    [0, 2, 6, 8]
+    """
 
     period: int = attrs.field(validator=_int_at_least(1, "period"))
     phase: int = attrs.field(default=0, validator=_int_at_least(0, "phase"))
@@ -99,7 +107,11 @@ def _steps(value) -> frozenset:
 
 @attrs.frozen
 class On(Trigger):
-    """Fires on the listed steps."""
+    """Fires on the listed steps.
+
+    >>> On([0, 5])(5), On(3)(4)
+    (True, False)
+    """
 
     steps: frozenset = attrs.field(converter=_steps)
 
