@@ -442,7 +442,12 @@ class OUBridge(Field):
 
 
 class OUBridgeSDE(OUBridge):
-    """The OU bridge as an SDE with diffusion √2σ (module docstring), for ``euler_maruyama``.
+    """The OU bridge as an SDE with diffusion √2σ (module docstring), for the SDE solvers.
+
+    It is the special case g = √2σ of the marginal-preserving SDE of any flow (MATH.md §15.2):
+    ``measureflow.field("flow_sde", flow=ou_bridge(...), noise=√2σ, direction="reverse")`` gives the
+    same drift and noise (tests/test_flow_sde.py checks them equal to 1e-12 on the same noise); this
+    class adds the exact Gaussian laws of :meth:`solution`.
 
     * reverse (default): drift x + 2σ²∇log ρ_{τ_max−s}(x) [V eq. 3];
     * forward: drift −x (the noising SDE; the data only set the time range and the closed forms).

@@ -223,17 +223,17 @@ def test_gaussian_state_follows_the_deterministic_method_on_the_closure(name, ta
     torch.testing.assert_close(out.cov, exact, rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("name", ["stochastic_heun", "sra", "milstein"])
-def test_resume_is_bit_identical(tmp_path, name):
+@pytest.mark.parametrize("name, depth", [("stochastic_heun", None), ("sra", None), ("milstein", None), ("sra", 6)])
+def test_resume_is_bit_identical(tmp_path, name, depth):
     x = Particles(torch.randn(2, 30, 2, dtype=F64, generator=torch.Generator().manual_seed(0)))
     field = measureflow.field("ornstein_uhlenbeck", theta=1.0, sigma=0.5)
-    straight = Simulation(x, field, name, 0.0, 1.0, steps=20, seed=4, progress=False).run().state.x
+    kw = dict(steps=16, seed=4, progress=False, brownian_depth=depth)
+    straight = Simulation(x, field, name, 0.0, 1.0, **kw).run().state.x
     ckpt = tmp_path / "run.ckpt"
-    first = Simulation(x, field, name, 0.0, 1.0, steps=20, seed=4, progress=False, checkpoint=ckpt,
-                       checkpoint_every=5, callbacks=[lambda step, t, s: step == 10]).run()
+    first = Simulation(x, field, name, 0.0, 1.0, checkpoint=ckpt, checkpoint_every=4,
+                       callbacks=[lambda step, t, s: step == 8], **kw).run()
     assert first.status.code == "stopped"
-    resumed = Simulation(x, field, name, 0.0, 1.0, steps=20, seed=4, progress=False, checkpoint=ckpt,
-                         checkpoint_every=5, resume=True).run()
+    resumed = Simulation(x, field, name, 0.0, 1.0, checkpoint=ckpt, checkpoint_every=4, resume=True, **kw).run()
     assert torch.equal(resumed.state.x, straight)
 
 
