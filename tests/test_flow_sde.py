@@ -115,3 +115,14 @@ def test_bad_input():
         measureflow.field("flow_sde", flow=fm_field(), noise=1.0, direction="backwards")
     with pytest.raises(CapabilityError, match="already has a noise term"):
         measureflow.field("flow_sde", flow=measureflow.field("ou_bridge_sde", data=three_diracs()), noise=1.0)
+
+
+def test_survey_convention_runs_forward_with_its_own_score():
+    """Noise at t = 0 (survey convention): flow_sde runs forward in the flow's own time, and its drift
+    equals that of the noising convention's reverse SDE at s = t."""
+    survey = measureflow.field("flow_sde", flow=fm_field(convention="survey"), noise=0.7)
+    noising = measureflow.field("flow_sde", flow=fm_field(), noise=0.7, direction="reverse")
+    x = torch.randn(1, 9, 3, dtype=F64, generator=torch.Generator().manual_seed(4))
+    for s in (0.1, 0.5, 0.9):
+        torch.testing.assert_close(survey.velocity(s, x), noising.velocity(s, x), rtol=0, atol=1e-12)
+    assert survey.diffusion(0.3) == 0.7 and survey.time_range == pytest.approx((0.0, 1.0))
