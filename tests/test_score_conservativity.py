@@ -84,3 +84,21 @@ def test_scenario_flow_level_check(tmp_path):
     # MATH-CHECKS: 4.8e-8 against 116 % for its Σ₀, Ω)
     assert errors["none"] < 1e-7 and errors["stein"] < 1e-7
     assert errors["rotation"] > 0.5
+
+
+def test_a_trained_funnel_score_violates_both_constraints():
+    """[V]'s finding at small scale: a DSM network on Neal's funnel (d = 4, 150 steps) has a non-zero
+    loop integral on both loop kinds and an asymmetric Jacobian at every time index, where an exact
+    score gives < 1e-12 (rotation loops) and 0 (its Jacobian is a Hessian)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("score_conservativity_scenario",
+                                                  ROOT / "scenarios" / "score_conservativity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    score, data = module.train_score(4, 150, 0)
+    assert data.shape == (20_000, 4)
+    study = module.constraint_study(score, data, [0.05, 0.5], loops=4, seed=0)
+    assert len(study["tau"]) == 2
+    assert min(study["rotation"]) > 1e-6 and min(study["projection"]) > 1e-6
+    assert min(study["asymmetry"]) > 1e-4
