@@ -84,6 +84,7 @@ BUILTIN_PLUGINS = (
     "measureflow.integrators.builtin",
     "measureflow.io.builtin",
     "measureflow.observables",
+    "measureflow.flow_sde",
     "measureflow.sweep.executors",
     "measureflow_plugins.linear",
     "measureflow_plugins.schedules",

@@ -23,7 +23,7 @@ import torch
 from . import __version__
 from .errors import CapabilityError, MeasureflowError, StepFailure, TimeRangeError
 from .fields import capabilities
-from .integrators import NoiseStream, Stepper
+from .integrators import BrownianTree, NoiseStream, Stepper
 from .io.base import Series
 from .io.runinfo import run_fingerprint
 from .jsonable import to_jsonable_lenient
@@ -157,6 +157,12 @@ class Simulation:
         ``[(seed, replicas), …]``: the state's replicas form consecutive blocks, each drawing its
         noise from its own seed exactly as a run of those replicas with that seed would. Set by
         :meth:`stack`; None: one stream from ``seed``.
+    brownian_depth:
+        None (default): the noise is a stream of fresh normals. An integer k: the noise is one fixed
+        Brownian path on [t0, t1] (:class:`~measureflow.integrators.BrownianTree`, seeded like the
+        stream) resolved on 2^k equal intervals, so runs with the same seed and any step count
+        dividing 2^k are driven by the same path (strong errors); every step boundary must lie on
+        that grid.
     """
 
     def __init__(
@@ -188,6 +194,7 @@ class Simulation:
         operations: Sequence = (),
         channels: Sequence = (),
         noise_blocks: Sequence | None = None,
+        brownian_depth: int | None = None,
     ):
         arguments = dict(locals())
         arguments.pop("self")
@@ -253,6 +260,12 @@ class Simulation:
         self.parameters = dict(parameters or {})
         self.description = description
         self.noise_blocks = noise_blocks
+        self.brownian_depth = None if brownian_depth is None else check_int(
+            brownian_depth, "brownian_depth", "Simulation", minimum=0)
+        if self.brownian_depth is not None:
+            path = BrownianTree(min(grid.t0, grid.t1), max(grid.t0, grid.t1), self.brownian_depth)
+            for t in grid.all():
+                path.grid_index(t)  # refuses a step boundary off the path's grid, before any step
         self._loop = None
         self._checked = True
 
@@ -389,6 +402,8 @@ class Simulation:
         }
         if self.channels:
             out["channels"] = [c.describe() for c in self.channels]
+        if self.brownian_depth is not None:
+            out["brownian_depth"] = self.brownian_depth
         return out
 
     def fingerprint(self) -> str:
@@ -448,10 +463,15 @@ class SimulationProcess(Process):
         self.n_steps = simulation.n_steps
         self.label = f"measureflow {getattr(simulation.field, 'name', '')}".strip()
         state = simulation.state
+        depth = simulation.brownian_depth
+        lo, hi = sorted((simulation.grid.t0, simulation.grid.t1))
         if simulation.noise_blocks:
-            self.noise = NoiseStream.for_blocks(simulation.noise_blocks, state.device)
-        else:
+            self.noise = (NoiseStream.for_blocks(simulation.noise_blocks, state.device) if depth is None else
+                          BrownianTree.for_blocks(simulation.noise_blocks, lo, hi, depth, state.device))
+        elif depth is None:
             self.noise = NoiseStream.for_run(simulation.seed, state.device)
+        else:
+            self.noise = BrownianTree.for_run(simulation.seed, lo, hi, depth, state.device)
         self.stepper = Stepper(simulation.integrator, simulation.field, state, noise=self.noise,
                                channels=simulation.channels)
         self._is_gaussian = state_kind(state) == "gaussians"
