@@ -41,6 +41,7 @@ _LAZY = {
     "plot": ("measureflow.plot", None),
     "diagnostics": ("measureflow.diagnostics", None),
     "schedules": ("measureflow.schedules", None),
+    "geometry": ("measureflow.geometry", None),
     "couplings": ("measureflow.couplings", None),
     "training": ("measureflow.training", None),
     "run": ("measureflow.run", None),
@@ -70,6 +71,10 @@ def __getattr__(name):
 
 def field(name: str, /, **params):
     """Build a registered field by name: ``measureflow.field("linear", A=..., b=...)``.
+
+    A gradient flow with a first variation may move mass: ``geometry="fisher_rao"`` or ``"wfr"``
+    with ``rate=α`` (and ``balanced=False`` for a mass that changes) — see
+    :mod:`measureflow.geometry` and MATH.md §15.6; ``geometry="wasserstein"`` is the default.
 
     >>> import torch, measureflow
     >>> contraction = measureflow.field("linear", A=-torch.eye(2), b=torch.zeros(2))
@@ -108,6 +113,7 @@ __all__ = [
     "plot",
     "diagnostics",
     "schedules",
+    "geometry",
     "couplings",
     "training",
     "run",

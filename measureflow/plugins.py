@@ -206,13 +206,24 @@ class Registry:
         return [self._tables[kind][n] for n in sorted(self._tables[kind])]
 
     def field(self, name: str, /, **params):
-        """Build the registered field ``name`` with ``params``."""
+        """Build the registered field ``name`` with ``params``.
+
+        ``geometry="wasserstein" | "fisher_rao" | "wfr"``, with ``rate=α`` and ``balanced=``, picks the
+        geometry a gradient flow descends in (:func:`measureflow.geometry.with_geometry`, MATH.md §15.6).
+        """
+        geometry = params.pop("geometry", None)
+        if geometry is not None:
+            rate, balanced = params.pop("rate", None), params.pop("balanced", True)
         field = self.get("fields", name)(**params)
         if getattr(field, "name", "field") == "field":
             try:
                 field.name = name
             except AttributeError:
                 pass
+        if geometry is not None:
+            from .geometry import with_geometry
+
+            field = with_geometry(field, geometry, rate, balanced, registry=self)
         return field
 
     def integrator(self, name: str, /, **params):

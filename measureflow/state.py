@@ -1,7 +1,7 @@
 """Simulation states: weighted particles and Gaussian parameters.
 
-Conventions follow MATH.md §0: a particle state is the measure μ = Σᵢ wᵢ δ_{xᵢ} (weights never
-change during a run), a Gaussian state is μ = N(m, Σ). A particle state may also carry auxiliary
+Conventions follow MATH.md §0: a particle state is the measure μ = Σᵢ wᵢ δ_{xᵢ} (weights
+change during a run only under the Fisher–Rao / WFR geometries of MATH.md §15.6), a Gaussian state is μ = N(m, Σ). A particle state may also carry auxiliary
 **channels** — one value (or vector) per particle integrated along with the positions, such as a
 log-density or an action (:class:`measureflow.integrators.Channel`): ``state.channels[name]``, also
 readable as ``state.<name>``. Both carry R independent replicas in a
@@ -133,6 +133,13 @@ class Particles:
         """Same weights, new positions; no validation (used inside the step loop)."""
         new = copy.copy(self)
         object.__setattr__(new, "x", x)
+        return new
+
+    def with_weights(self, weights: torch.Tensor) -> "Particles":
+        """Same positions, new weights (R, N); no validation (used inside the step loop when weights
+        move, MATH.md §15.6; an unbalanced flow's weights need not sum to one)."""
+        new = copy.copy(self)
+        object.__setattr__(new, "weights", weights)
         return new
 
     def with_channels(self, channels: dict) -> "Particles":

@@ -158,6 +158,20 @@ class InteractionField(Field):
             v = v - self._confinement_gradient(x)
         return v
 
+    #: F is defined on positive measures: the unbalanced Fisher–Rao flow applies (MATH.md §15.6).
+    positive_measures = True
+
+    def first_variation(self, t, x, state: Particles) -> torch.Tensor:
+        """δF(x) = s Σₖ wₖ k(x, xₖ) + V(x), shape (R, N') (Fisher–Rao / WFR weights, MATH.md §15.6)."""
+        where = "interaction.first_variation"
+        self._check(state, where)
+        check_points(x, state.dim, where)
+        out = self.strength * kernel_sum(x, state.x, weights=state.weights, kernel=self.kernel,
+                                         bandwidth=self.bandwidth)
+        if self.harmonic is not None or self.potential is not None:
+            out = out + self._confinement_value(x)
+        return out
+
     def energy(self, state) -> torch.Tensor:
         """F = ½ s Σᵢₖ wᵢwₖ k(xᵢ, xₖ) + Σᵢ wᵢ V(xᵢ), shape (R,)."""
         self._check(state, "interaction.energy")

@@ -179,6 +179,28 @@ class MMDField(Field):
             toward = self._sum(x, y, q, True)
         return 2.0 * (toward - own)
 
+    #: MMD² is defined on positive measures: the unbalanced Fisher–Rao flow applies (MATH.md §15.6).
+    positive_measures = True
+
+    @property
+    def closure_is_gradient(self) -> bool:
+        """The polynomial closures are (−∇δF(m), −∇²δF) of a quadratic δF (MATH.md §15.6)."""
+        return self.polynomial
+
+    def first_variation(self, t, x, state: Particles) -> torch.Tensor:
+        """δF(x) = 2Σₖwₖk(x, xₖ) − 2Σⱼqⱼk(x, yⱼ), shape (R, N') (Fisher–Rao / WFR weights, MATH.md §15.6)."""
+        where = "mmd.first_variation"
+        check_state(state, self.dim, where, Particles)
+        check_points(x, self.dim, where)
+        check_replicas(self.target, state.replicas, where)
+        own = self._sum(x, state.x, state.weights, False)
+        if self._analytic():
+            _, toward = self._expectation_gradient(x)
+        else:
+            y, q = self._target_points(x)
+            toward = self._sum(x, y, q, False)
+        return 2.0 * (own - toward)
+
     def affine(self, t, state: Gaussians):
         where = "mmd.affine"
         if not self.polynomial:

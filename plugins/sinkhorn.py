@@ -94,6 +94,10 @@ class SinkhornField(Field):
     def velocity(self, t, x, state: Particles):
         return self.divergence.velocity(x, state)
 
+    def first_variation(self, t, x, state: Particles):
+        """δS_ε = f_μβ − f_μμ at x (R, N', d), shape (R, N') (Fisher–Rao / WFR weights, MATH.md §15.6)."""
+        return self.divergence.first_variation(x, state)
+
     def affine(self, t, state: Gaussians):
         return self.divergence.affine(state)
 

@@ -332,6 +332,19 @@ class SinkhornDivergence:
         own = softmax_average(x, state.x, log_weights=logw + pot["f_mu_mu"] / eps, scale=1.0 / eps)
         return 2.0 * (toward - own)
 
+    def first_variation(self, x, state: Particles):
+        """δS_ε(x) = f_μβ(x) − f_μμ(x), shape (R, N'): the potentials extended to x by the c-transform
+        (the Fisher–Rao / WFR weight rate, MATH.md §15.6)."""
+        where = f"{self.where}.first_variation"
+        check_state(state, self.dim, where, Particles)
+        check_points(x, self.dim, where)
+        pot = self.potentials(state)
+        y, logq = self._samples(x, where)
+        logw = _log_weights(state.weights, state.x, state.size)
+        toward = _c_transform(x, y, logq, pot["g_mu_beta"], self.epsilon)
+        own = _c_transform(x, state.x, logw, pot["f_mu_mu"], self.epsilon)
+        return toward - own
+
     def affine(self, state: Gaussians):
         """(b, A) of the Gaussian closure toward a Gaussian target (module docstring), A symmetric."""
         where = f"{self.where}.affine"
