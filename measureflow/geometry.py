@@ -169,7 +169,8 @@ class GeometryField(Field):
 def with_geometry(field, geometry: str = "wasserstein", rate=None, balanced: bool = True, registry=None):
     """``field`` descending its functional in ``geometry`` (module docstring); errors are one line.
 
-    ``rate`` (α > 0, default 1) and ``balanced`` apply to the Fisher–Rao geometries only.
+    ``rate`` (α > 0, default 1) and ``balanced`` apply to the Fisher–Rao geometries only; the error for
+    a field without a first variation lists the fields of ``registry`` that have one.
     """
     name = getattr(field, "name", type(field).__name__)
     if geometry not in GEOMETRIES:
@@ -179,11 +180,8 @@ def with_geometry(field, geometry: str = "wasserstein", rate=None, balanced: boo
             raise ParameterError(f"field {name!r}: rate= is the Fisher–Rao rate α; give it with geometry='fisher_rao' or 'wfr'")
         return field
     if not has_first_variation(field):
-        if registry is None:
-            from .plugins import get_registry
-
-            registry = get_registry()
-        having = ", ".join(_fields_with_first_variation(registry)) or "none registered"
+        having = "none registered" if registry is None else (", ".join(_fields_with_first_variation(registry))
+                                                            or "none registered")
         raise CapabilityError(
             f"field {name!r} has no first variation δF (no first_variation(t, x, state)), so it has no "
             f"{geometry} dynamics; fields with one: {having}"
