@@ -463,7 +463,7 @@ class SimulationProcess(Process):
 
     def start(self):
         state = self.simulation.state
-        if self.simulation.channels:
+        if self.simulation.channels or self.stepper.dynamics.moving_weights:
             # The channels' initial values, so that step 0 is recorded with them.
             dynamics = self.stepper.dynamics
             state = dynamics.unpack(dynamics.pack(state), state)
@@ -475,6 +475,11 @@ class SimulationProcess(Process):
     def health(self, state):
         if self._is_gaussian:
             return torch.cat([state.mean.flatten(), state.cov.flatten()])
+        if self.stepper.dynamics.moving_weights:
+            # A negative weight is no measure: it counts as a non-finite value (MATH.md §15.6).
+            w = state.weights
+            w = torch.where(w >= 0, w, torch.full_like(w, float("nan")))
+            return torch.cat([state.x.flatten(), w.flatten()])
         return state.x
 
     def observe_args(self) -> dict:
@@ -498,6 +503,7 @@ class SimulationProcess(Process):
             observable_shapes=observable_shapes,
             channels={k: tuple(v.shape[2:]) for k, v in getattr(state, "channels", {}).items()},
             resume_step=resume_step,
+            moving_weights=self.stepper.dynamics.moving_weights,
         )
 
     def fingerprint(self) -> str:
@@ -592,6 +598,10 @@ class Result(Trajectory):
     @property
     def channels(self) -> dict:
         return self._frames().channels
+
+    @property
+    def weight_frames(self):
+        return self._frames().weight_frames
 
     @property
     def means(self):

@@ -303,7 +303,9 @@ def state_from_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> State:
     """Rebuild a state from :meth:`tensors` output (used by checkpoints)."""
     if kind == "particles":
         channels = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("channels/")}
-        return Particles(tensors["x"], tensors.get("weights"), channels=channels)
+        state = Particles(tensors["x"], channels=channels)
+        # Saved weights are the run's own: an unbalanced flow's need not sum to one (MATH.md §15.6).
+        return state if "weights" not in tensors else state.with_weights(tensors["weights"])
     if kind == "gaussians":
         return Gaussians(tensors["mean"], tensors["cov"])
     raise StateError(f"unknown state kind {kind!r}; expected 'particles' or 'gaussians'")

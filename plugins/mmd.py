@@ -59,7 +59,7 @@ from measureflow.errors import CapabilityError, ParameterError
 from measureflow.fields import Field
 from measureflow.linalg import matrix_function, symmetrize
 from measureflow.observables import gaussian_kernel_expectation
-from measureflow.reductions import KERNELS, kernel_sum
+from measureflow.reductions import KERNELS, measure_kernel_sum
 from measureflow.state import Gaussians, Particles
 
 from measureflow.targets import as_target, check_points, check_replicas, check_state, positive
@@ -140,7 +140,8 @@ class MMDField(Field):
         return self.kernel if isinstance(self.kernel, str) else getattr(self.kernel, "__name__", "callable")
 
     def _sum(self, x, y, w, gradient):
-        return kernel_sum(x, y, weights=w, kernel=self.kernel, bandwidth=self.bandwidth, gradient=gradient)
+        # a positive measure of any mass: the unbalanced Fisher–Rao flow changes it (MATH.md §15.6)
+        return measure_kernel_sum(x, y, w, kernel=self.kernel, bandwidth=self.bandwidth, gradient=gradient)
 
     def _build_moment_points(self, like):
         return moment_points(*self.target.moments(like))

@@ -97,3 +97,156 @@ def test_geometry_errors():
         measureflow.field("kl", target=GAMMA, mode="smoothed", epsilon=0.1, geometry="wfr")
     assert smoothed is not None
     assert measureflow.field("kl", target=GAMMA, geometry="wasserstein").name == "kl"
+
+
+# -- particles: moving weights ------------------------------------------------------------------------------
+
+
+def _cloud(n=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, n, 2, generator=g, dtype=F64)
+    w = torch.rand(1, n, generator=g, dtype=F64) + 0.5
+    y = torch.randn(80, 2, generator=g, dtype=F64) * 0.5 + torch.tensor([1.0, 0.5], dtype=F64)
+    return measureflow.Particles(x, w / w.sum()), y
+
+
+def _energy_rate(field, state, h):
+    """dF/dt at t = 0 by central differences of RK4 runs over ±h (error O(h²))."""
+    fwd = Simulation(state, field, "rk4", t1=h, steps=1).run().state
+    bwd = Simulation(state, field, "rk4", t1=-h, steps=1).run().state
+    return float((field.energy(fwd) - field.energy(bwd)) / (2 * h))
+
+
+def _predicted_rate(field, state, alpha, balanced=True):
+    """−∫|∇δF|² dμ − α Var_μ(δF) (balanced) or −α∫δF² dμ (unbalanced) (MATH.md §15.6)."""
+    w = state.weights
+    v = field.velocity(0.0, state.x, state)
+    phi = field.first_variation(0.0, state.x, state)
+    spread = (w * phi**2).sum() - ((w * phi).sum() ** 2 if balanced else 0.0)
+    return float(-(w * (v**2).sum(-1)).sum() - alpha * spread)
+
+
+def _check_identity(field, state, alpha, balanced=True):
+    want = _predicted_rate(field, state, alpha, balanced)
+    # The central difference errs by O(h²) (the RK4 runs add O(h⁵)): the error must fall ~4× per halving.
+    # A wrong identity leaves an error that does not shrink with h, which this ratio catches; the
+    # size bound only rules out gross mistakes (the O(h²) constant depends on the field's third derivative).
+    errors = [abs(_energy_rate(field, state, h) - want) for h in (4e-3, 2e-3)]
+    assert errors[1] < errors[0] / 3.5
+    assert errors[1] < 1e-3 * abs(want)
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_wfr_mmd_energy_identity_to_second_order(balanced):
+    from measureflow.measures import Empirical
+
+    state, y = _cloud()
+    alpha = 2.0
+    field = measureflow.field("mmd", target=Empirical(y), bandwidth=1.0, geometry="wfr", rate=alpha,
+                              balanced=balanced)
+    _check_identity(field, state, alpha, balanced)
+
+
+@pytest.mark.parametrize("name", ["interaction", "sinkhorn"])
+def test_wfr_energy_identity_other_fields(name):
+    from measureflow.measures import Empirical
+
+    state, y = _cloud()
+    alpha = 1.5
+    kwargs = {
+        "interaction": dict(kernel="gaussian", strength=-1.0, confinement=1.0),
+        # tight Sinkhorn tolerance: the potentials' error enters δF and the energy
+        "sinkhorn": dict(target=Empirical(y), epsilon=0.5, tol=1e-11),
+    }[name]
+    _check_identity(measureflow.field(name, geometry="wfr", rate=alpha, **kwargs), state, alpha)
+
+
+def test_balanced_weights_sum_to_one_every_step_and_are_written(tmp_path):
+    from measureflow.measures import Empirical
+
+    state, y = _cloud()
+    field = measureflow.field("mmd", target=Empirical(y), bandwidth=1.0, geometry="wfr", rate=3.0)
+    path = tmp_path / "wfr.h5"
+    result = Simulation(state, field, "rk4", t1=1.0, steps=40, writers=["memory", path], observers=["energy"]).run()
+    assert result.ok
+    frames = result.weight_frames
+    assert frames.shape == (41, 1, 60)
+    assert abs(frames.sum(-1) - 1.0).max() < 1e-12
+    assert (frames > 0).all()
+    assert abs(frames[-1] - frames[0]).max() > 1e-3  # they did move
+    energy = result.observables["energy"].values[:, 0]
+    assert (torch.diff(torch.as_tensor(energy)) < 0).all()
+    with measureflow.open(path) as traj:
+        assert traj.weight_frames.shape == (41, 1, 60)
+        assert abs(traj.weight_frames[:] - frames).max() == 0.0
+        assert abs(traj.weights_at(17) - frames[17]).max() == 0.0
+        assert abs(traj.weights - frames[0]).max() == 0.0
+
+
+def test_unbalanced_mass_changes_and_resumes(tmp_path):
+    from measureflow.measures import Empirical
+
+    state, y = _cloud()
+    field = measureflow.field("mmd", target=Empirical(y), bandwidth=1.0, geometry="wfr", rate=2.0, balanced=False)
+    full = Simulation(state, field, "rk4", t1=1.0, steps=20).run()
+    assert abs(float(full.state.weights.sum()) - 1.0) > 1e-2
+    # a checkpoint holds the unnormalised weights and the resumed run ends on the same state
+    ckpt = tmp_path / "run.ckpt"
+    sim = Simulation(state, field, "rk4", t1=1.0, steps=20, checkpoint=ckpt, checkpoint_every=5,
+                     callbacks=[lambda step, t, s: step >= 10])
+    assert sim.run().status.code == "stopped"
+    resumed = sim.with_options(callbacks=(), resume=True).run()
+    assert torch.allclose(resumed.state.weights, full.state.weights, atol=1e-14, rtol=0)
+
+
+def test_negative_weights_stop_the_run_as_nonfinite_keeping_frames(tmp_path):
+    from measureflow.measures import Empirical
+
+    state, y = _cloud()
+    # Euler with hα = 50 sends weights with δF above the mean negative at the first step
+    field = measureflow.field("mmd", target=Empirical(y), bandwidth=1.0, geometry="fisher_rao", rate=50.0)
+    path = tmp_path / "bad.h5"
+    result = Simulation(state, field, "euler", t1=3.0, steps=3, writers=[path]).run()
+    assert result.status.code == "nonfinite"
+    assert result.steps_done == 0
+    with measureflow.open(path) as traj:
+        assert len(traj) == 1
+        assert traj.status.code == "nonfinite"
+        assert abs(traj.weight_frames[0] - state.weights.numpy()).max() == 0.0
+
+
+def test_pure_fisher_rao_keeps_positions():
+    state, y = _cloud()
+    from measureflow.measures import Empirical
+
+    field = measureflow.field("sinkhorn", target=Empirical(y), epsilon=0.5, geometry="fisher_rao", rate=1.0)
+    out = Simulation(state, field, "rk4", t1=0.2, steps=4).run().state
+    assert torch.equal(out.x, state.x)
+    assert abs(float(out.weights.sum()) - 1.0) < 1e-12
+
+
+def test_birth_death_langevin_gets_the_mode_masses_right():
+    """KL to 0.8 N((−4, 0), I) + 0.2 N((4, 0), I) from equal masses in the two modes: plain Langevin cannot
+    cross the barrier (mass stays ½), WFR birth–death (δF = log(K_ε*μ) + V) moves the weights."""
+    from measureflow.measures import GaussianMixture
+
+    means = torch.tensor([[-4.0, 0.0], [4.0, 0.0]], dtype=F64)
+    target = GaussianMixture(torch.tensor([0.8, 0.2], dtype=F64), means, torch.eye(2, dtype=F64).expand(2, 2, 2))
+    g = torch.Generator().manual_seed(1)
+    n = 400
+    x = torch.randn(1, n, 2, generator=g, dtype=F64)
+    x[:, : n // 2] += means[0]
+    x[:, n // 2:] += means[1]
+    start = measureflow.Particles(x)
+    masses = {}
+    for label, kw in (("langevin", {}), ("wfr", {"geometry": "wfr", "rate": 1.0})):
+        field = measureflow.field("kl", target=target, epsilon=0.2, **kw)
+        out = Simulation(start, field, "euler_maruyama", t1=5.0, steps=500, seed=3).run()
+        assert out.ok
+        w = out.state.weights_or_uniform()[0]
+        masses[label] = (float(w[out.state.x[0, :, 0] < 0].sum()), 1.0 / float((w**2).sum()))
+    mass, n_eff = masses["wfr"]
+    # sampling standard error of a weighted mode mass, with Kish's effective sample size
+    se = (0.8 * 0.2 / n_eff) ** 0.5
+    assert abs(mass - 0.8) < 3 * se
+    assert abs(masses["langevin"][0] - 0.8) / 0.8 > 0.2

@@ -305,13 +305,17 @@ class H5MDWriter(Writer):
             box = f.create_group(L.BOX)
             box.attrs.create("dimension", np.int32(d))
             box.attrs.create("boundary", L.fixed_strings(["none"] * d))
-            weights = run.weights if run.weights is not None else np.full((R, N), 1.0 / N)
-            f.create_dataset(L.WEIGHT, data=weights.reshape(R * N).astype(np.float64))
+            if not run.moving_weights:
+                weights = run.weights if run.weights is not None else np.full((R, N), 1.0 / N)
+                f.create_dataset(L.WEIGHT, data=weights.reshape(R * N).astype(np.float64))
             f.create_dataset(L.REPLICA, data=np.repeat(np.arange(R, dtype=np.int32), N))
             self._frame_elements = [self._new_element(f, L.POSITION, (R * N, d), run.dtype, True)]
             for name, tail in run.channels.items():
                 self._frame_elements.append(
-                    self._new_element(f, f"{L.PARTICLES}/{name}", (R * N, *tail), run.dtype, True))
+                    self._new_element(f, f"{L.PARTICLES}/{name}", (R * N,) + tuple(tail), run.dtype, True))
+            if run.moving_weights:
+                # H5MD's time-dependent form of the same element: one row of weights per frame (last).
+                self._frame_elements.append(self._new_element(f, L.WEIGHT, (R * N,), np.float64, True))
         else:
             R, d = run.replicas, run.dim
             self._frame_elements = [
@@ -354,6 +358,8 @@ class H5MDWriter(Writer):
             valid = valid_rows(f)
             if run.kind == "particles":
                 frame_paths = [L.POSITION, *(f"{L.PARTICLES}/{name}" for name in run.channels)]
+                if run.moving_weights:
+                    frame_paths.append(L.WEIGHT)
                 missing = [p for p in frame_paths if p not in f]
                 if missing:
                     raise TrajectoryFileError(
@@ -503,6 +509,9 @@ class H5MDWriter(Writer):
                             f"every frame; received {got}"
                         )
                     self._append(el, step, time, value.detach().reshape(run.rows, *tail).to(x.dtype).cpu().numpy())
+            if run.moving_weights:
+                w = state.weights_or_uniform().detach().reshape(run.rows).to(torch.float64).cpu().numpy()
+                self._append(self._frame_elements[-1], step, time, w)
         else:
             mean, cov = getattr(state, "mean", None), getattr(state, "cov", None)
             R, d = run.replicas, run.dim

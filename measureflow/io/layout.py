@@ -10,7 +10,8 @@ The writer and the reader share these names so the layout is stated once::
         box                      +dimension = d, +boundary = ["none"] * d
         position/{step, time, value[frames][R·N][d]}
         <channel>/{step, time, value[frames][R·N]...}   (auxiliary channels: log_density, …)
-        weight[R·N]              (fixed in time)
+        weight[R·N]              (fixed in time; when weights move, MATH.md §15.6:
+                                  weight/{step, time, value[frames][R·N]})
         replica[R·N]             (fixed in time: which replica each row belongs to)
     /observables/<name>/{step, time, value[frames][R]...}
     /parameters/measureflow      scalar JSON string (scenario parameters, seed, field, integrator, versions)

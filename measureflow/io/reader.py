@@ -313,10 +313,20 @@ class TrajectoryFile(ShapedTrajectory):
 
     @cached_property
     def weights(self) -> np.ndarray | None:
-        """Weights, shape (R, N); None for a Gaussian run."""
+        """Weights, shape (R, N) (the first frame's when they move); None for a Gaussian run."""
         if self.kind != "particles" or L.WEIGHT not in self.file:
             return None
+        moving = self.weight_frames
+        if moving is not None:
+            return np.asarray(moving[0]) if len(moving) else None
         return self.file[L.WEIGHT][()].reshape(self.replicas, self.size)
+
+    @property
+    def weight_frames(self) -> FrameArray | None:
+        """Lazy weights of every frame, shape (frames, R, N), when they move (MATH.md §15.6); else None."""
+        if self.kind != "particles" or not L.is_element(self.file.get(L.WEIGHT)):
+            return None
+        return FrameArray(self.file[L.WEIGHT]["value"], self._frame_count, (self._replicas, self._size))
 
     @property
     def means(self) -> FrameArray | None:

@@ -1,6 +1,6 @@
 """What a writer is told about a run before its first frame (DESIGN.md "Trajectory files").
 
-:class:`RunInfo` fixes the shapes every frame will have, the weights (fixed in time), the run
+:class:`RunInfo` fixes the shapes every frame will have, the weights (fixed in time unless they move), the run
 parameters that go to ``/parameters/measureflow`` as JSON, the observables to expect and, for a
 resumed run, the step after which frames already in the file are dropped.
 """
@@ -108,6 +108,9 @@ class RunInfo:
         Auxiliary per-particle channels written with every frame (particle runs only): name → the
         shape of one particle's value (``()`` for a scalar such as a log-density), stored as
         ``/particles/trajectory/<name>`` with value [frames][R·N]....
+    moving_weights:
+        the weights change during the run (Fisher–Rao / WFR geometries, MATH.md §15.6): writers
+        store them with every frame (``/particles/trajectory/weight/{step, time, value[frames][R·N]}``).
     resume_step:
         None for a fresh run; otherwise the step of the checkpoint being resumed: frames and
         observable samples with a larger step are dropped from the existing file.
@@ -126,6 +129,7 @@ class RunInfo:
     observable_shapes: dict[str, tuple[int, ...]] = attrs.field(factory=dict, converter=_shapes)
     channels: dict[str, tuple[int, ...]] = attrs.field(factory=dict, converter=_shapes)
     resume_step: int | None = attrs.field(default=None, converter=_resume)
+    moving_weights: bool = attrs.field(default=False, converter=bool, kw_only=True)
     author: str | None = attrs.field(default=None)
 
     def __attrs_post_init__(self):
@@ -141,6 +145,8 @@ class RunInfo:
                     f"RunInfo.weights must have shape (R, N) = {(self.replicas, self.size)}; "
                     f"received {self.weights.shape}"
                 )
+        if self.moving_weights and self.kind != "particles":
+            raise StateError("RunInfo: moving weights apply to particle runs only")
         if self.channels and self.kind != "particles":
             raise StateError("RunInfo: channels apply to particle runs only")
         for name in self.channels:

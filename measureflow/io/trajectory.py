@@ -82,7 +82,8 @@ class Trajectory(abc.ABC):
     @property
     @abc.abstractmethod
     def weights(self) -> np.ndarray | None:
-        """(R, N) particle weights, fixed in time, each replica summing to one; None for Gaussians."""
+        """(R, N) particle weights, each replica summing to one; None for Gaussians. When the weights
+        move (:attr:`weight_frames` is not None) these are the first frame's."""
 
     @property
     @abc.abstractmethod
@@ -119,6 +120,17 @@ class Trajectory(abc.ABC):
         """Auxiliary per-particle channels recorded with every frame (a log-density, …): name →
         (F, R, N, ...) array; empty when the run recorded none (always for Gaussians)."""
         return {}
+
+    @property
+    def weight_frames(self):
+        """(F, R, N) weights of every frame when they move (Fisher–Rao / WFR geometries, MATH.md
+        §15.6); None when they are fixed in time (then :attr:`weights` holds them)."""
+        return None
+
+    def weights_at(self, frame: int) -> np.ndarray | None:
+        """(R, N) weights of frame ``frame`` (the fixed weights when they do not move); None for Gaussians."""
+        moving = self.weight_frames
+        return self.weights if moving is None else np.asarray(moving[frame])
 
     # -- derived ------------------------------------------------------------------------------------
     @property
@@ -213,10 +225,15 @@ class RecordedTrajectory(ShapedTrajectory):
         self._times: list[float] = []
         self._frames: list[tuple[np.ndarray, ...]] = []
         self._channels: dict[str, list[np.ndarray]] = {}
+        self._moving_weights = False
+        self._weight_list: list[np.ndarray] = []
         self._obs: dict[str, tuple[list, list, list]] = {}
 
-    def _describe(self, kind, replicas, size, dim, *, dtype="float64", weights=None, parameters=None) -> None:
-        """Fix the trajectory's kind and shapes (also used by writers that learn them in ``open``)."""
+    def _describe(self, kind, replicas, size, dim, *, dtype="float64", weights=None, parameters=None,
+                  moving_weights: bool = False) -> None:
+        """Fix the trajectory's kind and shapes (also used by writers that learn them in ``open``);
+        ``moving_weights`` records the weights with every frame."""
+        self._moving_weights = bool(moving_weights) and kind == "particles"
         if kind not in KINDS:
             raise ParameterError(f"{type(self).__name__}: kind must be one of {KINDS}, received {kind!r}")
         self._kind = kind
@@ -244,6 +261,8 @@ class RecordedTrajectory(ShapedTrajectory):
                 got = tuple(x.shape) if x is not None else type(state).__name__
                 raise ShapeError(f"{label}: expected positions of shape {(R, N, d)}, received {got}")
             frame = (_host(x),)
+            if self._moving_weights:
+                self._weight_list.append(_host(state.weights_or_uniform()).astype(np.float64, copy=False))
             held = getattr(state, "channels", {})
             for name in held:
                 self._channels.setdefault(name, [])
@@ -279,7 +298,7 @@ class RecordedTrajectory(ShapedTrajectory):
     def drop_after(self, step: int) -> None:
         """Forget the frames and observable samples recorded after ``step`` (steps are increasing)."""
         keep = sum(1 for s in self._steps if s <= step)
-        del self._steps[keep:], self._times[keep:], self._frames[keep:]
+        del self._steps[keep:], self._times[keep:], self._frames[keep:], self._weight_list[keep:]
         for values in self._channels.values():
             del values[keep:]
         for steps, times, values in self._obs.values():
@@ -327,6 +346,8 @@ class RecordedTrajectory(ShapedTrajectory):
     def weights(self) -> np.ndarray | None:
         if self._kind != "particles":
             return None
+        if self._moving_weights and self._weight_list:
+            return self._weight_list[0]
         if self._weights is not None:
             return self._weights
         return np.full((self._replicas, self._size), 1.0 / self._size)
@@ -334,6 +355,14 @@ class RecordedTrajectory(ShapedTrajectory):
     @property
     def channels(self) -> dict:
         return {name: np.stack(values) for name, values in self._channels.items() if values}
+
+    @property
+    def weight_frames(self) -> np.ndarray | None:
+        if not self._moving_weights:
+            return None
+        if not self._weight_list:
+            return np.zeros((0, self._replicas, self._size))
+        return np.stack(self._weight_list)
 
     @property
     def means(self) -> np.ndarray | None:
