@@ -27,7 +27,7 @@ from .plugins import get_registry, hookimpl, reload_registry  # noqa: E402
 # Bound eagerly: the submodule shares the decorator's name, and a lazy lookup would hand out the
 # module once anything had imported `measureflow.scenario`.
 from .scenario import scenario  # noqa: E402
-from .state import Gaussians, Particles  # noqa: E402
+from .state import GaussianMixtures, Gaussians, Particles  # noqa: E402
 from .triggers import On, Periodic  # noqa: E402
 
 # Heavier pieces load on first use so that `import measureflow` stays fast.
@@ -43,6 +43,7 @@ _LAZY = {
     "schedules": ("measureflow.schedules", None),
     "geometry": ("measureflow.geometry", None),
     "couplings": ("measureflow.couplings", None),
+    "mixtures": ("measureflow.mixtures", None),
     "training": ("measureflow.training", None),
     "run": ("measureflow.run", None),
     "integrators": ("measureflow.integrators", None),
@@ -94,6 +95,7 @@ __all__ = [
     "__version__",
     "Particles",
     "Gaussians",
+    "GaussianMixtures",
     "Field",
     "from_potential",
     "Periodic",
@@ -114,6 +116,7 @@ __all__ = [
     "diagnostics",
     "schedules",
     "geometry",
+    "mixtures",
     "couplings",
     "training",
     "run",

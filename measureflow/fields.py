@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from .errors import CapabilityError, TimeRangeError
+from .mixtures import check_mixture_field
 from .state import Gaussians, Particles, state_kind
 
 __all__ = [
@@ -289,6 +290,9 @@ def check_compatible(field, state, *, stochastic_integrator: bool | None = None,
     kind = state_kind(state)
     caps = capabilities(field)
     name = getattr(field, "name", type(field).__name__)
+    if kind == "mixtures":
+        check_mixture_field(field)
+        return
     if kind == "gaussians" and needs is not None:
         missing = sorted(set(needs) - set(caps))
         if missing:

@@ -453,6 +453,7 @@ class SimulationProcess(Process):
         self.stepper = Stepper(simulation.integrator, simulation.field, state, noise=self.noise,
                                channels=simulation.channels)
         self._is_gaussian = state_kind(state) == "gaussians"
+        self._is_mixture = state_kind(state) == "mixtures"
         self._times = simulation.grid.all()
 
     def time_at(self, step: int) -> float:
@@ -475,6 +476,9 @@ class SimulationProcess(Process):
     def health(self, state):
         if self._is_gaussian:
             return torch.cat([state.mean.flatten(), state.cov.flatten()])
+        if self._is_mixture:
+            w = torch.where(state.weights >= 0, state.weights, torch.full_like(state.weights, float("nan")))
+            return torch.cat([w.flatten(), state.means.flatten(), state.covs.flatten()])
         if self.stepper.dynamics.moving_weights:
             # A negative weight is no measure: it counts as a non-finite value (MATH.md §15.6).
             w = state.weights
@@ -602,6 +606,10 @@ class Result(Trajectory):
     @property
     def weight_frames(self):
         return self._frames().weight_frames
+
+    @property
+    def mixture_weights(self):
+        return self._frames().mixture_weights
 
     @property
     def means(self):

@@ -66,7 +66,8 @@ from measureflow.fields import Field
 from measureflow.linalg import matrix_function, spd_inverse, symmetrize
 from measureflow.measures import Empirical, Gaussian, GaussianMixture
 from measureflow.reductions import kernel_sum, softmax_average
-from measureflow.state import Gaussians, Particles
+from measureflow.mixtures import kl_divergence
+from measureflow.state import GaussianMixtures, Gaussians, Particles
 from measureflow.targets import check_points, gaussian_target, positive
 
 __all__ = [
@@ -447,6 +448,8 @@ class KLField(Field):
         self._check_state_dim(state, "energy")
         if isinstance(state, Gaussians):
             return self._gaussian_energy(state)
+        if isinstance(state, GaussianMixtures):
+            return kl_divergence(self, state)
         if self.epsilon is None:
             raise CapabilityError(
                 "field 'kl': the KL of particles is estimated with the kernel density K_ε*μ; build the field with "
@@ -537,6 +540,20 @@ class KLField(Field):
         eta = decay * torch.einsum("rij,rj->ri", L0, m0) + (1.0 - decay) * (P @ mb)
         cov = spd_inverse(Lt)
         return Gaussians(torch.einsum("rij,rj->ri", cov, eta), symmetrize(cov))
+
+    # -- Gaussian-mixture states (MATH.md §15.7) ---------------------------------------------------------------
+    @property
+    def mixture_available(self) -> bool:
+        """A mixture state needs the target's log-density and score."""
+        return self._target.has_potential and self._target.kind != "none"
+
+    def target_log_density(self, x: torch.Tensor) -> torch.Tensor:
+        """log β(x) = −V(x) (up to the constant log Z of a user potential), shape x.shape[:-1]."""
+        return -self._target.potential(x)
+
+    def target_score(self, x: torch.Tensor) -> torch.Tensor:
+        """∇log β(x), shape of x."""
+        return self._target.score(x)
 
     def describe(self):
         return {"name": self.name, "mode": self.mode, "epsilon": self.epsilon, "target": self._target.describe()}

@@ -101,7 +101,7 @@ class ConstantController(Controller):
 
     def integrate(self, solver, dynamics, t0, t1, state, carry):
         stats = dynamics.stats
-        if dynamics.kind != "gaussians":
+        if dynamics.kind == "particles":
             y1, _, dense, carry.solver_state = solver.step(dynamics, t0, t1, state, carry.solver_state)
             stats["steps"] += 1
             stats["accepted"] += 1
@@ -273,7 +273,7 @@ class PIController(Controller):
             y_new, err_vec, dense, new_state = solver.step(dynamics, t, t_new, y, solver_state, dt=h)
             before, after = dynamics.pack(y), dynamics.pack(y_new)
             err = error_norm(err_vec, before, after, self.rtol, self.atol)
-            if dynamics.kind == "gaussians":
+            if dynamics.kind != "particles" or getattr(dynamics, "moving_weights", False):
                 inside = dynamics.admissible(after).to(err.dtype)
                 err, inside = torch.stack([err, inside]).tolist()  # one host sync per step
             else:

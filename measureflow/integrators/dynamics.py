@@ -9,6 +9,8 @@ A solver sees a state as a tuple of tensors, its **integrated channels**, and th
 * particles whose weights move (a field with ``weight_rate(t, state)``: the Fisher–Rao and WFR
   geometries, :mod:`measureflow.geometry`): ``y = (x, w, c₁, …)``, ẇ = field.weight_rate(t, μ_y),
   and the stage's measure carries the stage's weights;
+* Gaussian mixtures: ``y = (π, m, Σ)`` per component, rates from :func:`measureflow.mixtures.mixture_rates`
+  (MATH.md §15.7);
 * Gaussians: ``y = (m, Σ)`` with ṁ = b, Σ̇ = AΣ + ΣAᵀ and (b, A) = field.affine(t, N(m, Σ)) (MATH.md
   eq. 0.1). The rate AΣ + ΣAᵀ is formed as P + Pᵀ with P = AΣ, which is bitwise symmetric, and every
   Runge–Kutta combination of bitwise-symmetric matrices is again bitwise symmetric.
@@ -32,6 +34,7 @@ from ..errors import CapabilityError, ShapeError
 from ..fields import capabilities
 from ..geometry import moves_weights
 from ..linalg import symmetrize
+from ..mixtures import check_mixture_field, mixture_rates
 from ..state import state_kind
 from .noise import standard_normal
 
@@ -96,6 +99,8 @@ class Dynamics:
         self.template = state
         self.noise = noise
         self.channels = tuple(channels)
+        if self.kind == "mixtures":
+            check_mixture_field(field)
         if self.channels and self.kind != "particles":
             raise CapabilityError("auxiliary channels are integrated with particles only, not with a Gaussian state")
         names = [c.name for c in self.channels]
@@ -104,7 +109,7 @@ class Dynamics:
         #: the weights are integrated (y[1]) rather than fixed
         self.moving_weights = self.kind == "particles" and moves_weights(field)
         self._first = 2 if self.moving_weights else 1  # index of the first auxiliary channel in y
-        self._rate = self._gaussian_rate if self.kind == "gaussians" else (
+        self._rate = self._gaussian_rate if self.kind == "gaussians" else self._mixture_rate if self.kind == "mixtures" else (
             self._particle_rate_with_channels if (self.channels or self.moving_weights) else self._particle_rate)
         self.stats = stats if stats is not None else dict.fromkeys(STAT_KEYS, 0)
         self.has_diffusion = "diffusion" in capabilities(field)
@@ -125,6 +130,8 @@ class Dynamics:
         """The state's integrated channels, in order."""
         if self.kind == "gaussians":
             return (state.mean, state.cov)
+        if self.kind == "mixtures":
+            return (state.weights, state.means, state.covs)
         head = (state.x, state.weights_or_uniform()) if self.moving_weights else (state.x,)
         if not self.channels:
             return head
@@ -136,6 +143,8 @@ class Dynamics:
         like = self.template if like is None else like
         if self.kind == "gaussians":
             return like.with_parameters(y[0], symmetrize(y[1]))
+        if self.kind == "mixtures":
+            return like.with_parameters(y[0], y[1], symmetrize(y[2]))
         out = like.with_positions(y[0])
         if self.moving_weights:
             out = out.with_weights(y[1])
@@ -200,6 +209,9 @@ class Dynamics:
         P = A @ S
         return (b, P + P.transpose(-1, -2))
 
+    def _mixture_rate(self, t, y):
+        return mixture_rates(self.field, t, self.unpack(y))
+
     def euler_pushforward(self, t: float, y, h: float):
         """One Euler step of a Gaussian as the pushforward of N(m, Σ) by x ↦ x + h(b + A(x − m)):
         m' = m + hb, Σ' = (I + hA) Σ (I + hA)ᵀ (symmetrised), positive semi-definite for any h.
@@ -227,6 +239,11 @@ class Dynamics:
             m, S = y
             _, info = torch.linalg.cholesky_ex(S)
             return (info == 0).all() & torch.isfinite(m).all() & torch.isfinite(S).all()
+        if self.kind == "mixtures":
+            w, m, S = y
+            _, info = torch.linalg.cholesky_ex(S)
+            finite = torch.isfinite(w).all() & torch.isfinite(m).all() & torch.isfinite(S).all()
+            return (info == 0).all() & finite & (w >= 0).all()
         if self.moving_weights:
             w = y[1]
             return torch.isfinite(y[0]).all() & torch.isfinite(w).all() & (w >= 0).all()

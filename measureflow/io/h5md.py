@@ -316,6 +316,13 @@ class H5MDWriter(Writer):
             if run.moving_weights:
                 # H5MD's time-dependent form of the same element: one row of weights per frame (last).
                 self._frame_elements.append(self._new_element(f, L.WEIGHT, (R * N,), np.float64, True))
+        elif run.kind == "mixtures":
+            R, K, d = run.replicas, run.size, run.dim
+            self._frame_elements = [
+                self._new_element(f, L.MIX_WEIGHTS, (R, K), run.dtype, False),
+                self._new_element(f, L.MIX_MEAN, (R, K, d), run.dtype, True),
+                self._new_element(f, L.MIX_COV, (R, K, d, d), run.dtype, True),
+            ]
         else:
             R, d = run.replicas, run.dim
             self._frame_elements = [
@@ -366,6 +373,8 @@ class H5MDWriter(Writer):
                         f"{self.path}: cannot resume: the file has no {', '.join(missing)} (the run records "
                         "channels the file does not hold); resume with the original channels or write to another file"
                     )
+            elif run.kind == "mixtures":
+                frame_paths = [L.MIX_WEIGHTS, L.MIX_MEAN, L.MIX_COV]
             else:
                 frame_paths = [L.MEAN, L.COV]
             paths = [p for p in valid if p not in frame_paths]
@@ -512,6 +521,18 @@ class H5MDWriter(Writer):
             if run.moving_weights:
                 w = state.weights_or_uniform().detach().reshape(run.rows).to(torch.float64).cpu().numpy()
                 self._append(self._frame_elements[-1], step, time, w)
+        elif run.kind == "mixtures":
+            R, K, d = run.replicas, run.size, run.dim
+            means = getattr(state, "means", None)
+            if means is None or tuple(means.shape) != (R, K, d):
+                raise ShapeError(f"{self.path}: expected a GaussianMixtures state with means (R, K, d) = {(R, K, d)}, received {state!r}")
+            # One device→host transfer for the three parameters.
+            flat = torch.cat([state.weights.detach().reshape(R, K).to(means.dtype), means.detach().reshape(R, K * d),
+                              state.covs.detach().reshape(R, K * d * d).to(means.dtype)], dim=1).cpu().numpy()
+            w_el, m_el, c_el = self._frame_elements
+            self._append(w_el, step, time, np.ascontiguousarray(flat[:, :K]))
+            self._append(m_el, step, time, np.ascontiguousarray(flat[:, K:K + K * d]).reshape(R, K, d))
+            self._append(c_el, step, time, np.ascontiguousarray(flat[:, K + K * d:]).reshape(R, K, d, d))
         else:
             mean, cov = getattr(state, "mean", None), getattr(state, "cov", None)
             R, d = run.replicas, run.dim

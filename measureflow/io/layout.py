@@ -16,6 +16,7 @@ The writer and the reader share these names so the layout is stated once::
     /observables/<name>/{step, time, value[frames][R]...}
     /parameters/measureflow      scalar JSON string (scenario parameters, seed, field, integrator, versions)
     /measureflow/gaussians/{mean, cov}/{step, time, value}   (Gaussian runs only)
+    /measureflow/mixtures/{weights, mean, cov}/{step, time, value[frames][R][K]...}   (mixture runs only)
     /measureflow/committed[k]    rows known to be on disk for each time-dependent element (+elements)
     /measureflow/status          +status, +step, +time, +message (the run's final status)
 
@@ -46,6 +47,9 @@ PARAMETERS = "parameters/measureflow"
 PRIVATE = "measureflow"
 MEAN = PRIVATE + "/gaussians/mean"
 COV = PRIVATE + "/gaussians/cov"
+MIX_WEIGHTS = PRIVATE + "/mixtures/weights"
+MIX_MEAN = PRIVATE + "/mixtures/mean"
+MIX_COV = PRIVATE + "/mixtures/cov"
 COMMITTED = PRIVATE + "/committed"
 STATUS = PRIVATE + "/status"
 

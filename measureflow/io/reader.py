@@ -199,14 +199,17 @@ class TrajectoryFile(ShapedTrajectory):
             )
         attrs = f[L.PARAMETERS].attrs
         kind = L.text(attrs.get("kind", b""))
-        if kind not in ("particles", "gaussians"):
-            kind = "particles" if L.POSITION in f else "gaussians" if L.MEAN in f else ""
+        if kind not in ("particles", "gaussians", "mixtures"):
+            kind = ("particles" if L.POSITION in f else "gaussians" if L.MEAN in f
+                    else "mixtures" if L.MIX_MEAN in f else "")
         if not kind:
             raise _fail(path, "has /parameters/measureflow but neither particle positions nor Gaussian parameters")
         self._kind = kind
-        frame = f[L.POSITION] if kind == "particles" else f[L.MEAN]
+        frame = f[{"particles": L.POSITION, "gaussians": L.MEAN, "mixtures": L.MIX_MEAN}[kind]]
         shape = frame["value"].shape
-        if kind == "particles":
+        if kind == "mixtures":
+            self._replicas, self._size, self._dim = shape[1], shape[2], shape[3]
+        elif kind == "particles":
             self._replicas = int(attrs.get("replicas", 1))
             self._size = shape[1] // self._replicas
             self._dim = shape[2]
@@ -217,6 +220,8 @@ class TrajectoryFile(ShapedTrajectory):
         self._rows = valid_rows(self.file)
         if kind == "particles":
             self._frame_count = self._rows.get(L.POSITION, 0)
+        elif kind == "mixtures":
+            self._frame_count = min(self._rows.get(p, 0) for p in (L.MIX_WEIGHTS, L.MIX_MEAN, L.MIX_COV))
         else:
             self._frame_count = min(self._rows.get(L.MEAN, 0), self._rows.get(L.COV, 0))
 
@@ -279,7 +284,7 @@ class TrajectoryFile(ShapedTrajectory):
 
     # -- time axis ----------------------------------------------------------------------------------
     def _frame_group(self) -> h5py.Group:
-        return self.file[L.POSITION if self.kind == "particles" else L.MEAN]
+        return self.file[{"particles": L.POSITION, "gaussians": L.MEAN, "mixtures": L.MIX_MEAN}[self.kind]]
 
     @cached_property
     def steps(self) -> np.ndarray:
@@ -330,17 +335,24 @@ class TrajectoryFile(ShapedTrajectory):
 
     @property
     def means(self) -> FrameArray | None:
-        """Lazy Gaussian means, shape (frames, R, d); None for a particle run."""
-        if self.kind != "gaussians":
+        """Lazy Gaussian means, shape (frames, R, d) (mixtures: (frames, R, K, d)); None for a particle run."""
+        if self.kind == "particles":
             return None
-        return FrameArray(self.file[L.MEAN]["value"], self._frame_count)
+        return FrameArray(self.file[L.MEAN if self.kind == "gaussians" else L.MIX_MEAN]["value"], self._frame_count)
 
     @property
     def covs(self) -> FrameArray | None:
-        """Lazy Gaussian covariances, shape (frames, R, d, d); None for a particle run."""
-        if self.kind != "gaussians":
+        """Lazy Gaussian covariances, shape (frames, R, d, d) (mixtures: (frames, R, K, d, d)); None for particles."""
+        if self.kind == "particles":
             return None
-        return FrameArray(self.file[L.COV]["value"], self._frame_count)
+        return FrameArray(self.file[L.COV if self.kind == "gaussians" else L.MIX_COV]["value"], self._frame_count)
+
+    @property
+    def mixture_weights(self) -> FrameArray | None:
+        """Lazy component weights of a mixture run, shape (frames, R, K); None otherwise."""
+        if self.kind != "mixtures":
+            return None
+        return FrameArray(self.file[L.MIX_WEIGHTS]["value"], self._frame_count)
 
     @cached_property
     def observables(self) -> dict[str, Series]:
@@ -376,6 +388,8 @@ class TrajectoryFile(ShapedTrajectory):
         lines = [f"{self.path}  ({_size(self.file_size)}, H5MD {'.'.join(map(str, self.h5md_version))})"]
         if self.kind == "particles":
             shape = f"R={self.replicas} replicas × N={self.size} particles, d={self.dim}"
+        elif self.kind == "mixtures":
+            shape = f"R={self.replicas} replicas × K={self.size} components, d={self.dim}"
         else:
             shape = f"R={self.replicas} replicas, d={self.dim}"
         lines.append(f"  kind         {self.kind} ({shape}, {self.dtype})")

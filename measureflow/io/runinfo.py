@@ -21,7 +21,7 @@ from ..jsonable import to_jsonable  # re-exported: it lived here, callers still 
 
 __all__ = ["RunInfo", "to_jsonable", "default_versions", "KINDS"]
 
-KINDS = ("particles", "gaussians")
+KINDS = ("particles", "gaussians", "mixtures")
 
 
 def default_versions(registry=None) -> dict[str, Any]:
@@ -88,7 +88,7 @@ class RunInfo:
     Parameters
     ----------
     kind:
-        "particles" or "gaussians".
+        "particles", "gaussians" or "mixtures" (Gaussian mixtures; ``size`` is then K, the components).
     replicas, size, dim:
         R, N (0 for Gaussian runs) and d.
     dtype:
@@ -133,6 +133,8 @@ class RunInfo:
     author: str | None = attrs.field(default=None)
 
     def __attrs_post_init__(self):
+        if self.kind == "mixtures" and self.size < 1:
+            raise ShapeError(f"RunInfo: a mixture run needs K ≥ 1 components (size), received {self.size}")
         if self.kind == "particles" and self.size < 1:
             raise ShapeError(f"RunInfo: a particle run needs size N ≥ 1, received {self.size}")
         if self.kind == "gaussians" and self.size != 0:
@@ -168,6 +170,8 @@ class RunInfo:
             R, N, d = state.x.shape
             kwargs.setdefault("weights", state.weights)
             kwargs.setdefault("channels", {k: tuple(v.shape[2:]) for k, v in state.channels.items()})
+        elif kind == "mixtures":
+            R, N, d = state.means.shape
         else:
             (R, d), N = state.mean.shape, 0
         return cls(kind=kind, replicas=R, size=N, dim=d, dtype=state.dtype, **kwargs)

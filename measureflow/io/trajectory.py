@@ -33,7 +33,7 @@ from .base import Series
 __all__ = ["Trajectory", "ShapedTrajectory", "RecordedTrajectory", "Snapshot", "KINDS"]
 
 #: The kinds of trajectory: weighted particles, or Gaussian parameters (mean, covariance).
-KINDS = ("particles", "gaussians")
+KINDS = ("particles", "gaussians", "mixtures")
 
 
 class Trajectory(abc.ABC):
@@ -125,6 +125,12 @@ class Trajectory(abc.ABC):
     def weight_frames(self):
         """(F, R, N) weights of every frame when they move (Fisher–Rao / WFR geometries, MATH.md
         §15.6); None when they are fixed in time (then :attr:`weights` holds them)."""
+        return None
+
+    @property
+    def mixture_weights(self):
+        """(F, R, K) component weights of a Gaussian-mixture trajectory (kind ``"mixtures"``, whose ``means``
+        are (F, R, K, d) and ``covs`` (F, R, K, d, d)); None for other kinds."""
         return None
 
     def weights_at(self, frame: int) -> np.ndarray | None:
@@ -270,6 +276,11 @@ class RecordedTrajectory(ShapedTrajectory):
                 if name not in held:
                     raise ShapeError(f"{label}: channel {name!r} is missing from the frame at step {step}")
                 values.append(_host(held[name]))
+        elif self._kind == "mixtures":
+            means = getattr(state, "means", None)
+            if means is None or tuple(means.shape) != (R, N, d):
+                raise ShapeError(f"{label}: expected a GaussianMixtures state with means {(R, N, d)}, received {state!r}")
+            frame = (_host(means), _host(state.covs), _host(state.weights))
         else:
             mean, cov = getattr(state, "mean", None), getattr(state, "cov", None)
             if mean is None or cov is None or tuple(mean.shape) != (R, d) or tuple(cov.shape) != (R, d, d):
@@ -366,15 +377,25 @@ class RecordedTrajectory(ShapedTrajectory):
 
     @property
     def means(self) -> np.ndarray | None:
+        if self._kind == "mixtures":
+            return self._stack(0, (self._replicas, self._size, self._dim))
         if self._kind != "gaussians":
             return None
         return self._stack(0, (self._replicas, self._dim))
 
     @property
     def covs(self) -> np.ndarray | None:
+        if self._kind == "mixtures":
+            return self._stack(1, (self._replicas, self._size, self._dim, self._dim))
         if self._kind != "gaussians":
             return None
         return self._stack(1, (self._replicas, self._dim, self._dim))
+
+    @property
+    def mixture_weights(self) -> np.ndarray | None:
+        if self._kind != "mixtures":
+            return None
+        return self._stack(2, (self._replicas, self._size))
 
     @property
     def observables(self) -> dict[str, Series]:
@@ -415,6 +436,8 @@ class Snapshot(RecordedTrajectory):
         if kind == "particles":
             R, N, d = state.x.shape
             weights = state.weights
+        elif kind == "mixtures":
+            (R, N, d), weights = state.means.shape, None
         else:
             (R, d), N = state.mean.shape, 0
             weights = None
