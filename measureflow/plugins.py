@@ -96,6 +96,7 @@ BUILTIN_PLUGINS = (
     "measureflow_plugins.interaction",
     "measureflow_plugins.sliced_wasserstein",
     "measureflow_plugins.sinkhorn",
+    "measureflow_plugins.porous_medium",
     "measureflow_plugins.jko",
     "measureflow_plugins.ray_executor",
     "measureflow_plugins.drifting",
