@@ -5,6 +5,7 @@
     measureflow collect DIR [-o TABLE.csv]
     measureflow plugins
     measureflow info RUN.h5
+    measureflow repair RUN.h5
     measureflow plot RUN.h5 -o OUT.png [--animate OUT.gif]
     measureflow plot DIR --x key --y observable [-o OUT.png]
 """
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -95,10 +97,30 @@ def _cmd_plugins(args) -> int:
 
 
 def _cmd_info(args) -> int:
+    from .io.lock import holder
     from .io.reader import open_trajectory
 
     with open_trajectory(args.file) as traj:
         print(traj.summary())
+        if traj.unclosed:
+            pid = holder(args.file)
+            if pid is not None:
+                print(f"  note         process {pid} is writing it")
+            else:
+                print("  note         its writer was killed: other HDF5 tools (h5py, h5dump, pyh5md) refuse it "
+                      "until `measureflow repair FILE` (or a --resume) rewrites it")
+    return 0
+
+
+def _cmd_repair(args) -> int:
+    from .io.h5md import repair_file
+
+    frames = repair_file(args.file)
+    if frames is None:
+        print(f"{args.file}: was closed by its writer; nothing to repair")
+    else:
+        print(f"{args.file}: rewritten as a plain HDF5 file with the {frames} frames of its writer's last flush; "
+              "any HDF5 tool opens it now")
     return 0
 
 
@@ -199,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("file")
     info.set_defaults(handler=_cmd_info)
 
+    repair = sub.add_parser(
+        "repair", help="make a trajectory whose writer was killed readable by any HDF5 tool",
+        description="A file whose writer was killed (SIGKILL, power cut) keeps HDF5's 'open for write' flag, "
+                    "which h5py, h5dump and pyh5md refuse. Rewrite it as a plain HDF5 file holding the "
+                    "frames of its last flush (a --resume does the same).",
+    )
+    repair.add_argument("file")
+    repair.set_defaults(handler=_cmd_repair)
+
     plot = sub.add_parser("plot", help="draw a trajectory file, or a sweep's observable against a parameter")
     plot.add_argument("file", help="a trajectory .h5 file, or a sweep's directory")
     plot.add_argument("-o", "--output", help="PNG (or PDF/SVG) picture (a sweep: default DIR/<y>-vs-<x>.png)")
@@ -214,10 +245,23 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        code = args.handler(args)
     except MeasureflowError as exc:
         print(f"measureflow: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
+    _leave_if_hdf5_is_stuck(code)
+    return code
+
+
+def _leave_if_hdf5_is_stuck(code: int) -> None:
+    """After a write error (a full disk) whose file HDF5 could not close either, HDF5 would try again
+    at interpreter exit and may crash (a segfault, exit 139) after our one-line message: leave now,
+    with ``code``. The file keeps what its last flush committed."""
+    h5md = sys.modules.get("measureflow.io.h5md")
+    if h5md is not None and h5md.UNCLOSED_AFTER_ERROR:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

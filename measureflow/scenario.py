@@ -165,22 +165,38 @@ class Scenario:
                                description=run.description or self.doc.split("\n")[0])
         return run, params
 
-    def run(self, overrides: dict | None = None, *, resume: bool = False, progress: bool | None = None):
-        """Build, run (with a checkpoint beside any H5MD output) and report; returns the Result."""
+    def run(self, overrides: dict | None = None, *, resume: bool = False, progress: bool | None = None,
+            restart: bool = False, overwrite: bool = False):
+        """Build, run (with a checkpoint beside any H5MD output) and report; returns the Result, or
+        None when ``resume`` finds the run already completed in its file.
+
+        An existing output file is never replaced without ``overwrite`` (or ``restart``, which also
+        drops the checkpoint), and ``resume`` continues only a file it can verify
+        (:func:`measureflow.io.outputs.plan_output` has the table); a second process writing the same
+        output is refused before any work."""
         simulation, params = self.build(overrides)
         if progress is not None:
             simulation = simulation.with_options(progress=progress)
         h5_path = output_path(simulation)
-        simulation = with_run_checkpoint(simulation, resume=resume)
-        if resume and simulation.checkpoint_path is not None and not simulation.checkpoint_path.exists() \
-                and h5_path is not None:
-            from .io import completed_status
+        simulation = with_run_checkpoint(simulation, resume=resume and not restart)
+        lock = None
+        if h5_path is not None:
+            from .io.lock import OutputLock
+            from .io.outputs import DONE, plan_output
 
-            done = completed_status(h5_path)
-            if done is not None:
-                print(f"{h5_path}: already {done}; nothing to resume", file=sys.stderr)
-                return None
-        result = simulation.run()
+            lock = OutputLock(h5_path).acquire()
+        try:
+            if h5_path is not None:
+                fingerprint = simulation.fingerprint() if callable(getattr(simulation, "fingerprint", None)) else ""
+                plan = plan_output(h5_path, simulation.checkpoint_path, fingerprint, resume=resume,
+                                   restart=restart, overwrite=overwrite)
+                if plan == DONE:
+                    print(f"{h5_path}: already completed; nothing to resume", file=sys.stderr)
+                    return None
+            result = simulation.run()
+        finally:
+            if lock is not None:
+                lock.release()
         if result.status.ok and simulation.checkpoint_path is not None:
             simulation.checkpoint_path.unlink(missing_ok=True)
         print(f"{self.name}: {result.status} in {result.wall_time:.2f} s", file=sys.stderr)
@@ -235,7 +251,12 @@ def parse_assignments(items, scenario_name: str = "?") -> dict:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                         help="override a scenario parameter (repeatable)")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint beside the output file")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoint beside the output file (nothing to do when the file "
+                             "holds this run, completed)")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over: drop the checkpoint and replace the output file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--params", action="store_true", help="list the scenario's parameters and exit")
 
@@ -245,7 +266,8 @@ def run_from_args(scn: Scenario, args) -> int:
         print(scn.describe())
         return 0
     overrides = parse_assignments(args.assignments, scn.name)
-    result = scn.run(overrides, resume=args.resume, progress=False if args.no_progress else None)
+    result = scn.run(overrides, resume=args.resume, progress=False if args.no_progress else None,
+                     restart=args.restart, overwrite=args.overwrite)
     if result is None:
         return 0
     return 0 if result.status.ok else 3

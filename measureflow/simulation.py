@@ -11,8 +11,6 @@ and the same integrator object, can run any number of times with identical resul
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,6 +24,7 @@ from .errors import CapabilityError, MeasureflowError, TimeRangeError
 from .fields import capabilities
 from .integrators import NoiseStream, Stepper
 from .io.base import Series
+from .io.runinfo import run_fingerprint
 from .jsonable import to_jsonable_lenient
 from .io.memory import MemoryWriter
 from .io.trajectory import Snapshot, Trajectory
@@ -388,11 +387,9 @@ class Simulation:
         return out
 
     def fingerprint(self) -> str:
-        """Hash of what determines the run (to refuse resuming a different run's checkpoint)."""
-        params = self.run_parameters()
-        params.pop("versions")
-        text = json.dumps(params, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Hash of what determines the run's numbers (:func:`measureflow.io.runinfo.run_fingerprint`):
+        a checkpoint or a finished file with another fingerprint belongs to another run."""
+        return run_fingerprint(self.run_parameters())
 
     # -- running -------------------------------------------------------------------------------------------
     def operations(self) -> list[Operation]:
@@ -507,6 +504,7 @@ class SimulationProcess(Process):
             observable_shapes=observable_shapes,
             channels={k: tuple(v.shape[2:]) for k, v in getattr(state, "channels", {}).items()},
             resume_step=resume_step,
+            fingerprint=self.fingerprint(),
             moving_weights=self.stepper.dynamics.moving_weights,
         )
 

@@ -15,6 +15,7 @@ import measureflow
 from measureflow import Gaussians
 from measureflow.errors import CapabilityError, MeasureflowError, ParameterError, ShapeError, TimeRangeError
 from measureflow.fields import Field
+from measureflow.io import load_checkpoint, save_checkpoint
 from measureflow.scenario import Runnable
 from measureflow.training import GeneratorMLP, GeneratorTraining, ResidualGenerator, train_generator
 from measureflow.measures import Gaussian
@@ -180,7 +181,7 @@ def test_interrupted_training_resumes_bit_for_bit(tmp_path, mode):
 
     with pytest.raises(RuntimeError, match="killed"):
         small_run(tmp_path, "resumed", mode=mode, checkpoint=ckpt, callback=crash)
-    assert torch.load(ckpt, weights_only=True)["step"] == 5
+    assert load_checkpoint(ckpt)["step"] == 5
     resumed = small_run(tmp_path, "resumed", mode=mode, checkpoint=ckpt, resume=True)
     assert resumed.ok and same_modules(resumed.generator, reference.generator)
     for key in ("velocity_sq", "fit", "steps", "snapshots"):
@@ -221,7 +222,7 @@ def test_sigterm_stops_training_with_a_checkpoint_and_resume_matches(tmp_path):
     # Stopped at the end of iteration 7, between scheduled checkpoints (5, 10): the stop saved one there.
     assert stopped.status.code == "terminated" and stopped.status.step == 7 and stopped.iterations == 7
     assert np.array_equal(stopped.fit, reference.fit[:7]) and list(stopped.steps) == [0, 4]
-    assert torch.load(ckpt, weights_only=True)["step"] == 7
+    assert load_checkpoint(ckpt)["step"] == 7
     with measureflow.open(tmp_path / "resumed.h5") as traj:
         assert traj.status.code == "terminated" and list(traj.observables["fit"].steps) == list(range(1, 8))
     resumed = mmd_run(tmp_path, "resumed", checkpoint=ckpt, resume=True)
@@ -362,6 +363,6 @@ def test_bad_inputs_are_refused_with_a_useful_message(tmp_path):
     with pytest.raises(TimeRangeError, match=r"t in \[0, 1\]"):
         train_generator(GeneratorMLP(2, 2), Late(), 2, step=0.1, iterations=11, batch=8, eval_batch=8)
     ckpt = tmp_path / "other.ckpt"
-    torch.save({"format": "something else"}, ckpt)
+    save_checkpoint(ckpt, {"format": "something else"})
     with pytest.raises(MeasureflowError, match="not a train_generator mmd checkpoint"):
         train_generator(None, field, 2, checkpoint=ckpt, resume=True, **common)

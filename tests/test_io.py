@@ -173,7 +173,7 @@ def test_particle_layout_follows_h5md_1_1(tmp_path):
         assert f["measureflow/committed"][()].tolist() == [4, 4, 4]
 
 
-def test_gaussian_layout_has_no_particles_group(tmp_path):
+def test_gaussian_layout_has_an_h5md_view_of_the_means(tmp_path):
     path = tmp_path / "g.h5"
     Rg, d = 3, 2
     state = mf.Gaussians(torch.zeros(Rg, d), torch.eye(d).expand(Rg, d, d).clone())
@@ -185,7 +185,16 @@ def test_gaussian_layout_has_no_particles_group(tmp_path):
     writer.close()
     writer.set_status("completed", 4, 0.4, "")  # after close: written straight to the file
     objects = tree(path)
-    assert not any(name.startswith("particles") for name in objects)
+    # The H5MD view: /particles/gaussians with a box and links to the means (no second copy of the data).
+    assert sorted(name for name in objects if name.startswith("particles")) == [
+        "particles", "particles/gaussians", "particles/gaussians/box"]
+    with h5py.File(path, "r") as f:
+        assert f["particles/gaussians/box"].attrs["dimension"] == d
+        link = f["particles/gaussians"].get("position", getlink=True)
+        assert isinstance(link, h5py.SoftLink) and link.path == "/measureflow/gaussians/mean"
+        np.testing.assert_array_equal(f["particles/gaussians/position/value"][3], np.full((Rg, d), 3.0))
+        assert f["particles/gaussians/position/step"][()].tolist() == list(range(5))
+        assert f["particles/gaussians/covariance/value"].shape == (5, Rg, d, d)
     assert objects["measureflow/gaussians/mean/value"] == ("dataset", (5, Rg, d), "f")
     assert objects["measureflow/gaussians/cov/value"] == ("dataset", (5, Rg, d, d), "f")
     for element in ("mean", "cov"):
@@ -597,13 +606,16 @@ def test_resume_truncates_and_reproduces_the_straight_run(tmp_path):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     with open_trajectory(resumed) as traj:
         assert traj.status.resumed_from == (5,)
-    # A file without the frames the checkpoint promises is reported, not silently accepted.
+    # A file without the frames the checkpoint promises is refused, and left as it was.
     short = tmp_path / "short.h5"
     write_file(short, range(3))
+    before = element_data(short)
     writer = H5MDWriter(short)
-    with pytest.warns(RuntimeWarning, match="steps 3, 4, 5"):
+    with pytest.raises(TrajectoryFileError, match=r"steps 3, 4, 5 \(steps 3 … 5\).*--restart"):
         writer.open(run_info(resume_step=5))
     writer.close()
+    after = element_data(short)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
 def test_resume_refuses_a_different_run(tmp_path):

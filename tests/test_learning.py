@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import measureflow as mf
-from measureflow.io import save_checkpoint
+from measureflow.io import load_checkpoint, save_checkpoint
 from measureflow.errors import CapabilityError, MeasureflowError, ParameterError, ShapeError, TrajectoryFileError
 from measureflow.training import (
     TrainingResult,
@@ -162,8 +162,10 @@ def test_save_and_load_model_roundtrip(tmp_path):
     assert next(back.parameters()).dtype == F64
     x = torch.randn(7, 2, dtype=F64)
     assert torch.equal(back(x, 0.5), net(x, 0.5))
-    # The file is plain torch.save data: weights_only loading accepts it.
-    payload = torch.load(path, weights_only=True)
+    # The file is torch.save data that weights_only loading accepts (no pickled code); behind its
+    # checksum it holds the configuration and the weights.
+    torch.load(path, weights_only=True)
+    payload = load_checkpoint(path)
     assert payload["config"] == net.config and set(payload["state_dict"]) == set(net.state_dict())
 
 
@@ -304,11 +306,11 @@ def test_resume_after_an_interrupted_run_gives_the_uninterrupted_result(tmp_path
     with pytest.raises(RuntimeError, match="killed"):
         _small(checkpoint=path, checkpoint_every=10, callback=crash, **cosine)
     # The last checkpoint is the one of step 20: steps 21–27 are redone from its generator state.
-    assert torch.load(path, weights_only=True)["step"] == 20
+    assert load_checkpoint(path)["step"] == 20
     resumed = _small(checkpoint=path, checkpoint_every=10, resume=True, **cosine)
     assert _same_weights(resumed.model, reference.model)
     assert np.array_equal(resumed.losses, reference.losses)
-    assert torch.load(path, weights_only=True)["step"] == 40
+    assert load_checkpoint(path)["step"] == 40
 
     # A different run refuses the checkpoint rather than mixing two trainings.
     with pytest.raises(MeasureflowError, match="different run"):
@@ -349,7 +351,7 @@ def test_a_nonfinite_loss_ends_training_with_a_status_and_keeps_the_losses_befor
     assert list(result.steps) == list(range(1, 7))
     assert np.array_equal(result.losses, reference.losses[:6])
     # The checkpoint was never replaced by a state that had gone bad: it is still the one of step 5.
-    assert torch.load(path, weights_only=True)["step"] == 5
+    assert load_checkpoint(path)["step"] == 5
 
 
 def test_sigterm_ends_training_with_a_checkpoint_and_resume_finishes_bit_for_bit(tmp_path):
@@ -366,7 +368,7 @@ def test_sigterm_ends_training_with_a_checkpoint_and_resume_finishes_bit_for_bit
     # SIGTERM is a stop request: the run ends at the end of step 13 and saves its checkpoint there.
     assert stopped.status.code == "terminated" and stopped.status.step == 13
     assert np.array_equal(stopped.losses, reference.losses[:13])
-    assert torch.load(path, weights_only=True)["step"] == 13
+    assert load_checkpoint(path)["step"] == 13
     assert signal.getsignal(signal.SIGTERM) is handler  # the previous handler is back
     resumed = _small(checkpoint=path, checkpoint_every=10, resume=True, **cosine)
     assert resumed.ok and _same_weights(resumed.model, reference.model)

@@ -17,11 +17,34 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_replace", "fsync_directory"]
+__all__ = ["atomic_replace", "fsync_directory", "io_failure"]
+
+
+def io_failure(path, doing: str, exc: BaseException):
+    """The one-line :class:`~measureflow.errors.TrajectoryFileError` for an I/O failure while
+    writing ``path`` (disk full, …), with the errno cause when the error carries one (h5py and torch
+    put it in their message as ``errno = N``)."""
+    from ..errors import TrajectoryFileError
+
+    code = getattr(exc, "errno", None)
+    if not code:
+        found = re.search(r"errno = (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    if code:
+        cause = f"{errno.errorcode.get(code, 'errno ' + str(code))}: {os.strerror(code)}"
+    else:
+        lines = str(exc).strip().splitlines()
+        cause = lines[0] if lines else type(exc).__name__
+    return TrajectoryFileError(
+        f"{path}: cannot {doing} ({cause}); the frames flushed before and the last checkpoint are intact: "
+        "fix the cause (free disk space), then run again with --resume"
+    )
 
 
 def fsync_directory(directory: Path) -> None:

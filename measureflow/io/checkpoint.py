@@ -5,18 +5,27 @@
 every instant ``path`` is either the previous checkpoint or the new one, never a torn file. :func:`load_checkpoint` uses ``torch.load(weights_only=True)``: tensors (including
 ``torch.Generator`` states, which are uint8 tensors), numbers, strings, bytes, lists, tuples, sets
 and dicts load; arbitrary pickled objects are refused.
+
+Integrity: the payload is serialised to bytes whose SHA-256 is stored beside them
+(``{"measureflow_checkpoint": 1, "sha256": …, "body": …}``); a file whose bytes changed — one flipped
+float in a tensor record, which torch itself would load without checking its CRC — is refused.
+A run's checkpoint (:func:`load_run_checkpoint`) must carry the checksum, and its step and time must
+lie on the run's time grid.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..errors import MeasureflowError, ParameterError, TrajectoryFileError
-from .atomic import atomic_replace, fsync_directory  # noqa: F401 - fsync_directory: imported from here by sweep
+from .atomic import atomic_replace, fsync_directory, io_failure  # noqa: F401 - fsync_directory: imported from here by sweep
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
@@ -48,10 +57,50 @@ def save_checkpoint(path, payload: dict) -> Path:
     if not isinstance(payload, dict):
         raise TypeError(f"checkpoint payload must be a dict, received {type(payload).__name__}")
     payload = _plain(payload, "payload")
-    with atomic_replace(path) as tmp:
-        with open(tmp, "wb") as handle:
-            torch.save(payload, handle)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    body = buffer.getvalue()
+    wrapped = {_MARK: 1, "sha256": hashlib.sha256(body).hexdigest(), "body": body}
+    try:
+        with atomic_replace(path) as tmp:
+            with open(tmp, "wb") as handle:
+                torch.save(wrapped, handle)
+    except (OSError, RuntimeError) as exc:  # disk full: the previous checkpoint is still in place
+        raise io_failure(path, "write the checkpoint", exc) from exc
     return path
+
+
+_MARK = "measureflow_checkpoint"
+
+
+def _unreadable(path, exc: BaseException) -> TrajectoryFileError:
+    return TrajectoryFileError(
+        f"checkpoint {path}: cannot be read as a measureflow checkpoint "
+        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+        "the file is corrupt or was not written by save_checkpoint. Delete it to restart the run "
+        "from the beginning"
+    )
+
+
+def _read(path: Path, map_location) -> tuple[dict, bool]:
+    """The payload and whether a checksum verified it (False for files written without one)."""
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to decode means an unusable file
+        raise _unreadable(path, exc) from exc
+    if not (isinstance(payload, dict) and payload.get(_MARK) == 1):
+        return payload, False
+    body = payload.get("body")
+    if not isinstance(body, bytes) or hashlib.sha256(body).hexdigest() != payload.get("sha256"):
+        raise TrajectoryFileError(
+            f"checkpoint {path}: its checksum does not match its content (the file was changed or damaged "
+            "on disk); delete it and start the run again (--restart)"
+        )
+    try:
+        inner = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise _unreadable(path, exc) from exc
+    return inner, True
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -62,15 +111,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
             f"checkpoint {path}: no such file; start the run without --resume, or point to the "
             "checkpoint written next to the trajectory"
         )
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to decode means an unusable file
-        raise TrajectoryFileError(
-            f"checkpoint {path}: cannot be read as a measureflow checkpoint "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "the file is corrupt or was not written by save_checkpoint. Delete it to restart the run "
-            "from the beginning"
-        ) from exc
+    payload, _ = _read(path, map_location)
     if not isinstance(payload, dict):
         raise TrajectoryFileError(
             f"checkpoint {path}: expected a dict payload, found {type(payload).__name__}; "
@@ -80,17 +121,26 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def load_run_checkpoint(path, *, owner: str, expected_format: str, fingerprint: str, limit: int,
-                        differs: str) -> dict:
+                        differs: str, time_at: Callable[[int], float] | None = None) -> dict:
     """Read a run's checkpoint (:class:`measureflow.run.RunLoop`) and check that it belongs to this run.
 
     ``owner`` names the run (for messages), ``limit`` its last step, ``differs`` what a different
-    fingerprint means. Refuses another kind of run's file, another run's file, and a checkpoint
-    beyond ``limit``.
+    fingerprint means, ``time_at`` its time grid. Refuses a file without a verified checksum, another
+    kind of run's file, another run's file, and a step beyond ``limit`` or off the time grid.
     """
-    payload = load_checkpoint(path)
-    if payload.get("format") != expected_format:
+    path = Path(path)
+    if not path.is_file():
+        load_checkpoint(path)  # the "no such file" message
+    payload, verified = _read(path, "cpu")
+    if not verified:
         raise TrajectoryFileError(
-            f"checkpoint {path} is not a {owner} checkpoint (format {payload.get('format')!r}); point "
+            f"checkpoint {path} carries no checksum (it was written by an older measureflow or by another "
+            "program); delete it and start the run again (--restart)"
+        )
+    if not isinstance(payload, dict) or payload.get("format") != expected_format:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise TrajectoryFileError(
+            f"checkpoint {path} is not a {owner} checkpoint (format {found!r}); point "
             "checkpoint= at the file this run wrote, or delete it"
         )
     if payload.get("fingerprint") != fingerprint:
@@ -98,9 +148,18 @@ def load_run_checkpoint(path, *, owner: str, expected_format: str, fingerprint: 
             f"checkpoint {path} belongs to a different run ({differs}); delete it or point "
             "checkpoint= elsewhere"
         )
-    done = int(payload["step"])
-    if done > limit:
+    step = payload.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise TrajectoryFileError(f"checkpoint {path}: its step {step!r} is not a step number; delete it (--restart)")
+    if step > limit:
         raise ParameterError(
-            f"{owner}: checkpoint {path} is at step {done}, beyond the run's {limit} steps; ask for at least {done}"
+            f"{owner}: checkpoint {path} is at step {step}, beyond the run's {limit} steps; ask for at least {step}"
         )
+    if time_at is not None:
+        saved, expected = payload.get("time"), float(time_at(step))
+        if not isinstance(saved, float) or not (saved == expected or (math.isnan(saved) and math.isnan(expected))):
+            raise TrajectoryFileError(
+                f"checkpoint {path}: step {step} is at t = {saved!r}, but this run's grid has t = {expected!r} "
+                "there; the checkpoint is damaged or from another grid: delete it (--restart)"
+            )
     return payload

@@ -28,6 +28,9 @@ datasets back to the complete rows, so the file stays consistent; both are idemp
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
+import os
 import json
 import time as _time
 import warnings
@@ -40,14 +43,23 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import ShapeError, TrajectoryFileError
+from ..errors import MeasureflowError, ParameterError, ShapeError, TrajectoryFileError
 from . import layout as L
 from .base import Writer
 from .runinfo import RunInfo
 from .atomic import atomic_replace
+from .lock import OutputLock
+from .hdf5file import START_OVER, damaged, first_row_off_disk, io_failure, open_h5
 
-__all__ = ["H5MDWriter", "rebuild_file", "valid_rows", "STEP_CHUNK"]
+__all__ = ["H5MDWriter", "rebuild_file", "repair_file", "valid_rows", "STEP_CHUNK", "SUFFIXES"]
 
+#: File name endings of a trajectory file: what it holds is HDF5, and its name says so.
+SUFFIXES = (".h5", ".hdf5", ".h5md")
+#: Free space (bytes) a flush leaves for HDF5's metadata, beyond the chunks it writes.
+SPACE_MARGIN = 256 << 10
+#: Files whose writer met an I/O error and whose HDF5 close failed too: HDF5 keeps them open and
+#: retries (and may crash) at interpreter exit, so the command line leaves without that step.
+UNCLOSED_AFTER_ERROR: set[str] = set()
 #: Rows per chunk of the step and time datasets (2 KiB each).
 STEP_CHUNK = 256
 #: Clock used by the flush schedule (replaceable in tests so that no test depends on wall time).
@@ -80,6 +92,7 @@ class _Element:
     sample_shape: tuple
     rows: int = 0
     last_step: int | None = None
+    committed: int = 0  # rows the last successful flush made durable
     value: h5py.Dataset | None = None
     step: h5py.Dataset | None = None
     time: h5py.Dataset | None = None
@@ -166,16 +179,7 @@ def rebuild_file(path, upto_step: int | None = None) -> dict[str, int]:
     file that any reader opens.
     """
     path = Path(path)
-    try:
-        src = h5py.File(path, "r")
-    except OSError:
-        try:
-            src = h5py.File(path, "r", swmr=True)
-        except OSError as exc:
-            raise TrajectoryFileError(
-                f"{path}: cannot be opened even in SWMR-read mode ({exc}); the file is damaged beyond "
-                "what can be recovered, delete it and start the run again"
-            ) from exc
+    src, _ = open_h5(path)
     with atomic_replace(path) as tmp:
         with src, h5py.File(tmp, "w", libver="latest") as dst:
             keep = {name: _rows_up_to(src[name], n, upto_step) for name, n in valid_rows(src).items()}
@@ -192,6 +196,35 @@ def rebuild_file(path, upto_step: int | None = None) -> dict[str, int]:
                 names = L.text(ds.attrs.get("elements", np.array([], dtype="S1")))
                 ds[...] = np.array([keep.get(n, 0) for n in names], dtype=np.int64)
     return keep
+
+
+def repair_file(path) -> int | None:
+    """Make a file whose writer died (SIGKILL, power cut) readable by any HDF5 tool
+    (``measureflow repair FILE``).
+
+    Such a file still carries HDF5's "open for write" flag, which h5py, h5dump and pyh5md refuse
+    (measureflow's reader opens it in SWMR-read mode). The rows of its last flush are copied into a
+    plain HDF5 file that replaces it (:func:`rebuild_file`), and its provisional status ``running``
+    becomes ``interrupted``. Refused while a writer holds the file. Returns the frames kept, or None
+    when the file needed no repair.
+    """
+    path = Path(path)
+    with OutputLock(path):
+        f, unclosed = open_h5(path)
+        f.close()
+        if not unclosed:
+            return None
+        keep = rebuild_file(path)
+        frame = L.POSITION if L.POSITION in keep else L.MIX_MEAN if L.MIX_MEAN in keep else L.MEAN
+        frames = keep.get(frame, 0)
+        with h5py.File(path, "r+") as f:
+            status = f.require_group(L.STATUS)
+            if L.text(status.attrs.get("status", b"running")) == "running":
+                step = int(f[frame]["step"][frames - 1]) if frames else -1
+                H5MDWriter._write_status_attrs(
+                    status, "interrupted", step, float("nan"),
+                    "the writer was killed; measureflow repair kept the frames of its last flush")
+    return frames
 
 
 class H5MDWriter(Writer):
@@ -228,6 +261,11 @@ class H5MDWriter(Writer):
     ):
         super().__init__(every)
         self.path = Path(path)
+        if not self.path.name.lower().endswith(SUFFIXES):
+            raise ParameterError(
+                f"H5MDWriter: {str(self.path)!r} does not end in {', '.join(SUFFIXES)}; the writer writes an HDF5 "
+                f"(H5MD) trajectory, so name it so, e.g. {str(self.path.with_suffix('.h5'))!r}"
+            )
         if isinstance(flush_every, bool):
             raise TypeError("flush_every must be an int (frames) or a float (seconds)")
         if isinstance(flush_every, int):
@@ -256,6 +294,8 @@ class H5MDWriter(Writer):
         self._incomplete = False  # a write was interrupted: datasets may be longer than rows
         self._status: tuple | None = None
         self._closed = False
+        self._failed = False  # an I/O error happened: only closing is left
+        self._lock = OutputLock(self.path)
 
     # -- opening ----------------------------------------------------------------------------------
     def open(self, run: RunInfo) -> None:
@@ -265,13 +305,20 @@ class H5MDWriter(Writer):
             raise RuntimeError(f"H5MDWriter({self.path}) is already open; create one writer per run")
         self.run = run
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if run.resume_step is not None and self.path.exists():
-            self._reopen_for_resume(run)
-        else:
-            self._create(run)
-            if run.resume_step is not None:
-                self._warn_lost_frames(run.resume_step)
-        self._start_swmr()
+        # Checked before any work: a second process writing the same file is refused at once.
+        self._lock = OutputLock(self.path).acquire()
+        try:
+            if run.resume_step is not None and self.path.exists():
+                self._verify_resumable(run)
+                self._reopen_for_resume(run)
+            else:
+                if run.resume_step is not None:
+                    self._refuse_lost_frames(run.resume_step, None, "the file does not exist")
+                self._create(run)
+            self._start_swmr()
+        except BaseException:
+            self._lock.release()
+            raise
         self._last_flush = _clock()
         _OPEN_WRITERS.add(self)
         _install_atexit()
@@ -299,6 +346,8 @@ class H5MDWriter(Writer):
         for key in ("replicas", "size", "dim"):
             params.attrs.create(key, np.int64(getattr(run, key)))
         L.set_text(params.attrs, "dtype", run.dtype)
+        if run.fingerprint:
+            L.set_text(params.attrs, "fingerprint", run.fingerprint)
 
         if run.kind == "particles":
             R, N, d = run.replicas, run.size, run.dim
@@ -329,6 +378,13 @@ class H5MDWriter(Writer):
                 self._new_element(f, L.MEAN, (R, d), run.dtype, True),
                 self._new_element(f, L.COV, (R, d, d), run.dtype, True),
             ]
+            # The H5MD-standard view: each replica's mean as a "particle" position, so H5MD tools
+            # see a trajectory. Soft links: one copy of the data, and element walks visit it once.
+            box = f.create_group(L.GAUSSIAN_BOX)
+            box.attrs.create("dimension", np.int32(d))
+            box.attrs.create("boundary", L.fixed_strings(["none"] * d))
+            f[L.GAUSSIAN_POSITION] = h5py.SoftLink("/" + L.MEAN)
+            f[L.GAUSSIAN_COVARIANCE] = h5py.SoftLink("/" + L.COV)
         f.create_group(L.OBSERVABLES, track_order=True)
         for name in run.observable_names:
             if name in run.observable_shapes:
@@ -363,20 +419,14 @@ class H5MDWriter(Writer):
         try:
             self._check_compatible(f, run)
             valid = valid_rows(f)
+            frame_paths = self._frame_paths(run)
             if run.kind == "particles":
-                frame_paths = [L.POSITION, *(f"{L.PARTICLES}/{name}" for name in run.channels)]
-                if run.moving_weights:
-                    frame_paths.append(L.WEIGHT)
                 missing = [p for p in frame_paths if p not in f]
                 if missing:
                     raise TrajectoryFileError(
                         f"{self.path}: cannot resume: the file has no {', '.join(missing)} (the run records "
                         "channels the file does not hold); resume with the original channels or write to another file"
                     )
-            elif run.kind == "mixtures":
-                frame_paths = [L.MIX_WEIGHTS, L.MIX_MEAN, L.MIX_COV]
-            else:
-                frame_paths = [L.MEAN, L.COV]
             paths = [p for p in valid if p not in frame_paths]
             elements = {}
             for p in frame_paths + paths:
@@ -406,11 +456,55 @@ class H5MDWriter(Writer):
             resumes = list(np.atleast_1d(status.attrs.get("resumed_from", np.array([], dtype=np.int64))))
             status.attrs.create("resumed_from", np.array([*resumes, run.resume_step], dtype=np.int64))
             self._write_status_attrs(status, "running", run.resume_step, float("nan"), "")
-            self._warn_lost_frames(run.resume_step)
         except BaseException:
             f.close()
             self._file = None
             raise
+
+    def _frame_paths(self, run: RunInfo) -> list[str]:
+        if run.kind == "particles":
+            moving = [L.WEIGHT] if run.moving_weights else []
+            return [L.POSITION, *(f"{L.PARTICLES}/{name}" for name in run.channels), *moving]
+        if run.kind == "mixtures":
+            return [L.MIX_WEIGHTS, L.MIX_MEAN, L.MIX_COV]
+        return [L.MEAN, L.COV]
+
+    def _verify_resumable(self, run: RunInfo) -> None:
+        """Before the file is touched: it holds this run (shapes, fingerprint) and every frame up to
+        the resume step is present and lies inside the file; otherwise refuse, naming the steps."""
+        step = run.resume_step
+        try:
+            f, _ = open_h5(self.path)
+        except TrajectoryFileError as exc:
+            raise TrajectoryFileError(f"cannot resume at step {step}: {exc}") from exc
+        try:
+            with f:
+                self._check_compatible(f, run)
+                valid = valid_rows(f)
+                last = None
+                for p in self._frame_paths(run):
+                    if p not in f:
+                        raise TrajectoryFileError(
+                            f"{self.path}: cannot resume: the file has no {p} (the run records channels the "
+                            "file does not hold); resume with the original channels or write to another file"
+                        )
+                    keep = _rows_up_to(f[p], valid.get(p, 0), step)
+                    steps = f[p]["step"][:keep]
+                    off = first_row_off_disk(f[p]["value"], keep, self.path)
+                    if off is not None:
+                        raise TrajectoryFileError(
+                            f"{self.path}: cannot resume at step {step}: the frames of steps {int(steps[off])} … "
+                            f"{int(steps[-1])} lie past the end of the file (it was cut short); {START_OVER}"
+                        )
+                    p_last = int(steps[-1]) if keep else None
+                    last = p_last if last is None or p_last is None else min(last, p_last)
+                    if p_last is None:
+                        break
+                self._refuse_lost_frames(step, last, f"the file's frames end at step {last}")
+        except TrajectoryFileError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - h5py's errors on damaged metadata
+            raise damaged(self.path, f"cannot resume at step {step}: the file's metadata is damaged", exc) from exc
 
     def _check_compatible(self, f: h5py.File, run: RunInfo) -> None:
         if L.PARAMETERS not in f or "h5md" not in f:
@@ -432,20 +526,25 @@ class H5MDWriter(Writer):
                 f"{self.path}: cannot resume: the file holds a run with {found}, the resumed run has "
                 f"{expected}; resume with the original parameters or write to another file"
             )
+        stored = L.text(attrs_.get("fingerprint", b""))
+        if run.fingerprint and stored and stored != run.fingerprint:
+            raise TrajectoryFileError(
+                f"{self.path}: cannot resume: the file holds another run (fingerprint {stored}, this run "
+                f"{run.fingerprint}: other field, parameters, seed or grid); resume with the original "
+                "parameters or write to another file"
+            )
 
-    def _warn_lost_frames(self, resume_step: int) -> None:
-        last = self._frame_elements[0].last_step
+    def _refuse_lost_frames(self, resume_step: int, last: int | None, why: str) -> None:
+        """Refuse a resume at ``resume_step`` when frames this writer wrote before it are missing."""
         start = 0 if last is None else last + 1
         # Bounded scan: the gap is normally a few steps; a huge gap is reported without listing.
         missing = [s for s in range(start, min(resume_step, start + 100_000) + 1) if self.trigger(s)]
         if missing:
             shown = ", ".join(map(str, missing[:5])) + (" …" if len(missing) > 5 else "")
-            warnings.warn(
-                f"{self.path}: resuming at step {resume_step} but the file's last complete frame is at step "
-                f"{last}; frames at steps {shown} were never flushed and are missing (flush the writers "
-                "before saving a checkpoint)",
-                RuntimeWarning,
-                stacklevel=4,
+            raise TrajectoryFileError(
+                f"{self.path}: cannot resume at step {resume_step}: {why}, so the frames at steps {shown} "
+                f"(steps {missing[0]} … {missing[-1]}), which the checkpoint counts as written, are missing; "
+                "start over with --restart (or delete the file and its checkpoint)"
             )
 
     def _write_order(self, f: h5py.File) -> None:
@@ -470,6 +569,8 @@ class H5MDWriter(Writer):
         if self._file is None:
             state = "closed" if self._closed else "not open"
             raise RuntimeError(f"H5MDWriter({self.path}) is {state}; call open(run) first")
+        if self._failed:
+            raise TrajectoryFileError(f"{self.path}: an earlier write failed; the file holds the rows flushed before it")
 
     def _append(self, el: _Element, step: int, time: float, value: np.ndarray) -> None:
         if el.last_step is not None and step <= el.last_step:
@@ -495,80 +596,83 @@ class H5MDWriter(Writer):
     def write_frame(self, step: int, time: float, state) -> None:
         """Append the state at (step, time); the only place where positions leave the device."""
         self._check_open()
-        self._maybe_flush()
-        run = self.run
-        step, time = int(step), float(time)
-        if run.kind == "particles":
-            x = getattr(state, "x", None)
-            if x is None or tuple(x.shape) != (run.replicas, run.size, run.dim):
-                raise ShapeError(
-                    f"{self.path}: expected a Particles state of shape (R, N, d) = "
-                    f"{(run.replicas, run.size, run.dim)}, received {state!r}"
-                )
-            host = x.detach().reshape(run.rows, run.dim).cpu().numpy()
-            self._append(self._frame_elements[0], step, time, host)
-            if run.channels:
-                held = getattr(state, "channels", {})
-                for el, (name, tail) in zip(self._frame_elements[1:], run.channels.items()):
-                    value = held.get(name)
-                    if value is None or tuple(value.shape) != (run.replicas, run.size, *tail):
-                        got = None if value is None else tuple(value.shape)
-                        raise ShapeError(
-                            f"{self.path}: channel {name!r} must have shape {(run.replicas, run.size, *tail)} in "
-                            f"every frame; received {got}"
-                        )
-                    self._append(el, step, time, value.detach().reshape(run.rows, *tail).to(x.dtype).cpu().numpy())
-            if run.moving_weights:
-                w = state.weights_or_uniform().detach().reshape(run.rows).to(torch.float64).cpu().numpy()
-                self._append(self._frame_elements[-1], step, time, w)
-        elif run.kind == "mixtures":
-            R, K, d = run.replicas, run.size, run.dim
-            means = getattr(state, "means", None)
-            if means is None or tuple(means.shape) != (R, K, d):
-                raise ShapeError(f"{self.path}: expected a GaussianMixtures state with means (R, K, d) = {(R, K, d)}, received {state!r}")
-            # One device→host transfer for the three parameters.
-            flat = torch.cat([state.weights.detach().reshape(R, K).to(means.dtype), means.detach().reshape(R, K * d),
-                              state.covs.detach().reshape(R, K * d * d).to(means.dtype)], dim=1).cpu().numpy()
-            w_el, m_el, c_el = self._frame_elements
-            self._append(w_el, step, time, np.ascontiguousarray(flat[:, :K]))
-            self._append(m_el, step, time, np.ascontiguousarray(flat[:, K:K + K * d]).reshape(R, K, d))
-            self._append(c_el, step, time, np.ascontiguousarray(flat[:, K + K * d:]).reshape(R, K, d, d))
-        else:
-            mean, cov = getattr(state, "mean", None), getattr(state, "cov", None)
-            R, d = run.replicas, run.dim
-            if mean is None or tuple(mean.shape) != (R, d) or tuple(cov.shape) != (R, d, d):
-                raise ShapeError(
-                    f"{self.path}: expected a Gaussians state with mean (R, d) = {(R, d)} and cov "
-                    f"{(R, d, d)}, received {state!r}"
-                )
-            # One device→host transfer for both parameters.
-            flat = torch.cat([mean.detach().reshape(R, d), cov.detach().reshape(R, d * d).to(mean.dtype)], dim=1)
-            flat = flat.cpu().numpy()
-            m_el, c_el = self._frame_elements
-            self._append(m_el, step, time, np.ascontiguousarray(flat[:, :d]))
-            self._append(c_el, step, time, np.ascontiguousarray(flat[:, d:]).reshape(R, d, d))
-        self.stats["frames"] += 1
-        self._pending_rows += 1
-        if not self._observables and not self.run.observable_names:
+        with self._io("write a frame"):
             self._maybe_flush()
+            run = self.run
+            step, time = int(step), float(time)
+            if run.kind == "particles":
+                x = getattr(state, "x", None)
+                if x is None or tuple(x.shape) != (run.replicas, run.size, run.dim):
+                    raise ShapeError(
+                        f"{self.path}: expected a Particles state of shape (R, N, d) = "
+                        f"{(run.replicas, run.size, run.dim)}, received {state!r}"
+                    )
+                host = x.detach().reshape(run.rows, run.dim).cpu().numpy()
+                self._append(self._frame_elements[0], step, time, host)
+                if run.channels:
+                    held = getattr(state, "channels", {})
+                    for el, (name, tail) in zip(self._frame_elements[1:], run.channels.items()):
+                        value = held.get(name)
+                        if value is None or tuple(value.shape) != (run.replicas, run.size, *tail):
+                            got = None if value is None else tuple(value.shape)
+                            raise ShapeError(
+                                f"{self.path}: channel {name!r} must have shape {(run.replicas, run.size, *tail)} in "
+                                f"every frame; received {got}"
+                            )
+                        self._append(el, step, time, value.detach().reshape(run.rows, *tail).to(x.dtype).cpu().numpy())
+                if run.moving_weights:
+                    w = state.weights_or_uniform().detach().reshape(run.rows).to(torch.float64).cpu().numpy()
+                    self._append(self._frame_elements[-1], step, time, w)
+            elif run.kind == "mixtures":
+                R, K, d = run.replicas, run.size, run.dim
+                means = getattr(state, "means", None)
+                if means is None or tuple(means.shape) != (R, K, d):
+                    raise ShapeError(f"{self.path}: expected a GaussianMixtures state with means (R, K, d) = "
+                                     f"{(R, K, d)}, received {state!r}")
+                # One device→host transfer for the three parameters.
+                flat = torch.cat([state.weights.detach().reshape(R, K).to(means.dtype), means.detach().reshape(R, K * d),
+                                  state.covs.detach().reshape(R, K * d * d).to(means.dtype)], dim=1).cpu().numpy()
+                w_el, m_el, c_el = self._frame_elements
+                self._append(w_el, step, time, np.ascontiguousarray(flat[:, :K]))
+                self._append(m_el, step, time, np.ascontiguousarray(flat[:, K:K + K * d]).reshape(R, K, d))
+                self._append(c_el, step, time, np.ascontiguousarray(flat[:, K + K * d:]).reshape(R, K, d, d))
+            else:
+                mean, cov = getattr(state, "mean", None), getattr(state, "cov", None)
+                R, d = run.replicas, run.dim
+                if mean is None or tuple(mean.shape) != (R, d) or tuple(cov.shape) != (R, d, d):
+                    raise ShapeError(
+                        f"{self.path}: expected a Gaussians state with mean (R, d) = {(R, d)} and cov "
+                        f"{(R, d, d)}, received {state!r}"
+                    )
+                # One device→host transfer for both parameters.
+                flat = torch.cat([mean.detach().reshape(R, d), cov.detach().reshape(R, d * d).to(mean.dtype)], dim=1)
+                flat = flat.cpu().numpy()
+                m_el, c_el = self._frame_elements
+                self._append(m_el, step, time, np.ascontiguousarray(flat[:, :d]))
+                self._append(c_el, step, time, np.ascontiguousarray(flat[:, d:]).reshape(R, d, d))
+            self.stats["frames"] += 1
+            self._pending_rows += 1
+            if not self._observables and not self.run.observable_names:
+                self._maybe_flush()
 
     def write_observables(self, step: int, time: float, values: dict) -> None:
         """Append one sample of each observable (each (R,) or (R, ...)); values leave the device here."""
         self._check_open()
-        host = _to_host(values)
-        missing = {name: arr.shape for name, arr in host.items() if name not in self._observables}
-        if missing:
-            self._add_observables(missing)
-        step, time = int(step), float(time)
-        for name, arr in host.items():
-            el = self._observables[name]
-            if arr.shape != el.sample_shape:
-                raise ShapeError(
-                    f"{self.path}: observable {name!r} has shape {el.sample_shape} per sample in this file, "
-                    f"received {arr.shape}"
-                )
-            self._append(el, step, time, arr)
-        self._maybe_flush()
+        with self._io("write observables"):
+            host = _to_host(values)
+            missing = {name: arr.shape for name, arr in host.items() if name not in self._observables}
+            if missing:
+                self._add_observables(missing)
+            step, time = int(step), float(time)
+            for name, arr in host.items():
+                el = self._observables[name]
+                if arr.shape != el.sample_shape:
+                    raise ShapeError(
+                        f"{self.path}: observable {name!r} has shape {el.sample_shape} per sample in this file, "
+                        f"received {arr.shape}"
+                    )
+                self._append(el, step, time, arr)
+            self._maybe_flush()
 
     def _add_observables(self, shapes: dict) -> None:
         # New datasets cannot be created safely in SWMR mode: leave it (a clean close), add them,
@@ -614,13 +718,55 @@ class H5MDWriter(Writer):
         self._file.flush()
         self._committed[...] = np.array([el.rows for el in self._elements()], dtype=np.int64)
         self._file.flush()
+        for el in self._elements():
+            el.committed = el.rows
+
+    def _check_space(self) -> None:
+        """Refuse a flush the disk cannot hold, before HDF5 writes anything: an HDF5 file whose
+        write failed midway cannot be closed cleanly (HDF5 retries at exit, and may crash)."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except (AttributeError, OSError):  # no statvfs (Windows), or it failed: let HDF5 try
+            return
+        free = st.f_bavail * st.f_frsize
+        need = SPACE_MARGIN
+        for el in self._elements():
+            pending = el.rows - el.committed
+            if pending <= 0:
+                continue
+            for ds in (el.value, el.step, el.time):
+                chunk = ds.chunks or ds.shape
+                chunk_bytes = int(np.prod(chunk)) * ds.dtype.itemsize
+                # Every chunk the pending rows touch is written whole; the first may already have its place.
+                need += (pending // max(chunk[0], 1) + 1) * chunk_bytes
+        if free < need:
+            self._failed = True
+            raise io_failure(self.path, f"flush the trajectory ({need} bytes needed, {free} free)",
+                             OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+    @contextlib.contextmanager
+    def _io(self, doing: str):
+        """Turn an I/O error of HDF5 (disk full, a vanished disk) into one line naming the file and the
+        cause; after one, the writer only closes its file (the rows committed before stay valid)."""
+        try:
+            yield
+        except MeasureflowError:
+            raise
+        except (OSError, RuntimeError) as exc:
+            self._failed = True
+            raise io_failure(self.path, doing, exc) from exc
 
     def flush(self) -> None:
         """Make every complete row durable; safe after an interrupted write and when closed."""
         if self._file is None:
             return
-        self._repair()
-        self._commit()
+        if self._failed:
+            # Never let a checkpoint be saved after rows that did not reach the file.
+            raise TrajectoryFileError(f"{self.path}: an earlier write failed; the file holds the rows flushed before it")
+        with self._io("flush the trajectory"):
+            self._repair()
+            self._check_space()
+            self._commit()
         self.stats["flushes"] += 1
         self._pending_rows = 0
         self._last_flush = _clock()
@@ -655,13 +801,35 @@ class H5MDWriter(Writer):
         _OPEN_WRITERS.discard(self)
         f = self._file
         if f is None:
+            self._lock.release()
             return
         try:
-            self.flush()
+            if self._failed:
+                # An I/O error already happened: close without writing more, and record the status if
+                # the disk takes it (the rows committed before the error stay the file's content).
+                # Rows after the last flush are dropped first, so that closing writes only chunks
+                # that already have their place in the file.
+                with contextlib.suppress(Exception):
+                    for el in self._elements():
+                        el.cut(el.committed)
+                self._file = None
+                try:
+                    f.close()
+                except Exception:  # noqa: BLE001 - HDF5 keeps the file open and retries at exit
+                    UNCLOSED_AFTER_ERROR.add(str(self.path))
+                    return
+                with contextlib.suppress(Exception):
+                    self._store_status()
+                return
+            with self._io("close the trajectory"):
+                try:
+                    self.flush()
+                finally:
+                    self._file = None
+                    f.close()
+                self._store_status()
         finally:
-            self._file = None
-            f.close()
-        self._store_status()
+            self._lock.release()
 
     def __del__(self):
         try:

@@ -17,6 +17,11 @@ The writer and the reader share these names so the layout is stated once::
     /parameters/measureflow      scalar JSON string (scenario parameters, seed, field, integrator, versions)
     /measureflow/gaussians/{mean, cov}/{step, time, value}   (Gaussian runs only)
     /measureflow/mixtures/{weights, mean, cov}/{step, time, value[frames][R][K]...}   (mixture runs only)
+    /particles/gaussians         (Gaussian runs only: the H5MD view of the means)
+        box                      +dimension = d, +boundary = ["none"] * d
+        position -> /measureflow/gaussians/mean   (soft link: value[frames][R][d], a replica's mean
+                                                   as a particle's position)
+        covariance -> /measureflow/gaussians/cov  (soft link)
     /measureflow/committed[k]    rows known to be on disk for each time-dependent element (+elements)
     /measureflow/status          +status, +step, +time, +message (the run's final status)
 
@@ -47,6 +52,10 @@ PARAMETERS = "parameters/measureflow"
 PRIVATE = "measureflow"
 MEAN = PRIVATE + "/gaussians/mean"
 COV = PRIVATE + "/gaussians/cov"
+GAUSSIAN_VIEW = "particles/gaussians"
+GAUSSIAN_BOX = GAUSSIAN_VIEW + "/box"
+GAUSSIAN_POSITION = GAUSSIAN_VIEW + "/position"
+GAUSSIAN_COVARIANCE = GAUSSIAN_VIEW + "/covariance"
 MIX_WEIGHTS = PRIVATE + "/mixtures/weights"
 MIX_MEAN = PRIVATE + "/mixtures/mean"
 MIX_COV = PRIVATE + "/mixtures/cov"

@@ -7,7 +7,7 @@ import numpy as np
 from ..errors import MeasureflowError
 from ..state import Particles
 from .base import Writer
-from .runinfo import RunInfo
+from .runinfo import RunInfo, run_fingerprint
 
 __all__ = ["PackWriter"]
 
@@ -35,7 +35,8 @@ class PackWriter(Writer):
             for writer, params, state in zip(self.writers, self.parameters, self.states):
                 writer.open(RunInfo.from_state(state, parameters=params, observable_names=run.observable_names,
                                                observable_shapes=self._block_shapes(run, state),
-                                               resume_step=run.resume_step))
+                                               resume_step=run.resume_step,
+                                               fingerprint=run_fingerprint(params)))
                 opened.append(writer)
         except BaseException:
             for writer in opened:

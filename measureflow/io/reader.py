@@ -30,6 +30,7 @@ from ..status import STATUS_COMPLETED, Status
 from . import layout as L
 from .base import Series
 from .h5md import valid_rows
+from .hdf5file import check_rows_on_disk, damaged, open_h5
 from .trajectory import ShapedTrajectory, Trajectory
 
 __all__ = ["open_trajectory", "TrajectoryFile", "FrameArray", "completed_status", "FILE_STATUS_CODES"]
@@ -169,17 +170,15 @@ class TrajectoryFile(ShapedTrajectory):
             raise _fail(path, f"cannot be read ({exc})") from exc
         if not is_hdf5:
             raise _fail(path, "is not an HDF5 file (expected an H5MD trajectory written by measureflow)")
-        self.unclosed = False  # True when the writer did not close the file (killed, or still writing)
-        try:
-            self.file = h5py.File(path, "r")
-        except OSError:
-            try:
-                self.file = h5py.File(path, "r", swmr=True)
-                self.unclosed = True
-            except OSError as exc:
-                raise _fail(path, f"is an HDF5 file that cannot be opened ({exc})") from exc
+        self.file, self.unclosed = open_h5(path)  # unclosed: the writer did not close the file
         try:
             self._check()
+        except TrajectoryFileError:
+            self.file.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - h5py's errors on damaged metadata
+            self.file.close()
+            raise damaged(path, "has damaged HDF5 metadata", exc) from exc
         except BaseException:
             self.file.close()
             raise
@@ -224,6 +223,12 @@ class TrajectoryFile(ShapedTrajectory):
             self._frame_count = min(self._rows.get(p, 0) for p in (L.MIX_WEIGHTS, L.MIX_MEAN, L.MIX_COV))
         else:
             self._frame_count = min(self._rows.get(L.MEAN, 0), self._rows.get(L.COV, 0))
+        frames = {"particles": [L.POSITION], "gaussians": [L.MEAN, L.COV],
+                  "mixtures": [L.MIX_WEIGHTS, L.MIX_MEAN, L.MIX_COV]}[kind]
+        for name in frames:
+            for member in ("value", "step", "time"):
+                if member in f[name]:
+                    check_rows_on_disk(f[name][member], self._frame_count, path)
 
     # -- context ------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -251,6 +256,12 @@ class TrajectoryFile(ShapedTrajectory):
             return json.loads(L.text(raw))
         except json.JSONDecodeError as exc:
             raise _fail(self.path, f"/parameters/measureflow is not valid JSON ({exc})") from exc
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of what determines the run's numbers, as its writer recorded it ("" when not recorded;
+        see :func:`measureflow.io.runinfo.run_fingerprint`)."""
+        return L.text(self.file[L.PARAMETERS].attrs.get("fingerprint", b""))
 
     @property
     def versions(self) -> dict:
@@ -428,13 +439,22 @@ class TrajectoryFile(ShapedTrajectory):
         if versions:
             shown = ", ".join(f"{k} {v}" for k, v in versions.items() if isinstance(v, str))
             lines.append(f"  versions     {shown}")
-        return "\n".join(lines)
+        # Text from the file (parameters, messages, even its name) is shown escaped: a control
+        # character in it can neither fake a line nor send the terminal an escape sequence.
+        return "\n".join(_escape(line) for line in lines)
 
     def __repr__(self) -> str:
         return (
             f"TrajectoryFile({str(self.path)!r}, kind={self.kind}, R={self.replicas}, N={self.size}, "
             f"d={self.dim}, frames={self.frames})"
         )
+
+
+def _escape(text: str) -> str:
+    """``text`` with every non-printable character written as a Python escape (\\x1b, \\n, …)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def _size(n: int) -> str:

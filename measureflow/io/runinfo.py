@@ -19,9 +19,38 @@ import torch
 from ..errors import ParameterError, ShapeError, StateError
 from ..jsonable import to_jsonable  # re-exported: it lived here, callers still import it from here
 
-__all__ = ["RunInfo", "to_jsonable", "default_versions", "KINDS"]
+__all__ = ["RunInfo", "to_jsonable", "default_versions", "run_fingerprint", "KINDS"]
 
 KINDS = ("particles", "gaussians", "mixtures")
+
+#: Scenario parameters that say where files go, not what the numbers are: left out of fingerprints.
+LOCATION_PARAMETERS = ("out", "picture", "output", "checkpoint")
+#: A parameter whose value is a string ending so names a file, and is left out of fingerprints too.
+FILE_SUFFIXES = (".h5", ".hdf5", ".h5md", ".png", ".pdf", ".svg", ".gif", ".csv", ".json", ".ckpt", ".txt")
+
+
+def run_fingerprint(run_parameters: dict) -> str:
+    """Hash of what determines a run's numbers, from what its file records under
+    ``/parameters/measureflow`` (:meth:`measureflow.Simulation.run_parameters`): the field,
+    integrator, time grid, seed, state shape and scenario parameters — not the versions, the
+    description, or where files live (``out``, ``picture``, any parameter naming a file), so a
+    finished run's folder can be moved and still resumed or recognised as done."""
+    import hashlib
+    import json
+
+    from ..jsonable import to_jsonable_lenient
+
+    params = to_jsonable_lenient(dict(run_parameters))
+    params.pop("versions", None)
+    params.pop("description", None)
+    scenario = params.get("parameters")
+    if isinstance(scenario, dict):
+        params["parameters"] = {
+            k: v for k, v in scenario.items()
+            if k not in LOCATION_PARAMETERS and not (isinstance(v, str) and v.lower().endswith(FILE_SUFFIXES))
+        }
+    text = json.dumps(params, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def default_versions(registry=None) -> dict[str, Any]:
@@ -116,6 +145,9 @@ class RunInfo:
         observable samples with a larger step are dropped from the existing file.
     author:
         Stored in ``/h5md/author/name``; defaults to $MEASUREFLOW_AUTHOR or the login name.
+    fingerprint:
+        Hash of what determines the run's numbers (:func:`run_fingerprint`), stored with the
+        parameters; a resume into a file with another fingerprint is refused ("" : not checked).
     """
 
     kind: str = attrs.field(validator=attrs.validators.in_(KINDS))
@@ -131,6 +163,7 @@ class RunInfo:
     resume_step: int | None = attrs.field(default=None, converter=_resume)
     moving_weights: bool = attrs.field(default=False, converter=bool, kw_only=True)
     author: str | None = attrs.field(default=None)
+    fingerprint: str = attrs.field(default="", converter=str)
 
     def __attrs_post_init__(self):
         if self.kind == "mixtures" and self.size < 1:

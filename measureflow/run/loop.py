@@ -134,7 +134,8 @@ class RunLoop:
         payload = load_run_checkpoint(self.checkpointing.path, owner=process.label,
                                       expected_format=process.checkpoint_format,
                                       fingerprint=process.fingerprint(), limit=process.n_steps,
-                                      differs=getattr(process, "differs", "other parameters"))
+                                      differs=getattr(process, "differs", "other parameters"),
+                                      time_at=process.time_at)
         state = process.load_state_dict(payload["process"])
         device = process.health(state).device
         history = {o.name: [] for o in observers}

@@ -49,7 +49,7 @@ class SweepTable:
         writer = csv.DictWriter(buffer, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in self.rows:
-            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in self.columns})
+            writer.writerow({k: _csv_cell(row.get(k)) for k in self.columns})
         return buffer.getvalue()
 
     def format(self) -> str:
@@ -64,6 +64,23 @@ class SweepTable:
         for row in cells:
             lines.append("  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths)))
         return "\n".join(lines)
+
+
+#: First characters that make a spreadsheet read a cell as a formula (OWASP "CSV injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value):
+    """A CSV cell no spreadsheet reads as a formula: text starting with = + - @ tab or CR gets a
+    leading apostrophe; numbers (and text that is a number, such as -1.5) stay numbers."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, int, float)):
+        return value
+    text = str(value)
+    if text.startswith(FORMULA_STARTS) and not _numeric(text):
+        return "'" + text
+    return text
 
 
 def _cell(value) -> str:
@@ -104,11 +121,31 @@ def sweep_table(directory) -> SweepTable:
     rows = []
     for record in records:
         row = {name: record.get("parameters", {}).get(name) for name in varying}
-        row.update(label=record.get("label"), status=record.get("status"), wall_time=record.get("wall_time"),
+        status, observables = _file_status(index.directory, record)
+        row.update(label=record.get("label"), status=status, wall_time=record.get("wall_time"),
                    file=record.get("file"))
-        row.update(record.get("observables") or {})
+        row.update(observables)
         rows.append(row)
     return SweepTable(rows, varying, shared, observables)
+
+
+def _file_status(directory: Path, record: dict) -> tuple[str, dict]:
+    """A run's status and final observables, checked against its file: the files are the authority,
+    so a run the index calls completed whose file is missing, damaged or unfinished is not."""
+    status = record.get("status")
+    observables = record.get("observables") or {}
+    if status != "completed":
+        return status, observables
+    from ..io.outputs import inspect_output  # h5py loads on first use
+
+    report = inspect_output(Path(directory) / str(record.get("file")))
+    if not report.exists:
+        return "missing", {}
+    if report.problem:
+        return "damaged", {}
+    if not report.completed:
+        return report.status.code if report.status is not None else "unknown", {}
+    return status, observables
 
 
 def _position(values: list) -> tuple[np.ndarray, list | None]:

@@ -21,9 +21,10 @@ from ..errors import ParameterError
 from ..run import install_sigterm
 from ..scenario import choose_scenario, load_scenarios
 from .executors import make_executor
-from .grid import RunSpec, SweepIndex, check_device, check_dtype, now, parse_seeds, plan_runs
+from ..io.lock import OutputLock
+from .grid import INDEX_NAME, RunSpec, SweepIndex, check_device, check_dtype, now, parse_seeds, plan_runs
 from .pack import run_pack
-from .run import Job, Outcome, file_completed, load_scenario, resolve_device, run_one, summarise
+from .run import Job, Outcome, file_done, load_scenario, resolve_device, run_one, summarise
 
 __all__ = ["run_sweep", "execute", "SweepReport"]
 
@@ -69,17 +70,17 @@ class SweepReport:
 
 
 def _recover(index: SweepIndex, run: RunSpec) -> bool:
-    """True when ``run`` is already completed (its file says so and no checkpoint is left)."""
+    """True when ``run`` is already completed: its file says so (status, committed frames, the run's
+    parameters) and no checkpoint is left. The index is corrected from the file either way."""
     entry = index.runs.get(run.key, {})
-    file = Path(run.file)
-    checkpoint = Path(run.file + ".ckpt")
-    if entry.get("status") == "completed" and file.exists() and not checkpoint.exists():
-        return True
-    if checkpoint.exists() or not file_completed(file):
+    if Path(run.file + ".ckpt").exists() or not file_done(run):
+        if entry.get("status") == "completed":
+            index.record(run, status="pending", message="its file does not hold the completed run; running it again")
         return False
-    # The run completed but the index missed it (the driver was killed before its next write).
-    outcome = summarise(run, "completed", "", None, entry.get("device", ""))
-    index.record(run, **outcome.record())
+    if entry.get("status") != "completed":
+        # The run completed but the index missed it (the driver was killed before its next write).
+        outcome = summarise(run, "completed", "", None, entry.get("device", ""))
+        index.record(run, **outcome.record())
     return True
 
 
@@ -149,6 +150,15 @@ def run_sweep(
     engine = make_executor(executor, **(executor_options or {}))
     runs = plan_runs(scn, grid, labels, directory, fixed=fixed, sweep_seed=sweep_seed, dtype=dtype)
 
+    # One sweep per directory: a second one is refused before any work, so no index update is lost.
+    with OutputLock(directory / INDEX_NAME, what=f"sweep directory {directory}"):
+        return _sweep(scn, scenario_path, directory, grid, runs, engine, pack=pack, device=device, dtype=dtype,
+                      sweep_seed=sweep_seed, progress=progress)
+
+
+def _sweep(scn, scenario_path: Path, directory: Path, grid: dict, runs: list, engine, *, pack: bool, device: str,
+           dtype: str | None, sweep_seed: int, progress: bool | None) -> SweepReport:
+    out = directory
     index = SweepIndex.load(directory, missing_ok=True)
     previous = index.header.get("scenario", {}).get("name")
     if previous is not None and previous != scn.name:

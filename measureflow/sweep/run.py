@@ -43,6 +43,7 @@ __all__ = [
     "summarise",
     "run_one",
     "file_completed",
+    "file_done",
     "MAX_COMPONENTS",
 ]
 
@@ -182,10 +183,27 @@ def summarise(run, status: str, message: str, wall_time: float | None, device: s
 
 def file_completed(path) -> bool:
     """Whether the trajectory file at ``path`` records that its run completed (False when the file
-    is missing, unreadable or records another status). The sweep reads a file's status only here."""
+    is missing, unreadable or records another status)."""
     from ..io import completed_status  # h5py loads on first use
 
     return completed_status(path) is not None
+
+
+#: Parameters that say where a run writes or runs, not what it computes.
+PLACEMENT_PARAMETERS = ("out", "picture", "device")
+
+
+def file_done(run) -> bool:
+    """Whether ``run``'s file holds it, completed: readable, status ``completed``, its committed
+    frames inside the file, and the scenario parameters it recorded equal to the run's (the sweep
+    decides from the file, never from its index alone)."""
+    from ..io.outputs import inspect_output  # h5py loads on first use
+
+    report = inspect_output(run.file)
+    if not report.completed or report.frames == 0:
+        return False
+    recorded = report.parameters.get("parameters", {})
+    return all(recorded.get(k) == v for k, v in run.parameters.items() if k not in PLACEMENT_PARAMETERS)
 
 
 def run_one(scn, run, device: torch.device, dtype: str | None) -> Outcome:
