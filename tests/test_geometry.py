@@ -250,3 +250,48 @@ def test_birth_death_langevin_gets_the_mode_masses_right():
     se = (0.8 * 0.2 / n_eff) ** 0.5
     assert abs(mass - 0.8) < 3 * se
     assert abs(masses["langevin"][0] - 0.8) / 0.8 > 0.2
+
+
+# -- the unbalanced Sinkhorn divergence (reach ρ) and its flows ----------------------------------------------
+
+
+def _unbalanced_case():
+    from measureflow.measures import Empirical
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 50, 2, generator=g, dtype=F64)
+    y = torch.randn(70, 2, generator=g, dtype=F64) * 0.6 + torch.tensor([1.5, 0.5], dtype=F64)
+    w = torch.rand(1, 50, generator=g, dtype=F64) + 0.5
+    state = measureflow.Particles(x).with_weights(1.3 * w / w.sum())  # mass 1.3
+    return state, Empirical(y)
+
+
+def test_unbalanced_sinkhorn_velocity_and_first_variation_are_the_energy_gradients():
+    state, target = _unbalanced_case()
+    field = measureflow.field("sinkhorn", target=target, epsilon=0.5, reach=2.0, tol=1e-14, max_iter=20000,
+                              warm_start=False)
+    v = field.velocity(0.0, state.x, state)[0]
+    phi = field.first_variation(0.0, state.x, state)[0]
+    h = 1e-5  # central differences: O(h²) ~ 1e-10 against potentials converged to 1e-14·ε
+    for i, k in [(0, 0), (7, 1), (31, 0)]:
+        step = torch.zeros_like(state.x)
+        step[0, i, k] = h
+        dx = (field.energy(state.with_positions(state.x + step)) - field.energy(state.with_positions(state.x - step))) / (2 * h)
+        assert float(dx / state.weights[0, i]) == pytest.approx(-float(v[i, k]), rel=1e-7, abs=1e-9)
+        dw = torch.zeros_like(state.weights)
+        dw[0, i] = h
+        dm = (field.energy(state.with_weights(state.weights + dw)) - field.energy(state.with_weights(state.weights - dw))) / (2 * h)
+        assert float(dm) == pytest.approx(float(phi[i]), rel=1e-7, abs=1e-9)
+    far = measureflow.field("sinkhorn", target=target, epsilon=0.5, reach=2.0)
+    with pytest.raises(CapabilityError, match="no Gaussian closure"):
+        far.affine(0.0, Gaussians(torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64)))
+
+
+def test_unbalanced_sinkhorn_wfr_energy_identity():
+    state, target = _unbalanced_case()
+    alpha = 1.0
+    field = measureflow.field("sinkhorn", target=target, epsilon=0.5, reach=2.0, tol=1e-12, geometry="wfr",
+                              rate=alpha, balanced=False)
+    _check_identity(field, state, alpha, balanced=False)
+    with pytest.raises(ParameterError, match="positive measures"):
+        measureflow.field("sinkhorn", target=target, epsilon=0.5, geometry="wfr", balanced=False)
