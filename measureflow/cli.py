@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
 from . import __version__
-from .errors import MeasureflowError
+from .errors import MeasureflowError, TrajectoryFileError
 
 __all__ = ["main"]
 
@@ -136,14 +137,43 @@ def _cmd_plot(args) -> int:
         raise MeasureflowError(f"--x/--y draw a sweep: give the sweep's directory, not the file {args.file}")
     if args.output is None and args.animate is None:
         raise MeasureflowError("measureflow plot needs -o OUT.png and/or --animate OUT.gif")
+    _check_outputs(args.output, args.animate)
     with open_trajectory(args.file) as traj:
         if args.output is not None:
-            plot.plot_run(traj, out=args.output, replica=args.replica)
+            with _writing(args.output):
+                plot.plot_run(traj, out=args.output, replica=args.replica)
             print(f"wrote {args.output}")
         if args.animate is not None:
-            plot.animate(traj, args.animate, replica=args.replica)
+            with _writing(args.animate):
+                plot.animate(traj, args.animate, replica=args.replica)
             print(f"wrote {args.animate}")
     return 0
+
+
+@contextlib.contextmanager
+def _writing(path):
+    """An operating-system refusal to write ``path`` (a read-only or special file system) as one line."""
+    try:
+        yield
+    except MeasureflowError:  # already one line (a TrajectoryFileError is also an OSError)
+        raise
+    except OSError as exc:
+        raise MeasureflowError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        # matplotlib's refusal of NaN/inf axis limits: numbers in the file that no run writes.
+        if "NaN or Inf" not in str(exc):
+            raise
+        raise TrajectoryFileError(f"cannot draw {path}: the file holds non-finite values where the picture needs "
+                                  f"numbers ({exc})") from None
+
+
+def _check_outputs(*paths) -> None:
+    """Refuse a picture path that cannot be written before reading or drawing anything."""
+    from .parameters import check_writable_path
+
+    for path in paths:
+        if path is not None:
+            check_writable_path(path, "measureflow plot")
 
 
 def _plot_sweep(args) -> int:
@@ -162,7 +192,9 @@ def _plot_sweep(args) -> int:
         raise MeasureflowError("--animate draws one trajectory file, not a sweep")
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{args.y}-vs-{args.x}").strip("_")
     out = args.output or str(Path(args.file) / f"{stem}.png")
-    plot_sweep(args.file, args.x, args.y, out=out)
+    _check_outputs(out)
+    with _writing(out):
+        plot_sweep(args.file, args.x, args.y, out=out)
     print(f"wrote {out}")
     return 0
 
@@ -247,7 +279,8 @@ def main(argv=None) -> int:
     try:
         code = args.handler(args)
     except MeasureflowError as exc:
-        print(f"measureflow: error: {exc}", file=sys.stderr)
+        # One line, whatever the message holds (a nested error's text may carry newlines).
+        print(f"measureflow: error: {' '.join(str(exc).split())}", file=sys.stderr)
         code = 2
     _leave_if_hdf5_is_stuck(code)
     return code

@@ -16,7 +16,7 @@ an array, or a trajectory object such as ``measureflow.open(path)`` or a ``Memor
 **Score conservativity (MATH.md §2, after Vuong et al.).** A score s = ∇ log ρ is a gradient, so
 ∮ s·dx = 0 on every closed loop and its Jacobian is symmetric; an error e leaves the marginals of
 the probability flow unchanged iff ∇·e + s·e = 0. :func:`loop_integral` (with :func:`circle_loops`,
-:func:`brownian_bridge_loops`), :func:`jacobian`, :func:`jacobian_asymmetry`, :func:`divergence`,
+:func:`brownian_bridge_loops`, and [V]'s :func:`rotation_loops` and :func:`projection_loops`), :func:`jacobian`, :func:`jacobian_asymmetry`, :func:`divergence`,
 :func:`stein_residual`, :func:`conservativity_report`; :func:`as_vector_field` turns a field's
 ``velocity(t, x, state)`` into a callable of x alone.
 
@@ -53,6 +53,8 @@ __all__ = [
     "PathCost",
     "path_transport_cost",
     "straightness",
+    "rotation_loops",
+    "projection_loops",
     # conservativity (MATH.md §2)
     "LoopIntegral",
     "as_vector_field",
@@ -454,6 +456,64 @@ def brownian_bridge_loops(x0, U: float = 9.0, steps: int = 1000, count: int = 1,
     W_U = dW.sum(-2, keepdim=True)
     u = torch.arange(steps, dtype=x.dtype, device=x.device) / steps  # u_k / U
     return x[..., None, None, :] + W - u[:, None] * W_U
+
+
+def rotation_loops(x0, tau: float, count: int = 1, n_points: int = 256, sigma: float = 1.0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Rotation-path loops of [V] (Fig. 1b) around the OU-noised x₀ at OU time τ:
+
+        y(u) = x₀e^{−τ} + s_τ ε'(u),   s_τ = σ√(1 − e^{−2τ}),   u = k/K, k = 0 … K − 1,
+
+    with ε ~ N(0, I) and its coordinates paired at random, each pair (εᵢ, εⱼ) rotated by the angle 2πu
+    (all pairs at the same speed; an odd last coordinate stays fixed). |ε'(u)| = |ε|, so the loop stays
+    in the typical shell of the noised law. ``x0`` (..., d); returns (..., count, K, d).
+    """
+    x = _points(x0, "x0")
+    if not isinstance(x0, torch.Tensor):
+        x = x.to(torch.float64)
+    d = x.shape[-1]
+    K = check_int(n_points, "n_points", "rotation_loops", minimum=3)
+    count = check_int(count, "count", "rotation_loops")
+    if d < 2:
+        raise ShapeError(f"rotation_loops need d ≥ 2 to rotate a pair of coordinates; received d = {d}")
+    eps = torch.randn(x.shape[:-1] + (count, d), generator=generator, dtype=x.dtype, device=x.device)
+    perm = torch.randperm(d, generator=generator, device="cpu" if generator is None else generator.device)
+    perm = perm.to(x.device)
+    first, second = perm[0:d - d % 2:2], perm[1:d - d % 2:2]
+    theta = 2 * math.pi * torch.arange(K, dtype=x.dtype, device=x.device) / K
+    cos, sin = torch.cos(theta)[:, None], torch.sin(theta)[:, None]
+    rotated = eps[..., None, :].expand(*eps.shape[:-1], K, d).clone()
+    ei, ej = eps[..., None, first], eps[..., None, second]
+    rotated[..., first] = cos * ei + sin * ej
+    rotated[..., second] = -sin * ei + cos * ej
+    scale = float(sigma) * math.sqrt(-math.expm1(-2.0 * float(tau)))
+    return math.exp(-float(tau)) * x[..., None, None, :] + scale * rotated
+
+
+def projection_loops(x0, tau: float, count: int = 1, corners: int = 4, points_per_side: int = 64,
+                     sigma: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Projection-path loops of [V] (Fig. 1c): ``corners`` noised copies x_τ = x₀e^{−τ} + s_τ εᵢ of one x₀,
+    joined in a cycle by straight segments whose points are projected radially back onto the shell
+    |y − x₀e^{−τ}| = r around the clean centre, r = s_τ E|ε| ≈ s_τ√d (estimated here by the mean radius of
+    the corners). ``x0`` (..., d); returns (..., count, corners·points_per_side, d).
+    """
+    x = _points(x0, "x0")
+    if not isinstance(x0, torch.Tensor):
+        x = x.to(torch.float64)
+    d = x.shape[-1]
+    corners = check_int(corners, "corners", "projection_loops", minimum=3)
+    m = check_int(points_per_side, "points_per_side", "projection_loops")
+    count = check_int(count, "count", "projection_loops")
+    s_tau = float(sigma) * math.sqrt(-math.expm1(-2.0 * float(tau)))
+    eps = torch.randn(x.shape[:-1] + (count, corners, d), generator=generator, dtype=x.dtype, device=x.device)
+    offsets = s_tau * eps  # corners relative to the centre x₀e^{−τ}
+    radius = offsets.norm(dim=-1).mean(-1, keepdim=True)  # (..., count, 1)
+    nxt = torch.roll(offsets, -1, dims=-2)
+    u = torch.arange(m, dtype=x.dtype, device=x.device) / m
+    seg = offsets[..., :, None, :] + u[:, None] * (nxt - offsets)[..., :, None, :]  # (..., count, corners, m, d)
+    seg = seg.reshape(*seg.shape[:-3], corners * m, d)
+    seg = radius[..., None] * seg / seg.norm(dim=-1, keepdim=True)
+    return math.exp(-float(tau)) * x[..., None, None, :] + seg
 
 
 def _jacobian_jacrev(s, flat: torch.Tensor) -> torch.Tensor:

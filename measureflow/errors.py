@@ -38,6 +38,11 @@ class TrajectoryFileError(MeasureflowError, OSError):
     """A file that is unreadable or not a measureflow/H5MD trajectory."""
 
 
+class ResumeRefusedError(TrajectoryFileError):
+    """A resume that would lose or invent data: the file is damaged, holds another run, or lacks
+    frames its checkpoint counts as written (the message names them and says how to start over)."""
+
+
 class ParameterError(MeasureflowError, ValueError):
     """A scenario parameter is unknown or cannot be converted to its declared type."""
 

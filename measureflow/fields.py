@@ -20,11 +20,12 @@ so a field without ``affine`` is refused on a Gaussian state at assembly, before
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import torch
 
-from .errors import CapabilityError, TimeRangeError
+from .errors import CapabilityError, ShapeError, TimeRangeError
 from .mixtures import check_mixture_field
 from .state import Gaussians, Particles, state_kind
 
@@ -290,6 +291,12 @@ def check_compatible(field, state, *, stochastic_integrator: bool | None = None,
     kind = state_kind(state)
     caps = capabilities(field)
     name = getattr(field, "name", type(field).__name__)
+    dim = getattr(field, "dim", None)
+    if isinstance(dim, numbers.Integral) and not isinstance(dim, bool) and dim != state.dim:
+        # A field defined in d dimensions (its target, centre or matrix) meets a state in another:
+        # refused here, before a step broadcasts the mismatch into a wrong result or a raw error.
+        raise ShapeError(f"field {name!r} is defined in d = {dim} dimensions but the state has d = {state.dim}; "
+                         "give the field parameters (target, center, A…) of the state's dimension")
     if kind == "mixtures":
         check_mixture_field(field)
         return

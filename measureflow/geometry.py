@@ -104,6 +104,11 @@ class GeometryField(Field):
             caps.add("diffusion")
         self._capabilities = frozenset(caps)
 
+    @property
+    def dim(self):
+        """The wrapped field's dimension (None when it has none)."""
+        return getattr(self.field, "dim", None)
+
     # -- particles -----------------------------------------------------------------------------------
     def velocity(self, t, x, state):
         """−∇δF (WFR: the field's own velocity, or its drift when it has a noise term); zero for pure FR."""

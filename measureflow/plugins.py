@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import os
 import sys
 import threading
@@ -43,7 +44,7 @@ from typing import Any
 import attrs
 import pluggy
 
-from .errors import PluginError, UnknownPluginError
+from .errors import ParameterError, PluginError, UnknownPluginError
 
 __all__ = [
     "hookimpl",
@@ -83,6 +84,7 @@ BUILTIN_PLUGINS = (
     "measureflow.integrators.builtin",
     "measureflow.io.builtin",
     "measureflow.observables",
+    "measureflow.flow_sde",
     "measureflow.sweep.executors",
     "measureflow_plugins.linear",
     "measureflow_plugins.schedules",
@@ -206,6 +208,22 @@ class Registry:
     def entries(self, kind: str) -> list[PluginEntry]:
         return [self._tables[kind][n] for n in sorted(self._tables[kind])]
 
+    def build(self, kind: str, name: str, /, *args, **params):
+        """Call the factory registered as ``name`` in ``kind`` with ``args`` and ``params``, after
+        checking them against its signature: a missing or unknown parameter is a
+        :class:`~measureflow.errors.ParameterError` naming it and listing the factory's parameters."""
+        factory = self.get(kind, name)
+        try:
+            signature = inspect.signature(factory)
+        except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+            signature = None
+        if signature is not None:
+            try:
+                signature.bind(*args, **params)
+            except TypeError as exc:
+                raise ParameterError(_binding_message(KINDS[kind], name, signature, args, params, exc)) from None
+        return factory(*args, **params)
+
     def field(self, name: str, /, **params):
         """Build the registered field ``name`` with ``params``.
 
@@ -215,7 +233,7 @@ class Registry:
         geometry = params.pop("geometry", None)
         if geometry is not None:
             rate, balanced = params.pop("rate", None), params.pop("balanced", True)
-        field = self.get("fields", name)(**params)
+        field = self.build("fields", name, **params)
         if getattr(field, "name", "field") == "field":
             try:
                 field.name = name
@@ -228,14 +246,14 @@ class Registry:
         return field
 
     def integrator(self, name: str, /, **params):
-        return self.get("integrators", name)(**params)
+        return self.build("integrators", name, **params)
 
     def writer(self, name: str, *args, **params):
-        return self.get("writers", name)(*args, **params)
+        return self.build("writers", name, *args, **params)
 
     def schedule(self, name: str, /, **params):
         """Build the registered interpolation schedule ``name`` with ``params``."""
-        return self.get("schedules", name)(**params)
+        return self.build("schedules", name, **params)
 
     def owner_of(self, kind: str, name: str) -> str:
         return self.entry(kind, name).owner
@@ -259,6 +277,25 @@ class Registry:
         self._tables = staged._tables
         self.plugins[owner] = version
 
+
+
+def _binding_message(what: str, name: str, signature: inspect.Signature, args: tuple, params: dict,
+                     exc: TypeError) -> str:
+    """One line saying which parameter of the plugin ``name`` is missing or unknown."""
+    accepted = [p for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    listing = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in accepted) or "(none)"
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+    unknown = [] if takes_any else sorted(set(params) - {p.name for p in accepted})
+    positional = [p for p in accepted if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][len(args):]
+    missing = [p.name for p in [*positional, *(p for p in accepted if p.kind == p.KEYWORD_ONLY)]
+               if p.default is p.empty and p.name not in params]
+    if unknown:
+        problem = f"has no parameter {', '.join(map(repr, unknown))}"
+    elif missing:
+        problem = f"needs the parameter{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
+    else:
+        problem = f"cannot take these arguments ({exc})"
+    return f"{what} {name!r} {problem}; its parameters: {listing}"
 
 
 def _check_hook_names(pm: pluggy.PluginManager, plugin: Any, label: str) -> None:

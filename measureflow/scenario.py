@@ -31,6 +31,7 @@ training runs have it): the runner never changes a run, it asks for new ones (``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import inspect
 import sys
@@ -41,6 +42,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import attrs
 
 from .errors import MeasureflowError, ParameterError
+from .parameters import check_value, output_files, rules_of
 
 __all__ = ["scenario", "Scenario", "Parameter", "Runnable", "load_scenarios", "parse_assignments",
            "with_run_checkpoint", "output_path", "choose_scenario"]
@@ -74,11 +76,21 @@ _SUPPORTED = (int, float, str, bool)
 
 @attrs.frozen
 class Parameter:
-    """One scenario parameter: its name, type and default."""
+    """One scenario parameter: its name, type, default and the rules its values obey
+    (:mod:`measureflow.parameters`)."""
 
     name: str
     type: Any
     default: Any
+    rules: tuple = ()
+
+    def check(self, value, scenario: str, params: dict):
+        """``value`` converted to the declared type and checked by the rules (ParameterError otherwise)."""
+        return check_value(self.type, self.rules, value, self.name, f"scenario {scenario!r}", params)
+
+    def describe(self) -> str:
+        rules = ", ".join(filter(None, (rule.describe() for rule in self.rules)))
+        return _type_name(self.type) + (f" {rules}" if rules else "")
 
     def convert(self, text: str, scenario: str):
         """Parse ``text`` (from ``--set name=text``) into this parameter's type."""
@@ -120,15 +132,15 @@ class Scenario:
         self._report: Callable | None = None
 
     def _read_signature(self, function) -> dict[str, Parameter]:
-        hints = typing.get_type_hints(function)
+        hints = typing.get_type_hints(function, include_extras=True)
         out = {}
         for p in inspect.signature(function).parameters.values():
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 raise ParameterError(f"scenario {self.name!r}: *args/**kwargs are not allowed; declare each parameter")
             if p.default is inspect.Parameter.empty:
                 raise ParameterError(f"scenario {self.name!r}: parameter {p.name!r} needs a default value")
-            kind = hints.get(p.name, type(p.default) if p.default is not None else str)
-            out[p.name] = Parameter(p.name, kind, p.default)
+            kind, rules = rules_of(hints.get(p.name, type(p.default) if p.default is not None else str))
+            out[p.name] = Parameter(p.name, kind, p.default, rules)
         return out
 
     def report(self, function: Callable) -> Callable:
@@ -137,7 +149,8 @@ class Scenario:
         return function
 
     def resolve(self, overrides: dict | None = None) -> dict:
-        """Defaults updated with ``overrides`` (values or strings), validated."""
+        """Defaults updated with ``overrides`` (values or strings), converted to the declared types
+        and checked by each parameter's rules (:mod:`measureflow.parameters`) before anything is built."""
         params = {name: p.default for name, p in self.parameters.items()}
         for key, value in (overrides or {}).items():
             if key not in self.parameters:
@@ -146,16 +159,20 @@ class Scenario:
             param = self.parameters[key]
             if isinstance(value, str) and param.type is not str:
                 value = param.convert(value, self.name)
-            elif param.type in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-                value = param.type(value)
+            elif param.type is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
             params[key] = value
+        # Every value is converted before any rule runs: a rule may read the others (a size × replicas).
+        for name, param in self.parameters.items():
+            params[name] = param.check(params[name], self.name, params)
         return params
 
     def build(self, overrides: dict | None = None):
         """Call the scenario function with the resolved parameters; returns (run, params), the run
         labelled with the parameters and the scenario's first docstring line."""
         params = self.resolve(overrides)
-        run = self.function(**params)
+        with _memory_as_error(self.name, "building the run"):
+            run = self.function(**params)
         if not isinstance(run, Runnable):
             raise ParameterError(
                 f"scenario {self.name!r} must return a measureflow.Simulation or another run (see "
@@ -170,14 +187,22 @@ class Scenario:
         """Build, run (with a checkpoint beside any H5MD output) and report; returns the Result, or
         None when ``resume`` finds the run already completed in its file.
 
-        An existing output file is never replaced without ``overwrite`` (or ``restart``, which also
-        drops the checkpoint), and ``resume`` continues only a file it can verify
+        An existing output file is replaced only when the new run ends (it is written beside it), and
+        ``resume`` continues only a file it can verify, refusing another run's finished file unless
+        ``overwrite`` (``restart`` starts over and drops the checkpoint)
         (:func:`measureflow.io.outputs.plan_output` has the table); a second process writing the same
         output is refused before any work."""
         simulation, params = self.build(overrides)
         if progress is not None:
             simulation = simulation.with_options(progress=progress)
         h5_path = output_path(simulation)
+        for name, path in output_files(self.parameters, params).items():
+            # Made before the run, as the output file's folder is: the report writes there afterwards.
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ParameterError(f"scenario {self.name!r}: {name}: cannot create the folder of {path!r} "
+                                     f"({exc.strerror or exc})") from None
         simulation = with_run_checkpoint(simulation, resume=resume and not restart)
         lock = None
         if h5_path is not None:
@@ -201,7 +226,11 @@ class Scenario:
             simulation.checkpoint_path.unlink(missing_ok=True)
         print(f"{self.name}: {result.status} in {result.wall_time:.2f} s", file=sys.stderr)
         if self._report is not None:
-            self._report(result, params)
+            try:
+                self._report(result, params)
+            except OSError as exc:  # e.g. a picture on a file system that refuses it
+                raise ParameterError(f"scenario {self.name!r}: the run ended ({result.status.code}) but its report "
+                                     f"could not write {exc.filename or 'a file'}: {exc.strerror or exc}") from None
         return result
 
     def __call__(self, **overrides):
@@ -217,17 +246,38 @@ class Scenario:
             return run_from_args(self, args)
         except MeasureflowError as exc:
             # Same behaviour as `measureflow run`: a message that names the problem, no traceback.
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
             raise SystemExit(2) from None
 
-    def describe(self) -> str:
+    def describe(self, values: dict | None = None) -> str:
+        """The scenario's first docstring line and its parameters (type, rules, value: ``values``,
+        e.g. :meth:`resolve`'s, or the defaults)."""
         lines = [f"{self.name}: {self.doc.splitlines()[0] if self.doc else ''}".rstrip()]
         for p in self.parameters.values():
-            lines.append(f"  {p.name} ({_type_name(p.type)}) = {p.default!r}")
+            value = p.default if values is None else values.get(p.name, p.default)
+            lines.append(f"  {p.name} ({p.describe()}) = {value!r}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         return f"Scenario({self.name!r}, parameters={list(self.parameters)})"
+
+
+@contextlib.contextmanager
+def _memory_as_error(name: str, doing: str):
+    """An allocation the machine cannot satisfy becomes one ParameterError line: the sizes asked
+    for are the user's to change. (Absurd sizes are refused earlier, by the parameters' rules.)"""
+    try:
+        yield
+    except MemoryError as exc:
+        raise ParameterError(f"scenario {name!r}: out of memory while {doing} ({exc or 'MemoryError'}); "
+                             "pass smaller sizes") from None
+    except RuntimeError as exc:
+        text = str(exc)
+        if "can't allocate memory" not in text and "out of memory" not in text.lower():
+            raise
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise ParameterError(f"scenario {name!r}: out of memory while {doing} ({first[:200]}); "
+                             "pass smaller sizes") from None
 
 
 def scenario(function: Callable | None = None, *, name: str | None = None):
@@ -256,16 +306,19 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "holds this run, completed)")
     parser.add_argument("--restart", action="store_true",
                         help="start over: drop the checkpoint and replace the output file")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --resume: replace a finished output of other parameters instead of refusing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--params", action="store_true", help="list the scenario's parameters and exit")
+    parser.add_argument("--params", action="store_true",
+                        help="list the scenario's parameters (with the --set values, checked) and exit")
 
 
 def run_from_args(scn: Scenario, args) -> int:
-    if args.params:
-        print(scn.describe())
-        return 0
     overrides = parse_assignments(args.assignments, scn.name)
+    if args.params:
+        # With --set: the values the run would use, checked (a bad one is the run's own error line).
+        print(scn.describe(scn.resolve(overrides)))
+        return 0
     result = scn.run(overrides, resume=args.resume, progress=False if args.no_progress else None,
                      restart=args.restart, overwrite=args.overwrite)
     if result is None:

@@ -11,6 +11,7 @@ and the same integrator object, can run any number of times with identical resul
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,9 +21,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import CapabilityError, MeasureflowError, TimeRangeError
+from .errors import CapabilityError, MeasureflowError, StepFailure, TimeRangeError
 from .fields import capabilities
-from .integrators import NoiseStream, Stepper
+from .integrators import BrownianTree, NoiseStream, Stepper
 from .io.base import Series
 from .io.runinfo import run_fingerprint
 from .jsonable import to_jsonable_lenient
@@ -44,6 +45,7 @@ from .run import (
 )
 from .state import Particles, state_from_tensors, state_kind
 from .status import Status
+from .validators import check_finite_tensor, check_int
 
 __all__ = ["Simulation", "Result", "Status", "Observer", "Series", "Callback", "SimulationProcess", "Recording"]
 
@@ -155,6 +157,12 @@ class Simulation:
         ``[(seed, replicas), …]``: the state's replicas form consecutive blocks, each drawing its
         noise from its own seed exactly as a run of those replicas with that seed would. Set by
         :meth:`stack`; None: one stream from ``seed``.
+    brownian_depth:
+        None (default): the noise is a stream of fresh normals. An integer k: the noise is one fixed
+        Brownian path on [t0, t1] (:class:`~measureflow.integrators.BrownianTree`, seeded like the
+        stream) resolved on 2^k equal intervals, so runs with the same seed and any step count
+        dividing 2^k are driven by the same path (strong errors); every step boundary must lie on
+        that grid.
     """
 
     def __init__(
@@ -186,6 +194,7 @@ class Simulation:
         operations: Sequence = (),
         channels: Sequence = (),
         noise_blocks: Sequence | None = None,
+        brownian_depth: int | None = None,
     ):
         arguments = dict(locals())
         arguments.pop("self")
@@ -208,11 +217,14 @@ class Simulation:
                 f"(t1 = {grid.t1:g} < t0 = {grid.t0:g}); write the reverse-time SDE as its own field"
             )
 
+        for name, every in (("observe_every", observe_every), ("checkpoint_every", checkpoint_every)):
+            if isinstance(every, numbers.Number):  # a trigger object or a list of steps is checked as a trigger
+                check_int(every, name, "Simulation", advice="Pass a whole number of steps ≥ 1, or a trigger.")
         default_every = observe_every if observe_every is not None else max(1, grid.steps // 100)
         recording = Recording(
             writers=tuple(_resolve_writer(w) for w in writers),
             observers=tuple(observer_list(observers, default_every)),
-            target=target,
+            target=check_finite_tensor(target, "target", "Simulation"),
             callbacks=tuple(c if isinstance(c, Callback) else Callback(c) for c in callbacks),
             operations=tuple(operations),
         )
@@ -248,6 +260,12 @@ class Simulation:
         self.parameters = dict(parameters or {})
         self.description = description
         self.noise_blocks = noise_blocks
+        self.brownian_depth = None if brownian_depth is None else check_int(
+            brownian_depth, "brownian_depth", "Simulation", minimum=0)
+        if self.brownian_depth is not None:
+            path = BrownianTree(min(grid.t0, grid.t1), max(grid.t0, grid.t1), self.brownian_depth)
+            for t in grid.all():
+                path.grid_index(t)  # refuses a step boundary off the path's grid, before any step
         self._loop = None
         self._checked = True
 
@@ -384,6 +402,8 @@ class Simulation:
         }
         if self.channels:
             out["channels"] = [c.describe() for c in self.channels]
+        if self.brownian_depth is not None:
+            out["brownian_depth"] = self.brownian_depth
         return out
 
     def fingerprint(self) -> str:
@@ -443,10 +463,15 @@ class SimulationProcess(Process):
         self.n_steps = simulation.n_steps
         self.label = f"measureflow {getattr(simulation.field, 'name', '')}".strip()
         state = simulation.state
+        depth = simulation.brownian_depth
+        lo, hi = sorted((simulation.grid.t0, simulation.grid.t1))
         if simulation.noise_blocks:
-            self.noise = NoiseStream.for_blocks(simulation.noise_blocks, state.device)
-        else:
+            self.noise = (NoiseStream.for_blocks(simulation.noise_blocks, state.device) if depth is None else
+                          BrownianTree.for_blocks(simulation.noise_blocks, lo, hi, depth, state.device))
+        elif depth is None:
             self.noise = NoiseStream.for_run(simulation.seed, state.device)
+        else:
+            self.noise = BrownianTree.for_run(simulation.seed, lo, hi, depth, state.device)
         self.stepper = Stepper(simulation.integrator, simulation.field, state, noise=self.noise,
                                channels=simulation.channels)
         self._is_gaussian = state_kind(state) == "gaussians"
@@ -468,7 +493,18 @@ class SimulationProcess(Process):
         return state
 
     def advance(self, state, step: int):
-        return self.stepper.advance(state, self._times[step], self._times[step + 1])
+        t0, t1 = self._times[step], self._times[step + 1]
+        try:
+            return self.stepper.advance(state, t0, t1)
+        except StepFailure as exc:
+            # A step that failed on non-finite values from a finite state: when the field's own
+            # output at the step's times is already non-finite, say so instead of advising a smaller step.
+            verdict = None
+            for t in (t0, exc.time, t1) if "non-finite" in exc.reason else ():
+                verdict = verdict or self._field_verdict(state, t)
+            if verdict is None:
+                raise
+            raise StepFailure(exc.reason, exc.time, verdict) from None
 
     def health(self, state):
         if self._is_gaussian:
@@ -485,6 +521,51 @@ class SimulationProcess(Process):
 
     def observe_args(self) -> dict:
         return {"field": self.simulation.field, "target": self.simulation.target}
+
+    def diagnose(self, bad_step: int, state, before=None) -> str:
+        """Names the non-finite parts of ``state`` and, from the finite state ``before`` the first bad
+        step, whether the field's output was already non-finite (the field's inputs are at fault) or
+        one step turned finite values non-finite (the step size is)."""
+        parts = {"mean": state.mean, "covariance": state.cov} if self._is_gaussian else {
+            "positions": state.x, **({} if state.weights is None else {"weights": state.weights}),
+            **{f"channel {k!r}": v for k, v in state.channels.items()}}
+        bad = [name for name, value in parts.items()
+               if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        text = f"the state's {' and '.join(bad) or 'values'} became non-finite (NaN or inf) at step {bad_step}"
+        if before is None:
+            return (f"{text}; pass check_every=1 to learn whether the field's output or the step size is at fault "
+                    "(the state before that step is no longer held)")
+        t = self.time_at(bad_step - 1)
+        verdict = self._field_verdict(before, t)
+        if verdict is not None:
+            return f"{text}: {verdict}"
+        output = "affine closure (b, A)" if self._is_gaussian else "velocity"
+        return (f"{text}: one step from a finite state, with a finite {output} of the field {self._field_name()!r} at "
+                f"t = {t:.6g}, went non-finite; the step is too large there: try more steps or an adaptive integrator")
+
+    def _field_name(self) -> str:
+        return getattr(self.simulation.field, "name", type(self.simulation.field).__name__)
+
+    def _field_verdict(self, state, t: float) -> str | None:
+        """Why the field is to blame at (t, state), a finite state: its output is non-finite there,
+        or it raises; None when its output is finite. Host reads: called only once a run has failed."""
+        field = self._field_name()
+        dynamics = self.stepper.dynamics
+        try:
+            rates = dynamics.rate(t, dynamics.pack(state))
+        except Exception as exc:  # noqa: BLE001 - a diagnosis, not a run: report what the field said
+            return f"the field {field!r} fails on the state at t = {t:.6g} ({type(exc).__name__}: {exc})"
+        if all(bool(torch.isfinite(r).all()) for r in rates):
+            return None
+        output = "affine closure (b, A)" if self._is_gaussian else "velocity"
+        values = dynamics.pack(state)
+        largest = max(float(v.abs().max()) for v in values)
+        if largest > torch.finfo(values[0].dtype).max ** 0.5:  # a square of it overflows
+            return (f"the field {field!r} overflowed on a state already diverging (largest |value| {largest:.3g} at "
+                    f"t = {t:.6g}); the flow blows up or the step is too large: try more steps, or a blowup= bound "
+                    "to stop earlier")
+        return (f"the field {field!r} returned a non-finite {output} at t = {t:.6g} from a finite state, so a smaller "
+                "step will not help; check the field's parameters and target")
 
     def run_info(self, state, observable_shapes: dict, resume_step):
         from .io.runinfo import RunInfo

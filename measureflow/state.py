@@ -39,7 +39,25 @@ def _positions(value) -> torch.Tensor:
         raise StateError(f"Particles.x must be a floating-point tensor, received dtype {x.dtype}")
     if x.shape[1] == 0 or x.shape[2] == 0:
         raise ShapeError(f"Particles.x needs at least one particle and one dimension; received {tuple(x.shape)}")
+    _check_finite(x, "Particles.x", "positions")
     return x
+
+
+def _check_finite(values: torch.Tensor, name: str, what: str, bad: torch.Tensor | None = None) -> None:
+    """Refuse NaN/inf in ``values`` (or wherever ``bad`` is true), naming the first offending entry.
+
+    One device→host read at construction, the boundary where data comes in; a step never builds a
+    checked state (see the module docstring)."""
+    if bad is None:
+        bad = ~torch.isfinite(values)
+    if not bool(bad.any()):
+        return
+    index = tuple(int(i) for i in bad.nonzero()[0])
+    shown = float(values[index]) if values.ndim == len(index) else values[index]
+    raise StateError(
+        f"{name} must be finite; entry {list(index)} of the {what} is {shown}. Remove or replace non-finite "
+        "values before building the state"
+    )
 
 
 @attrs.frozen(eq=False)
@@ -69,6 +87,8 @@ class Particles:
                 raise ShapeError(f"Particles: channel {name!r} must have shape (R, N, ...) = ({R}, {N}, ...); received {got}")
             if value.device != self.x.device:
                 raise StateError(f"Particles: channel {name!r} is on {value.device} but x is on {self.x.device}")
+            if value.is_floating_point():
+                _check_finite(value, f"Particles channel {name!r}", "channel")
         if self.weights is None:
             return
         # Checked before any conversion: a silent copy across devices would hide the mistake.
@@ -86,6 +106,8 @@ class Particles:
                 f"Particles.weights must have shape (R, N) = {(R, N)} to match x of shape "
                 f"{tuple(self.x.shape)}; received {tuple(w.shape)}"
             )
+        # NaN passes both `w < 0` and the sum test below (comparisons with NaN are false): test it first.
+        _check_finite(w, "Particles.weights", "weights")
         if bool((w < 0).any()):
             raise StateError("Particles.weights must be non-negative")
         sums = w.sum(dim=1)
@@ -98,6 +120,16 @@ class Particles:
                 f"{float(sums[r]):.8g}. Normalise them with w / w.sum(dim=1, keepdim=True)."
             )
         object.__setattr__(self, "weights", w.contiguous())
+
+    @classmethod
+    def unchecked(cls, x: torch.Tensor, weights: torch.Tensor | None = None) -> "Particles":
+        """Particles from a (R, N, d) tensor made inside a run (a batch of a training loop), without
+        validation: no device→host read, and a NaN is left for the run's health record to report."""
+        new = object.__new__(cls)
+        object.__setattr__(new, "x", x)
+        object.__setattr__(new, "weights", weights)
+        object.__setattr__(new, "channels", {})
+        return new
 
     # -- shape --------------------------------------------------------------------------------
     @property
@@ -231,6 +263,8 @@ class Gaussians:
             raise StateError(f"Gaussians.mean is on {m.device} but cov is on {c.device}; use one device")
         if m.dtype != c.dtype:
             raise StateError(f"Gaussians.mean has dtype {m.dtype} but cov has {c.dtype}; use one dtype")
+        _check_finite(m, "Gaussians.mean", "mean")
+        _check_finite(c, "Gaussians.cov", "covariance")
         asym = (c - c.transpose(-1, -2)).abs().amax(dim=(-1, -2))
         scale = c.abs().amax(dim=(-1, -2)).clamp_min(1e-30)
         tol = 1e-5 if c.dtype != torch.float64 else 1e-10

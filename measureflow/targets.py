@@ -196,6 +196,7 @@ def as_target(target, where: str, *, weights=None, samples: int | None = None, s
     (for fields whose analytic path needs a single Gaussian); ``arrays=True`` also reads array-likes
     (numpy, nested lists) as samples. ``where`` names the field in every message.
     """
+    seed = check_int(seed, "seed", where, minimum=0)
     if samples is not None:
         samples = check_int(samples, "samples", where, advice="Pass the number of points to draw from an analytic target (≥ 1), or None.")
     if isinstance(target, (Gaussian, GaussianMixture)):

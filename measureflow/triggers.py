@@ -29,7 +29,7 @@ from typing import Callable
 
 import attrs
 
-from .errors import TriggerError
+from .errors import ParameterError, TriggerError
 
 __all__ = [
     "Trigger",
@@ -73,7 +73,7 @@ class Trigger(abc.ABC):
 def _int_at_least(low: int, what: str):
     def check(instance, attribute, value):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{type(instance).__name__}: {what} must be an integer >= {low}; received {value!r}")
+            raise ParameterError(f"{type(instance).__name__}: {what} must be an integer >= {low}; received {value!r}")
 
     return check
 
@@ -276,6 +276,11 @@ def as_trigger(value) -> Trigger:
     if isinstance(value, bool):
         raise TriggerError("a trigger cannot be a bool; use an int period, Periodic(k), On([...]), Always() or Never()")
     if isinstance(value, int):
+        if value < 1:
+            raise ParameterError(
+                f"a trigger period (every k steps) must be a whole number ≥ 1; received {value}. Pass 1 for every "
+                "step, or None to never fire"
+            )
         return Periodic(value)
     if callable(value):
         return FunctionTrigger(value)

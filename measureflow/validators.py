@@ -33,6 +33,7 @@ __all__ = [
     "check_finite",
     "check_probability",
     "check_int",
+    "check_finite_tensor",
     "positive",
     "nonnegative",
     "finite",
@@ -124,6 +125,17 @@ def check_int(value, name: str, where: str | None = None, *, minimum: int = 1, a
         requirement, default_advice = _integer_requirement(minimum)
         raise error(_message(name, where, requirement, value, advice or default_advice))
     return out
+
+
+def check_finite_tensor(value, name: str, where: str | None = None, *, error: type = ParameterError):
+    """``value`` unchanged if it is not a floating tensor or holds only finite numbers; otherwise
+    ``error`` naming it. One device→host read: for inputs at construction, never inside a step."""
+    import torch  # the scalar checks above need no torch
+
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        prefix = f"{where}: " if where else ""
+        raise error(f"{prefix}{name} must be finite; it holds NaN or inf. Remove or replace those values")
+    return value
 
 
 # -- attrs validators (check the attribute as given) ----------------------------------------------------

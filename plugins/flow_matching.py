@@ -63,11 +63,11 @@ from measureflow.errors import CapabilityError, ParameterError, ShapeError, Stat
 from measureflow.fields import Field
 from measureflow.measures import Empirical, Gaussian, GaussianMixture
 from measureflow.reductions import softmax_average
-from measureflow.schedules import as_schedule
+from measureflow.schedules import Schedule, as_schedule, autograd_derivative
 from measureflow.state import Gaussians, Particles, as_tensor
 from measureflow.validators import check_int, check_positive
 
-__all__ = ["FlowMatchingField", "PairInterpolationField", "PairedEndpoints", "pair_particles"]
+__all__ = ["FlowMatchingField", "InterpolantSchedule", "PairInterpolationField", "PairedEndpoints", "pair_particles"]
 
 #: Distance of the default cut-off from a singular end of the schedule's range (MATH.md §1.3: "e.g. 10⁻³").
 DEFAULT_CUTOFF = 1e-3
@@ -206,8 +206,11 @@ class _Group:
     score: torch.Tensor
 
 
-def _dense_pairs(x, a, b, E0: _Endpoint, E1: _Endpoint, need_mass: bool) -> _Group:
-    """Component pairs (i, j) with covariances on both sides: eq. (1.2) per pair, log-sum-exp over pairs."""
+def _dense_pairs(x, a, b, E0: _Endpoint, E1: _Endpoint, need_mass: bool, g: float = 0.0):
+    """Component pairs (i, j) with covariances on both sides: eq. (1.2) per pair, log-sum-exp over pairs.
+
+    With interpolant noise γ = g (MATH.md §15.2) every pair's covariance gains g²I and E[W | z, ij] =
+    g Sᵢⱼ⁻¹(z − mᵢⱼ); returns (group, E[W | z]) then (E[W | z] is None when g = 0)."""
     K0, K1, d = E0.n_components, E1.n_components, x.shape[-1]
     mu = E0.means[:, None, :].expand(K0, K1, d).reshape(-1, d)
     nu = E1.means[None, :, :].expand(K0, K1, d).reshape(-1, d)
@@ -216,6 +219,8 @@ def _dense_pairs(x, a, b, E0: _Endpoint, E1: _Endpoint, need_mass: bool) -> _Gro
     logc = (E0.logw[:, None] + E1.logw[None, :]).reshape(-1)
     m = a * mu + b * nu
     S = a * a * P + b * b * Rc
+    if g:
+        S = S + (g * g) * torch.eye(d, dtype=S.dtype, device=S.device)
     L, _ = torch.linalg.cholesky_ex(S)
     eye = torch.eye(d, dtype=x.dtype, device=x.device).expand_as(L)
     Linv = torch.linalg.solve_triangular(L, eye, upper=False)
@@ -229,7 +234,10 @@ def _dense_pairs(x, a, b, E0: _Endpoint, E1: _Endpoint, need_mass: bool) -> _Gro
     x0 = (r * (mu + a * torch.einsum("pij,rnpj->rnpi", P, u))).sum(-2)
     x1 = (r * (nu + b * torch.einsum("pij,rnpj->rnpi", Rc, u))).sum(-2)
     score = -(r * u).sum(-2)
-    return _Group(lse if need_mass else None, x0, x1, score)
+    group = _Group(lse if need_mass else None, x0, x1, score)
+    if g:
+        return group, g * (r * u).sum(-2)
+    return group
 
 
 def _atoms_against(x, atoms_side: _Endpoint, alpha, comp_side: _Endpoint, j: int, beta, need_mass: bool,
@@ -294,6 +302,72 @@ def _combine(groups: list[_Group]) -> tuple:
     return tuple(out)
 
 
+# -- stochastic interpolants ----------------------------------------------------------------------------------
+
+
+def _gamma_function(gamma, schedule) -> tuple:
+    """(γ(t) -> (γ, γγ'), description) for ``gamma``: a number c (γ = c√(t(1 − t)), on [0, 1]) or a
+    callable γ(t) of torch functions (γ' by autograd). γ must vanish at finite ends of the range."""
+    lo, hi = (float(v) for v in schedule.time_range)
+    if callable(gamma):
+        def g(t):
+            value, slope = autograd_derivative(gamma, t, "gamma")
+            return value, value * slope
+
+        desc = getattr(gamma, "__qualname__", repr(gamma))
+    else:
+        try:
+            c = float(gamma)
+        except (TypeError, ValueError):
+            raise ParameterError(f"flow_matching: gamma must be a number or a callable γ(t); received {gamma!r}") from None
+        if not (c >= 0 and math.isfinite(c)):
+            raise ParameterError(f"flow_matching: gamma must be a finite number >= 0; received {gamma!r}")
+        if (lo, hi) != (0.0, 1.0):
+            raise ParameterError(
+                f"flow_matching: gamma = c means γ = c√(t(1 − t)) on [0, 1], but schedule {schedule.name!r} runs on "
+                f"[{lo:g}, {hi:g}]; give gamma as a callable γ(t) vanishing at the ends"
+            )
+
+        def g(t):
+            t = torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, torch.Tensor) else t
+            # γγ' = c²(1 − 2t)/2 stays finite where γ' = c(1 − 2t)/(2√(t(1 − t))) does not
+            return c * torch.sqrt((t * (1 - t)).clamp_min(0)), 0.5 * c * c * (1 - 2 * t)
+
+        desc = c
+    for end in (lo, hi):
+        if math.isfinite(end) and abs(float(g(torch.tensor(end, dtype=torch.float64))[0])) > 1e-12:
+            raise ParameterError(f"flow_matching: the interpolant noise γ must vanish at the path's ends; γ({end:g}) ≠ 0")
+    return g, desc
+
+
+class InterpolantSchedule(Schedule):
+    """The stochastic interpolant Zₜ = aₜX₀ + bₜX₁ + γₜW with X₁ ~ N(0, σ²I) and W ~ N(0, I)
+    independent, written as a deterministic one (MATH.md §15.2): bₜX₁ + γₜW ~ N(0, (b² + γ²/σ²)σ²I), so
+    b̃ = √(b² + γ²/σ²), b̃' = (bb' + γγ'/σ²)/b̃ and E[b'X₁ + γ'W | Zₜ] = b̃' E[X̃₁ | Zₜ]: the conditional
+    expectation (1.1) with the extra term γ'E[W | Zₜ] is the field of the schedule (a, b̃)."""
+
+    def __init__(self, base, gamma, sigma: float = 1.0, gamma_desc=None):
+        self.base = as_schedule(base)
+        self.gamma = gamma
+        self.sigma = float(sigma)
+        self.name = f"{self.base.name}+gamma"
+        self.time_range = self.base.time_range
+        self.singular = self.base.singular
+        self._gamma_desc = gamma_desc
+
+    def _coefficients(self, t):
+        a, da, b, db = self.base.coefficients(t)
+        g, ggp = self.gamma(t)
+        g, ggp = g.to(b), ggp.to(b)
+        s2 = self.sigma**2
+        bt = torch.sqrt(b * b + g * g / s2)
+        return a, da, bt, (b * db + ggp / s2) / bt
+
+    def describe(self):
+        return {"name": "stochastic_interpolant", "base": self.base.describe(), "gamma": self._gamma_desc,
+                "sigma": self.sigma}
+
+
 # -- the field ----------------------------------------------------------------------------------------------
 
 
@@ -322,13 +396,20 @@ class FlowMatchingField(Field):
         field run as uₜ = −v_{1−t}).
     form:
         ``"posterior"`` (eq. 1.3/1.2, default) or ``"score"`` (eq. 1.4, noise N(0, σ²I) only).
+    gamma:
+        a stochastic interpolant Zₜ = aX₀ + bX₁ + γₜW, W ~ N(0, I) independent (MATH.md §15.2): a number
+        c for γ = c√(t(1 − t)), or a callable γ(t) (torch functions) vanishing at the ends. With noise
+        N(0, σ²I) it is the schedule (a, √(b² + γ²/σ²)) (:class:`InterpolantSchedule`); with a ``noise``
+        measure every pair of components gains γ²I in its covariance and γ'E[W | z] in its velocity
+        (components only, no atoms). The Gaussian closure has Σₜ = a²Σ₀ + b²Σ₁ + γ²I. Times where b = 0
+        are cut off (γ' is infinite there).
     """
 
     name = "flow_matching"
 
     def __init__(self, data=None, schedule="linear", sigma: float | None = None, noise=None,
                  t_min: float | None = None, t_max: float | None = None, convention: str = "noising",
-                 form: str = "posterior"):
+                 form: str = "posterior", gamma=None):
         if data is None:
             raise ParameterError("flow_matching: give the data endpoint, data=GaussianMixture/Gaussian/Empirical")
         if convention not in ("noising", "survey"):
@@ -358,6 +439,18 @@ class FlowMatchingField(Field):
             self.sigma = sigma
             self._noise = _noise_endpoint(sigma, d, ref.dtype, ref.device)
         self._check_pairs()
+        self._gamma = None  # (γ function, description) of a general-noise stochastic interpolant
+        if gamma is not None:
+            g, desc = _gamma_function(gamma, self.schedule)
+            if self.sigma is not None:
+                self.schedule = InterpolantSchedule(self.schedule, g, self.sigma, desc)
+            else:
+                if self._data.n_atoms or self._noise.n_atoms:
+                    raise ParameterError(
+                        "flow_matching: gamma with a noise measure needs endpoints made of components with covariances "
+                        "(no atoms); with atoms use noise N(0, σ²I) (sigma=...)"
+                    )
+                self._gamma = (g, desc)
         self._set_time_range(t_min, t_max)
         self._endpoints = DeviceCache(self._build_endpoints)
         caps = {"velocity"}
@@ -406,6 +499,9 @@ class FlowMatchingField(Field):
         if self._noise.singular:
             for v in sing.get("a_zero", ()):
                 reasons[float(v)] = "a = 0 there and the noise endpoint is atomic or low-rank; stop before it"
+        if isinstance(self.schedule, InterpolantSchedule) or getattr(self, "_gamma", None) is not None:
+            for v in sing.get("b_zero", ()):
+                reasons.setdefault(float(v), "the interpolant noise γ has an infinite derivative where b = 0")
         if self.form == "score":
             for v in sing.get("a_zero", ()):
                 reasons.setdefault(float(v), "a = 0 there and the score form (1.4) is 0/0; use form='posterior'")
@@ -507,10 +603,40 @@ class FlowMatchingField(Field):
         return x
 
     # -- the posterior ---------------------------------------------------------------------------------------
+    def _interpolant_noise(self, tau: float):
+        """(γ, γγ') at noising time τ for a general-noise stochastic interpolant, else (0, 0)."""
+        if self._gamma is None:
+            return 0.0, 0.0
+        g, ggp = self._gamma[0](torch.tensor(tau, dtype=torch.float64))
+        return float(g), float(ggp)
+
+    def _posterior_velocity(self, tau: float, x: torch.Tensor):
+        """(v, E[X₀ | z], E[X₁ | z], score) at noising time τ (noising convention), with the
+        interpolant term γ'E[W | z] of a general-noise stochastic interpolant."""
+        if self._gamma is None:
+            (a, da, b, db), x0, x1, score = self._posterior(tau, x)
+            if self.form == "posterior":
+                return da * x0 + db * x1, x0, x1, score
+            return (da / a) * x + (da * b * b / a - db * b) * self.sigma**2 * score, x0, x1, score
+        a, da, b, db = (float(c) for c in self.schedule.coefficients(tau))
+        g, ggp = self._interpolant_noise(tau)
+        E0, E1, _ = self._endpoints(x)
+        if g == 0:
+            group = _dense_pairs(x, a, b, E0, E1, False)
+            return da * group.x0 + db * group.x1, group.x0, group.x1, group.score
+        group, w = _dense_pairs(x, a, b, E0, E1, False, g)
+        # w = E[W | z] (= γ Σᵢⱼ rᵢⱼ Sᵢⱼ⁻¹(z − mᵢⱼ)); γ' = γγ'/γ keeps γ' finite-free where γ > 0
+        return da * group.x0 + db * group.x1 + (ggp / g) * w, group.x0, group.x1, group.score
+
     def _posterior(self, tau: float, x: torch.Tensor):
         """(E[X₀ | Z = x], E[X₁ | Z = x], ∇log p(x)) at noising time τ, plus the coefficients."""
         a, da, b, db = (float(c) for c in self.schedule.coefficients(tau))
         E0, E1, factors = self._endpoints(x)
+        if self._gamma is not None:
+            g, _ = self._interpolant_noise(tau)
+            group = _dense_pairs(x, a, b, E0, E1, False, g)
+            group = group[0] if isinstance(group, tuple) else group
+            return (a, da, b, db), group.x0, group.x1, group.score
         n_groups = (
             (1 if E0.n_components and E1.n_components else 0)
             + (E1.n_components if E0.n_atoms else 0)
@@ -537,14 +663,19 @@ class FlowMatchingField(Field):
         self.check_time(t)
         tau = self._to_internal(float(t))
         x3 = self._check_points(x, "velocity")
-        (a, da, b, db), x0, x1, score = self._posterior(tau, x3)
-        if self.form == "posterior":
-            v = da * x0 + db * x1
-        else:
-            v = (da / a) * x3 + (da * b * b / a - db * b) * self.sigma**2 * score
+        v, _, _, _ = self._posterior_velocity(tau, x3)
         if self.convention == "survey":
             v = -v
         return v.reshape(x.shape)
+
+    def velocity_and_score(self, t, x, state=None):
+        """(vₜ(x), ∇log αₜ(x)) from one posterior evaluation (what ``flow_sde``'s drift needs)."""
+        self.check_time(t)
+        x3 = self._check_points(x, "velocity_and_score")
+        v, _, _, score = self._posterior_velocity(self._to_internal(float(t)), x3)
+        if self.convention == "survey":
+            v = -v
+        return v.reshape(x.shape), score.reshape(x.shape)
 
     def affine(self, t, state: Gaussians):
         """(b, A) with v(x) = b + A(x − m) the exact field (eq. 1.5) around the state's mean m."""
@@ -560,8 +691,10 @@ class FlowMatchingField(Field):
         m0, S0 = E0.moments()
         m1, S1 = E1.moments()
         mt = a * m0 + b * m1
-        St = a * a * S0 + b * b * S1
-        B = a * da * S0 + b * db * S1
+        g, ggp = self._interpolant_noise(tau)
+        eye = torch.eye(S0.shape[-1], dtype=S0.dtype, device=S0.device)
+        St = a * a * S0 + b * b * S1 + (g * g) * eye
+        B = a * da * S0 + b * db * S1 + ggp * eye
         A = torch.linalg.solve(St, B.transpose(-1, -2)).transpose(-1, -2)  # B Σₜ⁻¹ (Σₜ symmetric)
         shift = da * m0 + db * m1
         bvec = shift + (state.mean - mt) @ A.transpose(-1, -2)
@@ -591,6 +724,20 @@ class FlowMatchingField(Field):
         _, _, _, s = self._posterior(self._to_internal(float(t)), x3)
         return s.reshape(x.shape)
 
+    def marginal_score(self, t, x: torch.Tensor) -> torch.Tensor:
+        """∇log αₜ(x) at the field's own time t (either convention): the score a stochastic sampler
+        of this flow needs (``flow_sde``, MATH.md §15.2)."""
+        return self.score(t, x)
+
+    def noise_prediction(self, t, x: torch.Tensor) -> torch.Tensor:
+        """ε̂ₜ(x) = E[X_noise | Zₜ = x]/σ for noise N(0, σ²I) (MATH.md §15.2); same shape as x."""
+        if self.sigma is None:
+            raise CapabilityError("flow_matching.noise_prediction needs the noise endpoint N(0, σ²I) (sigma=...)")
+        self.check_time(t)
+        x3 = self._check_points(x, "noise_prediction")
+        _, _, x1, _ = self._posterior(self._to_internal(float(t)), x3)
+        return (x1 / self.sigma).reshape(x.shape)
+
     def marginal(self, t) -> GaussianMixture:
         """The law αₜ of Zₜ = Σᵢⱼ pᵢqⱼ N(aμᵢ + bνⱼ, a²Pᵢ + b²Rⱼ) (a mixture; MATH.md §1.1)."""
         self.check_time(t)
@@ -600,7 +747,8 @@ class FlowMatchingField(Field):
         d = mu.shape[1]
         weights = torch.exp(lw0[:, None] + lw1[None, :]).reshape(-1)
         means = (a * mu[:, None] + b * nu[None, :]).reshape(-1, d)
-        covs = (a * a * P[:, None] + b * b * Rc[None, :]).reshape(-1, d, d)
+        g, _ = self._interpolant_noise(self._to_internal(float(t)))
+        covs = (a * a * P[:, None] + b * b * Rc[None, :]).reshape(-1, d, d) + (g * g) * torch.eye(d, dtype=P.dtype)
         return GaussianMixture(weights / weights.sum(), means, covs)
 
     def _require_gaussian(self, what: str):
@@ -616,7 +764,9 @@ class FlowMatchingField(Field):
         a, _, b, _ = self.coefficients(t)
         m0, S0 = self._data.moments()
         m1, S1 = self._noise.moments()
-        return Gaussians(a * m0 + b * m1, a * a * S0 + b * b * S1)
+        g, _ = self._interpolant_noise(self._to_internal(float(t)))
+        eye = torch.eye(S0.shape[-1], dtype=S0.dtype, device=S0.device)
+        return Gaussians(a * m0 + b * m1, a * a * S0 + b * b * S1 + (g * g) * eye)
 
     def flow_map(self, t, t0):
         """(T, c): the flow of the field from t0 to t is x ↦ Tx + c (Gaussian endpoints, MATH.md §1.5).
@@ -628,6 +778,11 @@ class FlowMatchingField(Field):
         T₁ = Σ₀^{½} C^{½} Σ₀^{−½}.
         """
         self._require_gaussian("flow_map")
+        if self._gamma is not None:
+            raise CapabilityError(
+                "flow_matching.flow_map: with gamma and a noise measure the closures at different times do not "
+                "commute and the map has no closed form; integrate the Gaussian state instead"
+            )
         self.check_time(t)
         self.check_time(t0)
         m0, S0 = self._data.moments()

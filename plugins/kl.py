@@ -69,6 +69,7 @@ from measureflow.reductions import kernel_sum, softmax_average
 from measureflow.mixtures import kl_divergence
 from measureflow.state import GaussianMixtures, Gaussians, Particles
 from measureflow.targets import check_points, gaussian_target, positive
+from measureflow.validators import check_finite_tensor
 
 __all__ = [
     "KLField", "MODES", "gaussian_kl", "kde_score", "kde_log_density",
@@ -260,6 +261,7 @@ def _sample_target(target) -> _SampleTarget | None:
                 f"kl: target samples must be a floating tensor of shape (M, d) or (R, M, d); received "
                 f"{tuple(target.shape)} of dtype {target.dtype}"
             )
+        check_finite_tensor(target, "target samples", "kl")
         return _SampleTarget(target if target.ndim == 3 else target[None], None)
     return None
 

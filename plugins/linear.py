@@ -23,7 +23,8 @@ import torch
 
 import measureflow
 from measureflow.cache import DeviceCache
-from measureflow.errors import CapabilityError, ShapeError
+from measureflow.errors import CapabilityError, ParameterError, ShapeError
+from measureflow.validators import check_finite_tensor, check_nonnegative, check_positive
 from measureflow.fields import Field
 from measureflow.state import Gaussians
 
@@ -54,8 +55,9 @@ class LinearField(Field):
     name = "linear"
 
     def __init__(self, A, b=None):
-        self.A = _matrix(A, "A")
-        self.b = _vector(b, "b", self.A.shape[0])
+        self.A = check_finite_tensor(_matrix(A, "A"), "A", "linear")
+        self.b = check_finite_tensor(_vector(b, "b", self.A.shape[0]), "b", "linear")
+        self.dim = self.A.shape[0]
         caps = {"velocity", "affine"}
         if torch.allclose(self.A, self.A.T):
             caps.add("energy")
@@ -122,11 +124,19 @@ class OrnsteinUhlenbeck(Field):
     time_range = (0.0, math.inf)
 
     def __init__(self, theta: float = 1.0, sigma: float = 1.0, center=0.0, dim: int | None = None):
-        if theta <= 0 or sigma < 0:
-            raise ValueError(f"ornstein_uhlenbeck needs theta > 0 and sigma >= 0; received theta={theta}, sigma={sigma}")
-        self.theta = float(theta)
-        self.sigma = float(sigma)
-        self.center = torch.as_tensor(center, dtype=torch.float64)
+        self.theta = check_positive(theta, "theta", "ornstein_uhlenbeck")
+        self.sigma = check_nonnegative(sigma, "sigma", "ornstein_uhlenbeck")
+        if isinstance(center, (bool, str, bytes)):
+            raise ParameterError(f"ornstein_uhlenbeck: center must be a number or a vector (d,); received {center!r}")
+        self.center = check_finite_tensor(torch.as_tensor(center, dtype=torch.float64), "center", "ornstein_uhlenbeck")
+        if self.center.ndim > 1:
+            raise ShapeError(f"ornstein_uhlenbeck: center must be a scalar or a vector (d,); received shape "
+                             f"{tuple(self.center.shape)}")
+        if self.center.ndim == 1:
+            if dim is not None and int(dim) != self.center.shape[0]:
+                raise ShapeError(f"ornstein_uhlenbeck: center has {self.center.shape[0]} coordinates but dim = {dim}")
+            dim = self.center.shape[0]
+        # The dimension the field is defined in (None: any); checked against the state when a run is assembled.
         self.dim = dim
         self._centers = DeviceCache(self.center.to)  # c on each device and dtype, copied once
 

@@ -160,6 +160,8 @@ class OUBridge(Field):
         self.sigma = check_positive(sigma, "sigma", "ou_bridge")
         self.tau_min = check_positive(tau_min, "tau_min", "ou_bridge")
         try:
+            if isinstance(tau_max, bool):
+                raise TypeError("a bool is not a time")
             self.tau_max = float(tau_max)
         except (TypeError, ValueError):
             raise ParameterError(f"ou_bridge: tau_max must be a number; received {tau_max!r}") from None
@@ -321,6 +323,11 @@ class OUBridge(Field):
             return xhats[0], scores[0]
         return torch.cat(xhats), torch.cat(scores)
 
+    def marginal_score(self, t, x: torch.Tensor) -> torch.Tensor:
+        """∇log ρ at the field's own time t (τ = t forward, τ = τ_max − t reverse): the score a
+        stochastic sampler of this flow needs (``flow_sde``, MATH.md §15.2)."""
+        return self.score(self._tau_checked(t), x)
+
     # -- the field protocol ------------------------------------------------------------------------
     def velocity(self, t, x, state=None):
         """Forward: −x − σ²∇log ρ_τ(x); reverse: x + σ²∇log ρ_{τ_max−s}(x)."""
@@ -437,7 +444,12 @@ class OUBridge(Field):
 
 
 class OUBridgeSDE(OUBridge):
-    """The OU bridge as an SDE with diffusion √2σ (module docstring), for ``euler_maruyama``.
+    """The OU bridge as an SDE with diffusion √2σ (module docstring), for the SDE solvers.
+
+    It is the special case g = √2σ of the marginal-preserving SDE of any flow (MATH.md §15.2):
+    ``measureflow.field("flow_sde", flow=ou_bridge(...), noise=√2σ, direction="reverse")`` gives the
+    same drift and noise (tests/test_flow_sde.py checks them equal to 1e-12 on the same noise); this
+    class adds the exact Gaussian laws of :meth:`solution`.
 
     * reverse (default): drift x + 2σ²∇log ρ_{τ_max−s}(x) [V eq. 3];
     * forward: drift −x (the noising SDE; the data only set the time range and the closed forms).

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 
 import measureflow
 from measureflow import Gaussians, Particles, Simulation, scenario
+from measureflow.parameters import Picture, PositiveFloat, Size, Steps
 from measureflow_plugins.attention import AttentionField
 
 DTYPE = torch.float64
@@ -56,14 +58,14 @@ def make_field(c: float) -> AttentionField:
 
 @scenario
 def attention_blowup(
-    n: int = 2048,
-    c: float = 0.5,
+    n: Annotated[int, Size(minimum=3)] = 2048,
+    c: PositiveFloat = 0.5,
     angle: float = 0.5,
-    stop: float = 1.4,
-    steps: int = 56,
+    stop: PositiveFloat = 1.4,
+    steps: Steps = 56,
     seed: int = 1,
     out: str = "runs/attention_blowup.h5",
-    picture: str = "runs/attention_blowup.png",
+    picture: Picture = "runs/attention_blowup.png",
 ) -> Simulation:
     """Gaussian tokens under attention with V = I, KᵀQ = cI: the covariance blows up at t* = 1/(2cλ_max(Σ₀))."""
     if stop <= 0:

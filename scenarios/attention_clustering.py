@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ import torch
 import measureflow
 from measureflow import Particles, Simulation, scenario
 from measureflow.io.h5md import H5MDWriter
+from measureflow.parameters import Count, Picture, Points, PositiveFloat, Range, Steps
 from measureflow.simulation import Observer
 from measureflow_plugins.attention import AttentionField
 
@@ -76,17 +78,17 @@ def observers(threshold: float) -> list:
 
 @scenario
 def attention_clustering(
-    n: int = 256,
-    d: int = 3,
-    beta: float = 9.0,
-    t1: float = 30.0,
-    steps: int = 150,
-    every: int = 5,
-    threshold: float = 0.05,
+    n: Points = 256,
+    d: Annotated[int, Range(2, 1024)] = 3,
+    beta: PositiveFloat = 9.0,
+    t1: PositiveFloat = 30.0,
+    steps: Steps = 150,
+    every: Count = 5,
+    threshold: PositiveFloat = 0.05,
     compare: str = "1,4",
     seed: int = 0,
     out: str = "runs/attention_clustering.h5",
-    picture: str = "runs/attention_clustering.png",
+    picture: Picture = "runs/attention_clustering.png",
 ) -> Simulation:
     """Tokens on the sphere clustering over depth under self-attention with inverse temperature β."""
     if d < 2:

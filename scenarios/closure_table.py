@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ import torch
 import measureflow
 from measureflow import Gaussians, Simulation, scenario
 from measureflow.measures import Empirical, Gaussian
+from measureflow.parameters import Count, OneOf, Picture, Points, Steps
 
 ROWS = ("kl", "fisher", "w2", "mmd", "sinkhorn", "sliced_wasserstein")
 LABELS = {
@@ -131,17 +133,17 @@ def closure_simulation(row: str, steps: int, every: int) -> Simulation:
 
 @scenario
 def closure_table(
-    row: str = "kl",
-    n: int = 2000,
-    steps: int = 40,
-    every: int = 2,
-    sinkhorn_n: int = 300,
-    sinkhorn_steps: int = 10,
-    closure_steps: int = 200,
+    row: Annotated[str, OneOf(*ROWS)] = "kl",
+    n: Points = 2000,
+    steps: Steps = 40,
+    every: Count = 2,
+    sinkhorn_n: Points = 300,
+    sinkhorn_steps: Steps = 10,
+    closure_steps: Steps = 200,
     all_rows: bool = True,
     seed: int = 0,
     out: str = "runs/closure_table.h5",
-    picture: str = "runs/closure_table.png",
+    picture: Picture = "runs/closure_table.png",
 ) -> Simulation:
     """Particles from N(0, diag(4, ¼)) toward γ beside the Gaussian closure, one row of MATH.md §13."""
     check_row(row)

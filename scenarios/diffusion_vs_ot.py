@@ -38,6 +38,8 @@ atoms the flow's pairing costs more than W₂².
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import torch
 
@@ -45,6 +47,7 @@ import measureflow
 from measureflow import Particles, Simulation, scenario
 from measureflow.diagnostics import path_transport_cost
 from measureflow.measures import Gaussian, GaussianMixture
+from measureflow.parameters import Count, OneOf, Picture, Points, Positive, PositiveFloat, Size, Steps
 
 NOISE_END = {"linear": 1.0, "cosine": 1.0, "vp": 12.0}
 DATA = ("atoms", "gaussian")
@@ -86,17 +89,17 @@ def data_law(data: str, m: int, seed: int, dtype=torch.float64):
 
 @scenario
 def diffusion_vs_ot(
-    schedule: str = "cosine",
-    data: str = "atoms",
-    m: int = 6,
-    n: int = 400,
-    sigma: float = 1.0,
-    t_min: float = 1e-3,
-    steps: int = 200,
-    every: int = 2,
+    schedule: Annotated[str, OneOf(*sorted(NOISE_END))] = "cosine",
+    data: Annotated[str, OneOf(*DATA)] = "atoms",
+    m: Points = 6,
+    n: Annotated[int, Size(minimum=2)] = 400,
+    sigma: Annotated[float, Positive(maximum=1e6)] = 1.0,
+    t_min: PositiveFloat = 1e-3,
+    steps: Steps = 200,
+    every: Count = 2,
     seed: int = 0,
     out: str = "runs/diffusion_vs_ot.h5",
-    picture: str = "runs/diffusion_vs_ot.png",
+    picture: Picture = "runs/diffusion_vs_ot.png",
 ) -> Simulation:
     """Reverse probability-flow paths from noise to data against straight OT rays between the same ends."""
     if n < 2:

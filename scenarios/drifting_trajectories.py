@@ -35,6 +35,7 @@ import measureflow
 from measureflow import Particles, Simulation, scenario
 from measureflow.measures import GaussianMixture
 from measureflow.observables import mmd
+from measureflow.parameters import Count, Picture, Points, PositiveFloat, Steps, Threads
 from measureflow.simulation import Observer
 from measureflow_plugins.drifting import drift_norm
 
@@ -81,17 +82,17 @@ def observers(samples: torch.Tensor, mmd_bandwidth: float) -> list:
 @scenario
 def drifting_trajectories(
     self_correction: bool = True,
-    epsilon: float = 0.5,
-    n: int = 40,
-    m: int = 600,
-    t1: float = 12.0,
-    steps: int = 120,
-    every: int = 1,
-    mmd_bandwidth: float = 0.5,
+    epsilon: PositiveFloat = 0.5,
+    n: Points = 40,
+    m: Points = 600,
+    t1: PositiveFloat = 12.0,
+    steps: Steps = 120,
+    every: Count = 1,
+    mmd_bandwidth: PositiveFloat = 0.5,
     seed: int = 0,
-    threads: int = 0,
+    threads: Threads = 0,
     out: str = "runs/drifting_trajectories.h5",
-    picture: str = "runs/drifting_trajectories.png",
+    picture: Picture = "runs/drifting_trajectories.png",
 ) -> Simulation:
     """Particles from a small blob drifting toward four Gaussian blobs, raw or self-corrected."""
     if threads > 0:

@@ -29,6 +29,7 @@ ellipse.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ import measureflow
 from measureflow import Gaussians, Particles, Simulation, scenario
 from measureflow.diagnostics import brenier_map, commutation_defect, fm_flow_map, fm_terminal_map, transport_cost
 from measureflow.measures import Gaussian
+from measureflow.parameters import OneOf, Picture, Points, Steps
 from measureflow.simulation import Observer
 
 CASES = ("reference", "commuting")
@@ -100,14 +102,14 @@ def simulated_map(start, final) -> torch.Tensor:
 
 @scenario
 def fm_vs_brenier(
-    case: str = "reference",
-    state: str = "particles",
+    case: Annotated[str, OneOf(*CASES)] = "reference",
+    state: Annotated[str, OneOf("particles", "gaussians")] = "particles",
     schedule: str = "linear",
-    n: int = 4000,
-    steps: int = 100,
+    n: Points = 4000,
+    steps: Steps = 100,
     seed: int = 0,
     out: str = "runs/fm_vs_brenier.h5",
-    picture: str = "runs/fm_vs_brenier.png",
+    picture: Picture = "runs/fm_vs_brenier.png",
 ) -> Simulation:
     """Σ₀ pushed to Σ₁ by the flow-matching field, compared with the Brenier map."""
     field = make_field(case, schedule)

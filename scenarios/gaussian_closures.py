@@ -30,6 +30,7 @@ the drifting mean path.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ import measureflow
 from measureflow import Gaussians, Particles, Simulation, scenario
 from measureflow.couplings import get as coupling, gaussian_brenier_map, mccann_interpolation, schrodinger_interpolation
 from measureflow.measures import Gaussian
+from measureflow.parameters import AtLeast, NonNegative, Picture, Points, PositiveFloat, Steps
 
 DTYPE = torch.float64
 #: Times at which the panels draw the ellipses, as fractions of each path's horizon.
@@ -81,16 +83,16 @@ def drift_horizon(anisotropy: float, drift: float) -> float:
 
 @scenario
 def gaussian_closures(
-    anisotropy: float = 4.0,
+    anisotropy: Annotated[float, AtLeast(1)] = 4.0,
     angle: float = 60.0,
-    separation: float = 2.0,
-    regularization: float = 2.0,
+    separation: Annotated[float, NonNegative()] = 2.0,
+    regularization: PositiveFloat = 2.0,
     drift: float = 0.5,
-    n: int = 1000,
-    steps: int = 120,
+    n: Points = 1000,
+    steps: Steps = 120,
     seed: int = 0,
     out: str = "runs/gaussian_closures.h5",
-    picture: str = "runs/gaussian_closures.png",
+    picture: Picture = "runs/gaussian_closures.png",
 ) -> Simulation:
     """Particles under the drifting field between two anisotropic Gaussians (the third panel)."""
     if not (regularization > 0 and math.isfinite(regularization)):

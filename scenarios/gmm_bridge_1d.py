@@ -25,6 +25,7 @@ the exact density ρ_τ(x) together with the final histogram.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ import torch
 import measureflow
 from measureflow import Particles, Simulation, scenario
 from measureflow.measures import GaussianMixture
+from measureflow.parameters import OneOf, Picture, Points, Positive, PositiveFloat, Size
 from measureflow.simulation import Observer
 from measureflow.triggers import On
 
@@ -156,17 +158,17 @@ def ks_to_exact(state, *, field=None, t=0.0, **_):
 
 @scenario
 def gmm_bridge_1d(
-    direction: str = "reverse",
+    direction: Annotated[str, OneOf("forward", "reverse")] = "reverse",
     sampler: str = "ode",
-    n: int = 20000,
-    sigma: float = 1.0,
-    tau_min: float = 1e-3,
-    tau_max: float = 6.0,
-    steps: int = 0,
-    frames: int = 40,
+    n: Points = 20000,
+    sigma: Annotated[float, Positive(maximum=1e6)] = 1.0,
+    tau_min: PositiveFloat = 1e-3,
+    tau_max: PositiveFloat = 6.0,
+    steps: Annotated[int, Size(minimum=0, bytes_each=64)] = 0,
+    frames: Annotated[int, Size(bytes_each=64)] = 40,
     seed: int = 0,
     out: str = "runs/gmm_bridge_1d.h5",
-    picture: str = "runs/gmm_bridge_1d.png",
+    picture: Picture = "runs/gmm_bridge_1d.png",
 ) -> Simulation:
     """A 1-D Gaussian mixture diffused by the OU bridge (forward) or generated from noise (reverse)."""
     field = make_field(direction, sampler, sigma, tau_min, tau_max)

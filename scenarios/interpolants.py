@@ -36,6 +36,7 @@ and draws one panel per coupling with the particles at t = 0, ¼, ½, ¾, 1.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ import torch
 import measureflow
 from measureflow import Simulation, scenario
 from measureflow.diagnostics import path_transport_cost
+from measureflow.parameters import Count, OneOf, Picture, Size, Steps
 from measureflow_plugins.flow_matching import PairedEndpoints, pair_particles
 
 COUPLINGS = ("product", "ot", "curved")
@@ -83,15 +85,15 @@ def make_pairs(coupling: str, x: torch.Tensor, y: torch.Tensor) -> PairedEndpoin
 
 @scenario
 def interpolants(
-    coupling: str = "ot",
+    coupling: Annotated[str, OneOf(*COUPLINGS)] = "ot",
     bridge: str = "cosine",
-    n: int = 64,
-    m: int = 64,
-    steps: int = 100,
-    every: int = 5,
+    n: Annotated[int, Size(minimum=2, bytes_each=8, times=("m",))] = 64,
+    m: Annotated[int, Size(minimum=2)] = 64,
+    steps: Steps = 100,
+    every: Count = 5,
     seed: int = 0,
     out: str = "runs/interpolants.h5",
-    picture: str = "runs/interpolants.png",
+    picture: Picture = "runs/interpolants.png",
 ) -> Simulation:
     """Interpolants between two point clouds under the product, optimal and curved couplings."""
     if bridge not in ("cosine", "overshoot"):

@@ -20,6 +20,7 @@ the distances and draws the particles over the density's contours and the curves
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ import measureflow
 from measureflow import Particles, Simulation, scenario
 from measureflow.measures import GaussianMixture
 from measureflow.observables import mmd
+from measureflow.parameters import Count, OneOf, Picture, Points, PositiveFloat, Steps, Threads
 from measureflow.simulation import Observer
 
 MODES = ("langevin", "blob", "svgd")
@@ -74,18 +76,18 @@ def observers(epsilon: float, samples: torch.Tensor) -> list:
 
 @scenario
 def kl_samplers(
-    mode: str = "langevin",
-    epsilon: float = 0.1,
-    svgd_epsilon: float = 1.0,
-    n: int = 300,
-    m: int = 1000,
-    t1: float = 5.0,
-    steps: int = 200,
-    every: int = 5,
+    mode: Annotated[str, OneOf(*MODES)] = "langevin",
+    epsilon: PositiveFloat = 0.1,
+    svgd_epsilon: PositiveFloat = 1.0,
+    n: Points = 300,
+    m: Points = 1000,
+    t1: PositiveFloat = 5.0,
+    steps: Steps = 200,
+    every: Count = 5,
     seed: int = 0,
-    threads: int = 0,
+    threads: Threads = 0,
     out: str = "runs/kl_samplers.h5",
-    picture: str = "runs/kl_samplers.png",
+    picture: Picture = "runs/kl_samplers.png",
 ) -> Simulation:
     """A Gaussian blob sampling a three-component Gaussian mixture by Langevin, blob or SVGD."""
     if threads > 0:

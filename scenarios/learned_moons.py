@@ -52,6 +52,7 @@ import math
 import sys
 import textwrap
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -60,6 +61,9 @@ import measureflow
 from measureflow import Particles, Simulation, scenario
 from measureflow.errors import MeasureflowError, ParameterError
 from measureflow.measures import Empirical, Gaussian, GaussianMixture
+from measureflow.parameters import (
+    Count, NonNegative, OneOf, Picture, Points, PositiveFloat, Probability, Range, Size, Steps, Threads,
+)
 from measureflow.simulation import Observer
 
 F64 = torch.float64
@@ -233,29 +237,29 @@ def train_or_reuse(params: dict, source, target: Empirical, config: dict, device
 
 @scenario
 def learned_moons(
-    source: str = "eight_gaussians",
-    n_atoms: int = 500,
-    upper_mass: float = 0.5,
-    n: int = 1000,
-    hidden: int = 128,
-    depth: int = 3,
-    train_steps: int = 4000,
-    batch_size: int = 256,
-    lr: float = 3e-3,
+    source: Annotated[str, OneOf(*SOURCES)] = "eight_gaussians",
+    n_atoms: Annotated[int, Size(minimum=2)] = 500,
+    upper_mass: Annotated[float, Probability(open_interval=True)] = 0.5,
+    n: Points = 1000,
+    hidden: Annotated[int, Range(1, 4096)] = 128,
+    depth: Annotated[int, Range(1, 64)] = 3,
+    train_steps: Steps = 4000,
+    batch_size: Points = 256,
+    lr: PositiveFloat = 3e-3,
     retrain: bool = False,
-    steps: int = 100,
-    every: int = 5,
-    exact_steps: int = 60,
-    diag_t: float = 0.5,
-    diag_points: int = 256,
-    bridges: int = 16,
-    bridge_steps: int = 1000,
-    epsilon: float = 0.0,
+    steps: Steps = 100,
+    every: Count = 5,
+    exact_steps: Steps = 60,
+    diag_t: Annotated[float, Probability(open_interval=True)] = 0.5,
+    diag_points: Points = 256,
+    bridges: Points = 16,
+    bridge_steps: Steps = 1000,
+    epsilon: Annotated[float, NonNegative()] = 0.0,
     seed: int = 0,
     device: str = "auto",
-    threads: int = 0,
+    threads: Threads = 0,
     out: str = "runs/learned_moons.h5",
-    picture: str = "runs/learned_moons.png",
+    picture: Picture = "runs/learned_moons.png",
 ) -> Simulation:
     """Particles moved from eight Gaussians to two moons by a learned flow-matching field."""
     params = dict(locals())

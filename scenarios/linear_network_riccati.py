@@ -22,12 +22,14 @@ second moment), and draws:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 
 import measureflow
 from measureflow import Gaussians, Particles, Simulation, scenario
+from measureflow.parameters import Count, NonNegative, Picture, Points, PositiveFloat, Range, Size, Steps, Threads
 from measureflow.simulation import Observer
 
 DTYPE = torch.float64
@@ -74,19 +76,19 @@ def observers(field) -> list:
 
 @scenario
 def linear_network_riccati(
-    n: int = 2000,
-    inputs: int = 3,
-    outputs: int = 2,
-    points: int = 40,
-    noise: float = 0.3,
-    scale: float = 0.5,
-    t1: float = 10.0,
-    steps: int = 1000,
-    every: int = 10,
+    n: Annotated[int, Size(minimum=2)] = 2000,
+    inputs: Annotated[int, Range(1, 4096)] = 3,
+    outputs: Annotated[int, Range(1, 4096)] = 2,
+    points: Points = 40,
+    noise: Annotated[float, NonNegative()] = 0.3,
+    scale: PositiveFloat = 0.5,
+    t1: PositiveFloat = 10.0,
+    steps: Steps = 1000,
+    every: Count = 10,
     seed: int = 0,
-    threads: int = 0,
+    threads: Threads = 0,
     out: str = "runs/linear_network_riccati.h5",
-    picture: str = "runs/linear_network_riccati.png",
+    picture: Picture = "runs/linear_network_riccati.png",
 ) -> Simulation:
     """A linear two-layer network's neurons following the Riccati flow to the least-squares fit."""
     if threads > 0:

@@ -19,12 +19,14 @@ the data interval.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 
 import measureflow
 from measureflow import On, Particles, Simulation, scenario
+from measureflow.parameters import NonNegative, Picture, Points, PositiveFloat, Size, Steps, Threads
 from measureflow.simulation import Observer
 
 DTYPE = torch.float64
@@ -57,18 +59,18 @@ def initial_neurons(n: int, scale: float, seed: int) -> Particles:
 
 @scenario
 def mean_field_relu(
-    n: int = 300,
-    points: int = 40,
+    n: Points = 300,
+    points: Annotated[int, Size(minimum=2)] = 40,
     frequency: float = 3.0,
-    noise: float = 0.1,
-    scale: float = 1.0,
-    t1: float = 150.0,
-    steps: int = 1500,
-    frames: int = 30,
+    noise: Annotated[float, NonNegative()] = 0.1,
+    scale: PositiveFloat = 1.0,
+    t1: PositiveFloat = 150.0,
+    steps: Steps = 1500,
+    frames: Annotated[int, Size(minimum=2, bytes_each=64)] = 30,
     seed: int = 0,
-    threads: int = 0,
+    threads: Threads = 0,
     out: str = "runs/mean_field_relu.h5",
-    picture: str = "runs/mean_field_relu.png",
+    picture: Picture = "runs/mean_field_relu.png",
 ) -> Simulation:
     """A two-layer ReLU network trained as a mean-field particle flow on y = sin(ωz) + noise."""
     if threads > 0:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ import torch
 import measureflow
 from measureflow import Particles, Simulation, scenario
 from measureflow.observables import mmd
+from measureflow.parameters import Count, OneOf, Picture, Points, PositiveFloat, Steps, Threads
 from measureflow.simulation import Observer
 
 KERNELS = ("gaussian", "laplace", "energy")
@@ -61,18 +63,18 @@ def observers(target: torch.Tensor) -> list:
 
 @scenario
 def mmd_kernels(
-    kernel: str = "gaussian",
-    bandwidth: float = 1.0,
-    stall_bandwidth: float = 0.2,
-    n: int = 300,
-    m: int = 400,
-    t1: float = 20.0,
-    steps: int = 150,
-    every: int = 5,
+    kernel: Annotated[str, OneOf(*KERNELS)] = "gaussian",
+    bandwidth: PositiveFloat = 1.0,
+    stall_bandwidth: PositiveFloat = 0.2,
+    n: Points = 300,
+    m: Points = 400,
+    t1: PositiveFloat = 20.0,
+    steps: Steps = 150,
+    every: Count = 5,
     seed: int = 0,
-    threads: int = 0,
+    threads: Threads = 0,
     out: str = "runs/mmd_kernels.h5",
-    picture: str = "runs/mmd_kernels.png",
+    picture: Picture = "runs/mmd_kernels.png",
 ) -> Simulation:
     """A Gaussian blob flowing onto a ring under MMD² with a Gaussian, Laplace or energy-distance kernel."""
     if threads > 0:

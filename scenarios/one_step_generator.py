@@ -27,12 +27,14 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 
 import measureflow
 from measureflow.errors import ParameterError
+from measureflow.parameters import Count, OneOf, Picture, Points, PositiveFloat, Range, Size, Steps, Threads
 from measureflow.scenario import scenario
 from measureflow.training import GeneratorTraining, train_generator
 
@@ -106,30 +108,30 @@ def companion_path(out: str, name: str) -> str:
 
 @scenario
 def one_step_generator(
-    field: str = "drifting",
+    field: Annotated[str, OneOf(*FIELDS)] = "drifting",
     compare: bool = True,
-    dataset: str = "eight_gaussians",
-    n_data: int = 500,
-    iterations: int = 120,
-    batch: int = 128,
+    dataset: Annotated[str, OneOf(*DATASETS)] = "eight_gaussians",
+    n_data: Annotated[int, Size(minimum=8)] = 500,
+    iterations: Steps = 120,
+    batch: Points = 128,
     mode: str = "direct",
-    inner_steps: int = 5,
-    lr: float = 3e-3,
-    hidden: int = 64,
-    depth: int = 3,
-    latent_dim: int = 2,
-    drifting_epsilon: float = 0.2,
-    drifting_step: float = 1.0,
-    sinkhorn_epsilon: float = 0.5,
-    sinkhorn_step: float = 0.25,
-    eval_batch: int = 300,
-    every: int = 15,
-    mmd_bandwidth: float = 0.5,
-    monitor_epsilon: float = 1.0,
+    inner_steps: Annotated[int, Range(1, 10000)] = 5,
+    lr: PositiveFloat = 3e-3,
+    hidden: Annotated[int, Range(1, 4096)] = 64,
+    depth: Annotated[int, Range(1, 64)] = 3,
+    latent_dim: Annotated[int, Range(1, 4096)] = 2,
+    drifting_epsilon: PositiveFloat = 0.2,
+    drifting_step: PositiveFloat = 1.0,
+    sinkhorn_epsilon: PositiveFloat = 0.5,
+    sinkhorn_step: PositiveFloat = 0.25,
+    eval_batch: Points = 300,
+    every: Count = 15,
+    mmd_bandwidth: PositiveFloat = 0.5,
+    monitor_epsilon: PositiveFloat = 1.0,
     seed: int = 0,
-    threads: int = 1,
+    threads: Threads = 1,
     out: str = "runs/one_step_generator.h5",
-    picture: str = "runs/one_step_generator.png",
+    picture: Picture = "runs/one_step_generator.png",
 ) -> GeneratorTraining:
     """A one-step generator on a 2-D toy set, trained by drifting or Sinkhorn Euler steps."""
     params = dict(locals())

@@ -16,10 +16,13 @@ covariance against the closed form and draws the run.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 import measureflow
 from measureflow import Gaussians, Simulation, scenario
+from measureflow.parameters import Count, OneOf, Picture, Size, Steps
 from measureflow.simulation import Observer
 
 
@@ -66,16 +69,16 @@ def exact_w2(state, *, field=None, target=None, t=0.0, **_):
 @scenario
 def relaxation(
     field: str = "linear",
-    state: str = "particles",
-    n: int = 2000,
-    replicas: int = 1,
+    state: Annotated[str, OneOf("particles", "gaussians")] = "particles",
+    n: Annotated[int, Size(times=("replicas",))] = 2000,
+    replicas: Count = 1,
     t1: float = 2.0,
-    steps: int = 200,
+    steps: Steps = 200,
     integrator: str = "",
-    every: int = 10,
+    every: Count = 10,
     seed: int = 0,
     out: str = "runs/relaxation.h5",
-    picture: str = "runs/relaxation.png",
+    picture: Picture = "runs/relaxation.png",
 ) -> Simulation:
     """Particles or a Gaussian relaxing under an affine field with a closed-form solution."""
     f = make_field(field)

@@ -34,6 +34,7 @@ other two, and draws the three sets of paths from the same noise draws side by s
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ import torch
 import measureflow
 from measureflow import Particles, Simulation, scenario
 from measureflow.measures import GaussianMixture
+from measureflow.parameters import Picture, Points, Positive, PositiveFloat, Range, Size
 from measureflow.simulation import Observer
 from measureflow.triggers import On
 
@@ -129,15 +131,15 @@ def cluster_numbers(x: torch.Tensor, field) -> dict:
 @scenario
 def schedule_comparison(
     schedule: str = "overshoot",
-    n: int = 20000,
-    sigma: float = 1.0,
-    t_min: float = 1e-3,
-    frames: int = 20,
-    ratio: float = RATIO,
+    n: Points = 20000,
+    sigma: Annotated[float, Positive(maximum=1e6)] = 1.0,
+    t_min: PositiveFloat = 1e-3,
+    frames: Annotated[int, Size(bytes_each=64)] = 20,
+    ratio: Annotated[float, Range(1e-4, 1.0)] = RATIO,
     seed: int = 0,
-    figure_particles: int = 300,
+    figure_particles: Annotated[int, Size(minimum=0)] = 300,
     out: str = "runs/schedule_comparison.h5",
-    picture: str = "runs/schedule_comparison.png",
+    picture: Picture = "runs/schedule_comparison.png",
 ) -> Simulation:
     """Three Diracs generated from N(0, I) by the exact flow-matching field of one schedule."""
     field = make_field(schedule, sigma, t_min)

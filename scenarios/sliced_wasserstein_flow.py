@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ import measureflow
 from measureflow import Particles, Simulation, scenario
 from measureflow.io.memory import MemoryWriter
 from measureflow.observables import mmd
+from measureflow.parameters import Count, OneOf, Picture, Points, PositiveFloat, Range, Steps, Threads
 from measureflow.simulation import Observer
 
 DIRECTIONS = ("quadrature", "random")
@@ -70,17 +72,17 @@ def _simulation(params: dict, writers: list) -> Simulation:
 
 @scenario
 def sliced_wasserstein_flow(
-    directions: str = "quadrature",
-    count: int = 16,
-    n: int = 500,
-    m: int = 500,
-    t1: float = 10.0,
-    steps: int = 100,
-    every: int = 2,
+    directions: Annotated[str, OneOf(*DIRECTIONS)] = "quadrature",
+    count: Annotated[int, Range(1, 100000)] = 16,
+    n: Points = 500,
+    m: Points = 500,
+    t1: PositiveFloat = 10.0,
+    steps: Steps = 100,
+    every: Count = 2,
     seed: int = 0,
-    threads: int = 0,
+    threads: Threads = 0,
     out: str = "runs/sliced_wasserstein_flow.h5",
-    picture: str = "runs/sliced_wasserstein_flow.png",
+    picture: Picture = "runs/sliced_wasserstein_flow.png",
 ) -> Simulation:
     """A Gaussian blob flowing onto two moons under SW₂² with quadrature or random directions."""
     if threads > 0:

@@ -32,6 +32,7 @@ few hundred particles).
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ import torch
 import measureflow
 from measureflow import Particles, Simulation, scenario
 from measureflow.measures import GaussianMixture
+from measureflow.parameters import Count, OneOf, Picture, Points, Positive, PositiveFloat, Steps
 
 ATOMS = ((2.0, 0.0), (-1.0, math.sqrt(3.0)), (-1.0, -math.sqrt(3.0)))
 WEIGHTS = (0.5, 0.3, 0.2)
@@ -90,16 +92,16 @@ def configure(schedule: str, direction: str, n: int, sigma: float, t_min: float,
 
 @scenario
 def three_diracs(
-    schedule: str = "linear",
-    direction: str = "reverse",
-    n: int = 20000,
-    sigma: float = 1.0,
-    t_min: float = 1e-3,
-    steps: int = 200,
-    every: int = 5,
+    schedule: Annotated[str, OneOf(*sorted(NOISE_END))] = "linear",
+    direction: Annotated[str, OneOf(*DIRECTIONS)] = "reverse",
+    n: Points = 20000,
+    sigma: Annotated[float, Positive(maximum=1e6)] = 1.0,
+    t_min: PositiveFloat = 1e-3,
+    steps: Steps = 200,
+    every: Count = 5,
     seed: int = 0,
     out: str = "runs/three_diracs.h5",
-    picture: str = "runs/three_diracs.png",
+    picture: Picture = "runs/three_diracs.png",
 ) -> Simulation:
     """Three Diracs noised to N(0, σ²I) and generated back under the linear or the OU (vp) schedule."""
     state, field, times = configure(schedule, direction, n, sigma, t_min, seed, steps)

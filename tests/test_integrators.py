@@ -649,7 +649,7 @@ def test_gaussian_state_needs_a_closure():
 
 
 # -- registration --------------------------------------------------------------------------------------------
-NAMES = {"euler", "heun", "midpoint", "rk4", "dopri5", "euler_maruyama"}
+NAMES = {"euler", "heun", "midpoint", "rk4", "dopri5", "euler_maruyama", "stochastic_heun", "sra", "milstein"}
 
 
 def test_builtin_hook_registers_every_integrator():

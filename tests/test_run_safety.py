@@ -154,16 +154,31 @@ def test_resume_of_a_damaged_finished_file_without_checkpoint_refuses(tiny, stra
     assert_same(straight, out)
 
 
-def test_run_into_an_existing_file_needs_overwrite(tiny, straight, tmp_path, capsys):
+def test_a_new_run_replaces_a_finished_file_only_when_it_ends(tiny, straight, tmp_path, capsys, monkeypatch):
     out = tmp_path / "done.h5"
     shutil.copyfile(straight, out)
     before = out.read_bytes()
+    real = h5md_module.H5MDWriter._commit
+    calls = {"n": 0}
+
+    def failing_commit(self):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self)
+
+    # A run that fails (the disk fills up) leaves the earlier file as it was, and no temporary.
+    monkeypatch.setattr(h5md_module.H5MDWriter, "_commit", failing_commit)
     assert run(tiny, out, sets=["seed=1"]) == 2
-    one_line_error(capsys, str(out), "--overwrite", "--resume")
+    one_line_error(capsys, "ENOSPC")
+    monkeypatch.undo()
     assert out.read_bytes() == before
-    assert run(tiny, out, "--overwrite", sets=["seed=1"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.h5", "done.h5.ckpt"]
+    # A run that ends replaces it.
+    assert run(tiny, out, sets=["seed=1"]) == 0
     with open_trajectory(out) as traj:
         assert traj.parameters["seed"] == 1 and traj.status.code == "completed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.h5"]
 
 
 def test_resume_onto_a_finished_file_compares_the_fingerprint(tiny, straight, tmp_path, capsys):
@@ -177,7 +192,7 @@ def test_resume_onto_a_finished_file_compares_the_fingerprint(tiny, straight, tm
     # Other parameters: refused, whatever they are.
     for change in ("seed=1", "n=31", "steps=41"):
         assert run(tiny, out, "--resume", sets=[change]) == 2
-        one_line_error(capsys, str(out), "other parameters", "--overwrite")
+        one_line_error(capsys, str(out), "other parameters", "without --resume")
         assert out.read_bytes() == before
 
 
@@ -305,6 +320,16 @@ def test_a_sweep_decides_done_from_the_files(tiny, tmp_path):
     report = run_sweep(tiny, {"n": [20, 21]}, "0", out, progress=False)
     assert report.skipped == 2
     assert [row["status"] for row in sweep_table(out).rows] == ["completed", "completed"]
+    # A stopped run whose file was then cut short: its checkpoint cannot continue it, so it starts over.
+    record = next(iter(index["runs"].values()))
+    (scn,) = load_scenarios(tiny).values()
+    sim = scn(**record["parameters"]).with_checkpoint(str(files[0]) + ".ckpt", every=10)
+    assert sim.with_options(callbacks=[lambda step, t, state: step >= 20], progress=False).run().steps_done == 20
+    with open(files[0], "r+b") as handle:
+        handle.truncate(os.path.getsize(files[0]) // 2)
+    report = run_sweep(tiny, {"n": [20, 21]}, "0", out, progress=False)
+    assert report.ok and report.skipped == 1
+    assert files[0].read_bytes() == good
 
 
 def test_collect_writes_no_spreadsheet_formulas(tmp_path):

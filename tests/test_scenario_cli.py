@@ -88,7 +88,9 @@ def test_cli_run_info_plot_and_errors(tmp_path):
     text.write_text("not hdf5")
     assert cli("plot", text, "-o", tmp_path / "x.png", check=False).returncode == 2
     params = cli("run", RELAXATION, "--params").stdout
-    assert "n (int) = 2000" in params
+    assert "n (int ≥ 1, fits in memory) = 2000" in params
+    # With --set, --params shows the values the run would use, checked.
+    assert "n (int ≥ 1, fits in memory) = 50" in cli("run", RELAXATION, "--set", "n=50", "--params").stdout
 
 
 def test_scenario_file_runs_as_a_script(tmp_path):
@@ -101,7 +103,7 @@ def test_scenario_file_runs_as_a_script(tmp_path):
     assert "covariance error" in run.stdout and out.exists()
     bad = subprocess.run([sys.executable, str(RELAXATION), "--set", "state=cloud", "--no-progress"],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "state must be 'particles' or 'gaussians'" in bad.stderr
+    assert bad.returncode == 2 and "state must be one of particles, gaussians" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 

@@ -98,7 +98,7 @@ def test_forward_flow_and_parameter_errors(tmp_path):
     numbers = g["final_numbers"](result, params, field)
     # Started from exact samples of ρ_τmin: the same quantile identity, the same RK4 bound as above.
     assert numbers["quantile_error"] < 1e-4 and numbers["tau"] == params["tau_max"]
-    with pytest.raises(measureflow.ParameterError, match="direction must be 'forward' or 'reverse'"):
+    with pytest.raises(measureflow.ParameterError, match="direction must be one of forward, reverse"):
         scn.build({"direction": "backward"})
     with pytest.raises(measureflow.ParameterError, match="sampler must be 'ode'"):
         scn.build({"sampler": "langevin"})
@@ -256,5 +256,5 @@ def test_case_and_state_are_checked():
     scn, _ = load("fm_vs_brenier")
     with pytest.raises(measureflow.ParameterError, match="case must be one of reference, commuting"):
         scn.build({"case": "rotated"})
-    with pytest.raises(measureflow.ParameterError, match="state must be 'particles' or 'gaussians'"):
+    with pytest.raises(measureflow.ParameterError, match="state must be one of particles, gaussians"):
         scn.build({"state": "cloud"})

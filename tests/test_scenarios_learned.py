@@ -43,9 +43,9 @@ def moons():
     return scn
 
 
-def _run(scn, directory: Path, **overrides):
+def _run(scn, directory: Path, overwrite: bool = False, **overrides):
     params = {**TINY, "out": str(directory / "moons.h5"), "picture": str(directory / "moons.png"), **overrides}
-    result = scn.run(params, progress=False)
+    result = scn.run(params, progress=False, overwrite=overwrite)
     numbers = json.loads((directory / "moons.report.json").read_text())
     return params, result, numbers
 
@@ -162,12 +162,13 @@ def test_rerun_reuses_the_weights_and_retrain_forces_training(first, moons, monk
         return original(*args, **kwargs)
 
     monkeypatch.setattr(training, "train_velocity", counting)
-    _, result, numbers = _run(moons, directory, **LIGHT)
+    # A rerun into the same output replaces the finished trajectory only when asked (overwrite).
+    _, result, numbers = _run(moons, directory, overwrite=True, **LIGHT)
     assert result.ok and calls == [] and not numbers["training"]["trained_now"]
     assert weights.read_bytes() == before
     assert numbers["training"]["steps"] == TINY["train_steps"]
 
-    _, result, numbers = _run(moons, directory, **LIGHT, retrain=True)
+    _, result, numbers = _run(moons, directory, overwrite=True, **LIGHT, retrain=True)
     assert result.ok and calls == [TINY["train_steps"]] and numbers["training"]["trained_now"]
     # Same seed, same data: a fresh training run reproduces the weights bit for bit on the CPU.
     assert weights.read_bytes() == before
@@ -176,7 +177,7 @@ def test_rerun_reuses_the_weights_and_retrain_forces_training(first, moons, monk
 def test_script_reuses_the_weights_and_bad_parameters_are_refused(first, moons):
     directory, params, _, _ = first
     args = [a for k, v in {**params, **LIGHT}.items() for a in ("--set", f"{k}={v}")]
-    run = subprocess.run([sys.executable, str(SCENARIO), *args, "--no-progress"], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, str(SCENARIO), *args, "--no-progress", "--overwrite"], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr
     assert "reusing the trained weights" in run.stderr and "saved weights reused" in run.stdout

@@ -8,6 +8,8 @@ controllers, dense output, and the run-side :class:`Stepper` that crosses output
   ``measureflow.integrator("dopri5", controller=PIController(rtol=1e-8, atol=1e-10))``.
 * Controllers: :class:`ConstantController` (one step per interval, SPD-safe halving for Gaussians)
   and :class:`PIController` (error control).
+* :class:`BrownianTree`: a fixed, refinable Brownian path, passed as a run's noise so that runs at
+  several step sizes see the same path (strong errors).
 * :class:`Dynamics` binds a field to a run (channels, noise, counters); :class:`Channel` adds an
   auxiliary quantity integrated with the particles.
 
@@ -21,11 +23,13 @@ from ..errors import StepFailure
 from .base import STAT_KEYS, Solver, StepResult
 from .controllers import ConstantController, Controller, PIController, error_norm
 from .dense import DenseOutput, HermiteDense, LinearDense, RungeKuttaDense
+from .brownian import BrownianIncrement, BrownianTree, brownian_increment
 from .dynamics import Channel, Dynamics, as_dynamics
 from .noise import NoiseStream, noise_seed, standard_normal
 from .runge_kutta import DormandPrince5, ExplicitRungeKutta, rk_stages
 from .combine import combine
 from .stepper import Carry, Stepper
+from .sde import SRA1, Milstein, StochasticHeun
 from .stochastic import EulerMaruyama
 from .tableau import DOPRI5, EULER, HEUN, MIDPOINT, RK4, ButcherTableau
 
@@ -54,6 +58,12 @@ __all__ = [
     "ExplicitRungeKutta",
     "DormandPrince5",
     "EulerMaruyama",
+    "StochasticHeun",
+    "SRA1",
+    "Milstein",
+    "BrownianTree",
+    "BrownianIncrement",
+    "brownian_increment",
     "rk_stages",
     "combine",
     "EULER",

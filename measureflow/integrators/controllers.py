@@ -35,7 +35,7 @@ import math
 import attrs
 import torch
 
-from ..errors import StepFailure
+from ..errors import ParameterError, StepFailure
 from ..validators import check_int, integer, nonnegative, positive
 from .combine import combine
 
@@ -147,7 +147,7 @@ def _first_step(value):
         return None
     value = float(value)
     if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"first_step must be a positive finite step size; received {value!r}")
+        raise ParameterError(f"first_step must be a positive finite step size; received {value!r}")
     return value
 
 
@@ -178,18 +178,18 @@ class PIController(Controller):
 
     def __attrs_post_init__(self):
         if not self.dt_max > 0:
-            raise ValueError(f"dt_max must be > 0 (inf: no bound); received {self.dt_max!r}")
+            raise ParameterError(f"dt_max must be > 0 (inf: no bound); received {self.dt_max!r}")
         if self.rtol == 0 and self.atol == 0:
-            raise ValueError("rtol and atol cannot both be 0 (the error scale atol + rtol·|y| would vanish)")
+            raise ParameterError("rtol and atol cannot both be 0 (the error scale atol + rtol·|y| would vanish)")
         if self.dt_min > self.dt_max:
-            raise ValueError(f"dt_min = {self.dt_min:g} must not exceed dt_max = {self.dt_max:g}")
+            raise ParameterError(f"dt_min = {self.dt_min:g} must not exceed dt_max = {self.dt_max:g}")
         if not (self.min_factor < 1 < self.max_factor):
-            raise ValueError(
+            raise ParameterError(
                 f"need min_factor < 1 < max_factor; received min_factor = {self.min_factor:g}, "
                 f"max_factor = {self.max_factor:g}"
             )
         if not (self.safety <= 1):
-            raise ValueError(f"safety must lie in (0, 1]; received {self.safety:g}")
+            raise ParameterError(f"safety must lie in (0, 1]; received {self.safety:g}")
 
     @property
     def options(self) -> dict:
@@ -238,7 +238,7 @@ class PIController(Controller):
         if t0 == t1:
             return state
         if not getattr(solver, "adaptive", False):
-            raise ValueError(f"a PIController needs a solver with an error estimate; {solver.name!r} has none")
+            raise ParameterError(f"a PIController needs a solver with an error estimate; {solver.name!r} has none")
         stats = dynamics.stats
         cs = carry.controller_state
         direction = 1.0 if t1 > t0 else -1.0

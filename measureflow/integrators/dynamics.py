@@ -36,6 +36,7 @@ from ..geometry import moves_weights
 from ..linalg import symmetrize
 from ..mixtures import check_mixture_field, mixture_rates
 from ..state import state_kind
+from .brownian import BrownianIncrement, brownian_increment
 from .noise import standard_normal
 
 __all__ = ["Dynamics", "Channel", "as_dynamics", "STAT_KEYS"]
@@ -113,6 +114,7 @@ class Dynamics:
             self._particle_rate_with_channels if (self.channels or self.moving_weights) else self._particle_rate)
         self.stats = stats if stats is not None else dict.fromkeys(STAT_KEYS, 0)
         self.has_diffusion = "diffusion" in capabilities(field)
+        self.diagonal_noise = callable(getattr(field, "diagonal_diffusion", None))
 
     def bind(self, field) -> "Dynamics":
         """The same run (noise, channels, counters) with another field, e.g. one piece of a
@@ -230,6 +232,18 @@ class Dynamics:
     def standard_normal(self, shape, like: torch.Tensor) -> torch.Tensor:
         """ξ ~ N(0, I) from the run's noise stream."""
         return standard_normal(shape, like, self.noise)
+
+    def brownian(self, t0: float, t1: float, like: torch.Tensor, levy: bool = False) -> BrownianIncrement:
+        """The Brownian increment (ΔW, and the Lévy area H when ``levy``) of the step [t0, t1], from
+        the run's noise (:func:`~measureflow.integrators.brownian.brownian_increment`)."""
+        return brownian_increment(self.noise, t0, t1, like, levy)
+
+    def noise_coefficient(self, t: float, x: torch.Tensor):
+        """The field's noise at (t, x): its ``diagonal_diffusion(t, x)`` (elementwise, shaped like x)
+        when it has one, else the scalar ``diffusion(t)``."""
+        if self.diagonal_noise:
+            return self.field.diagonal_diffusion(t, x)
+        return self.field.diffusion(t)
 
     # -- checks -------------------------------------------------------------------------------------
     def admissible(self, y) -> torch.Tensor:

@@ -10,6 +10,9 @@ noise is reproducible and checkpointed with the run. Weak order 1, strong order 
 never synchronises with the host. Auxiliary channels take an explicit Euler step.
 
 * A field without ``diffusion`` makes this exactly explicit Euler and draws nothing.
+* A field with ``diagonal_diffusion(t, x)`` (state-dependent diagonal noise) uses it for σ.
+* With a :class:`~measureflow.integrators.BrownianTree` as the run's noise, √h·ξ is the tree's
+  increment over the step, so runs at several step sizes share one Brownian path.
 * A Gaussian state is advanced deterministically: a field's ``affine`` closure is the law's velocity
   (probability flow), so the Gaussian step is the Euler pushforward m' = m + hb,
   Σ' = (I + hA)Σ(I + hA)ᵀ, under the SPD safeguard of the constant controller.
@@ -23,6 +26,7 @@ import math
 from ..errors import TimeRangeError
 from ..fields import capabilities
 from .base import Solver, StepResult
+from .brownian import BrownianTree
 from .controllers import ConstantController
 from .dense import LinearDense
 from .dynamics import as_dynamics
@@ -72,8 +76,11 @@ class EulerMaruyama(Solver):
         x, v = y0[0], rates[0]
         x_new = x + h * v
         if dyn.has_diffusion:
-            sigma = dyn.diffusion(t0)
-            xi = dyn.standard_normal(x.shape, x)
-            x_new = x_new + (sigma * math.sqrt(h)) * xi
+            sigma = dyn.noise_coefficient(t0, x)
+            if isinstance(dyn.noise, BrownianTree):
+                x_new = x_new + sigma * dyn.brownian(t0, t0 + h, x).dW
+            else:
+                xi = dyn.standard_normal(x.shape, x)
+                x_new = x_new + (sigma * math.sqrt(h)) * xi
         y1 = (x_new, *[c + h * r for c, r in zip(y0[1:], rates[1:])])
         return StepResult(dyn.unpack(y1, y), None, LinearDense(dyn, t0, t1, y0, y1, y), None)

@@ -6,9 +6,10 @@ every instant ``path`` is either the previous checkpoint or the new one, never a
 ``torch.Generator`` states, which are uint8 tensors), numbers, strings, bytes, lists, tuples, sets
 and dicts load; arbitrary pickled objects are refused.
 
-Integrity: the payload is serialised to bytes whose SHA-256 is stored beside them
-(``{"measureflow_checkpoint": 1, "sha256": …, "body": …}``); a file whose bytes changed — one flipped
-float in a tensor record, which torch itself would load without checking its CRC — is refused.
+Integrity: the payload carries ``"sha256"``, a digest of its content (every key, number, string and
+tensor — dtype, shape and bytes; :func:`payload_digest`), so a file whose content changed — one
+flipped float in a tensor record, which torch itself would load without checking its CRC — is
+refused. The payload stays a plain dict that ``torch.load`` reads.
 A run's checkpoint (:func:`load_run_checkpoint`) must carry the checksum, and its step and time must
 lie on the run's time grid.
 """
@@ -16,7 +17,6 @@ lie on the run's time grid.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -57,20 +57,50 @@ def save_checkpoint(path, payload: dict) -> Path:
     if not isinstance(payload, dict):
         raise TypeError(f"checkpoint payload must be a dict, received {type(payload).__name__}")
     payload = _plain(payload, "payload")
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    body = buffer.getvalue()
-    wrapped = {_MARK: 1, "sha256": hashlib.sha256(body).hexdigest(), "body": body}
+    payload = {**payload, _DIGEST: payload_digest(payload)}
     try:
         with atomic_replace(path) as tmp:
             with open(tmp, "wb") as handle:
-                torch.save(wrapped, handle)
+                torch.save(payload, handle)
     except (OSError, RuntimeError) as exc:  # disk full: the previous checkpoint is still in place
         raise io_failure(path, "write the checkpoint", exc) from exc
     return path
 
 
-_MARK = "measureflow_checkpoint"
+_DIGEST = "sha256"
+
+
+def _feed(h, value) -> None:
+    """Feed ``value`` to the hash ``h``: a type tag, then its content (tensors: dtype, shape, bytes)."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(value.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(value, dict):
+        h.update(f"D{len(value)}".encode())
+        for key, item in value.items():
+            _feed(h, key)
+            _feed(h, item)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__[0]}{len(value)}".encode())
+        for item in value:
+            _feed(h, item)
+    elif isinstance(value, (set, frozenset)):
+        h.update(f"S{len(value)}".encode())
+        for digest in sorted(payload_digest(item) for item in value):
+            h.update(digest.encode())
+    elif isinstance(value, bytes):
+        h.update(b"B%d:" % len(value) + value)
+    else:  # numbers, strings, None, dtypes, devices, sizes: their repr is exact
+        text = repr(value)
+        h.update(f"{type(value).__name__}{len(text)}:{text}".encode())
+
+
+def payload_digest(value) -> str:
+    """SHA-256 of a checkpoint payload's content (see the module docstring)."""
+    h = hashlib.sha256()
+    _feed(h, value)
+    return h.hexdigest()
 
 
 def _unreadable(path, exc: BaseException) -> TrajectoryFileError:
@@ -83,24 +113,22 @@ def _unreadable(path, exc: BaseException) -> TrajectoryFileError:
 
 
 def _read(path: Path, map_location) -> tuple[dict, bool]:
-    """The payload and whether a checksum verified it (False for files written without one)."""
+    """The payload (without its digest) and whether a digest verified it (False for a file written
+    without one)."""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to decode means an unusable file
         raise _unreadable(path, exc) from exc
-    if not (isinstance(payload, dict) and payload.get(_MARK) == 1):
+    if not (isinstance(payload, dict) and _DIGEST in payload):
         return payload, False
-    body = payload.get("body")
-    if not isinstance(body, bytes) or hashlib.sha256(body).hexdigest() != payload.get("sha256"):
+    payload = dict(payload)
+    stored = payload.pop(_DIGEST)
+    if stored != payload_digest(payload):
         raise TrajectoryFileError(
             f"checkpoint {path}: its checksum does not match its content (the file was changed or damaged "
             "on disk); delete it and start the run again (--restart)"
         )
-    try:
-        inner = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise _unreadable(path, exc) from exc
-    return inner, True
+    return payload, True
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -132,16 +160,16 @@ def load_run_checkpoint(path, *, owner: str, expected_format: str, fingerprint: 
     if not path.is_file():
         load_checkpoint(path)  # the "no such file" message
     payload, verified = _read(path, "cpu")
-    if not verified:
-        raise TrajectoryFileError(
-            f"checkpoint {path} carries no checksum (it was written by an older measureflow or by another "
-            "program); delete it and start the run again (--restart)"
-        )
     if not isinstance(payload, dict) or payload.get("format") != expected_format:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise TrajectoryFileError(
             f"checkpoint {path} is not a {owner} checkpoint (format {found!r}); point "
             "checkpoint= at the file this run wrote, or delete it"
+        )
+    if not verified:
+        raise TrajectoryFileError(
+            f"checkpoint {path} carries no checksum (it was written by an older measureflow or by another "
+            "program); delete it and start the run again (--restart)"
         )
     if payload.get("fingerprint") != fingerprint:
         raise MeasureflowError(

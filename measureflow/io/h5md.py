@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import MeasureflowError, ParameterError, ShapeError, TrajectoryFileError
+from ..errors import MeasureflowError, ParameterError, ResumeRefusedError, ShapeError, TrajectoryFileError
 from . import layout as L
 from .base import Writer
 from .runinfo import RunInfo
@@ -233,9 +233,10 @@ class H5MDWriter(Writer):
     Parameters
     ----------
     path:
-        Output file; an existing file is replaced unless the run is resumed
-        (``RunInfo.resume_step`` is not None), in which case it is reopened and cut back to the
-        resume step.
+        Output file (ending in .h5, .hdf5 or .h5md); an existing file is replaced unless the run is
+        resumed (``RunInfo.resume_step`` is not None), in which case it is reopened and cut back to
+        the resume step. A replacement is written beside the file and renamed over it at close,
+        unless the run raised (status ``interrupted``) or a write failed: then the earlier file stays.
     every:
         Trigger of the steps on which frames are written (int k = every k steps).
     flush_every:
@@ -296,6 +297,8 @@ class H5MDWriter(Writer):
         self._closed = False
         self._failed = False  # an I/O error happened: only closing is left
         self._lock = OutputLock(self.path)
+        self._where = self.path  # where the HDF5 file is written: a temporary when replacing a file
+        self._replacing = None  # the atomic_replace in progress when an existing file is replaced
 
     # -- opening ----------------------------------------------------------------------------------
     def open(self, run: RunInfo) -> None:
@@ -308,15 +311,31 @@ class H5MDWriter(Writer):
         # Checked before any work: a second process writing the same file is refused at once.
         self._lock = OutputLock(self.path).acquire()
         try:
+            if run.resume_step is not None:
+                try:
+                    if self.path.exists():
+                        self._verify_resumable(run)
+                    else:
+                        self._refuse_lost_frames(run.resume_step, None, "the file does not exist")
+                except ResumeRefusedError:
+                    raise
+                except TrajectoryFileError as exc:
+                    raise ResumeRefusedError(str(exc)) from exc
             if run.resume_step is not None and self.path.exists():
-                self._verify_resumable(run)
                 self._reopen_for_resume(run)
             else:
-                if run.resume_step is not None:
-                    self._refuse_lost_frames(run.resume_step, None, "the file does not exist")
+                if self.path.exists():
+                    # Never truncate an existing file: write beside it, replace it when the run ends.
+                    self._replacing = atomic_replace(self.path)
+                    self._where = self._replacing.__enter__()
                 self._create(run)
             self._start_swmr()
         except BaseException:
+            if self._file is not None:
+                with contextlib.suppress(Exception):
+                    self._file.close()
+                self._file = None
+            self._finish_replace(keep_new=False)
             self._lock.release()
             raise
         self._last_flush = _clock()
@@ -324,7 +343,20 @@ class H5MDWriter(Writer):
         _install_atexit()
 
     def _h5(self, mode: str) -> h5py.File:
-        return h5py.File(self.path, mode, libver="latest", rdcc_nbytes=L.CHUNK_CACHE_BYTES)
+        return h5py.File(self._where, mode, libver="latest", rdcc_nbytes=L.CHUNK_CACHE_BYTES)
+
+    def _finish_replace(self, keep_new: bool) -> None:
+        """End the replacement of an existing file: the new file takes its place (``keep_new``), or
+        is removed and the earlier file stays (a run that raised, or failed to write)."""
+        replacing, self._replacing = self._replacing, None
+        if replacing is None:
+            return
+        if keep_new:
+            replacing.__exit__(None, None, None)  # fsync, rename over the old file, fsync the folder
+        else:
+            reason = RuntimeError("the run did not end normally: the earlier file is kept")
+            replacing.__exit__(RuntimeError, reason, None)
+        self._where = self.path
 
     def _create(self, run: RunInfo) -> None:
         f = self._file = self._h5("w")
@@ -816,7 +848,7 @@ class H5MDWriter(Writer):
                 try:
                     f.close()
                 except Exception:  # noqa: BLE001 - HDF5 keeps the file open and retries at exit
-                    UNCLOSED_AFTER_ERROR.add(str(self.path))
+                    UNCLOSED_AFTER_ERROR.add(str(self._where))
                     return
                 with contextlib.suppress(Exception):
                     self._store_status()
@@ -828,7 +860,11 @@ class H5MDWriter(Writer):
                     self._file = None
                     f.close()
                 self._store_status()
+                # A run that raised is recorded "interrupted": it does not replace an earlier file.
+                self._finish_replace(keep_new=self._status is None or self._status[0] != "interrupted")
         finally:
+            with contextlib.suppress(Exception):
+                self._finish_replace(keep_new=False)
             self._lock.release()
 
     def __del__(self):

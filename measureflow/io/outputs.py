@@ -16,7 +16,9 @@ completed, same run        any              done: nothing to resume, never rewri
 completed, another run     any              refused unless ``overwrite`` / ``restart``
 unfinished or damaged      present          resume (the writer verifies every committed frame)
 unfinished or damaged      missing          refused unless ``restart`` (no way to continue it)
-any existing, no --resume                   refused unless ``overwrite`` / ``restart``
+any existing, no --resume  any              fresh run, written beside the file; it replaces the
+                                            file when it ends (never when it raised: the earlier
+                                            file stays; :class:`~measureflow.io.H5MDWriter`)
 =========================  ===============  =====================================================
 
 ``restart`` (and ``overwrite``) delete the checkpoint and let the run replace the file.
@@ -92,14 +94,11 @@ def plan_output(path, checkpoint, fingerprint: str, *, resume: bool, restart: bo
         if checkpoint is not None:
             checkpoint.unlink(missing_ok=True)
         return FRESH
+    if not resume:
+        return FRESH
     report = inspect_output(path)
     if not report.exists:
-        return RESUME if resume and has_checkpoint else FRESH
-    if not resume:
-        raise TrajectoryFileError(
-            f"{path}: exists and {report.describe()}; --resume continues it (or confirms it is done), "
-            "--overwrite replaces it, or write to another output"
-        )
+        return RESUME if has_checkpoint else FRESH
     if report.completed:
         if report.matches(fingerprint):
             return DONE
@@ -109,8 +108,8 @@ def plan_output(path, checkpoint, fingerprint: str, *, resume: bool, restart: bo
             return FRESH
         raise TrajectoryFileError(
             f"{path}: holds a completed run of other parameters (fingerprint {report.fingerprint}, this run "
-            f"{fingerprint}: field, parameters, seed or grid differ); --overwrite replaces it, or write to "
-            "another output"
+            f"{fingerprint}: field, parameters, seed or grid differ); run without --resume (or add --overwrite) to "
+            "replace it, or write to another output"
         )
     if has_checkpoint:
         return RESUME

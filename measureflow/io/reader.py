@@ -253,9 +253,12 @@ class TrajectoryFile(ShapedTrajectory):
     def parameters(self) -> dict:
         raw = self.file[L.PARAMETERS][()]
         try:
-            return json.loads(L.text(raw))
+            parameters = json.loads(L.text(raw))
         except json.JSONDecodeError as exc:
             raise _fail(self.path, f"/parameters/measureflow is not valid JSON ({exc})") from exc
+        if not isinstance(parameters, dict):
+            raise _fail(self.path, f"/parameters/measureflow is not a JSON object (it holds a {type(parameters).__name__})")
+        return parameters
 
     @property
     def fingerprint(self) -> str:

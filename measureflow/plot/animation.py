@@ -9,6 +9,7 @@ import numpy as np
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
+from ..errors import ParameterError
 from ..io.trajectory import Trajectory
 from .common import axis_labels, chosen_replicas, even_indices, format_time, marker_sizes, particle_subset, run_title
 from .ellipses import ellipse_vertices
@@ -42,11 +43,11 @@ def animate(traj, out, *, replica=0, max_particles: int = 2000, fps: int = 10, m
     from matplotlib.animation import PillowWriter
 
     if out is None:
-        raise ValueError("animate needs out=, the .gif file to write")
+        raise ParameterError("animate needs out=, the .gif file to write")
     if os.path.splitext(os.fspath(out))[1].lower() != ".gif":
-        raise ValueError(f"animate writes GIF files; give out a .gif name (received {os.fspath(out)!r})")
+        raise ParameterError(f"animate writes GIF files; give out a .gif name (received {os.fspath(out)!r})")
     if int(max_frames) < 1 or int(fps) < 1:
-        raise ValueError(f"max_frames and fps must be positive; received max_frames={max_frames}, fps={fps}")
+        raise ParameterError(f"max_frames and fps must be positive; received max_frames={max_frames}, fps={fps}")
     with opened(traj) as traj:
         frames = even_indices(len(traj), int(max_frames))
         times = frame_times(traj)[frames]

@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from ..errors import ParameterError
 from ..io.trajectory import Trajectory
 
 #: The limits a user may tune (re-exported by :mod:`measureflow.plot`).
@@ -67,7 +68,7 @@ def particle_subset(n: int, k: int) -> np.ndarray:
     A draw, not a stride, so that particles laid out on a lattice are not aliased.
     """
     if k < 1:
-        raise ValueError(f"max_particles must be at least 1; received {k}")
+        raise ParameterError(f"max_particles must be at least 1; received {k}")
     if n <= k:
         return np.arange(n)
     return np.sort(np.random.default_rng(0).choice(n, size=k, replace=False))
@@ -77,18 +78,18 @@ def chosen_replicas(traj: Trajectory, replica, *, allow_all: bool) -> list[int]:
     """The replica indices to draw: ``replica`` (an int, negative counting from the end) or ``"all"``."""
     if isinstance(replica, str) and replica == "all":
         if not allow_all:
-            raise ValueError(
+            raise ParameterError(
                 f"{traj.source}: replica='all' is not available for a particle picture; choose one "
                 f"replica in 0..{traj.replicas - 1}"
             )
         return list(range(traj.replicas))
     if isinstance(replica, (bool, np.bool_)) or not isinstance(replica, (int, np.integer)):
-        raise ValueError(f"replica must be an int (or 'all' where allowed); received {replica!r}")
+        raise ParameterError(f"replica must be an int (or 'all' where allowed); received {replica!r}")
     r = int(replica)
     if r < 0:
         r += traj.replicas
     if not 0 <= r < traj.replicas:
-        raise ValueError(
+        raise ParameterError(
             f"{traj.source}: replica {replica} does not exist; the trajectory has {traj.replicas} "
             f"replica(s), 0..{traj.replicas - 1}"
         )

@@ -6,6 +6,7 @@ import numpy as np
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
+from ..errors import ParameterError
 from .common import CMAP, axis_labels, new_figure, save, time_norm
 from .inputs import to_numpy
 
@@ -68,20 +69,20 @@ def plot_covariance_ellipses(mean, cov, ax=None, *, n_std: float = 2.0, times=No
     if c.ndim == 2:
         c = c[None]
     if m.ndim != 2 or c.ndim != 3 or c.shape != (m.shape[0], m.shape[1], m.shape[1]):
-        raise ValueError(
+        raise ParameterError(
             f"plot_covariance_ellipses expects mean of shape (T, d) and cov of shape (T, d, d); received "
             f"{m.shape} and {c.shape}"
         )
     T, d = m.shape
     if T == 0:
-        raise ValueError("plot_covariance_ellipses received no Gaussians (T = 0)")
+        raise ParameterError("plot_covariance_ellipses received no Gaussians (T = 0)")
     if d < 2:
-        raise ValueError(f"covariance ellipses need d ≥ 2; received d = {d} (draw a density for d = 1)")
+        raise ParameterError(f"covariance ellipses need d ≥ 2; received d = {d} (draw a density for d = 1)")
     i, j = (int(k) for k in dims)
     if not (0 <= i < d and 0 <= j < d and i != j):
-        raise ValueError(f"dims must be two distinct coordinates in 0..{d - 1}; received {tuple(dims)}")
+        raise ParameterError(f"dims must be two distinct coordinates in 0..{d - 1}; received {tuple(dims)}")
     if not n_std > 0:
-        raise ValueError(f"n_std must be positive; received {n_std}")
+        raise ParameterError(f"n_std must be positive; received {n_std}")
     sel = np.array([i, j])
     m2 = m[:, sel]
     c2 = c[:, sel][:, :, sel]
@@ -94,7 +95,7 @@ def plot_covariance_ellipses(mean, cov, ax=None, *, n_std: float = 2.0, times=No
     else:
         t = np.arange(T, dtype=float) if times is None else to_numpy(times).astype(float).reshape(-1)
         if t.shape != (T,):
-            raise ValueError(f"times must have shape (T,) = ({T},); received {t.shape}")
+            raise ParameterError(f"times must have shape (T,) = ({T},); received {t.shape}")
         coll = LineCollection(list(verts[ok]), cmap=cmap, norm=norm or time_norm(t),
                               linewidths=linewidth, alpha=alpha, label=label)
         coll.set_array(t[ok])

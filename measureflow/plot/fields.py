@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..errors import ParameterError
 from .common import format_time, new_figure, particle_subset, save, subscript
 from .ellipses import plot_covariance_ellipses
 from .inputs import to_numpy
@@ -68,24 +69,24 @@ def quiver(field, t: float, state=None, ax=None, bounds=None, grid: int = 25, *,
     from ..state import Gaussians, Particles
 
     if int(grid) < 2:
-        raise ValueError(f"grid must be at least 2 points per side; received {grid}")
+        raise ParameterError(f"grid must be at least 2 points per side; received {grid}")
     if state is not None:
         if not isinstance(state, (Particles, Gaussians)):
             raise TypeError(f"state must be a Particles or Gaussians state (or None); received {type(state).__name__}")
         if not -state.replicas <= int(replica) < state.replicas:
-            raise ValueError(f"replica {replica} does not exist; the state has {state.replicas} replica(s)")
+            raise ParameterError(f"replica {replica} does not exist; the state has {state.replicas} replica(s)")
         state = _one_replica(state, int(replica) % state.replicas)
         d, device, dtype = state.dim, state.device, state.dtype
     else:
         d, device, dtype = 2, torch.device("cpu"), torch.get_default_dtype()
     dims = tuple(int(k) for k in dims)
     if d >= 2 and not (len(dims) == 2 and all(0 <= k < d for k in dims) and dims[0] != dims[1]):
-        raise ValueError(f"dims must be two distinct coordinates in 0..{d - 1}; received {dims}")
+        raise ParameterError(f"dims must be two distinct coordinates in 0..{d - 1}; received {dims}")
     if bounds is None:
         bounds = _default_bounds(state, dims if d >= 2 else (0, 0))
     bounds = tuple(float(b) for b in bounds)
     if len(bounds) != 4 or not (bounds[1] > bounds[0] and bounds[3] > bounds[2]):
-        raise ValueError(f"bounds must be (x_min, x_max, y_min, y_max) with min < max; received {bounds}")
+        raise ParameterError(f"bounds must be (x_min, x_max, y_min, y_max) with min < max; received {bounds}")
 
     g = int(grid)
     if d == 1:
@@ -114,7 +115,7 @@ def quiver(field, t: float, state=None, ax=None, bounds=None, grid: int = 25, *,
         v = field.velocity(t, x, state)
     v = to_numpy(v).astype(float)
     if v.shape != (1, pts.shape[0], d):
-        raise ValueError(
+        raise ParameterError(
             f"field {getattr(field, 'name', type(field).__name__)!r} returned velocities of shape {v.shape} "
             f"for query points of shape {(1, pts.shape[0], d)}; a velocity must have the query points' shape"
         )

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..errors import ParameterError, TrajectoryFileError
 from ..io.trajectory import KINDS, Trajectory
 
 __all__ = [
@@ -66,14 +67,14 @@ def opened(traj) -> Iterator[Trajectory]:
 def _checked(traj: Trajectory) -> Trajectory:
     source = traj.source
     if traj.kind not in KINDS:
-        raise ValueError(f"{source}: unknown trajectory kind {traj.kind!r}; expected one of {KINDS}")
+        raise ParameterError(f"{source}: unknown trajectory kind {traj.kind!r}; expected one of {KINDS}")
     if len(traj) == 0:
-        raise ValueError(
+        raise ParameterError(
             f"{source}: the trajectory has no frames, so there is nothing to draw; check that the "
             "run wrote at least one frame (its writer trigger fires on step 0 by default)"
         )
     if traj.replicas < 1 or traj.dim < 1 or (traj.kind == "particles" and traj.size < 1):
-        raise ValueError(
+        raise ParameterError(
             f"{source}: empty trajectory (replicas={traj.replicas}, particles={traj.size}, dim={traj.dim})"
         )
     return traj
@@ -92,6 +93,9 @@ def drawn_weights(traj: Trajectory, frame: int | None = None) -> np.ndarray | No
     w = None if weights is None else to_numpy(weights).astype(float)
     if w is not None:
         w = w.reshape(R, N) if w.size == R * N else None
+    if w is not None and not (np.isfinite(w).all() and (w >= 0).all()):
+        raise TrajectoryFileError(f"{traj.source}: the particle weights hold NaN, inf or negative values; the file "
+                                  "is damaged (a run never writes such weights)")
     if w is not None and np.allclose(w, 1.0 / max(N, 1)):
         w = None
     return w
@@ -106,7 +110,7 @@ def replica_positions(traj: Trajectory, positions, frame: int, replica: int,
     """
     x = to_numpy(positions[int(frame), int(replica)])
     if x.shape != (traj.size, traj.dim):
-        raise ValueError(
+        raise ParameterError(
             f"{traj.source}: replica {replica} of frame {frame} of the positions has shape {x.shape}; expected "
             f"(N, d) = {(traj.size, traj.dim)}"
         )
@@ -128,7 +132,7 @@ def line_densities(traj: Trajectory, frames, replica: int, bins: int):
     xs = [replica_positions(traj, positions, f, replica)[:, 0] for f in frames]
     pooled = np.concatenate([x[np.isfinite(x)] for x in xs]) if xs else np.zeros(0)
     if pooled.size == 0:
-        raise ValueError(f"{traj.source}: every position is non-finite; nothing to draw")
+        raise ParameterError(f"{traj.source}: every position is non-finite; nothing to draw")
     lo, hi = np.quantile(pooled, [0.002, 0.998])
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..errors import ParameterError
 from ..io.base import Series
 from .common import (
     CURVE_FRAMES,
@@ -49,7 +50,7 @@ def _draw_series(ax, name: str, series: Series, replicas: list[int], total_repli
     t = read_all(series.times).astype(float).reshape(-1)
     v = read_all(series.values).astype(float)
     if v.shape[0] != t.shape[0]:
-        raise ValueError(f"observable {name!r}: {v.shape[0]} values for {t.shape[0]} times")
+        raise ParameterError(f"observable {name!r}: {v.shape[0]} values for {t.shape[0]} times")
     if t.shape[0] > CURVE_FRAMES * 4:  # a long run: a dense even subset draws the same curve
         keep = even_indices(t.shape[0], CURVE_FRAMES * 4)
         t, v = t[keep], v[keep]
@@ -116,7 +117,7 @@ def plot_observables(traj, names=None, out=None, *, replica=0) -> Figure:
         if names is None:
             chosen = [n for n, s in observables.items() if is_scalar(s, traj.replicas)]
             if not chosen:
-                raise ValueError(
+                raise ParameterError(
                     f"{traj.source}: the trajectory has no scalar observables to plot (available: "
                     f"{available or 'none'}); add observables to the run or name non-scalar ones explicitly"
                 )
@@ -124,11 +125,11 @@ def plot_observables(traj, names=None, out=None, *, replica=0) -> Figure:
             chosen = [names] if isinstance(names, str) else list(names)
             unknown = [n for n in chosen if n not in observables]
             if unknown:
-                raise ValueError(
+                raise ParameterError(
                     f"{traj.source}: unknown observable(s) {unknown}; available: {available or 'none'}"
                 )
             if not chosen:
-                raise ValueError("names is empty; give at least one observable name or None for all")
+                raise ParameterError("names is empty; give at least one observable name or None for all")
         fig = Figure(figsize=(7.0, 1.2 + 2.0 * len(chosen)), layout="constrained")
         observable_panels(fig, fig.add_gridspec(1, 1)[0, 0], observables, chosen, reps, traj.replicas)
         fig.suptitle(run_title(traj), fontsize="medium")

@@ -11,6 +11,7 @@ from matplotlib.collections import LineCollection
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
+from ..errors import ParameterError
 from ..io.trajectory import Trajectory
 from .common import (
     CMAP,
@@ -43,18 +44,18 @@ def _snapshot_frames(traj: Trajectory, frames) -> np.ndarray:
         return even_indices(n, 3)
     if isinstance(frames, (int, np.integer)) and not isinstance(frames, bool):
         if frames < 1:
-            raise ValueError(f"frames must be a positive count or a list of frame indices; received {frames}")
+            raise ParameterError(f"frames must be a positive count or a list of frame indices; received {frames}")
         return np.array([n - 1]) if frames == 1 else even_indices(n, int(frames))
     if not isinstance(frames, Sequence) and not isinstance(frames, np.ndarray):
-        raise ValueError(f"frames must be a count or a list of frame indices; received {frames!r}")
+        raise ParameterError(f"frames must be a count or a list of frame indices; received {frames!r}")
     idx = []
     for f in frames:
         f = int(f)
         if not -n <= f < n:
-            raise ValueError(f"{traj.source}: frame {f} does not exist; the trajectory has {n} frame(s)")
+            raise ParameterError(f"{traj.source}: frame {f} does not exist; the trajectory has {n} frame(s)")
         idx.append(f % n)
     if not idx:
-        raise ValueError("frames is empty; give at least one frame index")
+        raise ParameterError("frames is empty; give at least one frame index")
     return np.unique(idx)
 
 

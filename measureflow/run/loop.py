@@ -36,10 +36,11 @@ from typing import Any
 
 import attrs
 
-from ..errors import StepFailure
+from ..errors import MeasureflowError, StepFailure, TrajectoryFileError
 from ..status import STATUS_COMPLETED, Status
 from .health import Health
 from .operations import WRITE, Checkpoint, Observer, Progress, progress_enabled
+from .process import Process
 from .signals import install_sigterm
 from .specs import Checkpointing, StopPolicy
 
@@ -136,12 +137,23 @@ class RunLoop:
                                       fingerprint=process.fingerprint(), limit=process.n_steps,
                                       differs=getattr(process, "differs", "other parameters"),
                                       time_at=process.time_at)
-        state = process.load_state_dict(payload["process"])
-        device = process.health(state).device
-        history = {o.name: [] for o in observers}
-        for name, entries in payload["history"].items():
-            history[name] = [(s, t, v.to(device)) for s, t, v in entries]
-        return state, int(payload["step"]), history, float(payload.get("wall_time", 0.0))
+        try:
+            state = process.load_state_dict(payload["process"])
+            device = process.health(state).device
+            history = {o.name: [] for o in observers}
+            for name, entries in payload["history"].items():
+                history[name] = [(int(s), float(t), v.to(device)) for s, t, v in entries]
+            return state, int(payload["step"]), history, float(payload.get("wall_time", 0.0))
+        except MeasureflowError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+            # Contents that do not have the shape this run saved (a damaged or hand-edited file): one
+            # line naming the file, not the traceback of the first access that trips on it.
+            detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            raise TrajectoryFileError(
+                f"checkpoint {self.checkpointing.path} is damaged: its contents cannot be restored ({detail}); "
+                "delete it to start the run over"
+            ) from None
 
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self) -> RunOutcome:
@@ -204,7 +216,7 @@ class RunLoop:
                 try:
                     new_state = process.advance(state, step)
                 except StepFailure as exc:
-                    status = self._health_status(health) or Status(
+                    status = self._health_status(health, state) or Status(
                         "step_failure", step + 1, float(getattr(exc, "time", process.time_at(step + 1))), str(exc))
                     break
                 step += 1
@@ -213,7 +225,7 @@ class RunLoop:
                 health.record(process.health(new_state), step)
                 if last or (check_every is not None and step % check_every == 0) or any(
                         op.fires(step, t, last) for op in syncing):
-                    status = self._health_status(health)
+                    status = self._health_status(health, new_state, state, step)
                     if status is not None:
                         break
                 state, step_done = new_state, step
@@ -230,7 +242,7 @@ class RunLoop:
                     stop = Status("terminated", step, t, "SIGTERM received; stopped cleanly")
                 if stop is not None:
                     # Never checkpoint a state that went bad since the last check.
-                    status = self._health_status(health) or stop
+                    status = self._health_status(health, state) or stop
                     if status is stop and ckpt.path is not None:
                         self.save_checkpoint(context)
                     break
@@ -262,13 +274,20 @@ class RunLoop:
             resumed_from=resumed,
         )
 
-    def _health_status(self, health: Health) -> Status | None:
+    def _health_status(self, health: Health, state=None, previous=None, step: int | None = None) -> Status | None:
+        """The status of the first unhealthy step recorded, or None. ``state`` is the state at
+        ``step`` and ``previous`` the one before it: when the first bad step is ``step`` itself,
+        ``previous`` is finite and the process can say whether the field or the step was at fault."""
         found = health.first_bad()
         if found is None:
             return None
         bad, kind = found
         t = self.process.time_at(bad)
         if kind == "nonfinite":
-            return Status("nonfinite", bad, t, "the state has non-finite values (NaN or inf); try a smaller step")
+            if state is None:
+                message = Process.diagnose(self.process, bad, None)
+            else:
+                message = self.process.diagnose(bad, state, previous if bad == step else None)
+            return Status("nonfinite", bad, t, message)
         return Status("blowup", bad, t, f"max |value| exceeded the blow-up bound {self.stop.blowup:g}")
 

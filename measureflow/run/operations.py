@@ -34,6 +34,7 @@ import torch
 
 from ..errors import CapabilityError, MeasureflowError
 from ..triggers import Always, Trigger, as_trigger
+from ..validators import check_finite_tensor
 
 __all__ = [
     "Operation",
@@ -105,7 +106,7 @@ class Observer(Operation):
         self.function = function
         self.name = name
         self.every = every
-        self.target = target
+        self.target = check_finite_tensor(target, "target", f"observer {name or getattr(function, '__name__', function)!r}")
         self.params = dict(params or {})
         self.shape = None if shape is None else tuple(int(n) for n in shape)
         self.trigger = as_trigger(every) if every is not None else None

@@ -47,6 +47,13 @@ class Process(abc.ABC):
         """A tensor that must stay finite (and under the run's blow-up bound): its largest |value|
         is recorded on the device every step."""
 
+    def diagnose(self, bad_step: int, state, before=None) -> str:
+        """Why the run went non-finite, for its status message: ``state`` is the non-finite state the
+        loop holds (at ``bad_step`` or later), ``before`` the finite state one step before
+        ``bad_step`` when the loop still has it (None otherwise). Called once, when the run stops;
+        by default a generic sentence."""
+        return "the state has non-finite values (NaN or inf)"
+
     def frame(self, state):
         """What a writer writes for ``state`` (a Particles or Gaussians); by default the state."""
         return state

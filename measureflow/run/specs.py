@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from ..errors import MeasureflowError, TimeRangeError
+from ..errors import MeasureflowError, ParameterError, TimeRangeError
 from ..triggers import as_trigger
 
 __all__ = ["TimeGrid", "StopPolicy", "Checkpointing"]
@@ -91,7 +91,7 @@ class TimeGrid:
 def _optional_positive(name):
     def check(instance, attribute, value):
         if value is not None and not (value > 0):
-            raise ValueError(f"{name} must be > 0 or None; received {value!r}")
+            raise ParameterError(f"{name} must be > 0 or None; received {value!r}")
 
     return check
 

@@ -22,6 +22,7 @@ number per entry, named ``mean[0]``, ``covariance[0][1]``; larger ones are left 
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -30,7 +31,7 @@ import attrs
 import numpy as np
 import torch
 
-from ..errors import MeasureflowError, ParameterError
+from ..errors import MeasureflowError, ParameterError, ResumeRefusedError
 from ..scenario import choose_scenario, load_scenarios, output_path, with_run_checkpoint
 
 __all__ = [
@@ -211,7 +212,14 @@ def run_one(scn, run, device: torch.device, dtype: str | None) -> Outcome:
     start = time.monotonic()
     try:
         simulation = place(scn, run, device, dtype)
-        result = simulation.run()
+        try:
+            result = simulation.run()
+        except ResumeRefusedError as exc:
+            # The sweep owns its files: a run whose file cannot be continued starts over.
+            print(f"measureflow sweep: {run.key}: {exc}; starting the run over", file=sys.stderr)
+            simulation.checkpoint_path.unlink(missing_ok=True)
+            simulation = place(scn, run, device, dtype)
+            result = simulation.run()
         if result.status.ok:
             simulation.checkpoint_path.unlink(missing_ok=True)
         return summarise(run, result.status.code, result.status.message, time.monotonic() - start, str(device),

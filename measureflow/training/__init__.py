@@ -4,6 +4,7 @@ generators trained by Euler steps of a particle flow (MATH.md §9).
 * :mod:`~measureflow.training.networks` — :class:`VelocityMLP` and :class:`GeneratorMLP`, one MLP builder;
 * :mod:`~measureflow.training.velocity` — :func:`train_velocity`, :func:`regression_loss`,
   :func:`save_model` / :func:`load_model`, :func:`plot_loss`, :class:`TrainingResult`;
+* :mod:`~measureflow.training.reflow` — :func:`reflow` (rectified flow: couple by the flow map, refit);
 * :mod:`~measureflow.training.generator` — :func:`train_generator`, :class:`ResidualGenerator`,
   :class:`GeneratorResult`, :class:`GeneratorTraining` (a run a scenario returns).
 
@@ -27,6 +28,7 @@ from .generator import (
     train_generator,
 )
 from .networks import GeneratorMLP, VelocityMLP
+from .reflow import ReflowResult, ReflowRound, flow_map, reflow
 from .velocity import (
     TrainingResult,
     VelocityTrainingProcess,
@@ -46,6 +48,10 @@ __all__ = [
     "save_model",
     "load_model",
     "plot_loss",
+    "reflow",
+    "ReflowResult",
+    "ReflowRound",
+    "flow_map",
     "ResidualGenerator",
     "GeneratorResult",
     "GeneratorTraining",

@@ -272,7 +272,7 @@ def _module_desc(module: nn.Module) -> dict:
 
 def _velocity(field, t: float, x: torch.Tensor, field_name: str) -> torch.Tensor:
     """w = v_t[μ̂](x) with the batch as the state: x (B, d) → (B, d)."""
-    w = field.velocity(t, x[None], Particles(x[None]))
+    w = field.velocity(t, x[None], Particles.unchecked(x[None]))
     if not isinstance(w, torch.Tensor) or w.shape != x[None].shape:
         got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
         raise ShapeError(

@@ -44,10 +44,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import CapabilityError, ParameterError, ShapeError, TrajectoryFileError
+from ..errors import CapabilityError, MeasureflowError, ParameterError, ShapeError, TrajectoryFileError
 from ..run import Callback, Checkpointing, Process, RunLoop, StopPolicy
 from ..status import Status
 from ..jsonable import to_jsonable_lenient
+from ..parameterisation import check_prediction, training_target
 from ..validators import check_int, check_positive
 from .common import default_device, default_optimizer, model_dtype, steps_kept
 from .networks import VelocityMLP
@@ -115,6 +116,43 @@ def _sampler(obj, role: str, device: torch.device, dtype: torch.dtype) -> tuple[
     )
 
 
+def sample_points(obj, n: int, generator: torch.Generator, device, dtype) -> torch.Tensor:
+    """n draws (n, d) from a measure or a point cloud (resampled with replacement), as training draws them."""
+    draw, _, _ = _sampler(obj, "source", torch.device(device), dtype)
+    return draw(int(n), generator)
+
+
+def _paired_sampler(source, target, device, dtype):
+    """(draw_source, draw_target, d, descriptions) for paired rows: each step draws row indices once
+    (in draw_source, from the run's generator) and both ends take the same rows (a coupling given by
+    samples, e.g. (X₀, Φ(X₀)) in reflow)."""
+    points = []
+    for role, obj in (("source", source), ("target", target)):
+        if isinstance(obj, np.ndarray):
+            obj = torch.from_numpy(obj)
+        if not isinstance(obj, torch.Tensor) or obj.ndim != 2:
+            raise ParameterError(
+                f"train_velocity: coupling='paired' needs source and target as tensors of paired rows (N, d); the "
+                f"{role} is {type(obj).__name__}{'' if not isinstance(obj, torch.Tensor) else tuple(obj.shape)}"
+            )
+        points.append(obj.detach().to(device=device, dtype=dtype).contiguous())
+    p0, p1 = points
+    if p0.shape != p1.shape:
+        raise ShapeError(f"train_velocity: paired source and target must have the same shape; received "
+                         f"{tuple(p0.shape)} and {tuple(p1.shape)}")
+    rows: list = [None]
+
+    def draw0(n, generator):
+        rows[0] = torch.randint(p0.shape[0], (n,), generator=generator, device=device)
+        return p0[rows[0]]
+
+    def draw1(n, generator):
+        return p1[rows[0]]
+
+    desc = f"paired points(N={p0.shape[0]}, d={p0.shape[1]})"
+    return draw0, draw1, p0.shape[1], desc, desc
+
+
 def _resolve_schedule(schedule):
     if isinstance(schedule, str):
         from ..plugins import get_registry
@@ -167,6 +205,20 @@ def _check_t_range(t_range, schedule) -> tuple[float, float]:
                 f"[{a_lo:g}, {a_hi:g}]; choose t_range inside it"
             )
     return lo, hi
+
+
+def _check_noise_target(target, sigma: float) -> None:
+    """A model predicting x0, noise or score needs the noise end N(0, σ²I): refuse a Gaussian that is not."""
+    from ..measures import Gaussian
+
+    if isinstance(target, Gaussian):
+        mean, cov = target.mean_, target.cov
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        if float(mean.abs().max()) > 1e-12 or float((cov - sigma**2 * eye).abs().max()) > 1e-12 * max(1.0, sigma**2):
+            raise ParameterError(
+                f"train_velocity: a model predicting x0, noise or score needs target = N(0, σ²I) with σ = sigma "
+                f"= {sigma:g}; the target Gaussian differs (pass its σ as sigma=, or predict the velocity)"
+            )
 
 
 # -- the result ---------------------------------------------------------------------------------------------
@@ -234,7 +286,8 @@ class VelocityTrainingProcess(Process):
     differs = "other model, schedule, coupling, batch size, learning rate, seed or dtype"
 
     def __init__(self, *, model, optimizer, lr_scheduler, generator, draw_source, draw_target, pair, schedule,
-                 t_range, batch_size: int, steps: int, device, dtype, fingerprint: str):
+                 t_range, batch_size: int, steps: int, device, dtype, fingerprint: str,
+                 prediction: str = "velocity", sigma: float = 1.0):
         self.model = model
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -249,6 +302,8 @@ class VelocityTrainingProcess(Process):
         self.device = device
         self.dtype = dtype
         self._fingerprint = fingerprint
+        self.prediction = prediction
+        self.sigma = float(sigma)
         self.losses = torch.empty(steps, dtype=dtype, device=device)
         # Detached step losses not yet copied into `losses`: one stacked copy every few steps
         # instead of an indexed copy per step (the step's fixed cost matters for small networks).
@@ -277,10 +332,17 @@ class VelocityTrainingProcess(Process):
         if a.dtype != dtype:
             a, da, b, db = (c.to(dtype) for c in (a, da, b, db))
         z = torch.addcmul(a * x0, b, x1)
-        u = torch.addcmul(da * x0, db, x1)
-        v = self.model(z, t)
-        # mean_i |v_i − u_i|², one fused kernel with one backward node
-        loss = F.mse_loss(v, u, reduction="sum") / v.shape[0]
+        if self.prediction == "velocity":
+            u = torch.addcmul(da * x0, db, x1)
+            v = self.model(z, t)
+            # mean_i |v_i − u_i|², one fused kernel with one backward node
+            loss = F.mse_loss(v, u, reduction="sum") / v.shape[0]
+        else:
+            # x0 / noise regression, or denoising score matching weighted by (bσ)² (MATH.md §15.2)
+            u, weight = training_target(self.prediction, x0, x1, (a, da, b, db), self.sigma)
+            v = self.model(z, t)
+            sq = (v - u).square()
+            loss = (sq if weight is None else sq * weight).sum() / v.shape[0]
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -382,8 +444,11 @@ def train_velocity(
     checkpoint_every: int | None = None,
     resume: bool = False,
     callback: Callable | None = None,
+    prediction: str = "velocity",
+    sigma: float = 1.0,
 ) -> TrainingResult:
-    """Fit v_θ(z, t) to the flow-matching regression target (module docstring, MATH.md §1).
+    """Fit v_θ(z, t) to the flow-matching regression target (module docstring, MATH.md §1), or a model
+    of another parameterisation (``prediction``, MATH.md §15.2).
 
     Each optimiser step draws a mini-batch of ``batch_size`` pairs: X0 from ``source`` and X1 from
     ``target``, paired by ``coupling``; t ~ U(t_range); then Z_t = a_t X0 + b_t X1 and the loss
@@ -399,7 +464,9 @@ def train_velocity(
         a registered schedule name or an object with ``coefficients(t) -> (a, a', b, b')``
         (noising convention, MATH.md §1.3).
     coupling:
-        ``"independent"`` (default: the product coupling), another name of
+        ``"paired"``: source and target are tensors of paired rows (N, d), drawn together (a coupling
+        given by samples, as in :func:`~measureflow.training.reflow`); ``"independent"`` (default: the
+        product coupling), another name of
         :func:`measureflow.couplings.get` (``"exact_ot"``, ``"sinkhorn"``, with ``coupling_params``), or
         a callable ``coupling(x0, x1, generator=None) -> (x0, x1)`` pairing the rows of a mini-batch.
     model:
@@ -435,6 +502,13 @@ def train_velocity(
         ``callback(step, loss, model)`` after every step (``loss`` a 0-dim tensor still on the
         device); returning True ends training early (status ``stopped``).
 
+    prediction, sigma:
+        what the network predicts (:mod:`measureflow.parameterisation`): ``"velocity"`` (default, the
+        flow-matching target a'X0 + b'X1), ``"x0"`` (X0), ``"noise"`` (X1/σ) or ``"score"`` (denoising
+        score matching, |bσ s_θ + X1/σ|², minimiser ∇log ρ_t). The last three need ``target`` to be the
+        noise N(0, σ²I) (``sigma``; default 1). The trained model carries ``model.parameterisation``
+        (prediction, schedule, σ), so the ``learned`` field turns it into a velocity and a score.
+
     A NaN or infinite loss ends training with status ``nonfinite`` naming the first bad step (the
     loss is checked at checkpoints, every max(64, steps // 100) steps and at the end, without a
     per-step host synchronisation); the result keeps the losses before that step.
@@ -452,7 +526,15 @@ def train_velocity(
 
     schedule = _resolve_schedule(schedule)
     lo, hi = _check_t_range(t_range, schedule)
-    pair, coupling_desc = _resolve_coupling(coupling, dict(coupling_params or {}))
+    paired = isinstance(coupling, str) and coupling == "paired"
+    if paired:
+        pair, coupling_desc = None, {"name": "paired"}
+    else:
+        pair, coupling_desc = _resolve_coupling(coupling, dict(coupling_params or {}))
+    prediction = check_prediction(prediction, "train_velocity")
+    sigma = check_positive(sigma, "sigma", "train_velocity")
+    if prediction != "velocity":
+        _check_noise_target(target, sigma)
 
     if generator is not None:
         device = torch.device(generator.device) if device is None else torch.device(device)
@@ -469,8 +551,12 @@ def train_velocity(
         model = model.to(device=device, dtype=dtype)
     else:
         dtype = dtype or torch.float32
-    draw0, d0, desc0 = _sampler(source, "source", device, dtype)
-    draw1, d1, desc1 = _sampler(target, "target", device, dtype)
+    if paired:
+        draw0, draw1, d0, desc0, desc1 = _paired_sampler(source, target, device, dtype)
+        d1 = d0
+    else:
+        draw0, d0, desc0 = _sampler(source, "source", device, dtype)
+        draw1, d1, desc1 = _sampler(target, "target", device, dtype)
     if d0 is not None and d1 is not None and d0 != d1:
         raise ShapeError(f"train_velocity: source has dimension {d0} but target has dimension {d1}")
     dim = d0 if d0 is not None else d1
@@ -512,14 +598,17 @@ def train_velocity(
         "t_range": [lo, hi],
         "dtype": str(dtype).replace("torch.", ""),
     })
+    if prediction != "velocity":  # absent for velocity models: their checkpoints keep their fingerprints
+        config.update(prediction=prediction, sigma=float(sigma))
     fingerprint = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in ("source", "target")},
                                             sort_keys=True).encode()).hexdigest()[:16]
 
     process = VelocityTrainingProcess(
         model=model, optimizer=opt, lr_scheduler=sched, generator=generator, draw_source=draw0, draw_target=draw1,
         pair=pair, schedule=schedule, t_range=(lo, hi), batch_size=batch_size, steps=steps, device=device,
-        dtype=dtype, fingerprint=fingerprint,
+        dtype=dtype, fingerprint=fingerprint, prediction=prediction, sigma=sigma,
     )
+    model.parameterisation = {"prediction": prediction, "schedule": schedule, "sigma": float(sigma)}
     operations = [] if callback is None else [Callback(_loss_callback(callback, model))]
     loop = RunLoop(
         process, operations,
@@ -598,6 +687,15 @@ def save_model(model: nn.Module, path) -> Path:
         "config": to_jsonable_lenient(config),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    param = getattr(model, "parameterisation", None)
+    if isinstance(param, dict):
+        schedule = param.get("schedule")
+        describe = getattr(schedule, "describe", None)
+        payload["parameterisation"] = to_jsonable_lenient({
+            "prediction": param.get("prediction"),
+            "schedule": describe() if callable(describe) else schedule,
+            "sigma": param.get("sigma"),
+        })
     return save_checkpoint(path, payload)
 
 
@@ -626,6 +724,16 @@ def load_model(path, cls: type | None = None, *, device=None) -> nn.Module:
     if floats:
         model = model.to(dtype=floats[0])
     model.load_state_dict(state)
+    param = payload.get("parameterisation")
+    if isinstance(param, dict):
+        from ..schedules import as_schedule
+
+        schedule = param.get("schedule")
+        try:
+            schedule = as_schedule(schedule) if schedule is not None else None
+        except MeasureflowError:
+            pass  # a schedule that cannot be rebuilt by name (a custom one): give it to the learned field
+        model.parameterisation = {**param, "schedule": schedule}
     return model.to(device=device) if device is not None else model
 
 
