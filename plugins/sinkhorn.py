@@ -42,6 +42,12 @@ the row Ċ = (16C + ε²I)^{1/2} − (16C² + ε²I)^{1/2} (MATH.md §13); there
 Gaussian with ``samples=n`` (drawn once, with ``seed``). Gaussians states need a
 :class:`~measureflow.measures.Gaussian` target (or a one-component mixture with a density).
 
+**Unbalanced** (``reach`` = ρ, length²): the debiased divergence of Séjourné et al. between positive
+measures, S = (ρ + ε/2)[⟨μ, e^{−f_μμ/ρ} − e^{−f_μβ/ρ}⟩ + ⟨β, e^{−g_ββ/ρ} − e^{−g_μβ/ρ}⟩] (damped c-transforms),
+with velocity v(x) = 2(e^{−f_μβ(x)/ρ}(E_μβ[y | x] − x) − e^{−f_μμ(x)/ρ}(E_μμ[x' | x] − x)) and first variation
+(ρ + ε)(e^{−f_μμ/ρ} − e^{−f_μβ/ρ}); particles only (see :mod:`measureflow.reductions.sinkhorn`). Its weights
+may then move with a changing mass (``geometry="wfr", balanced=False``, MATH.md §15.6).
+
 The field is autonomous: defined for every t.
 """
 
