@@ -23,6 +23,7 @@ import torch
 
 from . import __version__
 from .errors import CapabilityError, MeasureflowError, TimeRangeError
+from .density import LogDensity, check_log_density
 from .fields import capabilities
 from .integrators import NoiseStream, Stepper
 from .io.base import Series
@@ -148,6 +149,12 @@ class Simulation:
         any other :class:`~measureflow.run.Operation` objects, each with its trigger.
     channels:
         auxiliary :class:`~measureflow.integrators.Channel` rules integrated with the particles.
+    log_density, probes, probe:
+        integrate the log-density channel d log ρ/dt = −∇·v with the particles (MATH.md §15.1,
+        :mod:`measureflow.density`): ``"exact"`` (the field's declared ``divergence``, else the
+        autograd trace) or ``"hutchinson"`` with ``probes`` probes per particle (``probe`` =
+        ``"rademacher"`` or ``"gaussian"``) drawn from the run's noise stream. Read it as
+        ``result.state.log_density`` (R, N); it starts from the state's ``log_density`` channel, or 0.
     progress:
         None → a tqdm bar when stderr is a terminal (never under CI=true); True/False force it.
     parameters, description:
@@ -187,6 +194,9 @@ class Simulation:
         operations: Sequence = (),
         channels: Sequence = (),
         noise_blocks: Sequence | None = None,
+        log_density: str | None = None,
+        probes: int = 1,
+        probe: str = "rademacher",
     ):
         arguments = dict(locals())
         arguments.pop("self")
@@ -235,6 +245,11 @@ class Simulation:
                     f"noise_blocks cover {sum(r for _, r in noise_blocks)} replicas but the state has {state.replicas}"
                 )
 
+        if log_density is not None:
+            check_log_density(field, state, log_density, probes, probe)
+            if any(getattr(c, "name", None) == LogDensity.name for c in channels):
+                raise MeasureflowError("log_density= adds the 'log_density' channel; drop it from channels=")
+
         self._arguments = arguments
         self.state = state
         self.field = field
@@ -249,6 +264,8 @@ class Simulation:
         self.parameters = dict(parameters or {})
         self.description = description
         self.noise_blocks = noise_blocks
+        self.log_density = None if log_density is None else {"mode": log_density, "probes": int(probes),
+                                                             "probe": probe}
         self._loop = None
         self._checked = True
 
@@ -385,6 +402,8 @@ class Simulation:
         }
         if self.channels:
             out["channels"] = [c.describe() for c in self.channels]
+        if self.log_density is not None:
+            out["log_density"] = dict(self.log_density)
         return out
 
     def fingerprint(self) -> str:
@@ -450,8 +469,14 @@ class SimulationProcess(Process):
             self.noise = NoiseStream.for_blocks(simulation.noise_blocks, state.device)
         else:
             self.noise = NoiseStream.for_run(simulation.seed, state.device)
+        channels = simulation.channels
+        self.log_density = None
+        if simulation.log_density is not None:
+            # A fresh channel per run: it holds the run's current Hutchinson probes.
+            self.log_density = LogDensity(**simulation.log_density, noise=self.noise)
+            channels = (*channels, self.log_density)
         self.stepper = Stepper(simulation.integrator, simulation.field, state, noise=self.noise,
-                               channels=simulation.channels)
+                               channels=channels)
         self._is_gaussian = state_kind(state) == "gaussians"
         self._times = simulation.grid.all()
 
@@ -463,13 +488,15 @@ class SimulationProcess(Process):
 
     def start(self):
         state = self.simulation.state
-        if self.simulation.channels:
+        if self.stepper.dynamics.channels:
             # The channels' initial values, so that step 0 is recorded with them.
             dynamics = self.stepper.dynamics
             state = dynamics.unpack(dynamics.pack(state), state)
         return state
 
     def advance(self, state, step: int):
+        if self.log_density is not None:
+            self.log_density.draw(state.x)
         return self.stepper.advance(state, self._times[step], self._times[step + 1])
 
     def health(self, state):
