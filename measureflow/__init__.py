@@ -50,6 +50,9 @@ _LAZY = {
     "triggers": ("measureflow.triggers", None),
     "status": ("measureflow.status", None),
     "Status": ("measureflow.status", "Status"),
+    "Event": ("measureflow.events", "Event"),
+    "events": ("measureflow.events", None),
+    "density": ("measureflow.density", None),
     # Earlier names of the training package, kept so that measureflow.learning.train_velocity and
     # measureflow.generators.train_generator still work.
     "learning": ("measureflow.training", None),
@@ -110,6 +113,9 @@ __all__ = [
     "triggers",
     "status",
     "Status",
+    "Event",
+    "events",
+    "density",
     "MeasureflowError",
     "ShapeError",
     "StateError",

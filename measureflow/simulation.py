@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import CapabilityError, MeasureflowError, TimeRangeError
+from .errors import CapabilityError, MeasureflowError, StepFailure, TimeRangeError
 from .density import LogDensity, check_log_density
+from .events import Event, EventMonitor
 from .fields import capabilities
 from .integrators import NoiseStream, Stepper
 from .io.base import Series
@@ -155,6 +156,10 @@ class Simulation:
         autograd trace) or ``"hutchinson"`` with ``probes`` probes per particle (``probe`` =
         ``"rademacher"`` or ``"gaussian"``) drawn from the run's noise stream. Read it as
         ``result.state.log_density`` (R, N); it starts from the state's ``log_density`` channel, or 0.
+    events:
+        :class:`~measureflow.Event` objects (``fn(t, state) -> (R,)``): sign changes are located on
+        each step's dense output and listed in ``result.events``; a terminal one ends the run with
+        status ``event`` at its time (:mod:`measureflow.events`).
     progress:
         None → a tqdm bar when stderr is a terminal (never under CI=true); True/False force it.
     parameters, description:
@@ -197,6 +202,7 @@ class Simulation:
         log_density: str | None = None,
         probes: int = 1,
         probe: str = "rademacher",
+        events: Sequence = (),
     ):
         arguments = dict(locals())
         arguments.pop("self")
@@ -250,6 +256,12 @@ class Simulation:
             if any(getattr(c, "name", None) == LogDensity.name for c in channels):
                 raise MeasureflowError("log_density= adds the 'log_density' channel; drop it from channels=")
 
+        events = tuple(events)
+        for event in events:
+            if not isinstance(event, Event):
+                raise MeasureflowError(
+                    f"events must be measureflow.Event(fn, terminal=..., direction=...) objects; received {event!r}")
+
         self._arguments = arguments
         self.state = state
         self.field = field
@@ -266,6 +278,7 @@ class Simulation:
         self.noise_blocks = noise_blocks
         self.log_density = None if log_density is None else {"mode": log_density, "probes": int(probes),
                                                              "probe": probe}
+        self.events = events
         self._loop = None
         self._checked = True
 
@@ -404,6 +417,8 @@ class Simulation:
             out["channels"] = [c.describe() for c in self.channels]
         if self.log_density is not None:
             out["log_density"] = dict(self.log_density)
+        if self.events:
+            out["events"] = [e.describe() for e in self.events]
         return out
 
     def fingerprint(self) -> str:
@@ -429,6 +444,10 @@ class Simulation:
             outcome = loop.run()
         finally:
             self._loop = None
+            if process.events is not None and process.events.records:
+                for writer in self.writers:
+                    if callable(getattr(writer, "write_events", None)):
+                        writer.write_events(process.events.records)
         return Result(
             state=outcome.state,
             status=outcome.status,
@@ -439,6 +458,7 @@ class Simulation:
             integrator_stats=dict(process.stepper.stats),
             writers=tuple(self.writers),
             parameters=self.run_parameters(),
+            events=tuple(process.events.records) if process.events is not None else (),
         )
 
     def request_stop(self) -> None:
@@ -479,6 +499,8 @@ class SimulationProcess(Process):
                                channels=channels)
         self._is_gaussian = state_kind(state) == "gaussians"
         self._times = simulation.grid.all()
+        self.events = EventMonitor(simulation.events) if simulation.events else None
+        self._stop = None
 
     def time_at(self, step: int) -> float:
         return self._times[step]
@@ -497,7 +519,31 @@ class SimulationProcess(Process):
     def advance(self, state, step: int):
         if self.log_density is not None:
             self.log_density.draw(state.x)
-        return self.stepper.advance(state, self._times[step], self._times[step + 1])
+        t0, t1 = self._times[step], self._times[step + 1]
+        events = self.events
+        if events is not None and events.waiting:
+            events.start(t0, state)
+        self._stop = None
+        try:
+            new = self.stepper.advance(state, t0, t1)
+        except StepFailure:
+            # A terminal event among the steps kept before the failure (a blow-up the event
+            # anticipates) still ends the run cleanly at its time.
+            hit = None if events is None else events.after(self.stepper.carry.dense, None, step + 1)
+            if hit is None:
+                raise
+            new = None
+        else:
+            hit = None if events is None else events.after(self.stepper.carry.dense, new, step + 1)
+        if events is not None:
+            if hit is not None:
+                t_event, new = hit
+                names = sorted({r.name for r in events.records if r.terminal})
+                self._stop = Status("event", step + 1, t_event, f"terminal event {', '.join(names)} at t = {t_event:.12g}")
+        return new
+
+    def stop_request(self):
+        return self._stop
 
     def health(self, state):
         if self._is_gaussian:
@@ -568,6 +614,7 @@ class Result(Trajectory):
     integrator_stats: dict
     writers: tuple = ()
     parameters: dict = attrs.field(factory=dict)
+    events: tuple = ()  # EventRecord objects, in time order (measureflow.events)
 
     @property
     def ok(self) -> bool:
@@ -575,6 +622,8 @@ class Result(Trajectory):
 
     @property
     def final_time(self) -> float:
+        if self.status.code == "event":
+            return float(self.status.time)
         return float(self.grid[self.steps_done])
 
     # -- the trajectory protocol ---------------------------------------------------------------------

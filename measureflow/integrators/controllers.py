@@ -252,8 +252,10 @@ class PIController(Controller):
         t, y = t0, state
         taken = 0
         denses = []
+        carry.dense = ()
         while t != t1:
             if taken >= self.max_steps:
+                carry.dense = tuple(denses)
                 raise StepFailure(
                     "too many steps",
                     t,
@@ -293,6 +295,7 @@ class PIController(Controller):
                 stats["rejected"] += 1
                 proposal = abs(h) * self.factor(err if inside == 1.0 else math.inf, cs["err_prev"], False)
                 if proposal < self.dt_min:
+                    carry.dense = tuple(denses)  # the steps kept before the failure (events look at them)
                     why = "covariance left the SPD cone" if inside != 1.0 else (
                         "non-finite error estimate" if not math.isfinite(err) else f"error norm {err:.3g} > 1"
                     )
