@@ -11,6 +11,7 @@ and the same integrator object, can run any number of times with identical resul
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +26,8 @@ from . import __version__
 from .errors import CapabilityError, MeasureflowError, StepFailure, TimeRangeError
 from .density import LogDensity, check_log_density
 from .events import Event, EventMonitor
-from .fields import capabilities
+from .fields import capabilities, keep_graph
+from .gradients import AdjointPlan, attach_adjoint, check_gradient, differentiable_parameters
 from .integrators import NoiseStream, Stepper
 from .io.base import Series
 from .jsonable import to_jsonable_lenient
@@ -156,6 +158,12 @@ class Simulation:
         autograd trace) or ``"hutchinson"`` with ``probes`` probes per particle (``probe`` =
         ``"rademacher"`` or ``"gaussian"``) drawn from the run's noise stream. Read it as
         ``result.state.log_density`` (R, N); it starts from the state's ``log_density`` channel, or 0.
+    gradient:
+        ``"backprop"`` keeps the autograd graph through the solver; ``"adjoint"`` ties the final
+        positions to the initial ones and to the field's trainable tensors by the continuous adjoint
+        (memory independent of the number of steps). Then ``torch.autograd.grad(loss, A)`` works on
+        ``result.state`` for any tensor A given to the field with ``requires_grad=True``
+        (:mod:`measureflow.gradients`, MATH.md §15.5).
     events:
         :class:`~measureflow.Event` objects (``fn(t, state) -> (R,)``): sign changes are located on
         each step's dense output and listed in ``result.events``; a terminal one ends the run with
@@ -203,6 +211,7 @@ class Simulation:
         probes: int = 1,
         probe: str = "rademacher",
         events: Sequence = (),
+        gradient: str | None = None,
     ):
         arguments = dict(locals())
         arguments.pop("self")
@@ -262,6 +271,9 @@ class Simulation:
                 raise MeasureflowError(
                     f"events must be measureflow.Event(fn, terminal=..., direction=...) objects; received {event!r}")
 
+        if gradient is not None:
+            check_gradient(gradient, field, state, solver, log_density=log_density, events=events, resume=resume)
+
         self._arguments = arguments
         self.state = state
         self.field = field
@@ -279,6 +291,7 @@ class Simulation:
         self.log_density = None if log_density is None else {"mode": log_density, "probes": int(probes),
                                                              "probe": probe}
         self.events = events
+        self.gradient = gradient
         self._loop = None
         self._checked = True
 
@@ -419,6 +432,8 @@ class Simulation:
             out["log_density"] = dict(self.log_density)
         if self.events:
             out["events"] = [e.describe() for e in self.events]
+        if self.gradient is not None:
+            out["gradient"] = self.gradient
         return out
 
     def fingerprint(self) -> str:
@@ -440,16 +455,28 @@ class Simulation:
         loop = RunLoop(process, self.operations(), stop=self.stop, checkpointing=self.checkpointing,
                        progress=self.progress)
         self._loop = loop
+        if self.gradient == "backprop":
+            grad_mode = contextlib.ExitStack()
+            grad_mode.enter_context(torch.enable_grad())
+            grad_mode.enter_context(keep_graph())
+        elif self.gradient == "adjoint":
+            grad_mode = torch.no_grad()
+        else:
+            grad_mode = contextlib.nullcontext()
         try:
-            outcome = loop.run()
+            with grad_mode:
+                outcome = loop.run()
         finally:
             self._loop = None
             if process.events is not None and process.events.records:
                 for writer in self.writers:
                     if callable(getattr(writer, "write_events", None)):
                         writer.write_events(process.events.records)
+        state = outcome.state
+        if process.adjoint is not None:
+            state = state.with_positions(attach_adjoint(process.adjoint, self.state.x, state.x))
         return Result(
-            state=outcome.state,
+            state=state,
             status=outcome.status,
             grid=np.array(self.grid.all()),
             steps_done=outcome.steps_done,
@@ -493,7 +520,8 @@ class SimulationProcess(Process):
         self.log_density = None
         if simulation.log_density is not None:
             # A fresh channel per run: it holds the run's current Hutchinson probes.
-            self.log_density = LogDensity(**simulation.log_density, noise=self.noise)
+            self.log_density = LogDensity(**simulation.log_density, noise=self.noise,
+                                          create_graph=simulation.gradient == "backprop")
             channels = (*channels, self.log_density)
         self.stepper = Stepper(simulation.integrator, simulation.field, state, noise=self.noise,
                                channels=channels)
@@ -501,6 +529,10 @@ class SimulationProcess(Process):
         self._times = simulation.grid.all()
         self.events = EventMonitor(simulation.events) if simulation.events else None
         self._stop = None
+        self.adjoint = None
+        if simulation.gradient == "adjoint":
+            self.adjoint = AdjointPlan(simulation.field, state, simulation.integrator.tableau,
+                                       differentiable_parameters(simulation.field))
 
     def time_at(self, step: int) -> float:
         return self._times[step]
@@ -535,6 +567,8 @@ class SimulationProcess(Process):
             new = None
         else:
             hit = None if events is None else events.after(self.stepper.carry.dense, new, step + 1)
+        if self.adjoint is not None:
+            self.adjoint.record(self.stepper.carry.dense)
         if events is not None:
             if hit is not None:
                 t_event, new = hit

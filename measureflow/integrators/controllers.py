@@ -61,7 +61,8 @@ def error_norm(err, y0, y1, rtol: float, atol: float) -> torch.Tensor:
         part = sq.sum(dim=1)
         total = part if total is None else total + part
         count += sq.shape[1]
-    return (total / count).sqrt().amax()
+    # Step control only: never part of a gradient through the run.
+    return (total / count).sqrt().amax().detach()
 
 
 class Controller(abc.ABC):
