@@ -53,6 +53,7 @@ _LAZY = {
     "Event": ("measureflow.events", "Event"),
     "events": ("measureflow.events", None),
     "density": ("measureflow.density", None),
+    "likelihood": ("measureflow.data_likelihood", "likelihood"),
     # Earlier names of the training package, kept so that measureflow.learning.train_velocity and
     # measureflow.generators.train_generator still work.
     "learning": ("measureflow.training", None),
@@ -116,6 +117,7 @@ __all__ = [
     "Event",
     "events",
     "density",
+    "likelihood",
     "MeasureflowError",
     "ShapeError",
     "StateError",

@@ -26,7 +26,7 @@ from torch import nn
 
 import measureflow
 from measureflow.errors import CapabilityError, ParameterError, ShapeError
-from measureflow.fields import Field
+from measureflow.fields import Field, keeps_graph
 
 
 class LearnedField(Field):
@@ -34,7 +34,8 @@ class LearnedField(Field):
 
     The network is evaluated without building an autograd graph unless the query points
     themselves carry gradients (a diagnostic differentiating the field through x, e.g. a Jacobian
-    by torch.func or autograd, still gets the network's true Jacobian). The module is put in eval
+    by torch.func or autograd, still gets the network's true Jacobian) or a run asks for gradients
+    (``Simulation(gradient=...)``; its weights are the field's ``trainable()`` tensors). The module is put in eval
     mode. When the state's device or dtype differs from the network's, a converted copy is made
     once and cached; train the original afterwards and build a new field to see the new weights.
     """
@@ -86,9 +87,13 @@ class LearnedField(Field):
         if self.dim is not None and x.shape[-1] != self.dim:
             raise ShapeError(f"field 'learned' has dimension {self.dim}; the state has d = {x.shape[-1]}")
         net = self._network(x)
-        grad = contextlib.nullcontext() if x.requires_grad else torch.no_grad()
+        grad = contextlib.nullcontext() if (x.requires_grad or keeps_graph()) else torch.no_grad()
         with grad:
             return net(x, t)
+
+    def trainable(self) -> dict:
+        """The network's weights (gradients through a run, ``Simulation(gradient=...)``)."""
+        return dict(self.model.named_parameters())
 
     def describe(self):
         params = [p.detach() for p in self.model.parameters()]
