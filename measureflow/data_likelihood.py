@@ -76,7 +76,7 @@ def _noise_log_density(field, noise, sigma):
 
 
 def likelihood(field, x, *, noise=None, sigma: float | None = None, t0: float | None = None, t1: float | None = None,
-               integrator="dopri5", steps: int = 1, log_density: str = "exact", probes: int = 1,
+               integrator="dopri5", steps: int = 1, times=None, log_density: str = "exact", probes: int = 1,
                probe: str = "rademacher", seed: int = 0, batch_size: int = 4096, progress: bool | None = None,
                dtype=None) -> LikelihoodResult:
     """log p(x) and bits per dimension of data ``x`` (n, d) under the flow of ``field`` (module docstring).
@@ -94,8 +94,9 @@ def likelihood(field, x, *, noise=None, sigma: float | None = None, t0: float | 
     t0, t1:
         the data end and the noise end of the integration (default: the field's time range clipped to
         [0, 1]: t0 = its t_min).
-    integrator, steps:
-        the solver (default adaptive ``dopri5``) and the number of output intervals.
+    integrator, steps, times:
+        the solver (default adaptive ``dopri5``) and the number of output intervals, or an explicit
+        time grid from t0 to t1 (e.g. geometric near a singular end; it then sets t0 and t1).
     log_density, probes, probe:
         ``"exact"`` divergence or ``"hutchinson"`` with ``probes`` probes (see :mod:`measureflow.density`).
     seed:
@@ -119,6 +120,9 @@ def likelihood(field, x, *, noise=None, sigma: float | None = None, t0: float | 
         x = x.to(torch.get_default_dtype())
     if int(batch_size) < 1:
         raise MeasureflowError(f"likelihood: batch_size must be a positive integer; received {batch_size!r}")
+    if times is not None:
+        times = [float(t) for t in times]
+        t0, t1 = times[0], times[-1]
     t0, t1 = _ends(field, t0, t1)
     log_noise = _noise_log_density(field, noise, sigma)
     n, d = x.shape
@@ -131,7 +135,8 @@ def likelihood(field, x, *, noise=None, sigma: float | None = None, t0: float | 
     out, nfev = [], 0
     try:
         for i, batch in enumerate(batches):
-            sim = Simulation(Particles(batch[None]), field, integrator, t0=t0, t1=t1, steps=steps,
+            grid = dict(times=times) if times is not None else dict(t0=t0, t1=t1, steps=steps)
+            sim = Simulation(Particles(batch[None]), field, integrator, **grid,
                              log_density=log_density, probes=probes, probe=probe, seed=seed + i, progress=False,
                              blowup=None)
             result = sim.run()
