@@ -113,7 +113,10 @@ class AdjointPlan:
     def _field_on(self, a: float, b: float):
         if self._pieces is None:
             return self.field
-        pieces = self._pieces(a, b)
+        # With grad on: a piece built now (a layer of a table) must hold its graph to the table's tensors
+        # (autograd runs backward passes with grad off).
+        with torch.enable_grad(), keep_graph():
+            pieces = self._pieces(a, b)
         return pieces[0][2]
 
     def _rate(self, field):

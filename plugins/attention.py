@@ -322,7 +322,9 @@ class AttentionField(Field):
         """The field of layer ``index`` of a table alone (constant parameters, same options)."""
         if self.layer_times is None:
             return self
-        key = ("layer", index)
+        # A layer built under no_grad holds no graph to the table: keep one per grad mode, so an adjoint
+        # pass (which re-evaluates with grad after a no-grad run) reaches the table's tensors.
+        key = ("layer", index, torch.is_grad_enabled())
         hit = self._cache.get(key)
         if hit is None:
             Q, K, V = (m[index] for m in self._table)

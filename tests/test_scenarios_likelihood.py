@@ -36,3 +36,17 @@ def test_likelihood_moons_bits_per_dimension(tmp_path):
     # and the exact field memorises its atoms: at its cut-off fresh points are hopeless (> 100 bits).
     assert bits["learned"] < bits["source"] - 1.0
     assert bits["exact_at_cutoff"] > 100
+
+
+def test_attention_training_learns_the_target_mixture(tmp_path):
+    (scn,) = load_scenarios(ROOT / "scenarios" / "attention_training.py").values()
+    out = tmp_path / "train.h5"
+    params = dict(layers=4, substeps=2, tokens=48, iterations=40, n=200, out=str(out), picture=str(tmp_path / "t.png"))
+    result = scn.run(params, progress=False)
+    assert result.ok and out.exists() and (tmp_path / "t.png").exists()
+    g = scn.function.__globals__
+    numbers = g["evaluate"](result, scn.resolve(params))
+    # Trained through the adjoint, the flow carries the horizontal mixture onto the vertical one: the MMD² to
+    # the target falls far below that of the untrained parameters (measured 0.785 → 0.139 in 40 iterations).
+    assert numbers["mmd2_after"] < 0.25 * numbers["mmd2_before"]
+    assert len(numbers["losses"]) == 40 and numbers["losses"][-1] < numbers["losses"][0]
