@@ -14,7 +14,8 @@ written per frame to ``/particles/trajectory/log_density`` of an H5MD file.
 The divergence is the trace of the Jacobian of the velocity with respect to the **query point**
 (a mean-field field's measure argument is held fixed, as in the continuity equation):
 
-* a field that declares ``divergence(t, x, state) -> (R, N)`` (closed form) is trusted;
+* a field that declares ``divergence(t, x, state) -> (R, N)`` (closed form) is trusted; it may
+  return None where it has no closed form (e.g. ``flow_matching`` between mixtures);
 * ``"exact"`` — d vector–Jacobian products by autograd, tr ∇v = Σₖ ∂vₖ/∂xₖ;
 * ``"hutchinson"`` — ∇·v ≈ (1/k) Σⱼ εⱼᵀ(∇v)εⱼ with k = ``probes`` probes per particle, Rademacher
   (default) or Gaussian, drawn once per output step from the run's noise stream (unbiased; a probe
@@ -91,7 +92,9 @@ def velocity_and_divergence(field, t, x, state, *, probes=None, create_graph: bo
     estimate; None the exact trace (or the field's declared ``divergence``)."""
     declared = _declared(field)
     if declared is not None:
-        return field.velocity(t, x, state), declared(t, x, state)
+        div = declared(t, x, state)
+        if div is not None:
+            return field.velocity(t, x, state), div
     with torch.enable_grad():
         z, v = _query(field, t, x, state)
         d = x.shape[-1]
@@ -164,7 +167,7 @@ class LogDensity(Channel):
 
     def velocity_and_rate(self, field, t, x, state):
         probes = None
-        if self.mode == "hutchinson" and _declared(field) is None:
+        if self.mode == "hutchinson":
             if self._current is None or self._current.shape[1:] != x.shape:
                 self.draw(x)
             probes = self._current
