@@ -193,3 +193,10 @@ def test_bad_event_arguments():
         Event(first_mean_component, direction=2)
     with pytest.raises(MeasureflowError, match="Event"):
         Simulation(particle_start(), linear(), "rk4", steps=4, events=[first_mean_component])
+
+
+def test_runs_with_events_are_not_stacked():
+    sims = [Simulation(particle_start(), linear(), "rk4", t1=1.0, steps=4, seed=s, progress=False,
+                       events=[Event(first_mean_component)]) for s in (0, 1)]
+    with pytest.raises(MeasureflowError, match="events"):
+        Simulation.stack(sims)
