@@ -192,7 +192,7 @@ def draw(numbers: dict, path: str) -> None:
         ax.scatter(pts[:, 0], pts[:, 1], s=2, c="w", alpha=0.6)
         bits = numbers["bits_per_dim"]["learned" if key == "learned" else "exact_field"]
         when = "t = 1" if key == "learned" else f"t = {numbers['t_max']:g}"
-        ax.set_title(f"log p, {title}, {when}: {bits:.3f} bits/dim on the held-out points", fontsize="medium")
+        ax.set_title(f"log p, {title}, {when}\n{bits:.3f} bits/dim on the held-out points", fontsize="medium")
         ax.set_aspect("equal")
     fig.colorbar(image, ax=axes, shrink=0.8, label="log p(x) (clipped 12 below the maximum)")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
