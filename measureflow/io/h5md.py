@@ -342,6 +342,46 @@ class H5MDWriter(Writer):
         _OPEN_WRITERS.add(self)
         _install_atexit()
 
+    def write_events(self, records) -> None:
+        """Append located events (:class:`~measureflow.events.EventRecord`) to ``/observables/events``,
+        an H5MD element after the run: ``step`` and ``time`` of each crossing, ``value`` the event's
+        index in ``events=`` (its name in the ``names`` attribute), ``replica``, and the crossing
+        replica's state at that time (``position`` (E, N, d) and channels, or ``mean`` and ``cov``)."""
+        records = list(records)
+        if not records:
+            return
+        columns = {
+            "step": np.array([r.step for r in records], dtype=np.int64),
+            "time": np.array([r.t for r in records], dtype=np.float64),
+            "value": np.array([r.index for r in records], dtype=np.int64),
+            "replica": np.array([r.replica for r in records], dtype=np.int64),
+        }
+        first = records[0].state
+        if hasattr(first, "cov"):
+            parts = {"mean": lambda s: s.mean[0], "cov": lambda s: s.cov[0]}
+        else:
+            parts = {"position": lambda s: s.x[0]}
+            parts.update({name: (lambda s, n=name: s.channels[n][0]) for name in first.channels})
+        for key, get in parts.items():
+            columns[key] = np.stack([get(r.state).detach().cpu().numpy() for r in records])
+        names = {}
+        for r in records:
+            names[r.index] = r.name
+        with self._h5("r+") as f:
+            group = f.require_group(L.OBSERVABLES + "/events")
+            known = json.loads(group.attrs.get("names", "{}"))
+            known.update({str(k): v for k, v in names.items()})
+            group.attrs["names"] = json.dumps(known)
+            for key, values in columns.items():
+                if key not in group:
+                    group.create_dataset(key, data=values, maxshape=(None, *values.shape[1:]),
+                                         chunks=(max(1, min(len(values), 64)), *values.shape[1:]))
+                else:
+                    ds = group[key]
+                    n = ds.shape[0]
+                    ds.resize(n + len(values), axis=0)
+                    ds[n:] = values
+
     def _h5(self, mode: str) -> h5py.File:
         return h5py.File(self._where, mode, libver="latest", rdcc_nbytes=L.CHUNK_CACHE_BYTES)
 
