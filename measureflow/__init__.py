@@ -52,6 +52,10 @@ _LAZY = {
     "triggers": ("measureflow.triggers", None),
     "status": ("measureflow.status", None),
     "Status": ("measureflow.status", "Status"),
+    "Event": ("measureflow.events", "Event"),
+    "events": ("measureflow.events", None),
+    "density": ("measureflow.density", None),
+    "likelihood": ("measureflow.data_likelihood", "likelihood"),
     # Earlier names of the training package, kept so that measureflow.learning.train_velocity and
     # measureflow.generators.train_generator still work.
     "learning": ("measureflow.training", None),
@@ -126,6 +130,10 @@ __all__ = [
     "triggers",
     "status",
     "Status",
+    "Event",
+    "events",
+    "density",
+    "likelihood",
     "MeasureflowError",
     "ShapeError",
     "StateError",

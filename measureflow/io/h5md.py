@@ -49,7 +49,7 @@ from .base import Writer
 from .runinfo import RunInfo
 from .atomic import atomic_replace
 from .lock import OutputLock
-from .hdf5file import START_OVER, damaged, first_row_off_disk, io_failure, open_h5
+from .hdf5file import START_OVER, damaged, first_row_off_disk, io_failure, open_h5, open_swmr
 
 __all__ = ["H5MDWriter", "rebuild_file", "repair_file", "valid_rows", "STEP_CHUNK", "SUFFIXES"]
 
@@ -342,6 +342,46 @@ class H5MDWriter(Writer):
         _OPEN_WRITERS.add(self)
         _install_atexit()
 
+    def write_events(self, records) -> None:
+        """Append located events (:class:`~measureflow.events.EventRecord`) to ``/observables/events``,
+        an H5MD element after the run: ``step`` and ``time`` of each crossing, ``value`` the event's
+        index in ``events=`` (its name in the ``names`` attribute), ``replica``, and the crossing
+        replica's state at that time (``position`` (E, N, d) and channels, or ``mean`` and ``cov``)."""
+        records = list(records)
+        if not records:
+            return
+        columns = {
+            "step": np.array([r.step for r in records], dtype=np.int64),
+            "time": np.array([r.t for r in records], dtype=np.float64),
+            "value": np.array([r.index for r in records], dtype=np.int64),
+            "replica": np.array([r.replica for r in records], dtype=np.int64),
+        }
+        first = records[0].state
+        if hasattr(first, "cov"):
+            parts = {"mean": lambda s: s.mean[0], "cov": lambda s: s.cov[0]}
+        else:
+            parts = {"position": lambda s: s.x[0]}
+            parts.update({name: (lambda s, n=name: s.channels[n][0]) for name in first.channels})
+        for key, get in parts.items():
+            columns[key] = np.stack([get(r.state).detach().cpu().numpy() for r in records])
+        names = {}
+        for r in records:
+            names[r.index] = r.name
+        with self._h5("r+") as f:
+            group = f.require_group(L.OBSERVABLES + "/events")
+            known = json.loads(group.attrs.get("names", "{}"))
+            known.update({str(k): v for k, v in names.items()})
+            group.attrs["names"] = json.dumps(known)
+            for key, values in columns.items():
+                if key not in group:
+                    group.create_dataset(key, data=values, maxshape=(None, *values.shape[1:]),
+                                         chunks=(max(1, min(len(values), 64)), *values.shape[1:]))
+                else:
+                    ds = group[key]
+                    n = ds.shape[0]
+                    ds.resize(n + len(values), axis=0)
+                    ds[n:] = values
+
     def _h5(self, mode: str) -> h5py.File:
         return h5py.File(self._where, mode, libver="latest", rdcc_nbytes=L.CHUNK_CACHE_BYTES)
 
@@ -508,6 +548,12 @@ class H5MDWriter(Writer):
         try:
             f, _ = open_h5(self.path)
         except TrajectoryFileError as exc:
+            lost = self._steps_cut_off(run)
+            if lost is not None:
+                raise TrajectoryFileError(
+                    f"{self.path}: cannot resume at step {step}: the file was cut short and the frames of "
+                    f"steps {lost[0]} … {lost[1]}, which the checkpoint counts as written, lie past its end; "
+                    f"{START_OVER}") from exc
             raise TrajectoryFileError(f"cannot resume at step {step}: {exc}") from exc
         try:
             with f:
@@ -537,6 +583,26 @@ class H5MDWriter(Writer):
             raise
         except Exception as exc:  # noqa: BLE001 - h5py's errors on damaged metadata
             raise damaged(self.path, f"cannot resume at step {step}: the file's metadata is damaged", exc) from exc
+
+    def _steps_cut_off(self, run: RunInfo) -> tuple[int, int] | None:
+        """For a truncated file: the first and last step (≤ the resume step) of the frames past its
+        end, read from what remains of it; None when that cannot be told."""
+        try:
+            with open_swmr(self.path) as f:
+                p = self._frame_paths(run)[0]
+                # Not valid_rows: walking the whole file reads metadata a cut-off file has lost.
+                committed = f[L.COMMITTED]
+                names = L.text(committed.attrs.get("elements", np.array([], dtype="S1")))
+                rows = min(f[p]["value"].shape[0], int(committed[list(names).index(p)]))
+                off = first_row_off_disk(f[p]["value"], rows, self.path)
+                steps = f[p]["step"]
+                if off is None or first_row_off_disk(steps, rows, self.path) is not None:
+                    return None  # the steps themselves are lost: no range to name
+                steps = steps[:rows]
+                kept = steps[off:][steps[off:] <= run.resume_step]
+                return (int(kept[0]), int(kept[-1])) if kept.size else None
+        except Exception:  # noqa: BLE001 - best effort: the caller reports the truncation anyway
+            return None
 
     def _check_compatible(self, f: h5py.File, run: RunInfo) -> None:
         if L.PARAMETERS not in f or "h5md" not in f:

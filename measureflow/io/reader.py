@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import json
 import os
 from functools import cached_property
 from pathlib import Path
@@ -389,6 +390,21 @@ class TrajectoryFile(ShapedTrajectory):
                     visit(obj, name + "/")
 
         visit(root, "")
+        return out
+
+    @property
+    def events(self) -> dict:
+        """The located events (``/observables/events``, written by ``Simulation(events=...)``): numpy
+        arrays ``name``, ``step``, ``time``, ``replica``, ``index`` and the crossing replica's state
+        (``position`` and channels, or ``mean`` and ``cov``), one row per crossing; empty when none."""
+        path = L.OBSERVABLES + "/events"
+        if path not in self.file:
+            return {}
+        group = self.file[path]
+        names = json.loads(group.attrs.get("names", "{}"))
+        out = {key: group[key][()] for key in group if key != "value"}
+        out["index"] = group["value"][()]
+        out["name"] = np.array([names.get(str(int(i)), str(int(i))) for i in out["index"]], dtype=object)
         return out
 
     @property
