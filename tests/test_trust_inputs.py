@@ -275,9 +275,11 @@ def damaged_copy(run_file, tmp_path, edit):
     return path
 
 
-def test_plot_to_a_missing_folder_is_refused_before_drawing(run_file, capsys):
-    code, _, err = cli(capsys, "plot", run_file, "-o", "/nonexistent/x.png")
-    assert code == 2 and "the folder '/nonexistent' does not exist" in err and err.count("\n") == 1
+def test_plot_to_a_missing_folder_is_refused_before_drawing(run_file, capsys, tmp_path):
+    missing = tmp_path / "nonexistent"
+    code, _, err = cli(capsys, "plot", run_file, "-o", missing / "x.png")
+    assert code == 2 and f"the folder '{missing}' does not exist" in err and err.count("\n") == 1
+    assert not missing.exists()
 
 
 def test_plot_to_a_directory_is_refused(run_file, capsys, tmp_path):
