@@ -3,7 +3,7 @@
 An :class:`Event` wraps ``fn(t, state) -> (R,)``, one value per replica. After every accepted solver
 step the run evaluates it at the step's end; where the sign changed inside the step (in the requested
 ``direction``) the crossing time is found by root-finding (Brent's method) on the step's dense
-output (:mod:`measureflow.integrators.dense`: the Dormand–Prince interpolant, cubic Hermite for the
+output (``measureflow.integrators.dense``: the Dormand–Prince interpolant, cubic Hermite for the
 other Runge–Kutta methods), to ``tol`` in time. The dense output is what the solver computed anyway,
 so locating an event costs evaluations of ``fn`` and of the interpolant, never a field evaluation
 beyond one per step for Hermite's end slope.
