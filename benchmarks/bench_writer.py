@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -26,6 +27,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+
+from benchkit import add_standard_arguments, start
 
 import measureflow as mf
 from measureflow.io import RunInfo
@@ -114,7 +117,12 @@ def main(argv=None) -> None:
     parser.add_argument("--dim", type=int, default=2)
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--steps", type=int, default=500, help="steps of the whole-run comparison")
+    add_standard_arguments(parser, "writer", "N = 10⁴, 20 frames, 100 steps, 2 repeats")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.frames, args.steps, args.repeats = [10_000], 20, 100, 2
+    env = start(args)
+    rows = []
     dtype = getattr(torch, args.dtype)
     print(f"h5py {h5py.__version__}, HDF5 {h5py.version.hdf5_version}, torch {torch.__version__}")
     print(f"R = 1, d = {args.dim}, {args.dtype}, {args.frames} frames, median of {args.repeats} runs")
@@ -133,6 +141,7 @@ def main(argv=None) -> None:
                 results["flush10"].append(bench_writer(tmp / f"f{r}.h5", x, args.frames, flush_every=10))
             per = {k: 1e3 * statistics.median(v) / args.frames for k, v in results.items()}
             mb = x.numel() * x.element_size() / 1e6
+            rows.append({"part": "frames", "N": n, "MB_per_frame": mb, "ms_per_frame": per})
             print(
                 f"{n:>8} {mb:>9.2f} {per['bare']:>14.3f} {per['writer']:>16.3f} "
                 f"{per['writer'] / per['bare']:>6.2f} {per['flush10']:>17.3f} ({per['flush10'] / per['bare']:.2f}×)"
@@ -151,8 +160,13 @@ def main(argv=None) -> None:
                 written.append(total)
                 shares.append(spent / total)
             b, w = statistics.median(bare), statistics.median(written)
+            rows.append({"part": "run", "N": n, "steps": args.steps, "no_writer_s": b, "writer_s": w,
+                         "writer_share": statistics.median(shares)})
             print(f"{n:>8} {b:>12.3f} {w:>14.3f} {100 * statistics.median(shares):>12.1f}% "
-                  f"{100 * (w / b - 1):>20.1f}%")
+                  f"{100 * (w / b - 1):>20.1f}%", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
+    print(f"written: {args.out.with_suffix('.json')}")
 
 if __name__ == "__main__":
     main()
