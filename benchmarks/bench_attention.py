@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchkit import add_standard_arguments, start  # noqa: E402
+from benchkit import add_standard_arguments, prepare_machine  # noqa: E402
 from bench_reductions import PeakMemory, fmt_bytes  # noqa: E402 - the same memory probe as the other CPU benchmarks
 
 from measureflow.reductions import softmax_average  # noqa: E402
@@ -131,7 +131,7 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.sizes = [1000, 4000]
-    env = {**start(args), "dtype": "float32", "d": args.dim}
+    env = {**prepare_machine(args), "dtype": "float32", "d": args.dim}
     print("  ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     rows = []
     header = (f"{'N':>7} {'implementation':<22} {'median s':>9} {'CPU s':>9} {'rounds':>6} {'peak mem':>10} "

@@ -77,7 +77,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchkit import add_standard_arguments, start
+from benchkit import add_standard_arguments, prepare_machine
 
 import measureflow
 from measureflow.integrators import ButcherTableau, DormandPrince5, ExplicitRungeKutta
@@ -305,9 +305,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=9, help="timed blocks per side (best kept)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--skip", choices=["training", "sampling"], nargs="*", default=[])
-    parser.add_argument("--quick", action="store_true",
-                        help="50/5 training steps, 3 repeats, random network, rk4 with 20 steps only")
-    add_standard_arguments(parser, "flow_matching", "fewer steps and repeats, random network (a few minutes)")
+    add_standard_arguments(parser, "flow_matching", "50/5 training steps, 3 repeats, random network, rk4 with 20 steps only")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.quick:
@@ -320,7 +318,7 @@ def main(argv=None) -> None:
     np.random.seed(args.seed)  # TorchCFM draws its OT pairs from NumPy's global generator
 
     env = {
-        **start(args),
+        **prepare_machine(args),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "measureflow": measureflow.__version__,
         "network": f"VelocityMLP(2, hidden={args.hidden}, depth={args.depth})",

@@ -64,7 +64,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchkit import add_standard_arguments, alternate_best, start
+from benchkit import add_standard_arguments, alternate_best, prepare_machine
 
 from measureflow import reductions
 from measureflow.reductions import sinkhorn_potentials, softmax_average
@@ -468,7 +468,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.mmd_sizes, args.sw_size, args.sinkhorn_size, args.repeats = [2000, 5000], 2000, 2000, 1
 
-    env = {**start(args), "repeats": args.repeats}
+    env = {**prepare_machine(args), "repeats": args.repeats}
     for mod in ("pykeops", "geomloss", "ot"):
         try:
             env[mod] = __import__(mod).__version__

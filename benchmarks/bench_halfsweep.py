@@ -23,7 +23,7 @@ import statistics
 
 import torch
 
-from benchkit import add_standard_arguments, alternate, paired_ratio, start
+from benchkit import add_standard_arguments, alternate, paired_ratio, prepare_machine
 
 from measureflow.reductions import kernel_sum, sinkhorn_potentials, softmax_average
 from measureflow.reductions.logsumexp import shifted_logsumexp
@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.rounds = [4000], 3
-    env = start(args)
+    env = prepare_machine(args)
     eps = args.epsilon
     rows = []
     for n in args.sizes:

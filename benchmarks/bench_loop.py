@@ -46,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchkit import add_standard_arguments, start
+from benchkit import add_standard_arguments, prepare_machine
 from trees import CURRENT_TREE, DEFAULT_BASELINE, baseline_tree, child_env, git, import_check, make_pyroot, sigterm_as_exit
 
 A = [[-0.5, -2.0], [1.0, -0.5]]
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     samples = {name: {side: [] for side in SIDES} for name in cases}
     workers: dict[str, Worker] = {}
-    load = {"before": machine_load(), "start": start(args)}
+    load = {"before": machine_load(), "start": prepare_machine(args)}
     print(f"load average {load['before']['loadavg'][0]:.2f} / {load['before']['loadavg'][1]:.2f} / "
           f"{load['before']['loadavg'][2]:.2f} on {load['before']['cores']} usable cores")
     if load["before"]["idle_cores_estimate"] < 1.0:

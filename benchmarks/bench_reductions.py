@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from benchkit import add_standard_arguments, alternate_best, start
+from benchkit import add_standard_arguments, alternate_best, prepare_machine
 
 from measureflow import reductions
 
@@ -230,7 +230,7 @@ def main(argv=None) -> None:
         parser.error("--device cuda: torch sees no CUDA device here")
 
     env = {
-        **start(args),
+        **prepare_machine(args),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "compile": reductions.config.compile,
     }

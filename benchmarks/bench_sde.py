@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from benchkit import add_standard_arguments, alternate, paired_ratio, start
+from benchkit import add_standard_arguments, alternate, paired_ratio, prepare_machine
 
 import measureflow
 from measureflow import Particles
@@ -93,7 +93,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.steps, args.rounds = 2000, 16, 3
-    env = start(args)
+    env = prepare_machine(args)
     device = torch.device(args.device)
     torch.manual_seed(0)
     net = VelocityMLP(2, hidden=64, depth=3).to(device=device, dtype=torch.float64).eval()

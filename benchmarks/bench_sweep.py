@@ -48,7 +48,7 @@ import h5py
 import numpy as np
 import torch
 
-from benchkit import add_standard_arguments, start
+from benchkit import add_standard_arguments, prepare_machine
 
 from measureflow.sweep import run_sweep
 
@@ -100,7 +100,7 @@ def main(argv=None) -> None:
         args.modes = [m for m in args.modes if not m.startswith("ray")]
 
     env = {
-        **start(args),
+        **prepare_machine(args),
         "device": args.device if args.device != "cpu" else (platform.processor() or platform.machine()),
         "runs": 4 * args.seeds,
         "n": args.n,

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from benchkit import add_standard_arguments, start, timed
+from benchkit import add_standard_arguments, prepare_machine, timed
 
 from measureflow.reductions import kernel_sum
 from measureflow.reductions.logsumexp import shifted_logsumexp
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.rounds = [20_000], 3
-    env = start(args)
+    env = prepare_machine(args)
     counts = [1, args.threads] if args.threads > 1 else [1, 2]
     rate = exp_rate()
     print(f"vectorised exp (L1-resident, 1 thread): {rate:.3e} exps per CPU second", flush=True)

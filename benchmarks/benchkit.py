@@ -3,7 +3,7 @@
 * :func:`add_standard_arguments` gives a script ``--quick``, ``--threads`` and ``--out``; ``--out``
   defaults outside the repository (``$MEASUREFLOW_BENCH_OUT`` or ``~/.cache/measureflow/benchmarks``),
   so the committed tables in ``benchmarks/results/`` change only when someone writes there on purpose.
-* :func:`start` sets the torch threads (and the OpenMP/MKL variables for subprocesses) and returns the
+* :func:`prepare_machine` sets the torch threads (and the OpenMP/MKL variables for subprocesses) and returns the
   environment record every result carries: torch threads, load average and the *effective* number of
   cores, measured at the start as the CPU time a saturating torch computation gets per second of wall
   time with every core's thread asked for (2 on an idle 2-core machine, about 1 under a load of 1
@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["add_standard_arguments", "default_out", "start", "effective_cores", "machine_record", "alternate",
+__all__ = ["add_standard_arguments", "default_out", "prepare_machine", "effective_cores", "machine_record", "alternate",
            "paired_ratio", "timed", "load_line", "alternate_best"]
 
 
@@ -80,7 +80,7 @@ def machine_record() -> dict:
     }
 
 
-def start(args: argparse.Namespace) -> dict:
+def prepare_machine(args: argparse.Namespace) -> dict:
     """Set the threads from ``args.threads`` (here and for child processes) and return :func:`machine_record`."""
     threads = max(1, int(args.threads))
     torch.set_num_threads(threads)
