@@ -137,3 +137,23 @@ def test_single_pass_potentials_match_pot():
     f, g = f[0].numpy(), g[0].numpy()
     c = np.mean(f - fp)
     assert np.abs(f - c - fp).max() < 1e-9 and np.abs(g + c - gp).max() < 1e-9
+
+
+def test_a_kernel_compiled_under_one_thread_is_not_reused_under_two(monkeypatch):
+    """Inductor's CPU kernels are parallel only when compiled with more than one torch thread, so the
+    serial and parallel variants are kept apart (torch.compile replaced by the identity: no compile here)."""
+    from measureflow.reductions import fused
+
+    monkeypatch.setattr(fused, "kernels", {})
+    monkeypatch.setattr(fused.torch, "compile", lambda fn, **kw: fn)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = fused.compiled_kernel("probe", (2, True), lambda d, p: (lambda: ("serial", d)))
+        torch.set_num_threads(2)
+        parallel = fused.compiled_kernel("probe", (2, True), lambda d, p: (lambda: ("parallel", d)))
+        again = fused.compiled_kernel("probe", (2, True), lambda d, p: (lambda: ("other", d)))
+    finally:
+        torch.set_num_threads(saved)
+    assert serial() == ("serial", 2) and parallel() == ("parallel", 2) and again is parallel
+    assert sorted(fused.kernels) == [("probe", 2, True, False), ("probe", 2, True, True)]
