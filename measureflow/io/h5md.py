@@ -644,7 +644,12 @@ class H5MDWriter(Writer):
         """The frame's host arrays, one per frame element, checked against the run's shapes. ``copy``: arrays
         the caller owns (a host state's tensors share memory with the arrays otherwise)."""
         run = self.run
-        own = np.array if copy else np.asarray
+
+        def host(t: torch.Tensor) -> np.ndarray:
+            # .cpu() of a device tensor is already a new host copy; a host tensor's array is its memory
+            a = t.cpu().numpy()
+            return np.array(a) if copy and t.device.type == "cpu" else a
+
         if run.kind == "particles":
             x = getattr(state, "x", None)
             if x is None or tuple(x.shape) != (run.replicas, run.size, run.dim):
@@ -652,7 +657,7 @@ class H5MDWriter(Writer):
                     f"{self.path}: expected a Particles state of shape (R, N, d) = "
                     f"{(run.replicas, run.size, run.dim)}, received {state!r}"
                 )
-            arrays = [own(x.detach().reshape(run.rows, run.dim).cpu().numpy())]
+            arrays = [host(x.detach().reshape(run.rows, run.dim))]
             if run.channels:
                 held = getattr(state, "channels", {})
                 for name, tail in run.channels.items():
@@ -663,7 +668,7 @@ class H5MDWriter(Writer):
                             f"{self.path}: channel {name!r} must have shape {(run.replicas, run.size, *tail)} in "
                             f"every frame; received {got}"
                         )
-                    arrays.append(own(value.detach().reshape(run.rows, *tail).to(x.dtype).cpu().numpy()))
+                    arrays.append(host(value.detach().reshape(run.rows, *tail).to(x.dtype)))
             return arrays
         mean, cov = getattr(state, "mean", None), getattr(state, "cov", None)
         R, d = run.replicas, run.dim
