@@ -31,7 +31,9 @@ g = torch.Generator().manual_seed(0)
 x, y = torch.randn(1, n, 2, generator=g), torch.randn(1, n, 2, generator=g)
 t0 = time.perf_counter(); reductions.kernel_sum(x, y, bandwidth=0.5, gradient="both"); t1 = time.perf_counter()
 reductions.kernel_sum(x, y, bandwidth=0.5, gradient="both"); t2 = time.perf_counter()
-print(json.dumps({"first_s": t1 - t0, "second_s": t2 - t1}))
+from torch._dynamo.utils import counters
+hits = {k: v for k, v in counters["inductor"].items() if "cache" in k}
+print(json.dumps({"first_s": t1 - t0, "second_s": t2 - t1, "inductor_cache": hits}))
 """
 
 
@@ -51,7 +53,8 @@ def main(argv=None) -> None:
                                  env=dict(os.environ), check=True)
             row = {"pass": p + 1, "N": n, **json.loads(out.stdout.strip().splitlines()[-1])}
             rows.append(row)
-            print(f"pass {p + 1} N={n}: first call {row['first_s']:.2f} s, second {row['second_s']:.3f} s", flush=True)
+            print(f"pass {p + 1} N={n}: first call {row['first_s']:.2f} s, second {row['second_s']:.3f} s, "
+                  f"inductor cache {row['inductor_cache']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     print(f"written: {args.out.with_suffix('.json')}")
