@@ -27,7 +27,7 @@ from .plugins import get_registry, hookimpl, reload_registry  # noqa: E402
 # Bound eagerly: the submodule shares the decorator's name, and a lazy lookup would hand out the
 # module once anything had imported `measureflow.scenario`.
 from .scenario import scenario  # noqa: E402
-from .state import Gaussians, Particles  # noqa: E402
+from .state import GaussianMixtures, Gaussians, Particles  # noqa: E402
 from .triggers import On, Periodic  # noqa: E402
 
 # Heavier pieces load on first use so that `import measureflow` stays fast.
@@ -41,7 +41,9 @@ _LAZY = {
     "plot": ("measureflow.plot", None),
     "diagnostics": ("measureflow.diagnostics", None),
     "schedules": ("measureflow.schedules", None),
+    "geometry": ("measureflow.geometry", None),
     "couplings": ("measureflow.couplings", None),
+    "mixtures": ("measureflow.mixtures", None),
     "training": ("measureflow.training", None),
     "run": ("measureflow.run", None),
     "integrators": ("measureflow.integrators", None),
@@ -50,6 +52,10 @@ _LAZY = {
     "triggers": ("measureflow.triggers", None),
     "status": ("measureflow.status", None),
     "Status": ("measureflow.status", "Status"),
+    "Event": ("measureflow.events", "Event"),
+    "events": ("measureflow.events", None),
+    "density": ("measureflow.density", None),
+    "likelihood": ("measureflow.data_likelihood", "likelihood"),
     # Earlier names of the training package, kept so that measureflow.learning.train_velocity and
     # measureflow.generators.train_generator still work.
     "learning": ("measureflow.training", None),
@@ -71,6 +77,10 @@ def __getattr__(name):
 def field(name: str, /, **params):
     """Build a registered field by name: ``measureflow.field("linear", A=..., b=...)``.
 
+    A gradient flow with a first variation may move mass: ``geometry="fisher_rao"`` or ``"wfr"``
+    with ``rate=α`` (and ``balanced=False`` for a mass that changes) — see
+    :mod:`measureflow.geometry` and MATH.md §15.6; ``geometry="wasserstein"`` is the default.
+
     >>> import torch, measureflow
     >>> contraction = measureflow.field("linear", A=-torch.eye(2), b=torch.zeros(2))
     >>> cloud = measureflow.Particles(torch.ones(1, 3, 2))
@@ -89,6 +99,7 @@ __all__ = [
     "__version__",
     "Particles",
     "Gaussians",
+    "GaussianMixtures",
     "Field",
     "from_potential",
     "Periodic",
@@ -108,6 +119,8 @@ __all__ = [
     "plot",
     "diagnostics",
     "schedules",
+    "geometry",
+    "mixtures",
     "couplings",
     "training",
     "run",
@@ -117,6 +130,10 @@ __all__ = [
     "triggers",
     "status",
     "Status",
+    "Event",
+    "events",
+    "density",
+    "likelihood",
     "MeasureflowError",
     "ShapeError",
     "StateError",

@@ -19,6 +19,8 @@ so a field without ``affine`` is refused on a Gaussian state at assembly, before
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 from typing import Callable
@@ -26,9 +28,13 @@ from typing import Callable
 import torch
 
 from .errors import CapabilityError, ShapeError, TimeRangeError
+from .mixtures import check_mixture_field
 from .state import Gaussians, Particles, state_kind
 
 __all__ = [
+    "keep_graph",
+    "keeps_graph",
+    "trainable",
     "Field",
     "SumField",
     "ScaledField",
@@ -39,6 +45,42 @@ __all__ = [
 ]
 
 CAPABILITIES = ("velocity", "affine", "diffusion", "energy")
+
+_KEEP_GRAPH = contextvars.ContextVar("measureflow_keep_graph", default=False)
+
+
+@contextlib.contextmanager
+def keep_graph():
+    """Within this block fields build the autograd graph through their parameters (gradients
+    through a run, ``Simulation(gradient=...)``); outside it a field may evaluate without one."""
+    token = _KEEP_GRAPH.set(True)
+    try:
+        yield
+    finally:
+        _KEEP_GRAPH.reset(token)
+
+
+def keeps_graph() -> bool:
+    """Whether a field evaluated now should keep its autograd graph (see :func:`keep_graph`)."""
+    return _KEEP_GRAPH.get() and torch.is_grad_enabled()
+
+
+def trainable(field) -> dict:
+    """The tensors a field declares trainable (``field.trainable() -> {name: tensor}``), gathered
+    through sums and scalings; {} for a field that declares none."""
+    out = {}
+    stack = [("", field)]
+    while stack:
+        prefix, f = stack.pop()
+        for i, term in enumerate(getattr(f, "terms", ())):
+            stack.append((f"{prefix}{i}.", term))
+        inner = getattr(f, "field", None)
+        if isinstance(inner, Field) and inner is not f:
+            stack.append((prefix, inner))
+        own = getattr(f, "trainable", None)
+        if callable(own):
+            out.update({prefix + k: v for k, v in own().items()})
+    return out
 
 
 class Field:
@@ -296,6 +338,9 @@ def check_compatible(field, state, *, stochastic_integrator: bool | None = None,
         # refused here, before a step broadcasts the mismatch into a wrong result or a raw error.
         raise ShapeError(f"field {name!r} is defined in d = {dim} dimensions but the state has d = {state.dim}; "
                          "give the field parameters (target, center, A…) of the state's dimension")
+    if kind == "mixtures":
+        check_mixture_field(field)
+        return
     if kind == "gaussians" and needs is not None:
         missing = sorted(set(needs) - set(caps))
         if missing:

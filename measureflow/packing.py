@@ -99,9 +99,12 @@ def why_not_stackable(simulations) -> str | None:
     first = lead.run_parameters()
     for other in simulations[1:]:
         params = other.run_parameters()
-        for part, what in (("time", "time grids"), ("integrator", "integrators")):
-            if params[part] != first[part]:
+        for part, what in (("time", "time grids"), ("integrator", "integrators"), ("log_density", "log-density channels"),
+                           ("gradient", "gradient modes")):
+            if params.get(part) != first.get(part):
                 return f"their {what} differ"
+        if lead.events or other.events:
+            return "they have events, which are located on the whole batch's steps"
         a, b = lead.state, other.state
         if (state_kind(a), getattr(a, "size", 0), a.dim, a.dtype, a.device) != (
                 state_kind(b), getattr(b, "size", 0), b.dim, b.dtype, b.device):

@@ -51,6 +51,7 @@ __all__ = [
     "Picture",
     "PositiveFloat",
     "rules_of",
+    "effective_rules",
     "check_value",
     "available_memory",
     "check_writable_path",
@@ -305,6 +306,13 @@ def rules_of(annotation) -> tuple[Any, tuple[Rule, ...]]:
     return annotation.__origin__, tuple(m for m in metadata if isinstance(m, Rule))
 
 
+def effective_rules(kind, rules: tuple) -> tuple:
+    """The rules a value of ``kind`` is checked by: ``rules``, or the type's default rule."""
+    if not rules and kind in _DEFAULT_RULES:
+        return (_DEFAULT_RULES[kind],)
+    return tuple(rules)
+
+
 def check_value(kind, rules: tuple, value, name: str, where: str, params: dict):
     """``value`` of the declared ``kind`` (int, float, bool, str; an int is accepted for a float),
     through ``rules`` (or the type's default rule); raises ParameterError otherwise."""
@@ -326,8 +334,6 @@ def check_value(kind, rules: tuple, value, name: str, where: str, params: dict):
     elif kind is str:
         if not isinstance(value, str):
             raise ParameterError(f"{where}: {name} must be a string; received {value!r}")
-    if not rules and kind in _DEFAULT_RULES:
-        rules = (_DEFAULT_RULES[kind],)
-    for rule in rules:
+    for rule in effective_rules(kind, rules):
         value = rule.check(value, name, where, params)
     return value

@@ -98,6 +98,7 @@ BUILTIN_PLUGINS = (
     "measureflow_plugins.interaction",
     "measureflow_plugins.sliced_wasserstein",
     "measureflow_plugins.sinkhorn",
+    "measureflow_plugins.porous_medium",
     "measureflow_plugins.jko",
     "measureflow_plugins.ray_executor",
     "measureflow_plugins.drifting",
@@ -224,13 +225,24 @@ class Registry:
         return factory(*args, **params)
 
     def field(self, name: str, /, **params):
-        """Build the registered field ``name`` with ``params``."""
+        """Build the registered field ``name`` with ``params``.
+
+        ``geometry="wasserstein" | "fisher_rao" | "wfr"``, with ``rate=α`` and ``balanced=``, picks the
+        geometry a gradient flow descends in (:func:`measureflow.geometry.with_geometry`, MATH.md §15.6).
+        """
+        geometry = params.pop("geometry", None)
+        if geometry is not None:
+            rate, balanced = params.pop("rate", None), params.pop("balanced", True)
         field = self.build("fields", name, **params)
         if getattr(field, "name", "field") == "field":
             try:
                 field.name = name
             except AttributeError:
                 pass
+        if geometry is not None:
+            from .geometry import with_geometry
+
+            field = with_geometry(field, geometry, rate, balanced, registry=self)
         return field
 
     def integrator(self, name: str, /, **params):

@@ -42,7 +42,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import attrs
 
 from .errors import MeasureflowError, ParameterError
-from .parameters import check_value, output_files, rules_of
+from .parameters import check_value, effective_rules, output_files, rules_of
 
 __all__ = ["scenario", "Scenario", "Parameter", "Runnable", "load_scenarios", "parse_assignments",
            "with_run_checkpoint", "output_path", "choose_scenario"]
@@ -89,7 +89,7 @@ class Parameter:
         return check_value(self.type, self.rules, value, self.name, f"scenario {scenario!r}", params)
 
     def describe(self) -> str:
-        rules = ", ".join(filter(None, (rule.describe() for rule in self.rules)))
+        rules = ", ".join(filter(None, (rule.describe() for rule in effective_rules(self.type, self.rules))))
         return _type_name(self.type) + (f" {rules}" if rules else "")
 
     def convert(self, text: str, scenario: str):

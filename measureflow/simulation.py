@@ -11,6 +11,7 @@ and the same integrator object, can run any number of times with identical resul
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 from pathlib import Path
@@ -22,7 +23,10 @@ import torch
 
 from . import __version__
 from .errors import CapabilityError, MeasureflowError, StepFailure, TimeRangeError
-from .fields import capabilities
+from .density import LogDensity, check_log_density
+from .events import Event, EventMonitor
+from .fields import capabilities, keep_graph
+from .gradients import AdjointPlan, attach_adjoint, check_gradient, differentiable_parameters
 from .integrators import BrownianTree, NoiseStream, Stepper
 from .io.base import Series
 from .io.runinfo import run_fingerprint
@@ -149,6 +153,22 @@ class Simulation:
         any other :class:`~measureflow.run.Operation` objects, each with its trigger.
     channels:
         auxiliary :class:`~measureflow.integrators.Channel` rules integrated with the particles.
+    log_density, probes, probe:
+        integrate the log-density channel d log ρ/dt = −∇·v with the particles (MATH.md §15.1,
+        :mod:`measureflow.density`): ``"exact"`` (the field's declared ``divergence``, else the
+        autograd trace) or ``"hutchinson"`` with ``probes`` probes per particle (``probe`` =
+        ``"rademacher"`` or ``"gaussian"``) drawn from the run's noise stream. Read it as
+        ``result.state.log_density`` (R, N); it starts from the state's ``log_density`` channel, or 0.
+    gradient:
+        ``"backprop"`` keeps the autograd graph through the solver; ``"adjoint"`` ties the final
+        positions to the initial ones and to the field's trainable tensors by the continuous adjoint
+        (memory independent of the number of steps). Then ``torch.autograd.grad(loss, A)`` works on
+        ``result.state`` for any tensor A given to the field with ``requires_grad=True``
+        (:mod:`measureflow.gradients`, MATH.md §15.5).
+    events:
+        :class:`~measureflow.Event` objects (``fn(t, state) -> (R,)``): sign changes are located on
+        each step's dense output and listed in ``result.events``; a terminal one ends the run with
+        status ``event`` at its time (:mod:`measureflow.events`).
     progress:
         None → a tqdm bar when stderr is a terminal (never under CI=true); True/False force it.
     parameters, description:
@@ -195,6 +215,11 @@ class Simulation:
         channels: Sequence = (),
         noise_blocks: Sequence | None = None,
         brownian_depth: int | None = None,
+        log_density: str | None = None,
+        probes: int = 1,
+        probe: str = "rademacher",
+        events: Sequence = (),
+        gradient: str | None = None,
     ):
         arguments = dict(locals())
         arguments.pop("self")
@@ -246,6 +271,20 @@ class Simulation:
                     f"noise_blocks cover {sum(r for _, r in noise_blocks)} replicas but the state has {state.replicas}"
                 )
 
+        if log_density is not None:
+            check_log_density(field, state, log_density, probes, probe)
+            if any(getattr(c, "name", None) == LogDensity.name for c in channels):
+                raise MeasureflowError("log_density= adds the 'log_density' channel; drop it from channels=")
+
+        events = tuple(events)
+        for event in events:
+            if not isinstance(event, Event):
+                raise MeasureflowError(
+                    f"events must be measureflow.Event(fn, terminal=..., direction=...) objects; received {event!r}")
+
+        if gradient is not None:
+            check_gradient(gradient, field, state, solver, log_density=log_density, events=events, resume=resume)
+
         self._arguments = arguments
         self.state = state
         self.field = field
@@ -266,6 +305,10 @@ class Simulation:
             path = BrownianTree(min(grid.t0, grid.t1), max(grid.t0, grid.t1), self.brownian_depth)
             for t in grid.all():
                 path.grid_index(t)  # refuses a step boundary off the path's grid, before any step
+        self.log_density = None if log_density is None else {"mode": log_density, "probes": int(probes),
+                                                             "probe": probe}
+        self.events = events
+        self.gradient = gradient
         self._loop = None
         self._checked = True
 
@@ -404,6 +447,12 @@ class Simulation:
             out["channels"] = [c.describe() for c in self.channels]
         if self.brownian_depth is not None:
             out["brownian_depth"] = self.brownian_depth
+        if self.log_density is not None:
+            out["log_density"] = dict(self.log_density)
+        if self.events:
+            out["events"] = [e.describe() for e in self.events]
+        if self.gradient is not None:
+            out["gradient"] = self.gradient
         return out
 
     def fingerprint(self) -> str:
@@ -423,12 +472,28 @@ class Simulation:
         loop = RunLoop(process, self.operations(), stop=self.stop, checkpointing=self.checkpointing,
                        progress=self.progress)
         self._loop = loop
+        if self.gradient == "backprop":
+            grad_mode = contextlib.ExitStack()
+            grad_mode.enter_context(torch.enable_grad())
+            grad_mode.enter_context(keep_graph())
+        elif self.gradient == "adjoint":
+            grad_mode = torch.no_grad()
+        else:
+            grad_mode = contextlib.nullcontext()
         try:
-            outcome = loop.run()
+            with grad_mode:
+                outcome = loop.run()
         finally:
             self._loop = None
+            if process.events is not None and process.events.records:
+                for writer in self.writers:
+                    if callable(getattr(writer, "write_events", None)):
+                        writer.write_events(process.events.records)
+        state = outcome.state
+        if process.adjoint is not None:
+            state = state.with_positions(attach_adjoint(process.adjoint, self.state.x, state.x))
         return Result(
-            state=outcome.state,
+            state=state,
             status=outcome.status,
             grid=np.array(self.grid.all()),
             steps_done=outcome.steps_done,
@@ -437,6 +502,7 @@ class Simulation:
             integrator_stats=dict(process.stepper.stats),
             writers=tuple(self.writers),
             parameters=self.run_parameters(),
+            events=tuple(process.events.records) if process.events is not None else (),
         )
 
     def request_stop(self) -> None:
@@ -472,10 +538,24 @@ class SimulationProcess(Process):
             self.noise = NoiseStream.for_run(simulation.seed, state.device)
         else:
             self.noise = BrownianTree.for_run(simulation.seed, lo, hi, depth, state.device)
+        channels = simulation.channels
+        self.log_density = None
+        if simulation.log_density is not None:
+            # A fresh channel per run: it holds the run's current Hutchinson probes.
+            self.log_density = LogDensity(**simulation.log_density, noise=self.noise,
+                                          create_graph=simulation.gradient == "backprop")
+            channels = (*channels, self.log_density)
         self.stepper = Stepper(simulation.integrator, simulation.field, state, noise=self.noise,
-                               channels=simulation.channels)
+                               channels=channels)
         self._is_gaussian = state_kind(state) == "gaussians"
+        self._is_mixture = state_kind(state) == "mixtures"
         self._times = simulation.grid.all()
+        self.events = EventMonitor(simulation.events) if simulation.events else None
+        self._stop = None
+        self.adjoint = None
+        if simulation.gradient == "adjoint":
+            self.adjoint = AdjointPlan(simulation.field, state, simulation.integrator.tableau,
+                                       differentiable_parameters(simulation.field))
 
     def time_at(self, step: int) -> float:
         return self._times[step]
@@ -485,29 +565,61 @@ class SimulationProcess(Process):
 
     def start(self):
         state = self.simulation.state
-        if self.simulation.channels:
+        if self.stepper.dynamics.channels or self.stepper.dynamics.moving_weights:
             # The channels' initial values, so that step 0 is recorded with them.
             dynamics = self.stepper.dynamics
             state = dynamics.unpack(dynamics.pack(state), state)
         return state
 
     def advance(self, state, step: int):
+        if self.log_density is not None:
+            self.log_density.draw(state.x)
         t0, t1 = self._times[step], self._times[step + 1]
+        events = self.events
+        if events is not None and events.waiting:
+            events.start(t0, state)
+        self._stop = None
         try:
-            return self.stepper.advance(state, t0, t1)
+            new = self.stepper.advance(state, t0, t1)
         except StepFailure as exc:
-            # A step that failed on non-finite values from a finite state: when the field's own
-            # output at the step's times is already non-finite, say so instead of advising a smaller step.
-            verdict = None
-            for t in (t0, exc.time, t1) if "non-finite" in exc.reason else ():
-                verdict = verdict or self._field_verdict(state, t)
-            if verdict is None:
-                raise
-            raise StepFailure(exc.reason, exc.time, verdict) from None
+            # A terminal event among the steps kept before the failure (a blow-up the event
+            # anticipates) still ends the run cleanly at its time.
+            hit = None if events is None else events.after(self.stepper.carry.dense, None, step + 1)
+            if hit is None:
+                # A step that failed on non-finite values from a finite state: when the field's own
+                # output at the step's times is already non-finite, say so instead of advising a smaller step.
+                verdict = None
+                for t in (t0, exc.time, t1) if "non-finite" in exc.reason else ():
+                    verdict = verdict or self._field_verdict(state, t)
+                if verdict is None:
+                    raise
+                raise StepFailure(exc.reason, exc.time, verdict) from None
+            new = None
+        else:
+            hit = None if events is None else events.after(self.stepper.carry.dense, new, step + 1)
+        if self.adjoint is not None:
+            self.adjoint.record(self.stepper.carry.dense)
+        if events is not None:
+            if hit is not None:
+                t_event, new = hit
+                names = sorted({r.name for r in events.records if r.terminal})
+                self._stop = Status("event", step + 1, t_event, f"terminal event {', '.join(names)} at t = {t_event:.12g}")
+        return new
+
+    def stop_request(self):
+        return self._stop
 
     def health(self, state):
         if self._is_gaussian:
             return torch.cat([state.mean.flatten(), state.cov.flatten()])
+        if self._is_mixture:
+            w = torch.where(state.weights >= 0, state.weights, torch.full_like(state.weights, float("nan")))
+            return torch.cat([w.flatten(), state.means.flatten(), state.covs.flatten()])
+        if self.stepper.dynamics.moving_weights:
+            # A negative weight is no measure: it counts as a non-finite value (MATH.md §15.6).
+            w = state.weights
+            w = torch.where(w >= 0, w, torch.full_like(w, float("nan")))
+            return torch.cat([state.x.flatten(), w.flatten()])
         return state.x
 
     def observe_args(self) -> dict:
@@ -577,6 +689,7 @@ class SimulationProcess(Process):
             channels={k: tuple(v.shape[2:]) for k, v in getattr(state, "channels", {}).items()},
             resume_step=resume_step,
             fingerprint=self.fingerprint(),
+            moving_weights=self.stepper.dynamics.moving_weights,
         )
 
     def fingerprint(self) -> str:
@@ -620,6 +733,7 @@ class Result(Trajectory):
     integrator_stats: dict
     writers: tuple = ()
     parameters: dict = attrs.field(factory=dict)
+    events: tuple = ()  # EventRecord objects, in time order (measureflow.events)
 
     @property
     def ok(self) -> bool:
@@ -627,6 +741,8 @@ class Result(Trajectory):
 
     @property
     def final_time(self) -> float:
+        if self.status.code == "event":
+            return float(self.status.time)
         return float(self.grid[self.steps_done])
 
     # -- the trajectory protocol ---------------------------------------------------------------------
@@ -671,6 +787,14 @@ class Result(Trajectory):
     @property
     def channels(self) -> dict:
         return self._frames().channels
+
+    @property
+    def weight_frames(self):
+        return self._frames().weight_frames
+
+    @property
+    def mixture_weights(self):
+        return self._frames().mixture_weights
 
     @property
     def means(self):

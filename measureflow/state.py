@@ -1,7 +1,7 @@
 """Simulation states: weighted particles and Gaussian parameters.
 
-Conventions follow MATH.md §0: a particle state is the measure μ = Σᵢ wᵢ δ_{xᵢ} (weights never
-change during a run), a Gaussian state is μ = N(m, Σ). A particle state may also carry auxiliary
+Conventions follow MATH.md §0: a particle state is the measure μ = Σᵢ wᵢ δ_{xᵢ} (weights
+change during a run only under the Fisher–Rao / WFR geometries of MATH.md §15.6), a Gaussian state is μ = N(m, Σ). A particle state may also carry auxiliary
 **channels** — one value (or vector) per particle integrated along with the positions, such as a
 log-density or an action (:class:`measureflow.integrators.Channel`): ``state.channels[name]``, also
 readable as ``state.<name>``. Both carry R independent replicas in a
@@ -22,7 +22,7 @@ import torch
 from .errors import ShapeError, StateError
 from .linalg import as_tensor, symmetrize
 
-__all__ = ["Particles", "Gaussians", "State", "as_tensor"]
+__all__ = ["Particles", "Gaussians", "GaussianMixtures", "State", "as_tensor"]
 
 
 def _positions(value) -> torch.Tensor:
@@ -165,6 +165,13 @@ class Particles:
         """Same weights, new positions; no validation (used inside the step loop)."""
         new = copy.copy(self)
         object.__setattr__(new, "x", x)
+        return new
+
+    def with_weights(self, weights: torch.Tensor) -> "Particles":
+        """Same positions, new weights (R, N); no validation (used inside the step loop when weights
+        move, MATH.md §15.6; an unbalanced flow's weights need not sum to one)."""
+        new = copy.copy(self)
+        object.__setattr__(new, "weights", weights)
         return new
 
     def with_channels(self, channels: dict) -> "Particles":
@@ -323,17 +330,157 @@ class Gaussians:
         return f"Gaussians(R={R}, d={d}, dtype={self.dtype}, device={self.device})"
 
 
-State = Particles | Gaussians
+def _batched(value, name: str, ndim: int) -> torch.Tensor:
+    t = as_tensor(value, name=name)
+    if t.ndim == ndim - 1:
+        t = t.unsqueeze(0)  # one replica
+    return t
+
+
+@attrs.frozen(eq=False)
+class GaussianMixtures:
+    """Gaussian-mixture state ρ = Σₖ πₖ N(mₖ, Σₖ), batched over R replicas (MATH.md §15.7).
+
+    Parameters
+    ----------
+    weights:
+        πₖ, shape (R, K) (or (K,)): positive, summing to one in every replica.
+    means:
+        mₖ, shape (R, K, d) (or (K, d)).
+    covs:
+        Σₖ, shape (R, K, d, d) (or (K, d, d)): symmetric positive definite.
+
+    A KL field moves it by variational inference as a Wasserstein gradient flow
+    (:mod:`measureflow.mixtures`): fixed weights in the Wasserstein geometry, moving ones under
+    ``geometry="wfr"`` or ``"fisher_rao"``.
+    """
+
+    weights: torch.Tensor = attrs.field()
+    means: torch.Tensor = attrs.field()
+    covs: torch.Tensor = attrs.field()
+
+    def __attrs_post_init__(self):
+        where = "GaussianMixtures"
+        m = _batched(self.means, f"{where}.means", 3)
+        c = _batched(self.covs, f"{where}.covs", 4)
+        w = _batched(self.weights, f"{where}.weights", 2)
+        if m.ndim != 3:
+            raise ShapeError(f"{where}.means must have shape (R, K, d); received {tuple(m.shape)}")
+        R, K, d = m.shape
+        if tuple(c.shape) != (R, K, d, d):
+            raise ShapeError(f"{where}.covs must have shape (R, K, d, d) = {(R, K, d, d)} to match means; received {tuple(c.shape)}")
+        if tuple(w.shape) != (R, K):
+            raise ShapeError(f"{where}.weights must have shape (R, K) = {(R, K)} to match means; received {tuple(w.shape)}")
+        if not (m.device == c.device == w.device):
+            raise StateError(f"{where}: weights, means and covs must be on one device")
+        if not (m.dtype == c.dtype) or not m.is_floating_point():
+            raise StateError(f"{where}: means and covs must share one floating dtype; received {m.dtype} and {c.dtype}")
+        w = w.to(m.dtype)
+        tol = 1e-5 if m.dtype != torch.float64 else 1e-10
+        if bool((w <= 0).any()) or not bool(torch.isfinite(w).all()):
+            raise StateError(f"{where}.weights must be positive and finite; received {w.tolist()}")
+        sums = w.sum(-1)
+        if bool(((sums - 1).abs() > tol * max(1.0, K ** 0.5)).any()):
+            r = int(((sums - 1).abs() > tol * max(1.0, K ** 0.5)).nonzero()[0, 0])
+            raise StateError(
+                f"{where}.weights must sum to one in every replica; replica {r} sums to {float(sums[r]):.8g}. "
+                "Normalise them with w / w.sum(-1, keepdim=True)."
+            )
+        asym = (c - c.transpose(-1, -2)).abs().amax(dim=(-1, -2))
+        scale = c.abs().amax(dim=(-1, -2)).clamp_min(1e-30)
+        if bool((asym > tol * scale).any()):
+            r, k = (asym > tol * scale).nonzero()[0].tolist()
+            raise StateError(f"{where}.covs must be symmetric; component {k} of replica {r} is not")
+        c = symmetrize(c)
+        _, info = torch.linalg.cholesky_ex(c)
+        if bool((info != 0).any()):
+            r, k = (info != 0).nonzero()[0].tolist()
+            eig = torch.linalg.eigvalsh(c[r, k])
+            raise StateError(
+                f"{where}.covs must be positive definite; component {k} of replica {r} has smallest eigenvalue "
+                f"{float(eig[0]):.6g}"
+            )
+        object.__setattr__(self, "weights", w.contiguous())
+        object.__setattr__(self, "means", m.contiguous())
+        object.__setattr__(self, "covs", c.contiguous())
+
+    @property
+    def replicas(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def components(self) -> int:
+        """K, the number of components."""
+        return self.means.shape[1]
+
+    size = components
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.means.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.means.dtype
+
+    def with_parameters(self, weights, means, covs) -> "GaussianMixtures":
+        """New weights, means and covariances; no validation (used inside the step loop)."""
+        new = copy.copy(self)
+        object.__setattr__(new, "weights", weights)
+        object.__setattr__(new, "means", means)
+        object.__setattr__(new, "covs", covs)
+        return new
+
+    def to(self, device=None, dtype=None) -> "GaussianMixtures":
+        return self.with_parameters(*(t.to(device=device, dtype=dtype) for t in (self.weights, self.means, self.covs)))
+
+    def mean(self) -> torch.Tensor:
+        """Σₖ πₖ mₖ, shape (R, d)."""
+        return torch.einsum("rk,rkd->rd", self.weights, self.means)
+
+    def covariance(self) -> torch.Tensor:
+        """Σₖ πₖ (Σₖ + mₖmₖᵀ) − m̄m̄ᵀ, shape (R, d, d)."""
+        m = self.mean()
+        second = torch.einsum("rk,rkij->rij", self.weights, self.covs + self.means[..., :, None] * self.means[..., None, :])
+        return second - m[:, :, None] * m[:, None, :]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"weights": self.weights, "means": self.means, "covs": self.covs}
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Particles:
+        """n particles per replica: a component drawn by πₖ, then mₖ + Lₖz (reproducible from ``generator``)."""
+        R, K, d = self.means.shape
+        idx = torch.multinomial(self.weights, n, replacement=True, generator=generator)  # (R, n)
+        z = torch.randn((R, n, d), generator=generator, dtype=self.dtype, device=self.device)
+        chol = torch.linalg.cholesky(self.covs)
+        L = torch.gather(chol, 1, idx[:, :, None, None].expand(R, n, d, d))
+        mu = torch.gather(self.means, 1, idx[:, :, None].expand(R, n, d))
+        return Particles(mu + (L @ z[..., None])[..., 0])
+
+    def __repr__(self) -> str:
+        R, K, d = self.means.shape
+        return f"GaussianMixtures(R={R}, K={K}, d={d}, dtype={self.dtype}, device={self.device})"
+
+
+State = Particles | Gaussians | GaussianMixtures
 
 
 def state_from_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> State:
     """Rebuild a state from :meth:`tensors` output (used by checkpoints)."""
     if kind == "particles":
         channels = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("channels/")}
-        return Particles(tensors["x"], tensors.get("weights"), channels=channels)
+        state = Particles(tensors["x"], channels=channels)
+        # Saved weights are the run's own: an unbalanced flow's need not sum to one (MATH.md §15.6).
+        return state if "weights" not in tensors else state.with_weights(tensors["weights"])
     if kind == "gaussians":
         return Gaussians(tensors["mean"], tensors["cov"])
-    raise StateError(f"unknown state kind {kind!r}; expected 'particles' or 'gaussians'")
+    if kind == "mixtures":
+        return GaussianMixtures(tensors["weights"], tensors["means"], tensors["covs"])
+    raise StateError(f"unknown state kind {kind!r}; expected 'particles', 'gaussians' or 'mixtures'")
 
 
 def state_kind(state) -> str:
@@ -341,6 +488,9 @@ def state_kind(state) -> str:
         return "particles"
     if isinstance(state, Gaussians):
         return "gaussians"
+    if isinstance(state, GaussianMixtures):
+        return "mixtures"
     raise StateError(
-        f"expected a measureflow.Particles or measureflow.Gaussians state, received {type(state).__name__}"
+        "expected a measureflow.Particles or measureflow.Gaussians state (or measureflow.GaussianMixtures), "
+        f"received {type(state).__name__}"
     )

@@ -22,6 +22,7 @@ CODES = {
     "time_budget": "the wall-clock budget ran out; a checkpoint lets --resume continue",
     "terminated": "SIGTERM asked the run to stop; it stopped cleanly at the end of a step",
     "stopped": "a user callback asked the run to stop",
+    "event": "a terminal event fired; the last state is at the event's time",
     "interrupted": "an exception (e.g. KeyboardInterrupt) ended the run",
 }
 

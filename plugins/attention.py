@@ -105,7 +105,9 @@ F64 = torch.float64
 
 def _matrices(value, name: str, layered: bool, where: str) -> torch.Tensor:
     """Q, K or V as float64 (L, H, rows, d): (rows, d) or (H, rows, d), with a leading L when ``layered``."""
-    t = as_tensor(value, dtype=F64, name=f"{where}: {name}").detach().to("cpu", F64)
+    t = as_tensor(value, dtype=F64, name=f"{where}: {name}")
+    # A tensor given with requires_grad stays in the autograd graph (gradients through a run).
+    t = t.to("cpu", F64) if t.requires_grad else t.detach().to("cpu", F64)
     base = 3 if layered else 2
     layer = "L, " if layered else ""
     if t.ndim not in (base, base + 1):
@@ -296,6 +298,13 @@ class AttentionField(Field):
         """The table (Q, K, V), every layer, in ``like``'s dtype and device."""
         return tuple(m.to(like) for m in self._table)
 
+    def trainable(self) -> dict:
+        """The tensors gradients through a run may ask for: the (Q, K, V) table, each (L, H, ·, d)
+        (views of the tensors given, so a given tensor with requires_grad receives its gradient)."""
+        if self._table is None:
+            return {}
+        return dict(zip(("Q", "K", "V"), self._table))
+
     def pieces(self, t0: float, t1: float) -> list:
         """[(a, b, field)]: [t0, t1] cut at the layer boundaries inside it, each piece with the field whose
         parameters are that layer's, held fixed (every integrator cuts its steps there)."""
@@ -313,7 +322,9 @@ class AttentionField(Field):
         """The field of layer ``index`` of a table alone (constant parameters, same options)."""
         if self.layer_times is None:
             return self
-        key = ("layer", index)
+        # A layer built under no_grad holds no graph to the table: keep one per grad mode, so an adjoint
+        # pass (which re-evaluates with grad after a no-grad run) reaches the table's tensors.
+        key = ("layer", index, torch.is_grad_enabled())
         hit = self._cache.get(key)
         if hit is None:
             Q, K, V = (m[index] for m in self._table)
@@ -360,7 +371,15 @@ class AttentionField(Field):
             g = self._potentials(t, state, Q, K, R)
             logw = (logw if logw is not None else y.new_full((R * H, y.shape[1]), -math.log(y.shape[1])))
             logw = logw + 0.5 * (g - (k * k).sum(-1))
-        out = softmax_average(q, k, v, log_weights=logw, score="bilinear")
+        if torch.is_grad_enabled() and any(m.requires_grad for m in (q, k, v)):
+            # The streaming reduction records no graph: a gradient through the run (or a divergence by
+            # autograd) takes the dense softmax, O(N²) memory per head.
+            scores = q @ k.transpose(-1, -2)
+            if logw is not None:
+                scores = scores + logw[:, None, :]
+            out = torch.softmax(scores, dim=-1) @ v
+        else:
+            out = softmax_average(q, k, v, log_weights=logw, score="bilinear")
         out = out.reshape(R, H, x.shape[1], self._dim).sum(1)
         if self.sphere:
             radial = (out * x).sum(-1, keepdim=True) / (x * x).sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)

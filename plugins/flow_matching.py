@@ -703,6 +703,24 @@ class FlowMatchingField(Field):
             bvec, A = -bvec, -A
         return bvec, A.expand(R, -1, -1)
 
+    def divergence(self, t, x, state=None):
+        """∇·vₜ = tr Aₜ, Aₜ = (aa'Σ₀ + bb'Σ₁)Σₜ⁻¹ (eq. 1.5), at every point (R, N) when both endpoints are
+        single Gaussians (the field is affine); None otherwise: the log-density channel then takes the
+        autograd trace (MATH.md §15.1)."""
+        if "affine" not in self._capabilities:
+            return None
+        self.check_time(t)
+        a, da, b, db = (float(c) for c in self.schedule.coefficients(self._to_internal(float(t))))
+        E0, E1, _ = self._endpoints(x)
+        _, S0 = E0.moments()
+        _, S1 = E1.moments()
+        St = a * a * S0 + b * b * S1
+        B = a * da * S0 + b * db * S1
+        trace = torch.diagonal(torch.linalg.solve(St, B), dim1=-2, dim2=-1).sum()  # tr(Σₜ⁻¹B) = tr(BΣₜ⁻¹)
+        if self.convention == "survey":
+            trace = -trace
+        return trace.expand(x.shape[:-1])
+
     # -- public helpers ----------------------------------------------------------------------------------
     def posterior_mean(self, t, x: torch.Tensor) -> torch.Tensor:
         """x̂ₜ(x) = E[X_data | Zₜ = x] (eq. 1.3, or the per-pair form of eq. 1.2); same shape as x."""

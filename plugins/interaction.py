@@ -38,7 +38,7 @@ import torch
 import measureflow
 from measureflow.errors import CapabilityError, ParameterError, ShapeError
 from measureflow.fields import Field
-from measureflow.reductions import KERNELS, kernel_sum
+from measureflow.reductions import KERNELS, measure_kernel_sum
 from measureflow.state import Particles
 from measureflow.targets import check_points
 from measureflow.validators import check_finite, check_positive
@@ -151,18 +151,32 @@ class InteractionField(Field):
         where = "interaction.velocity"
         self._check(state, where)
         check_points(x, state.dim, where)
-        grad = kernel_sum(x, state.x, weights=state.weights, kernel=self.kernel, bandwidth=self.bandwidth,
+        grad = measure_kernel_sum(x, state.x, state.weights, kernel=self.kernel, bandwidth=self.bandwidth,
                           gradient=True)
         v = -self.strength * grad
         if self.harmonic is not None or self.potential is not None:
             v = v - self._confinement_gradient(x)
         return v
 
+    #: F is defined on positive measures: the unbalanced Fisher–Rao flow applies (MATH.md §15.6).
+    positive_measures = True
+
+    def first_variation(self, t, x, state: Particles) -> torch.Tensor:
+        """δF(x) = s Σₖ wₖ k(x, xₖ) + V(x), shape (R, N') (Fisher–Rao / WFR weights, MATH.md §15.6)."""
+        where = "interaction.first_variation"
+        self._check(state, where)
+        check_points(x, state.dim, where)
+        out = self.strength * measure_kernel_sum(x, state.x, state.weights, kernel=self.kernel,
+                                         bandwidth=self.bandwidth)
+        if self.harmonic is not None or self.potential is not None:
+            out = out + self._confinement_value(x)
+        return out
+
     def energy(self, state) -> torch.Tensor:
         """F = ½ s Σᵢₖ wᵢwₖ k(xᵢ, xₖ) + Σᵢ wᵢ V(xᵢ), shape (R,)."""
         self._check(state, "interaction.energy")
         w = state.weights_or_uniform()
-        sums = kernel_sum(state.x, state.x, weights=state.weights, kernel=self.kernel, bandwidth=self.bandwidth)
+        sums = measure_kernel_sum(state.x, state.x, state.weights, kernel=self.kernel, bandwidth=self.bandwidth)
         out = 0.5 * self.strength * (w * sums).sum(-1)
         if self.harmonic is not None or self.potential is not None:
             out = out + (w * self._confinement_value(state.x)).sum(-1)

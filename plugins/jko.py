@@ -34,10 +34,20 @@ covariance fails a Cholesky factorisation in the state's dtype, the JKO objectiv
 value at μ^k (so every accepted step satisfies the descent inequality above, to rounding), or the
 gradient is still above ``tol`` after ``max_iter`` + ``polish_iter`` iterations.
 
-Scope: Gaussian states and fields with a Gaussian ``energy``. Particles with an energy evaluable on
-particles (X^{k+1} = argmin Σᵢwᵢ|xᵢ − xᵢ^k|²/(2τ) + F(Σᵢwᵢδ_{xᵢ}), MATH.md §12) fit the same
-step and may be added later; they are refused for now. Forward integration only (t1 > t0): the
-implicit step has no backward counterpart.
+Particles. For energies evaluable on particles (mmd, interaction, porous_medium with m = 2, a potential
+energy), one step is (MATH.md §12)
+
+    X^{k+1} = argmin_X Σᵢ wᵢ|xᵢ − xᵢ^k|²/(2τ) + F(Σᵢ wᵢδ_{xᵢ}),
+
+minimised by the same L-BFGS (strong Wolfe, then the rescaled polish) over the positions, in float64.
+The streaming reductions record no autograd history, so the gradient comes from the field itself:
+∂F/∂xᵢ = wᵢ∇δF(xᵢ) = −wᵢ v(xᵢ) for a Wasserstein gradient flow, so the field's ``velocity`` must be the
+descent velocity of its ``energy`` (a field whose energy is only an estimator of its functional, such as
+kl's kernel-density estimate, makes the line search fail and the step is refused). The objective is
+scaled by τ/w̄ (w̄ the mean weight), whose gradient (wᵢ/w̄)(xᵢ − xᵢ^k − τv(xᵢ)) has O(1) entries: its
+zeros are the implicit Euler step xᵢ = xᵢ^k + τv(xᵢ); ``tol`` bounds them. First order in τ.
+
+Forward integration only (t1 > t0): the implicit step has no backward counterpart.
 
 A run's integration counters (``Result.integrator_stats``, ``Stepper.stats``) hold ``nfev`` = objective
 evaluations (each one energy and one Bures evaluation with its gradient), ``steps``/``accepted``/
@@ -142,11 +152,15 @@ class JKO(Solver):
         """Refuse particles and fields without an energy (no device access)."""
         kind = state_kind(state)
         name = _field_name(field)
-        if kind == "particles":
+        if kind == "mixtures":
             raise CapabilityError(
-                "integrator 'jko' runs on Gaussians states only (the Gaussian-constrained JKO step of MATH.md §12); "
-                "a Particles state is not supported yet — integrate particles with 'euler', 'rk4' or 'dopri5', or "
-                "start from a Gaussians state"
+                "integrator 'jko' runs on Gaussians and Particles states; integrate a GaussianMixtures state with "
+                "'rk4' or 'dopri5'"
+            )
+        if kind == "particles" and "diffusion" in capabilities(field):
+            raise CapabilityError(
+                f"integrator 'jko' takes deterministic implicit steps; field {name!r} has a noise term (use "
+                "'euler_maruyama')"
             )
         if "energy" not in capabilities(field) or not callable(getattr(field, "energy", None)):
             raise CapabilityError(
@@ -165,6 +179,8 @@ class JKO(Solver):
                 f"jko integrates forward in time only (one implicit step of τ = t1 − t0 > 0); received "
                 f"t0 = {t0:.9g}, t1 = {t1:.9g}. Run backwards with an explicit integrator ('rk4', 'dopri5')"
             )
+        if state_kind(state) == "particles":
+            return self._particle_step(dyn, t0, t1, state, tau)
         m_k = state.mean.detach().to(_WORK_DTYPE)
         S_k = state.cov.detach().to(_WORK_DTYPE)
         R = m_k.shape[0]
@@ -272,6 +288,99 @@ class JKO(Solver):
         out = state.with_parameters(m_out, S_out)
         y0, y1 = (state.mean, state.cov), (m_out, S_out)
         return StepResult(out, None, LinearDense(dyn, t0, t1, y0, y1, state), None)
+
+    def _particle_step(self, dyn, t0, t1, state, tau) -> StepResult:
+        """One particle JKO step (module docstring): L-BFGS over the positions with the field's velocity as
+        the gradient of its energy."""
+        field = dyn.field
+        base = state.to(dtype=_WORK_DTYPE)
+        x_k = base.x.detach()
+        w = base.weights_or_uniform()
+        scale = (w / w.mean(-1, keepdim=True))[..., None]  # wᵢ/w̄, (R, N, 1)
+        factor = tau / w.mean(-1)  # τ/w̄ per replica
+        R = x_k.shape[0]
+
+        def evaluate(x):
+            s = base.with_positions(x)
+            energy = field.energy(s)
+            if not isinstance(energy, torch.Tensor) or tuple(energy.shape) != (R,):
+                got = tuple(energy.shape) if isinstance(energy, torch.Tensor) else type(energy).__name__
+                raise ShapeError(f"jko: field {_field_name(field)!r}: energy() must return shape ({R},); returned {got}")
+            value = (0.5 * (scale * (x - x_k) ** 2).sum((1, 2)) + factor * energy).sum()
+            grad = scale * ((x - x_k) - tau * field.velocity(t1, x, s))
+            return value, grad
+
+        x_new, final, gmax, start, iterations, evaluations = self._minimise(evaluate, x_k, t0)
+        dyn.count("nfev", evaluations)
+        dyn.count("inner_iterations", iterations)
+        finite = torch.isfinite(x_new).all() & torch.isfinite(final)
+        slack = 64 * torch.finfo(_WORK_DTYPE).eps * start.abs().clamp_min(1.0)
+        flags = torch.stack([finite, final <= start + slack, gmax <= self.tol]).tolist()
+        detail = None
+        if not flags[0]:
+            detail = ("non-finite positions", "the inner minimisation diverged; use a smaller time step")
+        elif not flags[1]:
+            detail = ("JKO objective increased", "is the field's velocity the descent velocity of its energy? "
+                      "use a smaller time step")
+        elif not flags[2]:
+            detail = ("inner minimisation did not converge",
+                      f"max gradient entry {float(gmax):.3g} > tol = {self.tol:.3g}; raise max_iter (now "
+                      f"{self.max_iter}), loosen tol, or check that velocity = −∇δ(energy)")
+        if detail is not None:
+            dyn.count("steps")
+            dyn.count("rejected")
+            raise StepFailure(detail[0], t0, f"jko, τ = {tau:.6g}, {iterations} L-BFGS iterations: {detail[1]}")
+        out = state.with_positions(x_new.to(state.dtype))
+        return StepResult(out, None, LinearDense(dyn, t0, t1, (state.x,), (out.x,), state), None)
+
+    def _minimise(self, evaluate, z0, t0):
+        """L-BFGS with a strong-Wolfe line search, then the rescaled polish (see :meth:`step`), of
+        ``evaluate(z) -> (value, gradient)``; returns (z_best, value, max |gradient|, start value,
+        iterations, evaluations)."""
+        best = {"gmax": None, "z": None, "value": None}
+        frame = {"origin": None, "step": 1.0}
+        counts = {"evaluations": 0, "start": None}
+
+        def closure():
+            optimiser.zero_grad()
+            with torch.no_grad():
+                zz = u.detach() if frame["origin"] is None else frame["origin"] + frame["step"] * u.detach()
+                value, grad = evaluate(zz)
+            u.grad = grad * frame["step"] / frame["step"] ** 2
+            counts["evaluations"] += 1
+            gmax = grad.abs().max()
+            if counts["start"] is None:
+                counts["start"] = value.detach()
+                if not bool(torch.isfinite(value) & torch.isfinite(gmax)):
+                    raise StepFailure("non-finite JKO objective", t0,
+                                      "jko: at the current particles the energy or the velocity is not finite")
+            if best["gmax"] is None:
+                best.update(gmax=gmax, z=zz.clone(), value=value)
+            else:
+                better = gmax < best["gmax"]
+                best["gmax"] = torch.where(better, gmax, best["gmax"])
+                best["z"] = torch.where(better, zz, best["z"])
+                best["value"] = torch.where(better, value, best["value"])
+            return value / frame["step"] ** 2
+
+        def lbfgs(max_iter, line_search):
+            return torch.optim.LBFGS([u], lr=1.0, max_iter=max_iter, max_eval=None if line_search else 2 * max_iter,
+                                     tolerance_grad=self.tol / frame["step"], tolerance_change=0.0,
+                                     history_size=self.history_size,
+                                     line_search_fn="strong_wolfe" if line_search else None)
+
+        u = z0.clone().requires_grad_(True)
+        optimiser = lbfgs(self.max_iter, True)
+        optimiser.step(closure)
+        iterations = int(optimiser.state[u].get("n_iter", 0))
+        remaining = float(best["gmax"])
+        if math.isfinite(remaining) and remaining > self.tol:
+            frame.update(origin=best["z"].clone(), step=remaining)
+            u = torch.zeros_like(z0).requires_grad_(True)
+            optimiser = lbfgs(self.polish_iter, False)
+            optimiser.step(closure)
+            iterations += int(optimiser.state[u].get("n_iter", 0))
+        return best["z"], best["value"], best["gmax"], counts["start"], iterations, counts["evaluations"]
 
     def _failure(self, m, S, final, start, gmax):
         """(reason, detail) when the minimiser must not be returned, else None (one host read)."""

@@ -66,7 +66,8 @@ from measureflow.fields import Field
 from measureflow.linalg import matrix_function, spd_inverse, symmetrize
 from measureflow.measures import Empirical, Gaussian, GaussianMixture
 from measureflow.reductions import kernel_sum, softmax_average
-from measureflow.state import Gaussians, Particles
+from measureflow.mixtures import kl_divergence
+from measureflow.state import GaussianMixtures, Gaussians, Particles
 from measureflow.targets import check_points, gaussian_target, positive
 from measureflow.validators import check_finite_tensor
 
@@ -449,6 +450,8 @@ class KLField(Field):
         self._check_state_dim(state, "energy")
         if isinstance(state, Gaussians):
             return self._gaussian_energy(state)
+        if isinstance(state, GaussianMixtures):
+            return kl_divergence(self, state)
         if self.epsilon is None:
             raise CapabilityError(
                 "field 'kl': the KL of particles is estimated with the kernel density K_ε*μ; build the field with "
@@ -492,6 +495,67 @@ class KLField(Field):
         mean = tt["mean"] + (m0 - tt["mean"]) @ E
         cov = tt["cov"] + E @ (S0 - tt["cov"]) @ E
         return Gaussians(mean, symmetrize(cov))
+
+    # -- Fisher–Rao and WFR geometries (MATH.md §15.6) ------------------------------------------------------
+    @property
+    def first_variation_available(self) -> bool:
+        """δF = log μ + V exists for the KL flows proper (modes 'langevin' and 'blob') with a potential."""
+        return self.mode in ("langevin", "blob") and self._target.has_potential
+
+    @property
+    def closure_is_gradient(self) -> bool:
+        """The closure (b, A) is (−∇δF(m), −∇²δF) of a δF quadratic at Gaussians (MATH.md §15.6)."""
+        return self.mode in ("langevin", "blob") and self._target.kind in ("none", "gaussian")
+
+    def first_variation(self, t, x, state: Particles) -> torch.Tensor:
+        """δF(x) = log μ̂(x) + V(x), μ̂ = K_ε*μ the kernel density estimate (birth–death; MATH.md §15.6), (R, N')."""
+        if not self.first_variation_available:
+            raise CapabilityError(
+                f"field 'kl' in mode {self.mode!r} with a {self._target.kind} target has no first variation log μ + V; "
+                "use mode='langevin' or 'blob' with a target that has a potential"
+            )
+        if self.epsilon is None:
+            raise CapabilityError(
+                "field 'kl': on particles δF = log μ + V needs a kernel density estimate of μ; build the field with "
+                "epsilon=<kernel variance>"
+            )
+        check_points(x, self.dim, "kl.first_variation")
+        w = state.weights_or_uniform()
+        # The estimate of the normalised measure: an unnormalised weight vector would shift δF by a constant.
+        w = w / w.sum(-1, keepdim=True)
+        return kde_log_density(x, state.x, w, self.epsilon) + self._target.potential(x)
+
+    def fisher_rao_solution(self, t, initial: Gaussians, rate: float, t0: float = 0.0) -> Gaussians:
+        """The pure Fisher–Rao KL flow toward N(m_β, Σ_β) in closed form (MATH.md §15.6), Λ = Σ⁻¹:
+        Λ_t = e^{−αh}Λ₀ + (1 − e^{−αh})P, (Λm)_t = e^{−αh}Λ₀m₀ + (1 − e^{−αh})Pm_β, h = t − t0."""
+        if self.mode != "langevin" or self._target.kind not in ("none", "gaussian"):
+            raise CapabilityError(
+                "field 'kl': the Fisher–Rao flow has a closed form for mode='langevin' with a Gaussian target or none; "
+                f"this is mode {self.mode!r} with a {self._target.kind} target"
+            )
+        self._check_state_dim(initial, "fisher_rao_solution")
+        m0, S0 = initial.mean, initial.cov
+        mb, P, _ = self._closure_terms(m0)
+        decay = math.exp(-float(rate) * (float(t) - float(t0)))
+        L0 = spd_inverse(S0)
+        Lt = symmetrize(decay * L0 + (1.0 - decay) * P)
+        eta = decay * torch.einsum("rij,rj->ri", L0, m0) + (1.0 - decay) * (P @ mb)
+        cov = spd_inverse(Lt)
+        return Gaussians(torch.einsum("rij,rj->ri", cov, eta), symmetrize(cov))
+
+    # -- Gaussian-mixture states (MATH.md §15.7) ---------------------------------------------------------------
+    @property
+    def mixture_available(self) -> bool:
+        """A mixture state needs the target's log-density and score."""
+        return self._target.has_potential and self._target.kind != "none"
+
+    def target_log_density(self, x: torch.Tensor) -> torch.Tensor:
+        """log β(x) = −V(x) (up to the constant log Z of a user potential), shape x.shape[:-1]."""
+        return -self._target.potential(x)
+
+    def target_score(self, x: torch.Tensor) -> torch.Tensor:
+        """∇log β(x), shape of x."""
+        return self._target.score(x)
 
     def describe(self):
         return {"name": self.name, "mode": self.mode, "epsilon": self.epsilon, "target": self._target.describe()}

@@ -31,7 +31,7 @@ from torch import nn
 
 import measureflow
 from measureflow.errors import CapabilityError, ParameterError, ShapeError, TimeRangeError
-from measureflow.fields import Field
+from measureflow.fields import Field, keeps_graph
 from measureflow.parameterisation import check_prediction, convert
 from measureflow.schedules import as_schedule
 from measureflow.validators import check_positive
@@ -42,7 +42,8 @@ class LearnedField(Field):
 
     The network is evaluated without building an autograd graph unless the query points
     themselves carry gradients (a diagnostic differentiating the field through x, e.g. a Jacobian
-    by torch.func or autograd, still gets the network's true Jacobian). The module is put in eval
+    by torch.func or autograd, still gets the network's true Jacobian) or a run asks for gradients
+    (``Simulation(gradient=...)``; its weights are the field's ``trainable()`` tensors). The module is put in eval
     mode. When the state's device or dtype differs from the network's, a converted copy is made
     once and cached; train the original afterwards and build a new field to see the new weights.
     """
@@ -130,7 +131,7 @@ class LearnedField(Field):
         if self.dim is not None and x.shape[-1] != self.dim:
             raise ShapeError(f"field 'learned' has dimension {self.dim}; the state has d = {x.shape[-1]}")
         net = self._network(x)
-        grad = contextlib.nullcontext() if x.requires_grad else torch.no_grad()
+        grad = contextlib.nullcontext() if (x.requires_grad or keeps_graph()) else torch.no_grad()
         with grad:
             return net(x, t)
 
@@ -159,6 +160,10 @@ class LearnedField(Field):
         if self.prediction != "score" and self.schedule is None:
             return None
         return lambda t, x: self.as_prediction("score", t, x)
+
+    def trainable(self) -> dict:
+        """The network's weights (gradients through a run, ``Simulation(gradient=...)``)."""
+        return dict(self.model.named_parameters())
 
     def describe(self):
         params = [p.detach() for p in self.model.parameters()]

@@ -80,6 +80,15 @@ class LinearField(Field):
         A, b = self._on(x)
         return x @ A.T + b
 
+    def trainable(self) -> dict:
+        """The tensors gradients through a run may ask for: A and b."""
+        return {"A": self.A, "b": self.b}
+
+    def divergence(self, t, x, state):
+        """∇·v = tr A at every point, shape (R, N) (the log-density channel's rate is −tr A, MATH.md §15.1)."""
+        A, _ = self._on(x)
+        return torch.trace(A).expand(x.shape[:-1])
+
     def affine(self, t, state):
         self._check_dim(state.dim)
         A, b = self._on(state.mean)

@@ -59,7 +59,7 @@ from measureflow.errors import CapabilityError, ParameterError
 from measureflow.fields import Field
 from measureflow.linalg import matrix_function, symmetrize
 from measureflow.observables import gaussian_kernel_expectation
-from measureflow.reductions import KERNELS, kernel_sum
+from measureflow.reductions import KERNELS, measure_kernel_sum
 from measureflow.state import Gaussians, Particles
 
 from measureflow.targets import as_target, check_points, check_replicas, check_state, positive
@@ -140,7 +140,8 @@ class MMDField(Field):
         return self.kernel if isinstance(self.kernel, str) else getattr(self.kernel, "__name__", "callable")
 
     def _sum(self, x, y, w, gradient):
-        return kernel_sum(x, y, weights=w, kernel=self.kernel, bandwidth=self.bandwidth, gradient=gradient)
+        # a positive measure of any mass: the unbalanced Fisher–Rao flow changes it (MATH.md §15.6)
+        return measure_kernel_sum(x, y, w, kernel=self.kernel, bandwidth=self.bandwidth, gradient=gradient)
 
     def _build_moment_points(self, like):
         return moment_points(*self.target.moments(like))
@@ -178,6 +179,28 @@ class MMDField(Field):
             y, q = self._target_points(x)
             toward = self._sum(x, y, q, True)
         return 2.0 * (toward - own)
+
+    #: MMD² is defined on positive measures: the unbalanced Fisher–Rao flow applies (MATH.md §15.6).
+    positive_measures = True
+
+    @property
+    def closure_is_gradient(self) -> bool:
+        """The polynomial closures are (−∇δF(m), −∇²δF) of a quadratic δF (MATH.md §15.6)."""
+        return self.polynomial
+
+    def first_variation(self, t, x, state: Particles) -> torch.Tensor:
+        """δF(x) = 2Σₖwₖk(x, xₖ) − 2Σⱼqⱼk(x, yⱼ), shape (R, N') (Fisher–Rao / WFR weights, MATH.md §15.6)."""
+        where = "mmd.first_variation"
+        check_state(state, self.dim, where, Particles)
+        check_points(x, self.dim, where)
+        check_replicas(self.target, state.replicas, where)
+        own = self._sum(x, state.x, state.weights, False)
+        if self._analytic():
+            _, toward = self._expectation_gradient(x)
+        else:
+            y, q = self._target_points(x)
+            toward = self._sum(x, y, q, False)
+        return 2.0 * (own - toward)
 
     def affine(self, t, state: Gaussians):
         where = "mmd.affine"

@@ -328,6 +328,35 @@ class OUBridge(Field):
         stochastic sampler of this flow needs (``flow_sde``, MATH.md §15.2)."""
         return self.score(self._tau_checked(t), x)
 
+    def _laplacian(self, a: float, s2: float, flat: torch.Tensor) -> torch.Tensor:
+        """Δ log ρ_τ(x) = Σⱼ rⱼ(|uⱼ|² − tr Sⱼ⁻¹) − |Σⱼ rⱼuⱼ|², uⱼ = Sⱼ⁻¹(x − a cⱼ) (the score is −Σⱼ rⱼuⱼ;
+        differentiate it once more), blocked over points like :meth:`_components`."""
+        w, logw, c, P = self._data_like(flat)
+        K, d = c.shape
+        eye = torch.eye(d, dtype=flat.dtype, device=flat.device)
+        L = torch.linalg.cholesky_ex((a * a) * P + s2 * eye).L
+        half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+        precision = torch.cholesky_inverse(L)
+        trace = torch.diagonal(precision, dim1=-2, dim2=-1).sum(-1)  # (K,)
+        rows = max(1, _DENSE_BLOCK_ELEMENTS // max(1, K * d))
+        out = []
+        for i in range(0, flat.shape[0], rows):
+            diff = flat[None, i:i + rows, :] - (a * c)[:, None, :]
+            u = diff @ precision
+            r = torch.softmax(logw[:, None] - 0.5 * (diff * u).sum(-1) - half_logdet[:, None], dim=0)  # (K, n)
+            mean_u = torch.einsum("kn,knd->nd", r, u)
+            out.append((r * ((u * u).sum(-1) - trace[:, None])).sum(0) - (mean_u * mean_u).sum(-1))
+        return torch.cat(out)
+
+    def divergence(self, t, x, state=None):
+        """∇·v in closed form (MATH.md §15.1): forward −(d + σ²Δlog ρ_τ), reverse d + σ²Δlog ρ_{τ_max−s}."""
+        tau = self._tau_checked(t)
+        self._check_points(x, "divergence")
+        a, s2 = self.coefficients(tau)
+        lap = self._laplacian(a, s2, x.reshape(-1, self.dim)).reshape(x.shape[:-1])
+        div = self.dim + self.sigma**2 * lap
+        return -div if self.direction == "forward" else div
+
     # -- the field protocol ------------------------------------------------------------------------
     def velocity(self, t, x, state=None):
         """Forward: −x − σ²∇log ρ_τ(x); reverse: x + σ²∇log ρ_{τ_max−s}(x)."""

@@ -42,6 +42,12 @@ the row Ċ = (16C + ε²I)^{1/2} − (16C² + ε²I)^{1/2} (MATH.md §13); there
 Gaussian with ``samples=n`` (drawn once, with ``seed``). Gaussians states need a
 :class:`~measureflow.measures.Gaussian` target (or a one-component mixture with a density).
 
+**Unbalanced** (``reach`` = ρ, length²): the debiased divergence of Séjourné et al. between positive
+measures, S = (ρ + ε/2)[⟨μ, e^{−f_μμ/ρ} − e^{−f_μβ/ρ}⟩ + ⟨β, e^{−g_ββ/ρ} − e^{−g_μβ/ρ}⟩] (damped c-transforms),
+with velocity v(x) = 2(e^{−f_μβ(x)/ρ}(E_μβ[y | x] − x) − e^{−f_μμ(x)/ρ}(E_μμ[x' | x] − x)) and first variation
+(ρ + ε)(e^{−f_μμ/ρ} − e^{−f_μβ/ρ}); particles only (see :mod:`measureflow.reductions.sinkhorn`). Its weights
+may then move with a changing mass (``geometry="wfr", balanced=False``, MATH.md §15.6).
+
 The field is autonomous: defined for every t.
 """
 
@@ -61,7 +67,8 @@ class SinkhornField(Field):
     The parameters are those of :class:`~measureflow.reductions.SinkhornDivergence`, which solves for the
     potentials: the target β; ``epsilon`` = ε > 0, the entropic regularisation in units of length²; the
     stopping rule ``tol``, ``max_iter``, ``check_every``; ``relaxation`` ("auto" or ω in [1, 2));
-    ``epsilon_scaling``; ``warm_start``; ``samples`` and ``seed`` for a Gaussian target on particles.
+    ``epsilon_scaling``; ``warm_start``; ``samples`` and ``seed`` for a Gaussian target on particles; ``reach``
+    = ρ (length²) for the unbalanced divergence of Séjourné et al. (particles only; None: balanced).
     After each solve ``stats`` holds, per problem ("mu_beta", "mu_mu", "beta_beta"), the sweeps run and
     the last measured change (in units of ε).
     """
@@ -70,17 +77,25 @@ class SinkhornField(Field):
 
     def __init__(self, target, epsilon: float = 1.0, tol: float | None = 1e-6, max_iter: int = 1000,
                  check_every: int = 2, relaxation="auto", epsilon_scaling: float | None = None,
-                 warm_start: bool = True, samples: int | None = None, seed: int = 0):
+                 warm_start: bool = True, samples: int | None = None, seed: int = 0, reach: float | None = None):
         self.divergence = SinkhornDivergence(
             target, epsilon, tol=tol, max_iter=max_iter, check_every=check_every, relaxation=relaxation,
             epsilon_scaling=epsilon_scaling, warm_start=warm_start, samples=samples, seed=seed, where="sinkhorn",
+            reach=reach,
         )
+        self.reach = self.divergence.reach
         div = self.divergence
         self.epsilon, self.tol, self.max_iter, self.check_every = div.epsilon, div.tol, div.max_iter, div.check_every
         self.relaxation, self.epsilon_scaling, self.warm_start = div.relaxation, div.epsilon_scaling, div.warm_start
         self.target, self.dim, self.gaussian = div.target, div.dim, div.gaussian
         self._capabilities = div.capabilities
         self.stats = div.stats  # the divergence fills this dict after each solve
+
+    @property
+    def positive_measures(self) -> bool:
+        """The unbalanced divergence (a reach ρ) is defined on positive measures: the unbalanced Fisher–Rao
+        flow applies (MATH.md §15.6)."""
+        return self.reach is not None
 
     def reset(self) -> None:
         """Forget the cached potentials (the next solve starts cold)."""
@@ -94,6 +109,10 @@ class SinkhornField(Field):
     def velocity(self, t, x, state: Particles):
         return self.divergence.velocity(x, state)
 
+    def first_variation(self, t, x, state: Particles):
+        """δS_ε = f_μβ − f_μμ at x (R, N', d), shape (R, N') (Fisher–Rao / WFR weights, MATH.md §15.6)."""
+        return self.divergence.first_variation(x, state)
+
     def affine(self, t, state: Gaussians):
         return self.divergence.affine(state)
 
@@ -102,7 +121,7 @@ class SinkhornField(Field):
         return self.divergence.energy(state)
 
     def describe(self):
-        return {"name": self.name, "epsilon": self.epsilon, "tol": self.tol, "max_iter": self.max_iter,
+        return {"name": self.name, "epsilon": self.epsilon, "reach": self.reach, "tol": self.tol, "max_iter": self.max_iter,
                 "relaxation": self.relaxation, "epsilon_scaling": self.epsilon_scaling,
                 "target": self.target.describe()}
 

@@ -169,6 +169,13 @@ class W2Field(Field):
 
     name = "w2"
 
+    #: Why gradients cannot flow through its particle velocity (``Simulation(gradient=...)``).
+    not_differentiable_because = "its particle velocity solves the transport plan with POT (exact network simplex or numpy Sinkhorn) on the host"
+
+    def differentiable(self, state) -> bool:
+        """Gradients through a run: the Gaussian closure is torch throughout; the particle map is not."""
+        return isinstance(state, Gaussians)
+
     def __init__(self, target, weights=None, *, halved: bool = False, **solver):
         if not isinstance(halved, bool):
             raise ParameterError(f"w2: halved must be True or False; received {halved!r}")

@@ -12,6 +12,10 @@ form. Particles cannot blow up (|Γ| ≤ max|xⱼ|): they follow the closure unt
 softmax weights e^{c⟨x, xⱼ⟩} concentrate on a few extreme tokens (finite-N error of order e^{hᵀΣh}/N,
 MATH.md §10 "Avoid"), and then keep growing only exponentially.
 
+A terminal event (:func:`measureflow.events.eigenvalue_above`, MATH.md §15.4) stops a second closure
+run, adaptive ``dopri5``, just before t*: when λ_max(Σ) reaches ``bound``, which for Σ̇ = 2cΣ² happens
+exactly at t* − 1/(2c·bound) (1/λ_max falls linearly), located on the solver's dense output.
+
     python scenarios/attention_blowup.py --set c=1.0
     measureflow run scenarios/attention_blowup.py --set n=1024 --set steps=40
 """
@@ -63,6 +67,7 @@ def attention_blowup(
     angle: float = 0.5,
     stop: PositiveFloat = 1.4,
     steps: Steps = 56,
+    bound: PositiveFloat = 1e3,
     seed: int = 1,
     out: str = "runs/attention_blowup.h5",
     picture: Picture = "runs/attention_blowup.png",
@@ -70,6 +75,9 @@ def attention_blowup(
     """Gaussian tokens under attention with V = I, KᵀQ = cI: the covariance blows up at t* = 1/(2cλ_max(Σ₀))."""
     if stop <= 0:
         raise measureflow.ParameterError(f"stop (the end time in units of t*) must be positive; received {stop!r}")
+    if not bound > 1.0:
+        raise measureflow.ParameterError(f"bound (the eigenvalue that stops the event run) must exceed λ_max(Σ₀) = 1; "
+                                         f"received {bound!r}")
     field = make_field(c)
     start = start_gaussian(angle)
     t_star = float(field.blowup_time(start)[0])
@@ -91,6 +99,19 @@ def closure_run(params: dict):
     return sim.run()
 
 
+def event_run(params: dict):
+    """The Gaussian closure under dopri5 to t*, stopped by the terminal event λ_max(Σ) = bound."""
+    from measureflow.events import eigenvalue_above
+
+    field = make_field(params["c"])
+    start = start_gaussian(params["angle"])
+    t_star = float(field.blowup_time(start)[0])
+    solver = measureflow.integrator("dopri5", rtol=1e-10, atol=1e-10)
+    sim = Simulation(start, field, solver, 0.0, t_star, steps=1, blowup=None, progress=False,
+                     events=[eigenvalue_above(params.get("bound", 1e3))])
+    return sim.run()
+
+
 def summary(result, params: dict) -> dict:
     """λ_max of the particle covariance, of the closure run and of the closed form over time, and the
     particles' covariance error against the closed form at t*/2 (nearest recorded time)."""
@@ -103,6 +124,8 @@ def summary(result, params: dict) -> dict:
     closure = closure_run(params)
     c_series = closure.observables["covariance"]
     half = int(np.argmin(np.abs(times - 0.5 * t_star)))
+    stopped = event_run(params)
+    bound = params.get("bound", 1e3)
     exact_half = field.solution(times[half], start).cov[0].numpy()
     return {
         "t_star": t_star,
@@ -114,6 +137,9 @@ def summary(result, params: dict) -> dict:
         "half_time": float(times[half]),
         "half_error": float(np.linalg.norm(covs[half] - exact_half) / np.linalg.norm(exact_half)),
         "x": result.state.x[0].numpy(),
+        "event_status": stopped.status,
+        "event_time": stopped.events[0].t if stopped.events else float("nan"),
+        "event_predicted": t_star - 1.0 / (2 * params["c"] * bound),
     }
 
 
@@ -124,6 +150,8 @@ def report(result, params):
     print(f"predicted blow-up t* = 1/(2cλ_max(Σ₀)) = {t_star:.6g}; closure run: {numbers['closure_status']}")
     print(f"particles vs closed form at t = {numbers['half_time']:.4g} ≈ t*/2: covariance error "
           f"{100 * numbers['half_error']:.2f} %; λ_max at the end: {numbers['particles'][-1]:.4g} (particles)")
+    print(f"terminal event λ_max(Σ) = {params.get('bound', 1e3):g}: t = {numbers['event_time']:.10f} "
+          f"(exact t* − 1/(2c·bound) = {numbers['event_predicted']:.10f}); status {numbers['event_status'].code}")
     if params["picture"]:
         _draw(numbers, params)
         print(f"wrote {params['picture']}")
@@ -146,6 +174,8 @@ def _draw(numbers: dict, params: dict) -> None:
                       f"{numbers['closure_status'].time / t_star:.3g} t*)")
     ax.semilogy(numbers["times"] / t_star, numbers["particles"], c="C3", lw=2, label=f"{params['n']} tokens")
     ax.axvline(1.0, c="0.4", ls="--", lw=1)
+    ax.semilogy([numbers["event_time"] / t_star], [params.get("bound", 1e3)], "*", ms=12, c="C2",
+                label=f"terminal event λ_max = {params.get('bound', 1e3):g} (dopri5, dense output)")
     ax.text(1.01, 0.05, f"t* = {t_star:.4g}", transform=ax.get_xaxis_transform(), color="0.3")
     top = max(float(np.max(numbers["particles"])), max(exact)) * 10
     ax.set_ylim(0.5, top)

@@ -163,7 +163,7 @@ def gmm_bridge_1d(
     n: Points = 20000,
     sigma: Annotated[float, Positive(maximum=1e6)] = 1.0,
     tau_min: PositiveFloat = 1e-3,
-    tau_max: PositiveFloat = 6.0,
+    tau_max: Annotated[float, Positive(maximum=1e4)] = 6.0,
     steps: Annotated[int, Size(minimum=0, bytes_each=64)] = 0,
     frames: Annotated[int, Size(bytes_each=64)] = 40,
     seed: int = 0,

@@ -8,7 +8,9 @@ Particles drawn from N(m0, Σ0) (or the Gaussian state itself) move under
 
 The run writes an H5MD trajectory with the mean, the covariance, the energy (where the field has
 one) and the squared W2 distance to the exact law, then prints the error of the final mean and
-covariance against the closed form and draws the run.
+covariance against the closed form and draws the run. An event records each zero of the first mean
+component m₁(t), located on the solver's dense output (MATH.md §15.4: for ``linear`` from m₀ = (2, −1)
+the first is at t* = 1.7069141; a particle cloud's sample mean crosses near it).
 
     python scenarios/relaxation.py --set state=gaussians
     measureflow run scenarios/relaxation.py --set field=ornstein_uhlenbeck --set n=4000
@@ -21,7 +23,7 @@ from typing import Annotated
 import torch
 
 import measureflow
-from measureflow import Gaussians, Simulation, scenario
+from measureflow import Event, Gaussians, Simulation, scenario
 from measureflow.parameters import Count, OneOf, Picture, Size, Steps
 from measureflow.simulation import Observer
 
@@ -66,6 +68,15 @@ def exact_w2(state, *, field=None, target=None, t=0.0, **_):
     return bures_w2(mean, cov, exact.mean.to(mean), exact.cov.to(cov))
 
 
+#: MATH.md §15.4: first zero of m₁(t) under the README's linear field from m₀ = (2, −1).
+FIRST_ZERO = 1.7069141
+
+
+def first_mean_component(t, state):
+    """m₁ of each replica (the event whose zeros the run records)."""
+    return state.mean[:, 0] if isinstance(state, Gaussians) else state.mean()[:, 0]
+
+
 @scenario
 def relaxation(
     field: str = "linear",
@@ -97,6 +108,7 @@ def relaxation(
         observers=observers,
         observe_every=every,
         seed=seed,
+        events=[Event(first_mean_component, name="mean_crosses_zero")],
     )
 
 
@@ -112,6 +124,10 @@ def report(result, params):
     mean_err = (mean - exact.mean).norm(dim=-1).max().item()
     cov_err = (cov - exact.cov).flatten(1).norm(dim=-1).max().item()
     print(f"final mean error |m - m*| = {mean_err:.3e}; covariance error |S - S*|_F = {cov_err:.3e}")
+    crossings = [e for e in result.events if e.replica == 0]
+    if crossings:
+        note = f" (MATH.md §15.4: {FIRST_ZERO})" if params["field"] == "linear" else ""
+        print(f"m₁ first crosses 0 at t = {crossings[0].t:.9f}{note}; {len(crossings)} crossing(s) in [0, {params['t1']:g}]")
     if not isinstance(final, Gaussians) and params["field"] != "ornstein_uhlenbeck":
         # The error above is mostly the sampling error of the initial cloud. An affine flow moves
         # the cloud's own moments exactly like a Gaussian's, so this isolates the integrator's error.

@@ -28,6 +28,7 @@ Two parts:
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 
@@ -36,6 +37,7 @@ from measureflow import Gaussians, Simulation, scenario
 from measureflow.diagnostics import jacobian_asymmetry, loop_integral, projection_loops, rotation_loops
 from measureflow.fields import Field
 from measureflow.measures import Gaussian
+from measureflow.parameters import OneOf, Picture, PositiveFloat, Range, Size, Steps
 from measureflow.simulation import Observer
 
 F64 = torch.float64
@@ -140,17 +142,17 @@ def constraint_study(score, data: torch.Tensor, taus, loops: int, seed: int) -> 
 
 @scenario
 def score_conservativity(
-    perturbation: str = "stein",
+    perturbation: Annotated[str, OneOf(*PERTURBATIONS)] = "stein",
     omega: float = 0.7,
-    tau_min: float = 0.01,
-    tau1: float = 1.0,
-    steps: int = 100,
-    dim: int = 4,
-    train_steps: int = 2000,
+    tau_min: PositiveFloat = 0.01,
+    tau1: PositiveFloat = 1.0,
+    steps: Steps = 100,
+    dim: Annotated[int, Range(1, 1024)] = 4,
+    train_steps: Annotated[int, Size(minimum=0)] = 2000,
     n_times: int = 8,
     loops: int = 16,
     seed: int = 0,
-    picture: str = "runs/score_conservativity.png",
+    picture: Picture = "runs/score_conservativity.png",
 ) -> Simulation:
     """OU flow with a score error in or out of the Stein null space; constraint violations of a learned score."""
     return flow_run(perturbation, omega, tau_min, tau1, steps)

@@ -11,6 +11,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -114,10 +115,10 @@ def straight(tiny, tmp_path_factory):
     return out
 
 
-def stopped_run(tiny, out, at=20):
+def stopped_run(tiny, out, at=20, **params):
     """A run stopped cleanly at step ``at`` with its checkpoint beside its file (as SIGTERM leaves it)."""
     (scn,) = load_scenarios(tiny).values()
-    sim = scn(out=str(out)).with_checkpoint(str(out) + ".ckpt", every=10)
+    sim = scn(out=str(out), **params).with_checkpoint(str(out) + ".ckpt", every=10)
     sim = sim.with_options(callbacks=[lambda step, t, state: step >= at], progress=False)
     result = sim.run()
     assert result.status.code == "stopped" and result.steps_done == at
@@ -132,7 +133,10 @@ def test_resume_onto_a_half_truncated_file_refuses_and_keeps_it(tiny, tmp_path, 
         handle.truncate(os.path.getsize(out) // 2)
     before = out.read_bytes()
     assert run(tiny, out, "--resume") == 2
-    one_line_error(capsys, str(out), "truncated", "--restart")
+    line = one_line_error(capsys, str(out), "cannot resume at step 20", "--restart")
+    # The lost frames are named by their steps when what remains of the file still holds the step
+    # numbers and the chunk index; otherwise the truncation itself is named.
+    assert re.search(r"cut short and the frames of steps \d+ … 20, which", line) or "is truncated" in line, line
     assert out.read_bytes() == before
 
 

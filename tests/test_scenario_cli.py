@@ -43,6 +43,11 @@ def test_relaxation_scenario_matches_the_closed_form(tmp_path, state):
         # RK4 with h = 0.01: global error ~ 1e-9.
         assert torch.allclose(result.state.cov, exact.cov, atol=1e-8)
         assert torch.allclose(result.state.mean, exact.mean, atol=1e-8)
+        # the recorded event: m₁'s first zero at t* = 1.7069141 (MATH.md §15.4), in both replicas
+        firsts = {}
+        for event in result.events:
+            firsts.setdefault(event.replica, event.t)
+        assert sorted(firsts) == [0, 1] and all(abs(t - 1.7069141248811) < 1e-8 for t in firsts.values())
     else:
         # The flow map is exact on the sample; the residual is the sampling error of 4000 points
         # pushed through e^{2A} (contracting, |e^{2A}| ≈ e^{-1}): s.e. ≈ 0.03·e^{-1} per entry.

@@ -52,6 +52,9 @@ def test_gaussian_covariance_blows_up_at_the_predicted_time(tmp_path):
     assert numbers["half_time"] == pytest.approx(0.5)
     assert numbers["half_error"] < 1e-2
     assert np.isfinite(numbers["particles"]).all() and numbers["particles"][-1] < 1e3
+    # the terminal event λ_max(Σ) = bound stops the dopri5 closure run at t* − 1/(2c·bound) exactly (MATH.md §15.4)
+    assert numbers["event_status"].code == "event"
+    assert abs(numbers["event_time"] - (1.0 - 1.0 / (2 * 0.5 * params["bound"]))) < 1e-8
     with measureflow.open(out) as traj:
         assert traj.kind == "particles" and traj.size == n and len(traj.times) == 29
         assert traj.parameters["parameters"]["t_star"] == pytest.approx(1.0)

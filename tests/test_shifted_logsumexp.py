@@ -157,3 +157,16 @@ def test_a_kernel_compiled_under_one_thread_is_not_reused_under_two(monkeypatch)
         torch.set_num_threads(saved)
     assert serial() == ("serial", 2) and parallel() == ("parallel", 2) and again is parallel
     assert sorted(fused.kernels) == [("probe", 2, True, False), ("probe", 2, True, True)]
+
+
+def test_single_pass_unbalanced_sinkhorn_equals_the_two_pass_path():
+    """With reach ρ the c-transforms are damped by λ = 1/(1 + ε/ρ); the bound is the previous potential over
+    λ (the undamped transform's value at the fixed point). float64 rounding only: 1e-12."""
+    x, lw, y, lq = _clouds(F64)
+    kw = dict(relaxation=1.2, tol=None, max_iter=25, reach=0.7)
+    f1, g1, *_ = sinkhorn_potentials(x, lw, y, lq, 0.2, single_pass=True, **kw)
+    f2, g2, *_ = sinkhorn_potentials(x, lw, y, lq, 0.2, single_pass=False, **kw)
+    assert (f1 - f2).abs().max() < 1e-12 and (g1 - g2).abs().max() < 1e-12
+    s1, *_ = symmetric_potential(x, lw, 0.2, tol=None, max_iter=20, reach=0.7, single_pass=True)
+    s2, *_ = symmetric_potential(x, lw, 0.2, tol=None, max_iter=20, reach=0.7, single_pass=False)
+    assert (s1 - s2).abs().max() < 1e-12

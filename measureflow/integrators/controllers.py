@@ -61,7 +61,8 @@ def error_norm(err, y0, y1, rtol: float, atol: float) -> torch.Tensor:
         part = sq.sum(dim=1)
         total = part if total is None else total + part
         count += sq.shape[1]
-    return (total / count).sqrt().amax()
+    # Step control only: never part of a gradient through the run.
+    return (total / count).sqrt().amax().detach()
 
 
 class Controller(abc.ABC):
@@ -101,7 +102,7 @@ class ConstantController(Controller):
 
     def integrate(self, solver, dynamics, t0, t1, state, carry):
         stats = dynamics.stats
-        if dynamics.kind != "gaussians":
+        if dynamics.kind == "particles":
             y1, _, dense, carry.solver_state = solver.step(dynamics, t0, t1, state, carry.solver_state)
             stats["steps"] += 1
             stats["accepted"] += 1
@@ -252,8 +253,10 @@ class PIController(Controller):
         t, y = t0, state
         taken = 0
         denses = []
+        carry.dense = ()
         while t != t1:
             if taken >= self.max_steps:
+                carry.dense = tuple(denses)
                 raise StepFailure(
                     "too many steps",
                     t,
@@ -273,7 +276,7 @@ class PIController(Controller):
             y_new, err_vec, dense, new_state = solver.step(dynamics, t, t_new, y, solver_state, dt=h)
             before, after = dynamics.pack(y), dynamics.pack(y_new)
             err = error_norm(err_vec, before, after, self.rtol, self.atol)
-            if dynamics.kind == "gaussians":
+            if dynamics.kind != "particles" or getattr(dynamics, "moving_weights", False):
                 inside = dynamics.admissible(after).to(err.dtype)
                 err, inside = torch.stack([err, inside]).tolist()  # one host sync per step
             else:
@@ -293,6 +296,7 @@ class PIController(Controller):
                 stats["rejected"] += 1
                 proposal = abs(h) * self.factor(err if inside == 1.0 else math.inf, cs["err_prev"], False)
                 if proposal < self.dt_min:
+                    carry.dense = tuple(denses)  # the steps kept before the failure (events look at them)
                     why = "covariance left the SPD cone" if inside != 1.0 else (
                         "non-finite error estimate" if not math.isfinite(err) else f"error norm {err:.3g} > 1"
                     )

@@ -3,9 +3,14 @@
 A solver sees a state as a tuple of tensors, its **integrated channels**, and their rates:
 
 * particles: ``y = (x, c₁, c₂, …)`` — the positions and one tensor per auxiliary
-  :class:`Channel` of the run (a log-density, an action, moving weights…), with
+  :class:`Channel` of the run (a log-density, an action…), with
   ẋ = v_t[μ_y](x) where μ_y is the stage's own measure (a mean-field field sees the intermediate
   particles, not the step's starting ones) and ċᵢ given by the channel's rule;
+* particles whose weights move (a field with ``weight_rate(t, state)``: the Fisher–Rao and WFR
+  geometries, :mod:`measureflow.geometry`): ``y = (x, w, c₁, …)``, ẇ = field.weight_rate(t, μ_y),
+  and the stage's measure carries the stage's weights;
+* Gaussian mixtures: ``y = (π, m, Σ)`` per component, rates from :func:`measureflow.mixtures.mixture_rates`
+  (MATH.md §15.7);
 * Gaussians: ``y = (m, Σ)`` with ṁ = b, Σ̇ = AΣ + ΣAᵀ and (b, A) = field.affine(t, N(m, Σ)) (MATH.md
   eq. 0.1). The rate AΣ + ΣAᵀ is formed as P + Pᵀ with P = AΣ, which is bitwise symmetric, and every
   Runge–Kutta combination of bitwise-symmetric matrices is again bitwise symmetric.
@@ -27,7 +32,9 @@ import torch
 
 from ..errors import CapabilityError, ShapeError
 from ..fields import capabilities
+from ..geometry import moves_weights
 from ..linalg import symmetrize
+from ..mixtures import check_mixture_field, mixture_rates
 from ..state import state_kind
 from .brownian import BrownianIncrement, brownian_increment
 from .noise import standard_normal
@@ -93,13 +100,18 @@ class Dynamics:
         self.template = state
         self.noise = noise
         self.channels = tuple(channels)
+        if self.kind == "mixtures":
+            check_mixture_field(field)
         if self.channels and self.kind != "particles":
             raise CapabilityError("auxiliary channels are integrated with particles only, not with a Gaussian state")
         names = [c.name for c in self.channels]
         if len(set(names)) != len(names) or "x" in names:
             raise CapabilityError(f"channel names must be unique and differ from 'x'; received {names}")
-        self._rate = self._gaussian_rate if self.kind == "gaussians" else (
-            self._particle_rate_with_channels if self.channels else self._particle_rate)
+        #: the weights are integrated (y[1]) rather than fixed
+        self.moving_weights = self.kind == "particles" and moves_weights(field)
+        self._first = 2 if self.moving_weights else 1  # index of the first auxiliary channel in y
+        self._rate = self._gaussian_rate if self.kind == "gaussians" else self._mixture_rate if self.kind == "mixtures" else (
+            self._particle_rate_with_channels if (self.channels or self.moving_weights) else self._particle_rate)
         self.stats = stats if stats is not None else dict.fromkeys(STAT_KEYS, 0)
         self.has_diffusion = "diffusion" in capabilities(field)
         self.diagonal_noise = callable(getattr(field, "diagonal_diffusion", None))
@@ -120,19 +132,27 @@ class Dynamics:
         """The state's integrated channels, in order."""
         if self.kind == "gaussians":
             return (state.mean, state.cov)
+        if self.kind == "mixtures":
+            return (state.weights, state.means, state.covs)
+        head = (state.x, state.weights_or_uniform()) if self.moving_weights else (state.x,)
         if not self.channels:
-            return (state.x,)
+            return head
         held = state.channels
-        return (state.x, *[held[c.name] if c.name in held else c.initial(state) for c in self.channels])
+        return (*head, *[held[c.name] if c.name in held else c.initial(state) for c in self.channels])
 
     def unpack(self, y, like=None):
         """A state holding the channels ``y`` (weights and other fixed parts from ``like``)."""
         like = self.template if like is None else like
         if self.kind == "gaussians":
             return like.with_parameters(y[0], symmetrize(y[1]))
+        if self.kind == "mixtures":
+            return like.with_parameters(y[0], y[1], symmetrize(y[2]))
+        out = like.with_positions(y[0])
+        if self.moving_weights:
+            out = out.with_weights(y[1])
         if not self.channels:
-            return like.with_positions(y[0])
-        return like.with_positions(y[0]).with_channels({c.name: v for c, v in zip(self.channels, y[1:])})
+            return out
+        return out.with_channels({c.name: v for c, v in zip(self.channels, y[self._first:])})
 
     # -- rates --------------------------------------------------------------------------------------
     def rate(self, t: float, y) -> tuple[torch.Tensor, ...]:
@@ -168,6 +188,8 @@ class Dynamics:
             v = self.field.velocity(t, x, stage)
             self._check_velocity(v, x)
         rates = [r if r is not None else c.rate(self.field, t, stage, v) for c, r in zip(self.channels, rates)]
+        if self.moving_weights:
+            return (v, self.field.weight_rate(t, stage), *rates)
         return (v, *rates)
 
     def closure(self, t: float, m: torch.Tensor, S: torch.Tensor):
@@ -188,6 +210,9 @@ class Dynamics:
         b, A = self.closure(t, m, S)
         P = A @ S
         return (b, P + P.transpose(-1, -2))
+
+    def _mixture_rate(self, t, y):
+        return mixture_rates(self.field, t, self.unpack(y))
 
     def euler_pushforward(self, t: float, y, h: float):
         """One Euler step of a Gaussian as the pushforward of N(m, Σ) by x ↦ x + h(b + A(x − m)):
@@ -228,10 +253,19 @@ class Dynamics:
             m, S = y
             _, info = torch.linalg.cholesky_ex(S)
             return (info == 0).all() & torch.isfinite(m).all() & torch.isfinite(S).all()
+        if self.kind == "mixtures":
+            w, m, S = y
+            _, info = torch.linalg.cholesky_ex(S)
+            finite = torch.isfinite(w).all() & torch.isfinite(m).all() & torch.isfinite(S).all()
+            return (info == 0).all() & finite & (w >= 0).all()
+        if self.moving_weights:
+            w = y[1]
+            return torch.isfinite(y[0]).all() & torch.isfinite(w).all() & (w >= 0).all()
         return torch.isfinite(y[0]).all()
 
     def __repr__(self) -> str:
         extra = f", channels={[c.name for c in self.channels]}" if self.channels else ""
+        extra += ", moving weights" if self.moving_weights else ""
         return f"Dynamics(field={_field_name(self.field)!r}, kind={self.kind}{extra})"
 
 

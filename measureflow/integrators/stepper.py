@@ -86,6 +86,7 @@ class Stepper:
         """The state at t1, from ``state`` at t0 (lands on t1 exactly)."""
         if type(t0) is not float or type(t1) is not float or not math.isfinite(t0 + t1):
             t0, t1 = as_time(t0, "t0"), as_time(t1, "t1")
+        self.carry.dense = ()  # never left holding the previous interval's steps when this one fails
         if self._pieces is None:
             state = self.controller.integrate(self.solver, self.dynamics, t0, t1, state, self.carry)
         else:

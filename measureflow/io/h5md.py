@@ -50,7 +50,7 @@ from .base import Writer
 from .runinfo import RunInfo
 from .atomic import atomic_replace
 from .lock import OutputLock
-from .hdf5file import START_OVER, damaged, first_row_off_disk, io_failure, open_h5
+from .hdf5file import START_OVER, damaged, first_row_off_disk, io_failure, open_h5, open_swmr
 
 __all__ = ["H5MDWriter", "rebuild_file", "repair_file", "valid_rows", "STEP_CHUNK", "SUFFIXES"]
 
@@ -216,7 +216,7 @@ def repair_file(path) -> int | None:
         if not unclosed:
             return None
         keep = rebuild_file(path)
-        frame = L.POSITION if L.POSITION in keep else L.MEAN
+        frame = L.POSITION if L.POSITION in keep else L.MIX_MEAN if L.MIX_MEAN in keep else L.MEAN
         frames = keep.get(frame, 0)
         with h5py.File(path, "r+") as f:
             status = f.require_group(L.STATUS)
@@ -355,6 +355,46 @@ class H5MDWriter(Writer):
         _OPEN_WRITERS.add(self)
         _install_atexit()
 
+    def write_events(self, records) -> None:
+        """Append located events (:class:`~measureflow.events.EventRecord`) to ``/observables/events``,
+        an H5MD element after the run: ``step`` and ``time`` of each crossing, ``value`` the event's
+        index in ``events=`` (its name in the ``names`` attribute), ``replica``, and the crossing
+        replica's state at that time (``position`` (E, N, d) and channels, or ``mean`` and ``cov``)."""
+        records = list(records)
+        if not records:
+            return
+        columns = {
+            "step": np.array([r.step for r in records], dtype=np.int64),
+            "time": np.array([r.t for r in records], dtype=np.float64),
+            "value": np.array([r.index for r in records], dtype=np.int64),
+            "replica": np.array([r.replica for r in records], dtype=np.int64),
+        }
+        first = records[0].state
+        if hasattr(first, "cov"):
+            parts = {"mean": lambda s: s.mean[0], "cov": lambda s: s.cov[0]}
+        else:
+            parts = {"position": lambda s: s.x[0]}
+            parts.update({name: (lambda s, n=name: s.channels[n][0]) for name in first.channels})
+        for key, get in parts.items():
+            columns[key] = np.stack([get(r.state).detach().cpu().numpy() for r in records])
+        names = {}
+        for r in records:
+            names[r.index] = r.name
+        with self._h5("r+") as f:
+            group = f.require_group(L.OBSERVABLES + "/events")
+            known = json.loads(group.attrs.get("names", "{}"))
+            known.update({str(k): v for k, v in names.items()})
+            group.attrs["names"] = json.dumps(known)
+            for key, values in columns.items():
+                if key not in group:
+                    group.create_dataset(key, data=values, maxshape=(None, *values.shape[1:]),
+                                         chunks=(max(1, min(len(values), 64)), *values.shape[1:]))
+                else:
+                    ds = group[key]
+                    n = ds.shape[0]
+                    ds.resize(n + len(values), axis=0)
+                    ds[n:] = values
+
     def _h5(self, mode: str) -> h5py.File:
         return h5py.File(self._where, mode, libver="latest", rdcc_nbytes=L.CHUNK_CACHE_BYTES)
 
@@ -399,13 +439,24 @@ class H5MDWriter(Writer):
             box = f.create_group(L.BOX)
             box.attrs.create("dimension", np.int32(d))
             box.attrs.create("boundary", L.fixed_strings(["none"] * d))
-            weights = run.weights if run.weights is not None else np.full((R, N), 1.0 / N)
-            f.create_dataset(L.WEIGHT, data=weights.reshape(R * N).astype(np.float64))
+            if not run.moving_weights:
+                weights = run.weights if run.weights is not None else np.full((R, N), 1.0 / N)
+                f.create_dataset(L.WEIGHT, data=weights.reshape(R * N).astype(np.float64))
             f.create_dataset(L.REPLICA, data=np.repeat(np.arange(R, dtype=np.int32), N))
             self._frame_elements = [self._new_element(f, L.POSITION, (R * N, d), run.dtype, True)]
             for name, tail in run.channels.items():
                 self._frame_elements.append(
-                    self._new_element(f, f"{L.PARTICLES}/{name}", (R * N, *tail), run.dtype, True))
+                    self._new_element(f, f"{L.PARTICLES}/{name}", (R * N,) + tuple(tail), run.dtype, True))
+            if run.moving_weights:
+                # H5MD's time-dependent form of the same element: one row of weights per frame (last).
+                self._frame_elements.append(self._new_element(f, L.WEIGHT, (R * N,), np.float64, True))
+        elif run.kind == "mixtures":
+            R, K, d = run.replicas, run.size, run.dim
+            self._frame_elements = [
+                self._new_element(f, L.MIX_WEIGHTS, (R, K), run.dtype, False),
+                self._new_element(f, L.MIX_MEAN, (R, K, d), run.dtype, True),
+                self._new_element(f, L.MIX_COV, (R, K, d, d), run.dtype, True),
+            ]
         else:
             R, d = run.replicas, run.dim
             self._frame_elements = [
@@ -453,16 +504,14 @@ class H5MDWriter(Writer):
         try:
             self._check_compatible(f, run)
             valid = valid_rows(f)
+            frame_paths = self._frame_paths(run)
             if run.kind == "particles":
-                frame_paths = [L.POSITION, *(f"{L.PARTICLES}/{name}" for name in run.channels)]
                 missing = [p for p in frame_paths if p not in f]
                 if missing:
                     raise TrajectoryFileError(
                         f"{self.path}: cannot resume: the file has no {', '.join(missing)} (the run records "
                         "channels the file does not hold); resume with the original channels or write to another file"
                     )
-            else:
-                frame_paths = [L.MEAN, L.COV]
             paths = [p for p in valid if p not in frame_paths]
             elements = {}
             for p in frame_paths + paths:
@@ -499,7 +548,10 @@ class H5MDWriter(Writer):
 
     def _frame_paths(self, run: RunInfo) -> list[str]:
         if run.kind == "particles":
-            return [L.POSITION, *(f"{L.PARTICLES}/{name}" for name in run.channels)]
+            moving = [L.WEIGHT] if run.moving_weights else []
+            return [L.POSITION, *(f"{L.PARTICLES}/{name}" for name in run.channels), *moving]
+        if run.kind == "mixtures":
+            return [L.MIX_WEIGHTS, L.MIX_MEAN, L.MIX_COV]
         return [L.MEAN, L.COV]
 
     def _verify_resumable(self, run: RunInfo) -> None:
@@ -509,6 +561,12 @@ class H5MDWriter(Writer):
         try:
             f, _ = open_h5(self.path)
         except TrajectoryFileError as exc:
+            lost = self._steps_cut_off(run)
+            if lost is not None:
+                raise TrajectoryFileError(
+                    f"{self.path}: cannot resume at step {step}: the file was cut short and the frames of "
+                    f"steps {lost[0]} … {lost[1]}, which the checkpoint counts as written, lie past its end; "
+                    f"{START_OVER}") from exc
             raise TrajectoryFileError(f"cannot resume at step {step}: {exc}") from exc
         try:
             with f:
@@ -538,6 +596,26 @@ class H5MDWriter(Writer):
             raise
         except Exception as exc:  # noqa: BLE001 - h5py's errors on damaged metadata
             raise damaged(self.path, f"cannot resume at step {step}: the file's metadata is damaged", exc) from exc
+
+    def _steps_cut_off(self, run: RunInfo) -> tuple[int, int] | None:
+        """For a truncated file: the first and last step (≤ the resume step) of the frames past its
+        end, read from what remains of it; None when that cannot be told."""
+        try:
+            with open_swmr(self.path) as f:
+                p = self._frame_paths(run)[0]
+                # Not valid_rows: walking the whole file reads metadata a cut-off file has lost.
+                committed = f[L.COMMITTED]
+                names = L.text(committed.attrs.get("elements", np.array([], dtype="S1")))
+                rows = min(f[p]["value"].shape[0], int(committed[list(names).index(p)]))
+                off = first_row_off_disk(f[p]["value"], rows, self.path)
+                steps = f[p]["step"]
+                if off is None or first_row_off_disk(steps, rows, self.path) is not None:
+                    return None  # the steps themselves are lost: no range to name
+                steps = steps[:rows]
+                kept = steps[off:][steps[off:] <= run.resume_step]
+                return (int(kept[0]), int(kept[-1])) if kept.size else None
+        except Exception:  # noqa: BLE001 - best effort: the caller reports the truncation anyway
+            return None
 
     def _check_compatible(self, f: h5py.File, run: RunInfo) -> None:
         if L.PARAMETERS not in f or "h5md" not in f:
@@ -669,7 +747,20 @@ class H5MDWriter(Writer):
                             f"every frame; received {got}"
                         )
                     arrays.append(host(value.detach().reshape(run.rows, *tail).to(x.dtype)))
+            if run.moving_weights:
+                arrays.append(host(state.weights_or_uniform().detach().reshape(run.rows).to(torch.float64)))
             return arrays
+        if run.kind == "mixtures":
+            R, K, d = run.replicas, run.size, run.dim
+            means = getattr(state, "means", None)
+            if means is None or tuple(means.shape) != (R, K, d):
+                raise ShapeError(f"{self.path}: expected a GaussianMixtures state with means (R, K, d) = "
+                                 f"{(R, K, d)}, received {state!r}")
+            # One device→host transfer for the three parameters (a new tensor: the arrays own their memory).
+            flat = torch.cat([state.weights.detach().reshape(R, K).to(means.dtype), means.detach().reshape(R, K * d),
+                              state.covs.detach().reshape(R, K * d * d).to(means.dtype)], dim=1).cpu().numpy()
+            return [np.ascontiguousarray(flat[:, :K]), np.ascontiguousarray(flat[:, K:K + K * d]).reshape(R, K, d),
+                    np.ascontiguousarray(flat[:, K + K * d:]).reshape(R, K, d, d)]
         mean, cov = getattr(state, "mean", None), getattr(state, "cov", None)
         R, d = run.replicas, run.dim
         if mean is None or tuple(mean.shape) != (R, d) or tuple(cov.shape) != (R, d, d):

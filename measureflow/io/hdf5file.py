@@ -24,7 +24,7 @@ import h5py
 from ..errors import TrajectoryFileError
 from .atomic import io_failure  # noqa: F401 - re-exported: the writer's errors are built here too
 
-__all__ = ["open_h5", "damaged", "check_rows_on_disk", "first_row_off_disk", "superblock", "io_failure", "START_OVER"]
+__all__ = ["open_h5", "open_swmr", "damaged", "check_rows_on_disk", "first_row_off_disk", "superblock", "io_failure", "START_OVER"]
 
 #: What to do about a file that cannot be used (the tail of every "damaged" message).
 START_OVER = ("restore it from a copy, or start the run again: delete the file, or pass --restart "
@@ -86,7 +86,9 @@ _set_read_attempts = None
 _looked_up = False
 
 
-def _swmr_read(path: Path) -> h5py.File:
+def open_swmr(path) -> h5py.File:
+    """Open ``path`` in SWMR-read mode with one metadata read attempt (raises at once on damage);
+    HDF5 then skips its end-of-file check, so the parts of a truncated file that remain can be read."""
     global _set_read_attempts, _looked_up
     if not _looked_up:
         _set_read_attempts, _looked_up = _hdf5_library(), True
@@ -94,7 +96,7 @@ def _swmr_read(path: Path) -> h5py.File:
     fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
     if _set_read_attempts is not None:
         _set_read_attempts(fapl.id, 1)  # one try: a bad checksum is damage, not a write in progress
-    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, fapl=fapl)
+    fid = h5py.h5f.open(os.fsencode(Path(path)), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, fapl=fapl)
     return h5py.File(fid)
 
 
@@ -117,7 +119,7 @@ def open_h5(path) -> tuple[h5py.File, bool]:
             if _OPEN_FOR_WRITE not in str(exc):
                 raise damaged(path, "is a damaged HDF5 file that cannot be opened", exc) from exc
     try:
-        return _swmr_read(path), True
+        return open_swmr(path), True
     except Exception as exc:  # noqa: BLE001 - any failure here means damage
         raise damaged(path, "was left open by a writer that died, and is damaged", exc) from exc
 

@@ -10,11 +10,13 @@ The writer and the reader share these names so the layout is stated once::
         box                      +dimension = d, +boundary = ["none"] * d
         position/{step, time, value[frames][R·N][d]}
         <channel>/{step, time, value[frames][R·N]...}   (auxiliary channels: log_density, …)
-        weight[R·N]              (fixed in time)
+        weight[R·N]              (fixed in time; when weights move, MATH.md §15.6:
+                                  weight/{step, time, value[frames][R·N]})
         replica[R·N]             (fixed in time: which replica each row belongs to)
     /observables/<name>/{step, time, value[frames][R]...}
     /parameters/measureflow      scalar JSON string (scenario parameters, seed, field, integrator, versions)
     /measureflow/gaussians/{mean, cov}/{step, time, value}   (Gaussian runs only)
+    /measureflow/mixtures/{weights, mean, cov}/{step, time, value[frames][R][K]...}   (mixture runs only)
     /particles/gaussians         (Gaussian runs only: the H5MD view of the means)
         box                      +dimension = d, +boundary = ["none"] * d
         position -> /measureflow/gaussians/mean   (soft link: value[frames][R][d], a replica's mean
@@ -54,6 +56,9 @@ GAUSSIAN_VIEW = "particles/gaussians"
 GAUSSIAN_BOX = GAUSSIAN_VIEW + "/box"
 GAUSSIAN_POSITION = GAUSSIAN_VIEW + "/position"
 GAUSSIAN_COVARIANCE = GAUSSIAN_VIEW + "/covariance"
+MIX_WEIGHTS = PRIVATE + "/mixtures/weights"
+MIX_MEAN = PRIVATE + "/mixtures/mean"
+MIX_COV = PRIVATE + "/mixtures/cov"
 COMMITTED = PRIVATE + "/committed"
 STATUS = PRIVATE + "/status"
 

@@ -34,6 +34,7 @@ class MemoryWriter(Writer, RecordedTrajectory):
         self.run = run
         self.closed = False
         self._describe(run.kind, run.replicas, run.size, run.dim, dtype=run.dtype, weights=run.weights,
+                       moving_weights=run.moving_weights,
                        parameters=run.parameters)
         self.declare_observables(run.observable_names)
         if run.resume_step is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import json
 import os
 from functools import cached_property
 from pathlib import Path
@@ -198,14 +199,17 @@ class TrajectoryFile(ShapedTrajectory):
             )
         attrs = f[L.PARAMETERS].attrs
         kind = L.text(attrs.get("kind", b""))
-        if kind not in ("particles", "gaussians"):
-            kind = "particles" if L.POSITION in f else "gaussians" if L.MEAN in f else ""
+        if kind not in ("particles", "gaussians", "mixtures"):
+            kind = ("particles" if L.POSITION in f else "gaussians" if L.MEAN in f
+                    else "mixtures" if L.MIX_MEAN in f else "")
         if not kind:
             raise _fail(path, "has /parameters/measureflow but neither particle positions nor Gaussian parameters")
         self._kind = kind
-        frame = f[L.POSITION] if kind == "particles" else f[L.MEAN]
+        frame = f[{"particles": L.POSITION, "gaussians": L.MEAN, "mixtures": L.MIX_MEAN}[kind]]
         shape = frame["value"].shape
-        if kind == "particles":
+        if kind == "mixtures":
+            self._replicas, self._size, self._dim = shape[1], shape[2], shape[3]
+        elif kind == "particles":
             self._replicas = int(attrs.get("replicas", 1))
             self._size = shape[1] // self._replicas
             self._dim = shape[2]
@@ -216,9 +220,12 @@ class TrajectoryFile(ShapedTrajectory):
         self._rows = valid_rows(self.file)
         if kind == "particles":
             self._frame_count = self._rows.get(L.POSITION, 0)
+        elif kind == "mixtures":
+            self._frame_count = min(self._rows.get(p, 0) for p in (L.MIX_WEIGHTS, L.MIX_MEAN, L.MIX_COV))
         else:
             self._frame_count = min(self._rows.get(L.MEAN, 0), self._rows.get(L.COV, 0))
-        frames = [L.POSITION] if kind == "particles" else [L.MEAN, L.COV]
+        frames = {"particles": [L.POSITION], "gaussians": [L.MEAN, L.COV],
+                  "mixtures": [L.MIX_WEIGHTS, L.MIX_MEAN, L.MIX_COV]}[kind]
         for name in frames:
             for member in ("value", "step", "time"):
                 if member in f[name]:
@@ -292,7 +299,7 @@ class TrajectoryFile(ShapedTrajectory):
 
     # -- time axis ----------------------------------------------------------------------------------
     def _frame_group(self) -> h5py.Group:
-        return self.file[L.POSITION if self.kind == "particles" else L.MEAN]
+        return self.file[{"particles": L.POSITION, "gaussians": L.MEAN, "mixtures": L.MIX_MEAN}[self.kind]]
 
     @cached_property
     def steps(self) -> np.ndarray:
@@ -326,24 +333,41 @@ class TrajectoryFile(ShapedTrajectory):
 
     @cached_property
     def weights(self) -> np.ndarray | None:
-        """Weights, shape (R, N); None for a Gaussian run."""
+        """Weights, shape (R, N) (the first frame's when they move); None for a Gaussian run."""
         if self.kind != "particles" or L.WEIGHT not in self.file:
             return None
+        moving = self.weight_frames
+        if moving is not None:
+            return np.asarray(moving[0]) if len(moving) else None
         return self.file[L.WEIGHT][()].reshape(self.replicas, self.size)
 
     @property
-    def means(self) -> FrameArray | None:
-        """Lazy Gaussian means, shape (frames, R, d); None for a particle run."""
-        if self.kind != "gaussians":
+    def weight_frames(self) -> FrameArray | None:
+        """Lazy weights of every frame, shape (frames, R, N), when they move (MATH.md §15.6); else None."""
+        if self.kind != "particles" or not L.is_element(self.file.get(L.WEIGHT)):
             return None
-        return FrameArray(self.file[L.MEAN]["value"], self._frame_count)
+        return FrameArray(self.file[L.WEIGHT]["value"], self._frame_count, (self._replicas, self._size))
+
+    @property
+    def means(self) -> FrameArray | None:
+        """Lazy Gaussian means, shape (frames, R, d) (mixtures: (frames, R, K, d)); None for a particle run."""
+        if self.kind == "particles":
+            return None
+        return FrameArray(self.file[L.MEAN if self.kind == "gaussians" else L.MIX_MEAN]["value"], self._frame_count)
 
     @property
     def covs(self) -> FrameArray | None:
-        """Lazy Gaussian covariances, shape (frames, R, d, d); None for a particle run."""
-        if self.kind != "gaussians":
+        """Lazy Gaussian covariances, shape (frames, R, d, d) (mixtures: (frames, R, K, d, d)); None for particles."""
+        if self.kind == "particles":
             return None
-        return FrameArray(self.file[L.COV]["value"], self._frame_count)
+        return FrameArray(self.file[L.COV if self.kind == "gaussians" else L.MIX_COV]["value"], self._frame_count)
+
+    @property
+    def mixture_weights(self) -> FrameArray | None:
+        """Lazy component weights of a mixture run, shape (frames, R, K); None otherwise."""
+        if self.kind != "mixtures":
+            return None
+        return FrameArray(self.file[L.MIX_WEIGHTS]["value"], self._frame_count)
 
     @cached_property
     def observables(self) -> dict[str, Series]:
@@ -369,6 +393,21 @@ class TrajectoryFile(ShapedTrajectory):
         return out
 
     @property
+    def events(self) -> dict:
+        """The located events (``/observables/events``, written by ``Simulation(events=...)``): numpy
+        arrays ``name``, ``step``, ``time``, ``replica``, ``index`` and the crossing replica's state
+        (``position`` and channels, or ``mean`` and ``cov``), one row per crossing; empty when none."""
+        path = L.OBSERVABLES + "/events"
+        if path not in self.file:
+            return {}
+        group = self.file[path]
+        names = json.loads(group.attrs.get("names", "{}"))
+        out = {key: group[key][()] for key in group if key != "value"}
+        out["index"] = group["value"][()]
+        out["name"] = np.array([names.get(str(int(i)), str(int(i))) for i in out["index"]], dtype=object)
+        return out
+
+    @property
     def file_size(self) -> int:
         return os.path.getsize(self.path)
 
@@ -379,6 +418,8 @@ class TrajectoryFile(ShapedTrajectory):
         lines = [f"{self.path}  ({_size(self.file_size)}, H5MD {'.'.join(map(str, self.h5md_version))})"]
         if self.kind == "particles":
             shape = f"R={self.replicas} replicas × N={self.size} particles, d={self.dim}"
+        elif self.kind == "mixtures":
+            shape = f"R={self.replicas} replicas × K={self.size} components, d={self.dim}"
         else:
             shape = f"R={self.replicas} replicas, d={self.dim}"
         lines.append(f"  kind         {self.kind} ({shape}, {self.dtype})")

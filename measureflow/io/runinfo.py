@@ -1,6 +1,6 @@
 """What a writer is told about a run before its first frame (DESIGN.md "Trajectory files").
 
-:class:`RunInfo` fixes the shapes every frame will have, the weights (fixed in time), the run
+:class:`RunInfo` fixes the shapes every frame will have, the weights (fixed in time unless they move), the run
 parameters that go to ``/parameters/measureflow`` as JSON, the observables to expect and, for a
 resumed run, the step after which frames already in the file are dropped.
 """
@@ -21,7 +21,7 @@ from ..jsonable import to_jsonable  # re-exported: it lived here, callers still 
 
 __all__ = ["RunInfo", "to_jsonable", "default_versions", "run_fingerprint", "KINDS"]
 
-KINDS = ("particles", "gaussians")
+KINDS = ("particles", "gaussians", "mixtures")
 
 #: Scenario parameters that say where files go, not what the numbers are: left out of fingerprints.
 LOCATION_PARAMETERS = ("out", "picture", "output", "checkpoint")
@@ -117,7 +117,7 @@ class RunInfo:
     Parameters
     ----------
     kind:
-        "particles" or "gaussians".
+        "particles", "gaussians" or "mixtures" (Gaussian mixtures; ``size`` is then K, the components).
     replicas, size, dim:
         R, N (0 for Gaussian runs) and d.
     dtype:
@@ -137,6 +137,9 @@ class RunInfo:
         Auxiliary per-particle channels written with every frame (particle runs only): name → the
         shape of one particle's value (``()`` for a scalar such as a log-density), stored as
         ``/particles/trajectory/<name>`` with value [frames][R·N]....
+    moving_weights:
+        the weights change during the run (Fisher–Rao / WFR geometries, MATH.md §15.6): writers
+        store them with every frame (``/particles/trajectory/weight/{step, time, value[frames][R·N]}``).
     resume_step:
         None for a fresh run; otherwise the step of the checkpoint being resumed: frames and
         observable samples with a larger step are dropped from the existing file.
@@ -158,10 +161,13 @@ class RunInfo:
     observable_shapes: dict[str, tuple[int, ...]] = attrs.field(factory=dict, converter=_shapes)
     channels: dict[str, tuple[int, ...]] = attrs.field(factory=dict, converter=_shapes)
     resume_step: int | None = attrs.field(default=None, converter=_resume)
+    moving_weights: bool = attrs.field(default=False, converter=bool, kw_only=True)
     author: str | None = attrs.field(default=None)
     fingerprint: str = attrs.field(default="", converter=str)
 
     def __attrs_post_init__(self):
+        if self.kind == "mixtures" and self.size < 1:
+            raise ShapeError(f"RunInfo: a mixture run needs K ≥ 1 components (size), received {self.size}")
         if self.kind == "particles" and self.size < 1:
             raise ShapeError(f"RunInfo: a particle run needs size N ≥ 1, received {self.size}")
         if self.kind == "gaussians" and self.size != 0:
@@ -174,6 +180,8 @@ class RunInfo:
                     f"RunInfo.weights must have shape (R, N) = {(self.replicas, self.size)}; "
                     f"received {self.weights.shape}"
                 )
+        if self.moving_weights and self.kind != "particles":
+            raise StateError("RunInfo: moving weights apply to particle runs only")
         if self.channels and self.kind != "particles":
             raise StateError("RunInfo: channels apply to particle runs only")
         for name in self.channels:
@@ -195,6 +203,8 @@ class RunInfo:
             R, N, d = state.x.shape
             kwargs.setdefault("weights", state.weights)
             kwargs.setdefault("channels", {k: tuple(v.shape[2:]) for k, v in state.channels.items()})
+        elif kind == "mixtures":
+            R, N, d = state.means.shape
         else:
             (R, d), N = state.mean.shape, 0
         return cls(kind=kind, replicas=R, size=N, dim=d, dtype=state.dtype, **kwargs)

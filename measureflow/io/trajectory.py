@@ -33,7 +33,7 @@ from .base import Series
 __all__ = ["Trajectory", "ShapedTrajectory", "RecordedTrajectory", "Snapshot", "KINDS"]
 
 #: The kinds of trajectory: weighted particles, or Gaussian parameters (mean, covariance).
-KINDS = ("particles", "gaussians")
+KINDS = ("particles", "gaussians", "mixtures")
 
 
 class Trajectory(abc.ABC):
@@ -82,7 +82,8 @@ class Trajectory(abc.ABC):
     @property
     @abc.abstractmethod
     def weights(self) -> np.ndarray | None:
-        """(R, N) particle weights, fixed in time, each replica summing to one; None for Gaussians."""
+        """(R, N) particle weights, each replica summing to one; None for Gaussians. When the weights
+        move (:attr:`weight_frames` is not None) these are the first frame's."""
 
     @property
     @abc.abstractmethod
@@ -119,6 +120,23 @@ class Trajectory(abc.ABC):
         """Auxiliary per-particle channels recorded with every frame (a log-density, …): name →
         (F, R, N, ...) array; empty when the run recorded none (always for Gaussians)."""
         return {}
+
+    @property
+    def weight_frames(self):
+        """(F, R, N) weights of every frame when they move (Fisher–Rao / WFR geometries, MATH.md
+        §15.6); None when they are fixed in time (then :attr:`weights` holds them)."""
+        return None
+
+    @property
+    def mixture_weights(self):
+        """(F, R, K) component weights of a Gaussian-mixture trajectory (kind ``"mixtures"``, whose ``means``
+        are (F, R, K, d) and ``covs`` (F, R, K, d, d)); None for other kinds."""
+        return None
+
+    def weights_at(self, frame: int) -> np.ndarray | None:
+        """(R, N) weights of frame ``frame`` (the fixed weights when they do not move); None for Gaussians."""
+        moving = self.weight_frames
+        return self.weights if moving is None else np.asarray(moving[frame])
 
     # -- derived ------------------------------------------------------------------------------------
     @property
@@ -213,10 +231,15 @@ class RecordedTrajectory(ShapedTrajectory):
         self._times: list[float] = []
         self._frames: list[tuple[np.ndarray, ...]] = []
         self._channels: dict[str, list[np.ndarray]] = {}
+        self._moving_weights = False
+        self._weight_list: list[np.ndarray] = []
         self._obs: dict[str, tuple[list, list, list]] = {}
 
-    def _describe(self, kind, replicas, size, dim, *, dtype="float64", weights=None, parameters=None) -> None:
-        """Fix the trajectory's kind and shapes (also used by writers that learn them in ``open``)."""
+    def _describe(self, kind, replicas, size, dim, *, dtype="float64", weights=None, parameters=None,
+                  moving_weights: bool = False) -> None:
+        """Fix the trajectory's kind and shapes (also used by writers that learn them in ``open``);
+        ``moving_weights`` records the weights with every frame."""
+        self._moving_weights = bool(moving_weights) and kind == "particles"
         if kind not in KINDS:
             raise ParameterError(f"{type(self).__name__}: kind must be one of {KINDS}, received {kind!r}")
         self._kind = kind
@@ -244,6 +267,8 @@ class RecordedTrajectory(ShapedTrajectory):
                 got = tuple(x.shape) if x is not None else type(state).__name__
                 raise ShapeError(f"{label}: expected positions of shape {(R, N, d)}, received {got}")
             frame = (_host(x),)
+            if self._moving_weights:
+                self._weight_list.append(_host(state.weights_or_uniform()).astype(np.float64, copy=False))
             held = getattr(state, "channels", {})
             for name in held:
                 self._channels.setdefault(name, [])
@@ -251,6 +276,11 @@ class RecordedTrajectory(ShapedTrajectory):
                 if name not in held:
                     raise ShapeError(f"{label}: channel {name!r} is missing from the frame at step {step}")
                 values.append(_host(held[name]))
+        elif self._kind == "mixtures":
+            means = getattr(state, "means", None)
+            if means is None or tuple(means.shape) != (R, N, d):
+                raise ShapeError(f"{label}: expected a GaussianMixtures state with means {(R, N, d)}, received {state!r}")
+            frame = (_host(means), _host(state.covs), _host(state.weights))
         else:
             mean, cov = getattr(state, "mean", None), getattr(state, "cov", None)
             if mean is None or cov is None or tuple(mean.shape) != (R, d) or tuple(cov.shape) != (R, d, d):
@@ -279,7 +309,7 @@ class RecordedTrajectory(ShapedTrajectory):
     def drop_after(self, step: int) -> None:
         """Forget the frames and observable samples recorded after ``step`` (steps are increasing)."""
         keep = sum(1 for s in self._steps if s <= step)
-        del self._steps[keep:], self._times[keep:], self._frames[keep:]
+        del self._steps[keep:], self._times[keep:], self._frames[keep:], self._weight_list[keep:]
         for values in self._channels.values():
             del values[keep:]
         for steps, times, values in self._obs.values():
@@ -327,6 +357,8 @@ class RecordedTrajectory(ShapedTrajectory):
     def weights(self) -> np.ndarray | None:
         if self._kind != "particles":
             return None
+        if self._moving_weights and self._weight_list:
+            return self._weight_list[0]
         if self._weights is not None:
             return self._weights
         return np.full((self._replicas, self._size), 1.0 / self._size)
@@ -336,16 +368,34 @@ class RecordedTrajectory(ShapedTrajectory):
         return {name: np.stack(values) for name, values in self._channels.items() if values}
 
     @property
+    def weight_frames(self) -> np.ndarray | None:
+        if not self._moving_weights:
+            return None
+        if not self._weight_list:
+            return np.zeros((0, self._replicas, self._size))
+        return np.stack(self._weight_list)
+
+    @property
     def means(self) -> np.ndarray | None:
+        if self._kind == "mixtures":
+            return self._stack(0, (self._replicas, self._size, self._dim))
         if self._kind != "gaussians":
             return None
         return self._stack(0, (self._replicas, self._dim))
 
     @property
     def covs(self) -> np.ndarray | None:
+        if self._kind == "mixtures":
+            return self._stack(1, (self._replicas, self._size, self._dim, self._dim))
         if self._kind != "gaussians":
             return None
         return self._stack(1, (self._replicas, self._dim, self._dim))
+
+    @property
+    def mixture_weights(self) -> np.ndarray | None:
+        if self._kind != "mixtures":
+            return None
+        return self._stack(2, (self._replicas, self._size))
 
     @property
     def observables(self) -> dict[str, Series]:
@@ -386,6 +436,8 @@ class Snapshot(RecordedTrajectory):
         if kind == "particles":
             R, N, d = state.x.shape
             weights = state.weights
+        elif kind == "mixtures":
+            (R, N, d), weights = state.means.shape, None
         else:
             (R, d), N = state.mean.shape, 0
             weights = None

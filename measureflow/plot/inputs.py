@@ -67,7 +67,7 @@ def opened(traj) -> Iterator[Trajectory]:
 def _checked(traj: Trajectory) -> Trajectory:
     source = traj.source
     if traj.kind not in KINDS:
-        raise ParameterError(f"{source}: unknown trajectory kind {traj.kind!r}; expected 'particles' or 'gaussians'")
+        raise ParameterError(f"{source}: unknown trajectory kind {traj.kind!r}; expected one of {KINDS}")
     if len(traj) == 0:
         raise ParameterError(
             f"{source}: the trajectory has no frames, so there is nothing to draw; check that the "
@@ -85,9 +85,10 @@ def frame_times(traj: Trajectory) -> np.ndarray:
     return np.asarray(read_all(traj.times), dtype=float).reshape(-1)
 
 
-def drawn_weights(traj: Trajectory) -> np.ndarray | None:
-    """(R, N) particle weights to scale markers by; None when uniform (plain markers) or absent."""
-    weights = traj.weights
+def drawn_weights(traj: Trajectory, frame: int | None = None) -> np.ndarray | None:
+    """(R, N) particle weights to scale markers by (those of ``frame`` when the weights move); None when
+    uniform (plain markers) or absent."""
+    weights = traj.weights if frame is None else traj.weights_at(frame)
     R, N = traj.replicas, traj.size
     w = None if weights is None else to_numpy(weights).astype(float)
     if w is not None:

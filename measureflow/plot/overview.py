@@ -32,7 +32,7 @@ from .common import (
     time_norm,
 )
 from .ellipses import plot_covariance_ellipses
-from .inputs import drawn_weights, frame_times, gaussian_frames, line_densities, opened, replica_positions
+from .inputs import drawn_weights, frame_times, gaussian_frames, line_densities, opened, replica_positions, to_numpy
 from .observables import default_observables, observable_panels
 
 __all__ = ["plot_run"]
@@ -73,9 +73,12 @@ def _draw_particles_plane(fig, ax, traj: Trajectory, replica: int, particles: np
                           autolim=True)
     norm = time_norm(times[snaps])
     cmap = colormaps[CMAP]
+    moving = traj.weight_frames is not None
     size = marker_sizes(drawn_weights(traj), traj.size, replica, particles, 10.0 if n <= 500 else 4.0)
     pos = {f: k for k, f in enumerate(line_frames)}
     for f in snaps:
+        if moving:  # the current weights of each snapshot (Fisher–Rao / WFR runs)
+            size = marker_sizes(drawn_weights(traj, int(f)), traj.size, replica, particles, 10.0 if n <= 500 else 4.0)
         xy = paths[:, pos[f]]
         ax.scatter(xy[:, 0], xy[:, 1], s=size, color=cmap(norm(times[f])), alpha=0.85, linewidths=0,
                    zorder=2, label=format_time(times[f]), gid=f"snapshot_{int(f)}")
@@ -150,6 +153,24 @@ def _draw_gaussian_plane(fig, ax, traj: Trajectory, replicas: list[int]):
                  fontsize="medium")
 
 
+def _draw_mixture_plane(fig, ax, traj: Trajectory, replica: int):
+    """One set of 2-σ ellipses per component over time, each with its mean path; the final weights
+    label the components (MATH.md §15.7)."""
+    times = frame_times(traj)
+    ell = even_indices(len(traj), ELLIPSE_FRAMES)
+    mean = to_numpy(traj.means[ell]).astype(float)[:, replica]  # (T, K, d)
+    cov = to_numpy(traj.covs[ell]).astype(float)[:, replica]
+    weights = to_numpy(traj.mixture_weights[ell]).astype(float)[:, replica]
+    norm = time_norm(times[ell])
+    for k in range(traj.size):
+        plot_covariance_ellipses(mean[:, k], cov[:, k], ax, times=times[ell], norm=norm, mean_path=False,
+                                 colorbar=k == 0)
+        ax.plot(mean[:, k, 0], mean[:, k, 1], color="black", lw=0.9, alpha=0.8)
+        ax.annotate(f"π={weights[-1, k]:.2f}", (mean[-1, k, 0], mean[-1, k, 1]), fontsize="x-small",
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_title("mixture components: 2-σ ellipses, mean paths", fontsize="medium")
+
+
 def _draw_eigenvalues(ax, traj: Trajectory, replicas: list[int]):
     frames = even_indices(len(traj), CURVE_FRAMES)
     _, cov = gaussian_frames(traj, frames)
@@ -190,6 +211,8 @@ def plot_run(traj, out=None, *, replica=0, max_particles: int = 2000, frames=Non
         indices) coloured by time over faint trajectory lines (≤ 50 frames read);
         d > 2: the same for (x₁, x₂), labelled; d = 1: the density (histogram) against time.
         At most ``max_particles`` particles of replica ``replica`` are drawn.
+    Gaussian mixtures
+        d ≥ 2: the 2-σ ellipses of every component over time with their mean paths and final weights.
     Gaussians
         d ≥ 2: 2-σ covariance ellipses over time coloured by time with the mean path (for d > 2, the
         (x₁, x₂) marginal), and a panel of the eigenvalues of Σ over time; d = 1: the density against
@@ -212,7 +235,12 @@ def plot_run(traj, out=None, *, replica=0, max_particles: int = 2000, frames=Non
         fig.get_layout_engine().set(wspace=0.06)  # room between a colour bar and the next panel's label
         grid = fig.add_gridspec(1, columns, width_ratios=widths)
         ax = fig.add_subplot(grid[0, 0])
-        if traj.kind == "particles":
+        if traj.kind == "mixtures":
+            if traj.dim < 2:
+                raise ValueError(f"{traj.source}: a mixture run is drawn in a plane; it has d = {traj.dim}")
+            _snapshot_frames(traj, frames)
+            _draw_mixture_plane(fig, ax, traj, reps[0])
+        elif traj.kind == "particles":
             particles = particle_subset(traj.size, int(max_particles))
             snaps = _snapshot_frames(traj, frames)
             if traj.dim == 1:

@@ -4,7 +4,8 @@ Two reductions between query points xᵢ (N of them) and source points yⱼ (M o
 R replicas (DESIGN.md, "The numerical spine"; weights follow MATH.md §0: a probability vector per
 replica, uniform = 1/M):
 
-* :func:`kernel_sum`      Sᵢ = Σⱼ wⱼ k(xᵢ, yⱼ) vⱼ   and its gradient Gᵢ = Σⱼ wⱼ ∇ₓk(xᵢ, yⱼ);
+* :func:`kernel_sum`      Sᵢ = Σⱼ wⱼ k(xᵢ, yⱼ) vⱼ   and its gradient Gᵢ = Σⱼ wⱼ ∇ₓk(xᵢ, yⱼ)
+  (:func:`measure_kernel_sum` for weights of any total mass);
 * :func:`softmax_average` Σⱼ softmaxⱼ(s(qᵢ, kⱼ) + log wⱼ) vⱼ   and its log-sum-exp.
 
 Every field that needs one of them calls these functions, so a speed-up here lands everywhere.
@@ -49,13 +50,14 @@ import sys
 import types
 
 from . import settings
-from .kernel_sums import KERNELS, kernel_sum
+from .kernel_sums import KERNELS, kernel_sum, measure_kernel_sum
 from .settings import ReductionConfig
 from .sinkhorn import SinkhornDivergence, sinkhorn_potentials, symmetric_potential
 from .softmax import softmax_average
 
 __all__ = [
     "kernel_sum",
+    "measure_kernel_sum",
     "softmax_average",
     "KERNELS",
     "ReductionConfig",

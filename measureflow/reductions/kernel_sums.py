@@ -405,3 +405,23 @@ def _call_kernel(f, r2):
     return k
 
 
+
+
+def measure_kernel_sum(x, y, weights=None, **options):
+    """:func:`kernel_sum` against a positive measure Σⱼ wⱼ δ_{yⱼ} of any total mass |w| = Σⱼ wⱼ:
+    |w| · kernel_sum(x, y, weights=w/|w|) (the unbalanced Fisher–Rao flows of MATH.md §15.6 change the
+    mass). ``weights=None`` is the uniform probability 1/M; ``options`` are kernel_sum's keywords."""
+    if weights is None:
+        return kernel_sum(x, y, weights=None, **options)
+    mass = weights.sum(-1, keepdim=True)
+    out = kernel_sum(x, y, weights=weights / mass, **options)
+    if isinstance(out, tuple):
+        return tuple(_times_mass(o, mass, x) for o in out)
+    return _times_mass(out, mass, x)
+
+
+def _times_mass(out, mass, x):
+    if mass.ndim == 1:  # one weight vector (M,): a scalar mass
+        return out * mass
+    # (R, M) weights: the output's leading axis is R (broadcast over the rest)
+    return out * mass.reshape(mass.shape[0], *([1] * (out.ndim - 1)))

@@ -20,6 +20,12 @@ read-back from the device (``tol=None``: exactly ``max_iter`` sweeps and none). 
 (``epsilon_scaling`` = ρ ∈ (0, 1)): a cold solve first sweeps once at each of ε_k = max(ε, D²ρᵏ), D the
 diameter of the point clouds (one read-back to get D), then iterates at ε.
 
+**Unbalanced** (``reach`` = ρ, length²): OT_{ε,ρ} relaxes the marginals by ρ·KL; the c-transforms are damped
+by λ = 1/(1 + ε/ρ), and the debiased divergence of Séjourné et al. (2019),
+S = (ρ + ε/2)[⟨α, e^{−f_αα/ρ} − e^{−f_αβ/ρ}⟩ + ⟨β, e^{−g_ββ/ρ} − e^{−g_αβ/ρ}⟩], is defined on positive measures
+of any mass, with δS = (ρ + ε)(e^{−f_αα/ρ} − e^{−f_αβ/ρ}) and descent velocity
+v(x) = 2(e^{−f_αβ(x)/ρ}(E_αβ[y | x] − x) − e^{−f_αα(x)/ρ}(E_αα[x' | x] − x)). ρ → ∞ is the balanced case.
+
 **Divergence** (:class:`SinkhornDivergence`). δS_ε = f_μβ − f_μμ and ∇f(x) = 2(x − E_π[y | x]), so the
 Wasserstein descent velocity of S_ε(·, β) is the difference of two barycentric projections,
 
@@ -132,8 +138,13 @@ def _iterate(sweep, state, epsilon, tol, max_iter, check_every, omega=None):
     return state, max_iter, residual, w
 
 
+def _damping(epsilon, reach):
+    """λ = 1/(1 + ε/ρ) of the unbalanced c-transform (1: balanced, ``reach`` None)."""
+    return 1.0 if reach is None else 1.0 / (1.0 + epsilon / reach)
+
+
 def sinkhorn_potentials(x, logw, y, logq, epsilon, *, f=None, g=None, relaxation=("auto", 1.0), tol=1e-6,
-                        max_iter=1000, check_every=2, epsilon_scaling=None, single_pass=True):
+                        max_iter=1000, check_every=2, epsilon_scaling=None, reach=None, single_pass=True):
     """(f, g, ω, sweeps, residual) of OT_ε between Σwᵢδ_{xᵢ} and Σqⱼδ_{yⱼ}, cost |x − y|² (log-domain;
     module docstring, MATH.md §7).
 
@@ -141,9 +152,11 @@ def sinkhorn_potentials(x, logw, y, logq, epsilon, *, f=None, g=None, relaxation
     f, g optional warm starts. Over-relaxed sweeps g ← (1 − ω)g + ωT(f), f ← (1 − ω)f + ωT(g) (ω = 1:
     plain Sinkhorn); the fixed point is the same for every ω, only the speed changes. ``relaxation``: a
     fixed ω or ("auto", ω₀). ``residual`` is the last measured change in units of ε (None with tol=None).
-    ``single_pass``: each half-sweep is one exponential sum shifted by the previous potential
-    (:func:`.logsumexp.shifted_logsumexp`; same result, rows it misses are redone in two passes);
-    False: the two-pass streaming softmax throughout.
+    ``reach`` = ρ > 0 (length²): unbalanced OT with KL marginal penalties ρ·KL, whose c-transforms are
+    damped by λ = 1/(1 + ε/ρ) (Séjourné et al. 2019); None: balanced.
+    ``single_pass``: each half-sweep is one exponential sum shifted by the previous potential (divided by
+    λ: the undamped c-transform's value at the fixed point) (:func:`.logsumexp.shifted_logsumexp`; same
+    result, rows it misses are redone in two passes); False: the two-pass streaming softmax throughout.
     """
     R = max(x.shape[0], y.shape[0])
     f = torch.zeros(R, x.shape[1], dtype=x.dtype, device=x.device) if f is None else f
@@ -152,10 +165,11 @@ def sinkhorn_potentials(x, logw, y, logq, epsilon, *, f=None, g=None, relaxation
 
     def sweep(fg, e, check, w):
         f_old, g_old = fg
-        g_new = _c_transform(y, x, logw, f_old, e, g_old if single_pass else None)
+        lam = _damping(e, reach)
+        g_new = lam * _c_transform(y, x, logw, f_old, e, g_old / lam if single_pass else None)
         if w != 1.0:
             g_new = torch.lerp(g_old, g_new, w)
-        f_new = _c_transform(x, y, logq, g_new, e, f_old if single_pass else None)
+        f_new = lam * _c_transform(x, y, logq, g_new, e, f_old / lam if single_pass else None)
         if w != 1.0:
             f_new = torch.lerp(f_old, f_new, w)
         change = (f_new - f_old).abs().amax() if check else None
@@ -169,19 +183,22 @@ def sinkhorn_potentials(x, logw, y, logq, epsilon, *, f=None, g=None, relaxation
 
 
 def symmetric_potential(x, logw, epsilon, *, f=None, tol=1e-6, max_iter=1000, check_every=2,
-                        epsilon_scaling=None, single_pass=True):
+                        epsilon_scaling=None, reach=None, single_pass=True):
     """(f, sweeps, residual) of OT_ε(α, α), α = Σwᵢδ_{xᵢ}, by the damped update f ← ⅓f + ⅔T(f).
 
     T alone oscillates: near the fixed point δT(f) = −Pδf with P = softmax matrix, similar to a congruence
     of the positive semi-definite Gibbs kernel and row-stochastic, so spec(P) ⊂ [0, 1]. The damped map
     (1 − θ)I − θP contracts every mode by at most max(|1 − 2θ|, 1 − θ), which θ = ⅔ minimises: ⅓ per
-    sweep (the classical average θ = ½ gives ½). ``single_pass`` as in :func:`sinkhorn_potentials`.
+    sweep (the classical average θ = ½ gives ½). ``reach``: as in :func:`sinkhorn_potentials` (T damped by λ);
+    ``single_pass`` likewise.
     """
     cold = f is None
     f = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device) if f is None else f
 
     def sweep(f_old, e, check, w):
-        f_new = torch.lerp(f_old, _c_transform(x, x, logw, f_old, e, f_old if single_pass else None), 2.0 / 3.0)
+        lam = _damping(e, reach)
+        bound = f_old / lam if single_pass else None
+        f_new = torch.lerp(f_old, lam * _c_transform(x, x, logw, f_old, e, bound), 2.0 / 3.0)
         change = (f_new - f_old).abs().amax() if check else None
         return f_new, change
 
@@ -217,6 +234,9 @@ class SinkhornDivergence:
         start each solve from the previous potentials of the same shape.
     samples, seed:
         draw ``samples`` points of a Gaussian target once, for particles.
+    reach:
+        None (balanced S_ε) or ρ > 0 (length²): the unbalanced divergence of Séjourné et al. (marginals
+        penalised by ρ·KL), defined on positive measures of any mass (module docstring); particles only.
     where:
         the owner's name, which every error and warning starts with.
 
@@ -226,9 +246,11 @@ class SinkhornDivergence:
 
     def __init__(self, target, epsilon: float = 1.0, *, tol: float | None = 1e-6, max_iter: int = 1000,
                  check_every: int = 2, relaxation="auto", epsilon_scaling: float | None = None,
-                 warm_start: bool = True, samples: int | None = None, seed: int = 0, where: str = "sinkhorn"):
+                 warm_start: bool = True, samples: int | None = None, seed: int = 0, where: str = "sinkhorn",
+                 reach: float | None = None):
         self.where = where
         self.epsilon = positive(epsilon, "epsilon", where)
+        self.reach = None if reach is None else positive(reach, "reach", where)
         self.tol = None if tol is None else positive(tol, "tol", where)
         self.max_iter = check_int(max_iter, "max_iter", where)
         self.check_every = check_int(check_every, "check_every", where)
@@ -256,7 +278,7 @@ class SinkhornDivergence:
                 "single Gaussian target)"
             )
         caps = {"velocity", "energy"}
-        if self.gaussian is not None:
+        if self.gaussian is not None and self.reach is None:
             caps.add("affine")
         #: What a field built on this divergence provides (the Gaussian closure needs a Gaussian target).
         self.capabilities = frozenset(caps)
@@ -279,7 +301,7 @@ class SinkhornDivergence:
 
     def _options(self):
         return {"tol": self.tol, "max_iter": self.max_iter, "check_every": self.check_every,
-                "epsilon_scaling": self.epsilon_scaling}
+                "epsilon_scaling": self.epsilon_scaling, "reach": self.reach}
 
     def _record(self, problem, sweeps, residual):
         self.stats[problem] = {"sweeps": sweeps, "residual": residual}
@@ -332,22 +354,46 @@ class SinkhornDivergence:
         return hit["f"]
 
     # -- velocity, closure, energy ----------------------------------------------------------------------------
-    def velocity(self, x, state: Particles):
-        """v(x) = −∇(f_μβ − f_μμ)(x), shape of x (R, N', d): the descent velocity of S_ε(·, β) at μ = state."""
-        where = f"{self.where}.velocity"
+    def _extended(self, x, state: Particles, where: str):
+        """The barycentric projections E_μβ[y | x], E_μμ[x' | x] (R, N', d) and the potentials f_μβ(x),
+        f_μμ(x) (R, N') extended to x by the (damped) c-transform: one streamed pass for each pair."""
         check_state(state, self.dim, where, Particles)
         check_points(x, self.dim, where)
         pot = self.potentials(state)
         eps = self.epsilon
+        lam = _damping(eps, self.reach)
         y, logq = self._samples(x, where)
         logw = _log_weights(state.weights, state.x, state.size)
-        toward = softmax_average(x, y, log_weights=logq + pot["g_mu_beta"] / eps, scale=1.0 / eps)
-        own = softmax_average(x, state.x, log_weights=logw + pot["f_mu_mu"] / eps, scale=1.0 / eps)
-        return 2.0 * (toward - own)
+        toward, lse_b = softmax_average(x, y, log_weights=logq + pot["g_mu_beta"] / eps, scale=1.0 / eps,
+                                        return_logsumexp=True)
+        own, lse_a = softmax_average(x, state.x, log_weights=logw + pot["f_mu_mu"] / eps, scale=1.0 / eps,
+                                     return_logsumexp=True)
+        return toward, own, -lam * eps * lse_b, -lam * eps * lse_a
+
+    def velocity(self, x, state: Particles):
+        """v(x) = −∇δS(x), shape of x (R, N', d): the descent velocity of S_ε(·, β) at μ = state. Balanced:
+        2(E_μβ[y | x] − E_μμ[x' | x]); with a reach ρ: 2(e^{−f_μβ(x)/ρ}(E_μβ[y | x] − x) − e^{−f_μμ(x)/ρ}(E_μμ[x' | x] − x))."""
+        toward, own, f_ab, f_aa = self._extended(x, state, f"{self.where}.velocity")
+        if self.reach is None:
+            return 2.0 * (toward - own)
+        rho = self.reach
+        return 2.0 * (torch.exp(-f_ab / rho)[..., None] * (toward - x) - torch.exp(-f_aa / rho)[..., None] * (own - x))
+
+    def first_variation(self, x, state: Particles):
+        """δS(x), shape (R, N'), with the potentials extended to x by the c-transform (the Fisher–Rao / WFR
+        weight rate, MATH.md §15.6): f_μβ(x) − f_μμ(x), or (ρ + ε)(e^{−f_μμ(x)/ρ} − e^{−f_μβ(x)/ρ}) with a reach ρ."""
+        _, _, f_ab, f_aa = self._extended(x, state, f"{self.where}.first_variation")
+        if self.reach is None:
+            return f_ab - f_aa
+        rho = self.reach
+        return (rho + self.epsilon) * (torch.exp(-f_aa / rho) - torch.exp(-f_ab / rho))
 
     def affine(self, state: Gaussians):
         """(b, A) of the Gaussian closure toward a Gaussian target (module docstring), A symmetric."""
         where = f"{self.where}.affine"
+        if self.reach is not None:
+            raise CapabilityError(f"{where}: the unbalanced divergence (reach = {self.reach:g}) has no Gaussian closure; "
+                                  "run it on Particles")
         if self.gaussian is None:
             raise CapabilityError(
                 f"{where}: the Gaussian closure needs a Gaussian target; the target is samples. Run the field on "
@@ -373,6 +419,8 @@ class SinkhornDivergence:
         check_state(state, self.dim, where)
         check_replicas(self.target, state.replicas, where)
         if isinstance(state, Gaussians):
+            if self.reach is not None:
+                raise CapabilityError(f"{where}: the unbalanced divergence has no closed form on Gaussians; use Particles")
             if self.gaussian is None:
                 raise CapabilityError(
                     f"{where}: S_ε of a Gaussian state has a closed form against a Gaussian target only; the target "
@@ -385,4 +433,10 @@ class SinkhornDivergence:
         y, q = self.target.tensors(state.x)
         q = torch.full(y.shape[:2], 1.0 / y.shape[1], dtype=y.dtype, device=y.device) if q is None else q
         g_bb = self._target_potential(state.x)
+        if self.reach is not None:
+            # Séjourné et al.: (ρ + ε/2)[⟨α, e^{−f_αα/ρ} − e^{−f_αβ/ρ}⟩ + ⟨β, e^{−g_ββ/ρ} − e^{−g_αβ/ρ}⟩]
+            rho = self.reach
+            e = lambda f: torch.exp(-f / rho)  # noqa: E731
+            return (rho + 0.5 * self.epsilon) * ((w * (e(pot["f_mu_mu"]) - e(pot["f_mu_beta"]))).sum(-1)
+                                                 + (q * (e(g_bb) - e(pot["g_mu_beta"]))).sum(-1))
         return (w * (pot["f_mu_beta"] - pot["f_mu_mu"])).sum(-1) + (q * (pot["g_mu_beta"] - g_bb)).sum(-1)

@@ -17,7 +17,9 @@ Per-step order (a documented contract; operations may rely on it):
      offending step and time, and that state is neither observed nor written;
   4. the operations that fire run in phase order: observers, writers, checkpoint, callbacks,
      progress (:mod:`measureflow.run.operations`);
-  5. stop requests are honoured: a callback that returned true (``stopped``), the wall-clock budget
+  5. stop requests are honoured: the process's own (:meth:`~measureflow.run.Process.stop_request`:
+     a terminal event, status ``event``, with the step's state and time at the event; no
+     checkpoint is saved then), a callback that returned true (``stopped``), the wall-clock budget
      (``time_budget``), SIGTERM or :meth:`RunLoop.request_stop` (``terminated``); the run then
      flushes its writers and saves a checkpoint when it has a checkpoint path, so ``resume``
      continues it.
@@ -222,6 +224,11 @@ class RunLoop:
                 step += 1
                 t = process.time_at(step)
                 last = step == n
+                requested = process.stop_request()
+                if requested is not None:
+                    # The process ended the run inside this step (a terminal event): the state is at
+                    # the requested time, and it is the last one observed and written.
+                    t, last = requested.time, True
                 health.record(process.health(new_state), step)
                 if last or (check_every is not None and step % check_every == 0) or any(
                         op.fires(step, t, last) for op in syncing):
@@ -236,6 +243,8 @@ class RunLoop:
                         stop = Status("stopped", step, t, "a callback asked the run to stop")
                 if context.measured:
                     context.measured = {}
+                if stop is None and requested is not None:
+                    stop = requested
                 if stop is None and wall_time is not None and _time.monotonic() - self._started > wall_time:
                     stop = Status("time_budget", step, t, f"wall-clock budget of {wall_time:g} s reached")
                 if stop is None and self._stop_flag.is_set():
@@ -243,7 +252,7 @@ class RunLoop:
                 if stop is not None:
                     # Never checkpoint a state that went bad since the last check.
                     status = self._health_status(health, state) or stop
-                    if status is stop and ckpt.path is not None:
+                    if status is stop and stop is not requested and ckpt.path is not None:
                         self.save_checkpoint(context)
                     break
             if status is None:

@@ -78,6 +78,11 @@ class Process(abc.ABC):
     def load_state_dict(self, saved: dict):
         """The state saved by :meth:`state_dict`, restored (and the process's own run state)."""
 
+    def stop_request(self):
+        """A :class:`~measureflow.status.Status` when the last :meth:`advance` ended the run early
+        (a terminal event: the returned state is at ``status.time``), else None."""
+        return None
+
     def postfix(self, context) -> dict:
         """Live numbers for the progress bar (read on its refresh steps)."""
         return {}
