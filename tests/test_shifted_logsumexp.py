@@ -44,7 +44,9 @@ def test_float64_matches_dense_for_good_and_bad_bounds(d):
     mixed = exact.clone()
     mixed[0, ::3] += 1e3
     mixed[1, ::4] -= 1e3
-    for bound in (exact + 0.3, exact - 5.0, torch.zeros_like(exact), exact + 1e3, mixed):
+    broken = exact.clone()
+    broken[0, :4] = torch.tensor([torch.inf, -torch.inf, torch.nan, 1e300])
+    for bound in (exact + 0.3, exact - 5.0, torch.zeros_like(exact), exact + 1e3, mixed, broken):
         lse = shifted_logsumexp(q, k, lw, bound, scale=scale)
         assert torch.allclose(lse, exact, atol=1e-12, rtol=0)
 

@@ -73,7 +73,8 @@ def shifted_logsumexp(queries, keys, log_weights, bound, *, scale: float, block_
             total = _eager_sum(scale, q, k, lw, shift, block)
         log_total = torch.log(total)
         lse = shift + log_total
-        redo = ~(log_total.abs() <= TRUSTED_LOG_RANGE.get(q.dtype, 40.0))  # also NaN, ±inf (0 or overflow)
+        # also NaN, ±inf (a zero sum or an overflow), and a bound that is no number at all
+        redo = ~(log_total.abs() <= TRUSTED_LOG_RANGE.get(q.dtype, 40.0)) | ~torch.isfinite(shift)
         if bool(redo.any()):
             lse = lse.clone()
             for r in range(R):  # only the rows the bound missed; none once the potentials settle
