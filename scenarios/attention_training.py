@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ import measureflow
 from measureflow import Particles, Simulation, scenario
 from measureflow.errors import ParameterError
 from measureflow.measures import GaussianMixture
+from measureflow.parameters import Count, Picture, Points, Positive, PositiveFloat, Steps
 
 F64 = torch.float64
 #: The trained tables of this process (out → (Q, K, V, losses)), for the report.
@@ -93,17 +95,17 @@ def train(params: dict):
 
 @scenario
 def attention_training(
-    layers: int = 4,
-    substeps: int = 4,
-    tokens: int = 96,
-    iterations: int = 150,
-    lr: float = 0.05,
-    bandwidth: float = 0.5,
+    layers: Count = 4,
+    substeps: Count = 4,
+    tokens: Points = 96,
+    iterations: Steps = 150,
+    lr: PositiveFloat = 0.05,
+    bandwidth: Annotated[float, Positive(maximum=1e6)] = 0.5,
     gradient: str = "adjoint",
-    n: int = 400,
+    n: Points = 400,
     seed: int = 0,
     out: str = "runs/attention_training.h5",
-    picture: str = "runs/attention_training.png",
+    picture: Picture = "runs/attention_training.png",
 ) -> Simulation:
     """Attention parameters θ(t) learned by gradients through the run, moving one mixture onto another."""
     for name in ("layers", "substeps", "tokens", "iterations", "n"):

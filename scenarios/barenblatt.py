@@ -14,12 +14,14 @@ and M₂(t) against t^{2a/d}.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 
 import measureflow
 from measureflow import Simulation, scenario
+from measureflow.parameters import Count, Picture, Points, PositiveFloat, Range, Steps
 from measureflow.simulation import Observer
 from measureflow_plugins.porous_medium import (
     barenblatt_exponent,
@@ -35,15 +37,15 @@ def second_moment(state, **_):
 
 @scenario
 def barenblatt(
-    m: float = 2.0,
-    d: int = 1,
-    n: int = 200,
-    epsilon: float = 0.01,
-    t1: float = 8.0,
-    steps: int = 280,
-    every: int = 2,
+    m: Annotated[float, Range(1.0, 100.0)] = 2.0,
+    d: Annotated[int, Range(1, 1024)] = 1,
+    n: Points = 200,
+    epsilon: PositiveFloat = 0.01,
+    t1: PositiveFloat = 8.0,
+    steps: Steps = 280,
+    every: Count = 2,
     out: str = "runs/barenblatt.h5",
-    picture: str = "runs/barenblatt.png",
+    picture: Picture = "runs/barenblatt.png",
 ) -> Simulation:
     """Blob particles of the porous-medium equation from the Barenblatt profile at t = 1."""
     if d not in (1, 2):

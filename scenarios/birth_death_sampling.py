@@ -18,6 +18,7 @@ error √(0.8·0.2/N_eff), and draws the weighted particles.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ import torch
 import measureflow
 from measureflow import Particles, Simulation, scenario
 from measureflow.measures import GaussianMixture
+from measureflow.parameters import Count, NonNegative, Picture, Points, PositiveFloat, Steps
 from measureflow.simulation import Observer
 
 MODES = ("wfr", "langevin")
@@ -59,15 +61,15 @@ def effective_size(state, **_):
 @scenario
 def birth_death_sampling(
     mode: str = "wfr",
-    rate: float = 1.0,
-    epsilon: float = 0.2,
-    n: int = 400,
-    t1: float = 5.0,
-    steps: int = 500,
-    every: int = 10,
+    rate: Annotated[float, NonNegative()] = 1.0,
+    epsilon: PositiveFloat = 0.2,
+    n: Points = 400,
+    t1: PositiveFloat = 5.0,
+    steps: Steps = 500,
+    every: Count = 10,
     seed: int = 0,
     out: str = "runs/birth_death_sampling.h5",
-    picture: str = "runs/birth_death_sampling.png",
+    picture: Picture = "runs/birth_death_sampling.png",
 ) -> Simulation:
     """Langevin vs WFR birth–death Langevin toward a two-mode mixture with masses 0.8 / 0.2."""
     if mode not in MODES:

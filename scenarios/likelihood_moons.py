@@ -36,6 +36,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ import measureflow
 from measureflow import Particles, Simulation, scenario
 from measureflow.errors import ParameterError
 from measureflow.measures import Empirical, GaussianMixture
+from measureflow.parameters import Picture, Points, PositiveFloat, Probability, Range, Size, Steps
 
 F64 = torch.float64
 LN2 = math.log(2.0)
@@ -82,25 +84,25 @@ def trained_field(params: dict):
 @scenario
 def likelihood_moons(
     source: str = "eight_gaussians",
-    n_atoms: int = 500,
-    upper_mass: float = 0.5,
-    hidden: int = 128,
-    depth: int = 3,
-    train_steps: int = 4000,
-    batch_size: int = 256,
-    lr: float = 3e-3,
+    n_atoms: Annotated[int, Size(minimum=2)] = 500,
+    upper_mass: Annotated[float, Probability(open_interval=True)] = 0.5,
+    hidden: Annotated[int, Range(1, 4096)] = 128,
+    depth: Annotated[int, Range(1, 64)] = 3,
+    train_steps: Annotated[int, Size(minimum=0)] = 4000,
+    batch_size: Points = 256,
+    lr: PositiveFloat = 3e-3,
     retrain: bool = False,
     weights_from: str = "runs/learned_moons.h5",
-    held_out: int = 500,
-    steps: int = 40,
-    exact_steps: int = 240,
+    held_out: Annotated[int, Size(minimum=0)] = 500,
+    steps: Steps = 40,
+    exact_steps: Steps = 240,
     exact_t_max: float = 0.9,
     log_density: str = "exact",
     probes: int = 1,
-    grid: int = 48,
+    grid: Annotated[int, Range(2, 4096)] = 48,
     seed: int = 0,
     out: str = "runs/likelihood_moons.h5",
-    picture: str = "runs/likelihood_moons.png",
+    picture: Picture = "runs/likelihood_moons.png",
 ) -> Simulation:
     """Held-out two-moons points carried back to the source by the learned field, with their log-density."""
     for name in ("held_out", "steps", "exact_steps", "grid"):

@@ -16,6 +16,7 @@ end with the final weights and draws the components' ellipses over β's contours
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ import measureflow
 from measureflow import GaussianMixtures, Simulation, scenario
 from measureflow.measures import GaussianMixture
 from measureflow.mixtures import use_expectation
+from measureflow.parameters import Count, NonNegative, Picture, PositiveFloat, Range, Steps
 
 DTYPE = torch.float64
 GEOMETRIES = ("wfr", "wasserstein")
@@ -47,13 +49,13 @@ def start() -> GaussianMixtures:
 @scenario
 def mixture_vi(
     geometry: str = "wfr",
-    rate: float = 1.0,
-    order: int = 8,
-    t1: float = 8.0,
-    steps: int = 80,
-    every: int = 1,
+    rate: Annotated[float, NonNegative()] = 1.0,
+    order: Annotated[int, Range(1, 1024)] = 8,
+    t1: PositiveFloat = 8.0,
+    steps: Steps = 80,
+    every: Count = 1,
     out: str = "runs/mixture_vi.h5",
-    picture: str = "runs/mixture_vi.png",
+    picture: Picture = "runs/mixture_vi.png",
 ) -> Simulation:
     """A Gaussian mixture converging to a three-mode target by KL descent (VI as a gradient flow)."""
     if geometry not in GEOMETRIES:

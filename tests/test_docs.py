@@ -83,7 +83,7 @@ def test_tutorials_run_in_order(in_tmp):
     """first_simulation writes runs/quick.h5, which reading_files then reads."""
     tutorials = DOCS / "tutorials"
     for page in ["first_simulation.md", "reading_files.md", "writing_a_scenario.md", "third_party_field.md",
-                 "likelihoods_events_gradients.md"]:
+                 "likelihoods_events_gradients.md", "stochastic_sampling.md", "changing_mass.md"]:
         namespace = {"__name__": f"tutorial_{page[:-3]}"}
         assert run_page(tutorials / page, namespace) >= 1, page
     # writing_a_scenario defines a scenario: its parameters are what the page says.

@@ -10,6 +10,7 @@ the test takes a fixed amount of work: 800 draws, about 10–20 s on one core.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,10 @@ def _draws(draw):
 def _overrides(scn, values: dict, as_text: bool, out: Path) -> dict:
     tiny = {k: v for k, v in TINY.items() if k in scn.parameters}
     tiny["out"] = str(out / f"{scn.name}.h5")
+    # A path that a scenario writes beside (trained weights next to `weights_from`) stays in the
+    # run folder: the drawn "/nonexistent/…" becomes a missing folder there.
+    values = {k: (str(out / v.lstrip("/")) if isinstance(v, str) and v.startswith("/nonexistent") else v)
+              for k, v in values.items()}
     if as_text:  # the `measureflow run --set key=value` path: every value arrives as text
         items = [f"{k}={'' if v is None else v}" for k, v in values.items()]
         return {**tiny, **parse_assignments(items, scn.name)}
@@ -94,6 +99,8 @@ def run_folder(tmp_path_factory):
 def test_every_scenario_parameter_value_builds_or_is_refused_in_one_line(draw, run_folder):
     scn, values, as_text = draw
     threads = torch.get_num_threads()  # scenarios set the thread count from `threads`
+    here = os.getcwd()
+    os.chdir(run_folder)  # relative paths drawn (`a.png`, `x.txt`) land in the run folder
     DRAWS["count"] += 1
     try:
         scn.build(_overrides(scn, values, as_text, run_folder))
@@ -105,6 +112,7 @@ def test_every_scenario_parameter_value_builds_or_is_refused_in_one_line(draw, r
         assert "Traceback" not in message
     finally:
         torch.set_num_threads(threads)
+        os.chdir(here)
 
 
 def test_the_fuzz_tried_both_outcomes():

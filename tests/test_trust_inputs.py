@@ -275,9 +275,11 @@ def damaged_copy(run_file, tmp_path, edit):
     return path
 
 
-def test_plot_to_a_missing_folder_is_refused_before_drawing(run_file, capsys):
-    code, _, err = cli(capsys, "plot", run_file, "-o", "/nonexistent/x.png")
-    assert code == 2 and "the folder '/nonexistent' does not exist" in err and err.count("\n") == 1
+def test_plot_to_a_missing_folder_is_refused_before_drawing(run_file, capsys, tmp_path):
+    missing = tmp_path / "nonexistent"
+    code, _, err = cli(capsys, "plot", run_file, "-o", missing / "x.png")
+    assert code == 2 and f"the folder '{missing}' does not exist" in err and err.count("\n") == 1
+    assert not missing.exists()
 
 
 def test_plot_to_a_directory_is_refused(run_file, capsys, tmp_path):
@@ -366,3 +368,11 @@ def test_a_good_checkpoint_still_resumes(tmp_path):
     resumed = sim.with_checkpoint(ckpt, every=1, resume=True).with_options(callbacks=()).run()
     assert resumed.ok and resumed.steps_done == 6
     assert json.dumps(resumed.status.code) == '"completed"'
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, torch.tensor([1.0, math.nan])])
+def test_an_observer_refuses_non_finite_parameters_when_built(value):
+    # Refused at construction (one line naming the observer and the parameter), not at step 0.
+    with pytest.raises(ParameterError, match=r"observer 'mmd': bandwidth must be finite"):
+        Observer("mmd", params={"bandwidth": value})
+    assert Observer("mmd", params={"bandwidth": 0.5}).params == {"bandwidth": 0.5}

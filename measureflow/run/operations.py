@@ -34,7 +34,7 @@ import torch
 
 from ..errors import CapabilityError, MeasureflowError
 from ..triggers import Always, Trigger, as_trigger
-from ..validators import check_finite_tensor
+from ..validators import check_finite, check_finite_tensor
 
 __all__ = [
     "Operation",
@@ -106,8 +106,15 @@ class Observer(Operation):
         self.function = function
         self.name = name
         self.every = every
-        self.target = check_finite_tensor(target, "target", f"observer {name or getattr(function, '__name__', function)!r}")
+        where = f"observer {name or getattr(function, '__name__', function)!r}"
+        self.target = check_finite_tensor(target, "target", where)
         self.params = dict(params or {})
+        for key, value in self.params.items():
+            # Non-finite parameters are refused here, not at the first measurement.
+            if isinstance(value, float):
+                check_finite(value, key, where)
+            else:
+                check_finite_tensor(value, key, where)
         self.shape = None if shape is None else tuple(int(n) for n in shape)
         self.trigger = as_trigger(every) if every is not None else None
 
