@@ -39,7 +39,8 @@ Usage::
     python benchmarks/bench_attention.py --quick         # N = 10³, 4·10³, a few seconds
     python benchmarks/bench_attention.py --sizes 20000 --threads 1
 
-Results go to stdout and to benchmarks/results/attention-cpu.{md,json}.
+Results go to stdout and to ``--out`` (default ~/.cache/measureflow/benchmarks/attention-cpu.{md,json}, outside the
+repository: benchmarks/results/ holds the committed tables, written there only on purpose).
 """
 
 from __future__ import annotations
@@ -59,13 +60,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchkit import add_standard_arguments, prepare_machine  # noqa: E402
 from bench_reductions import PeakMemory, fmt_bytes  # noqa: E402 - the same memory probe as the other CPU benchmarks
 
 from measureflow.reductions import softmax_average  # noqa: E402
 from measureflow.state import Particles  # noqa: E402
 from measureflow_plugins.attention import AttentionField  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DTYPE = torch.float32
 GiB = 1 << 30
 
@@ -124,26 +125,13 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: by size)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--max-gib", type=float, default=8.0, help="skip an implementation estimated above this")
     parser.add_argument("--check-rows", type=int, default=256)
-    parser.add_argument("--quick", action="store_true", help="N = 1000, 4000")
-    parser.add_argument("--out", type=Path, default=None, help="results stem (default benchmarks/results/attention-cpu)")
+    add_standard_arguments(parser, "attention-cpu", "N = 1000, 4000")
     args = parser.parse_args()
     if args.quick:
         args.sizes = [1000, 4000]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "dtype": "float32",
-        "d": args.dim,
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
+    env = {**prepare_machine(args), "dtype": "float32", "d": args.dim}
     print("  ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     rows = []
     header = (f"{'N':>7} {'implementation':<22} {'median s':>9} {'CPU s':>9} {'rounds':>6} {'peak mem':>10} "
@@ -196,7 +184,7 @@ def main():
         del impls, live, results, q, k, v
         gc.collect()
 
-    stem = args.out or RESULTS / "attention-cpu"
+    stem = args.out
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     lines = [

@@ -56,7 +56,8 @@ Usage::
     python benchmarks/bench_flow_matching.py --quick    # fewer steps and repeats, random network (a few minutes)
     python benchmarks/bench_flow_matching.py --device cuda --threads 4
 
-Results go to stdout and to benchmarks/results/flow_matching-<device>.{md,json}.
+Results go to stdout and to ``--out`` (default ~/.cache/measureflow/benchmarks/flow_matching-<device>.{md,json}, outside the
+repository: benchmarks/results/ holds the committed tables, written there only on purpose).
 """
 
 from __future__ import annotations
@@ -76,12 +77,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchkit import add_standard_arguments, prepare_machine
+
 import measureflow
 from measureflow.integrators import ButcherTableau, DormandPrince5, ExplicitRungeKutta
 from measureflow.training import VelocityMLP, train_velocity
 from measureflow.measures import Gaussian
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 #: Kutta's 3/8 rule (the method torchdiffeq calls "rk4").
 RK4_38 = ButcherTableau(
@@ -301,13 +303,9 @@ def main(argv=None) -> None:
     parser.add_argument("--pretrain", type=int, default=2000, help="training steps of the sampled network (0: random)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64", help="sampling precision")
     parser.add_argument("--repeats", type=int, default=9, help="timed blocks per side (best kept)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--skip", choices=["training", "sampling"], nargs="*", default=[])
-    parser.add_argument("--quick", action="store_true",
-                        help="50/5 training steps, 3 repeats, random network, rk4 with 20 steps only")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output stem (default benchmarks/results/flow_matching-<device>)")
+    add_standard_arguments(parser, "flow_matching", "50/5 training steps, 3 repeats, random network, rk4 with 20 steps only")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.quick:
@@ -316,16 +314,12 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
-    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)  # TorchCFM draws its OT pairs from NumPy's global generator
 
     env = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        **prepare_machine(args),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
         "measureflow": measureflow.__version__,
         "network": f"VelocityMLP(2, hidden={args.hidden}, depth={args.depth})",
         "repeats": args.repeats,
@@ -356,7 +350,7 @@ def main(argv=None) -> None:
         env["sampling_dtype"] = str(args.dtype).replace("torch.", "")
         env["reference_gap"] = ref_gap
 
-    stem = args.out or RESULTS / f"flow_matching-{device.type}"
+    stem = args.out.with_name(f"{args.out.name}-{device.type}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"environment": env, "training": training, "sampling": sampling},
                                                     indent=2))

@@ -42,7 +42,10 @@ Usage::
     python benchmarks/bench_gradient_flows.py --quick        # small sizes, about a minute
     python benchmarks/bench_gradient_flows.py --parts mmd sw --mmd-sizes 10000
 
-Results go to stdout and to benchmarks/results/gradient_flows-<device>.{md,json}.
+Results go to stdout and to ``--out`` (default ~/.cache/measureflow/benchmarks/gradient_flows-cpu.{md,json};
+benchmarks/results/ holds the committed tables, written there only on purpose). The implementations of a
+comparison are timed in turns within the process (``benchkit``), and the record holds torch threads, load
+average and effective cores at the start.
 """
 
 from __future__ import annotations
@@ -61,13 +64,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchkit import add_standard_arguments, alternate_best, prepare_machine
+
 from measureflow import reductions
 from measureflow.reductions import sinkhorn_potentials, softmax_average
 from measureflow.state import Particles
 from measureflow_plugins.mmd import MMDField
 from measureflow_plugins.sliced_wasserstein import DirectionSet, SlicedWassersteinField
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DTYPE = torch.float32
 
 
@@ -83,17 +87,19 @@ def clouds(n: int, m: int, seed: int):
     return x, y
 
 
-def timed(fn, repeats: int, long_run: float):
-    """(best seconds, result) over up to ``repeats`` calls."""
-    times, out = [], None
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-        if times[-1] > long_run:
-            break
-    return min(times), out, len(times)
+def prepared(impls: dict, xs, ys, x, y, args) -> dict:
+    """Per implementation (warm-up seconds on the small clouds, timing on the real ones): the sides are
+    timed in turns within this process (benchkit.alternate_best), so load drift enters every ratio alike.
+    A timing is (best seconds, result, calls), or the exception the implementation raised."""
+    first, runners, failed = {}, {}, {}
+    for name, make in impls.items():
+        try:
+            first[name] = warmup(make(xs, ys))
+            runners[name] = make(x, y)
+        except Exception as exc:  # noqa: BLE001 - a failing peer is reported, not fatal
+            first[name], failed[name] = None, exc
+    timings = alternate_best(runners, args.repeats, args.long_run)
+    return {name: (first[name], failed.get(name) or timings[name]) for name in impls}
 
 
 def warmup(fn) -> float:
@@ -158,14 +164,12 @@ def bench_mmd(args, rows):
                             error=f"skipped: dense N×N matrices need > {args.dense_bytes / 2**30:.0f} GiB"))
             print(f"mmd {n:>7} geomloss-tensorized skipped (dense matrices do not fit)")
         mine = None
-        for name, make in impls.items():
-            try:
-                first = warmup(make(xs, ys))
-                best, v, runs = timed(make(x, y), args.repeats, args.long_run)
-            except Exception as exc:  # noqa: BLE001 - a failing peer is reported, not fatal
-                rows.append(row("mmd", n, name, None, error=f"{type(exc).__name__}: {exc}"))
-                print(f"mmd {n:>7} {name:>20} failed: {type(exc).__name__}: {exc}")
+        for name, (first, res) in prepared(impls, xs, ys, x, y, args).items():
+            if isinstance(res, Exception):
+                rows.append(row("mmd", n, name, None, error=f"{type(res).__name__}: {res}"))
+                print(f"mmd {n:>7} {name:>20} failed: {type(res).__name__}: {res}")
                 continue
+            best, v, runs = res
             if mine is None:
                 mine = (best, v)
             r = row("mmd", n, name, best, warmup_seconds=first, runs=runs, ratio=best / mine[0],
@@ -219,14 +223,12 @@ def bench_sw(args, rows):
             "pot": lambda a, b: sw_pot(a, b, theta),
         }
         mine = None
-        for name, make in impls.items():
-            try:
-                first = warmup(make(xs, ys))
-                best, v, runs = timed(make(x, y), args.repeats, args.long_run)
-            except Exception as exc:  # noqa: BLE001
-                rows.append(row("sw", n, name, None, directions=count, error=f"{type(exc).__name__}: {exc}"))
-                print(f"sw  {n:>7} L={count:<4} {name:>34} failed: {type(exc).__name__}: {exc}")
+        for name, (first, res) in prepared(impls, xs, ys, x, y, args).items():
+            if isinstance(res, Exception):
+                rows.append(row("sw", n, name, None, directions=count, error=f"{type(res).__name__}: {res}"))
+                print(f"sw  {n:>7} L={count:<4} {name:>34} failed: {type(res).__name__}: {res}")
                 continue
+            best, v, runs = res
             if mine is None:
                 mine = (best, v)
             r = row("sw", n, name, best, directions=count, warmup_seconds=first, runs=runs,
@@ -317,17 +319,28 @@ def bench_sinkhorn(args, rows):
             if f"geomloss-{backend}" in args.sinkhorn_peers:
                 ladder += [(f"geomloss-{backend}", f"scaling {s:g}", lambda a, b, e, s_, bk=backend: sk_geomloss(a, b, e, s_, bk),
                             (s,)) for s in scalings]
-        warmed = set()
+        warmed, runners = set(), {}
         for impl, knob, make, params in ladder:
             try:
                 if impl not in warmed:
                     warmup(make(xs, ys, eps, *params))
                     warmed.add(impl)
-                best, (f, g, sweeps, omega), count = timed(make(x, y, eps, *params), args.repeats, args.long_run)
-                err = marginal_error(x, y, f, g, eps)
+                runners[(impl, knob)] = make(x, y, eps, *params)
             except Exception as exc:  # noqa: BLE001
-                rows.append(row("sinkhorn", n, impl, None, epsilon=eps, knob=knob, error=f"{type(exc).__name__}: {exc}"))
-                print(f"sk  {n:>7} ε={eps:<4g} {impl:>22} {knob:>18} failed: {type(exc).__name__}: {exc}")
+                runners[(impl, knob)] = exc
+        timings = alternate_best({k: v for k, v in runners.items() if not isinstance(v, Exception)},
+                                 args.repeats, args.long_run)
+        for (impl, knob), runner in runners.items():
+            res = runner if isinstance(runner, Exception) else timings[(impl, knob)]
+            if not isinstance(res, Exception):
+                best, (f, g, sweeps, omega), count = res
+                try:
+                    err = marginal_error(x, y, f, g, eps)
+                except Exception as exc:  # noqa: BLE001
+                    res = exc
+            if isinstance(res, Exception):
+                rows.append(row("sinkhorn", n, impl, None, epsilon=eps, knob=knob, error=f"{type(res).__name__}: {res}"))
+                print(f"sk  {n:>7} ε={eps:<4g} {impl:>22} {knob:>18} failed: {type(res).__name__}: {res}")
                 continue
             runs.append((impl, knob, best, sweeps, err, f, g))
             print(f"sk  {n:>7} ε={eps:<4g} {impl:>22} {knob:>18} {best:9.3f} s  sweeps {sweeps}  "
@@ -448,22 +461,14 @@ def main(argv=None) -> None:
                         choices=["pot", "geomloss-online", "geomloss-tensorized"])
     parser.add_argument("--repeats", type=int, default=3, help="timed evaluations (best kept)")
     parser.add_argument("--long-run", type=float, default=20.0, help="seconds after which one evaluation is enough")
-    parser.add_argument("--quick", action="store_true", help="N = 2000 everywhere, 5000 for MMD; one repeat")
-    parser.add_argument("--out", type=Path, default=None, help="output stem (default results/gradient_flows-cpu)")
+    add_standard_arguments(parser, "gradient_flows-cpu", "N = 2000 everywhere, 5000 for MMD; one repeat")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     reductions.config.compile = "on"  # steady state: the fused kernels compile during the warm-up
     if args.quick:
         args.mmd_sizes, args.sw_size, args.sinkhorn_size, args.repeats = [2000, 5000], 2000, 2000, 1
 
-    env = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "repeats": args.repeats,
-    }
+    env = {**prepare_machine(args), "repeats": args.repeats}
     for mod in ("pykeops", "geomloss", "ot"):
         try:
             env[mod] = __import__(mod).__version__
@@ -472,7 +477,7 @@ def main(argv=None) -> None:
     print("  ".join(f"{k}={v}" for k, v in env.items()), flush=True)
 
     rows = Rows()
-    stem = args.out or RESULTS / "gradient_flows-cpu"
+    stem = args.out
     SAVE[0] = lambda: write(stem, env, rows)
     # cheapest parts first; the MMD part's largest size (GeomLoss on KeOps CPU) runs last
     for part, fn in (("sinkhorn", bench_sinkhorn), ("sw", bench_sw), ("mmd", bench_mmd)):

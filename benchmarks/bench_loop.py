@@ -15,7 +15,7 @@ writers=[...], seed=).run()`` with the ``linear`` field v(x) = Ax, A = [[-0.5, -
 The baseline (default 293b048, the last commit before the run-engine rewrite) is checked out as a
 temporary ``git worktree``, removed afterwards. Each side is one long-lived worker process (this
 script with ``--worker``) whose ``PYTHONPATH`` holds symlinks into its tree, with one thread
-(``torch.set_num_threads(1)``, OMP_NUM_THREADS = MKL_NUM_THREADS = 1). The parent asks the two
+(``torch.set_num_threads(1)``, OMP_NUM_THREADS = MKL_NUM_THREADS = 1; ``--threads`` for more). The parent asks the two
 workers in turn for one timed run each — sides alternate and the order flips every round, so the
 load of a shared machine falls on both alike — after one untimed warm-up round. Reported: best and
 median of the rounds, wall-clock and process CPU time, and the ratio baseline / current (above 1:
@@ -27,7 +27,8 @@ Usage::
     python benchmarks/bench_loop.py --quick          # 10³ steps, 10⁴ writer particles, 3 rounds (~20 s)
     python benchmarks/bench_loop.py --baseline main --out /tmp/loop   # results: /tmp/loop/loop.{json,md}
 
-Results go to stdout and to ``--out`` (default: a new temporary directory; never benchmarks/results/).
+Results go to stdout and to the directory ``--out`` (default ~/.cache/measureflow/benchmarks/loop; never
+benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchkit import add_standard_arguments, prepare_machine
 from trees import CURRENT_TREE, DEFAULT_BASELINE, baseline_tree, child_env, git, import_check, make_pyroot, sigterm_as_exit
 
 A = [[-0.5, -2.0], [1.0, -0.5]]
@@ -70,7 +72,7 @@ def worker(scratch: Path) -> None:
     """Serve timing requests on stdin, one JSON line each, answering on the original stdout."""
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # the parent's --threads
     import measureflow
 
     # Whatever the library prints must not corrupt the answers: keep the real stdout for them.
@@ -112,12 +114,12 @@ def worker(scratch: Path) -> None:
 class Worker:
     """A worker process importing one side's tree."""
 
-    def __init__(self, side: str, python: str, pyroot: Path, scratch: Path):
+    def __init__(self, side: str, python: str, pyroot: Path, scratch: Path, threads: int = 1):
         self.side = side
         self.log = scratch / f"worker-{side}.log"
         self.process = subprocess.Popen(
             [python, str(Path(__file__).resolve()), "--worker", str(scratch)],
-            env=child_env(pyroot), cwd=pyroot, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env=child_env(pyroot, threads), cwd=pyroot, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=open(self.log, "w"), text=True, bufsize=1)  # stderr to a file: no terminal, no progress bar
         self.info = self._answer()
 
@@ -208,9 +210,7 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", default=DEFAULT_BASELINE,
                         help=f"git revision to compare against (default {DEFAULT_BASELINE})")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case and side (default 7, --quick 3)")
-    parser.add_argument("--quick", action="store_true", help="smoke mode: 10³ steps, 10⁴ writer particles, 3 rounds")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="directory for loop.json and loop.md (default: a new temporary directory)")
+    add_standard_arguments(parser, "loop", "smoke mode: 10³ steps, 10⁴ writer particles, 3 rounds")
     parser.add_argument("--python", default=sys.executable, help="interpreter both sides run with")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -220,13 +220,13 @@ def main(argv=None) -> int:
 
     rounds = args.rounds or (3 if args.quick else 7)
     cases = sizes(args.quick)
-    out = args.out.resolve() if args.out else Path(tempfile.mkdtemp(prefix="bench_loop-"))
+    out = args.out.resolve()  # a directory here: loop.json and loop.md go into it
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench_loop-work-"))
     started = time.perf_counter()
     samples = {name: {side: [] for side in SIDES} for name in cases}
     workers: dict[str, Worker] = {}
-    load = {"before": machine_load()}
+    load = {"before": machine_load(), "start": prepare_machine(args)}
     print(f"load average {load['before']['loadavg'][0]:.2f} / {load['before']['loadavg'][1]:.2f} / "
           f"{load['before']['loadavg'][2]:.2f} on {load['before']['cores']} usable cores")
     if load["before"]["idle_cores_estimate"] < 1.0:
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
                      "current": (CURRENT_TREE, make_pyroot(CURRENT_TREE, scratch / "current-pyroot"))}
             for side, (tree, pyroot) in trees.items():
                 import_check(args.python, pyroot, tree)
-                workers[side] = Worker(side, args.python, pyroot, scratch)
+                workers[side] = Worker(side, args.python, pyroot, scratch, args.threads)
                 print(f"{side}: {workers[side].info['ready']} (torch {workers[side].info['torch']}, "
                       f"{workers[side].info['threads']} thread)")
             for round_ in range(rounds + 1):  # round 0 warms up (first calls, caches) and is discarded

@@ -34,7 +34,8 @@ Usage::
     python benchmarks/bench_reductions.py --quick             # small sizes, a minute
     python benchmarks/bench_reductions.py --sizes 20000 --dims 2 --device cuda
 
-Results go to stdout and to benchmarks/results/reductions-<device>.{md,json}.
+Results go to stdout and to ``--out`` (default ~/.cache/measureflow/benchmarks/reductions-<device>.{md,json}, outside the
+repository: benchmarks/results/ holds the committed tables, written there only on purpose).
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ from pathlib import Path
 
 import torch
 
+from benchkit import add_standard_arguments, alternate_best, prepare_machine
+
 from measureflow import reductions
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -215,8 +217,7 @@ def main(argv=None) -> None:
     parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--check-rows", type=int, default=256, help="rows checked against float64")
-    parser.add_argument("--quick", action="store_true", help="N = M = 2000, 5000; d = 2, 64; one repeat")
-    parser.add_argument("--out", type=Path, default=None, help="output stem (default benchmarks/results/reductions-<device>)")
+    add_standard_arguments(parser, "reductions", "N = M = 2000, 5000; d = 2, 64; one repeat")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", choices=["on", "auto", "off"], default="on",
                         help="measureflow's fused-path policy (default on: steady state, compile in the warm-up)")
@@ -229,11 +230,8 @@ def main(argv=None) -> None:
         parser.error("--device cuda: torch sees no CUDA device here")
 
     env = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        **prepare_machine(args),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
         "compile": reductions.config.compile,
     }
     for mod in ("pykeops", "geomloss"):
@@ -260,14 +258,28 @@ def main(argv=None) -> None:
             h = math.sqrt(d) / 2
             S64, G64 = reference(x, y, w, h, min(args.check_rows, n))
             impls = {"measureflow": ours} | {p: PEERS[p] for p in args.peers}
-            mine = None
+            # one measured call each (warm-up, peak memory, result), then the remaining repeats in turns
+            measured = {}
             for name, fn in impls.items():
                 try:
-                    first, best, peak, exact, (S, G) = measure(fn, (x, y, w, h), device, args.repeats, args.long_run)
+                    measured[name] = measure(fn, (x, y, w, h), device, 1, args.long_run)
                 except Exception as exc:  # noqa: BLE001 - report the failing peer and go on
+                    measured[name] = exc
+            live = {name: (lambda fn=impls[name]: (fn(x, y, w, h), sync(device)))
+                    for name, m in measured.items() if not isinstance(m, Exception) and m[1] <= args.long_run}
+            again = alternate_best(live, args.repeats - 1, args.long_run) if args.repeats > 1 else {}
+            mine = None
+            for name in impls:
+                if isinstance(again.get(name), Exception):
+                    measured[name] = again[name]
+                if isinstance(measured[name], Exception):
+                    exc = measured[name]
                     print(f"{n:>7} {d:>3} {name:>11} failed: {type(exc).__name__}: {exc}")
                     rows.append({"N": n, "d": d, "impl": name, "error": f"{type(exc).__name__}: {exc}"})
                     continue
+                first, best, peak, exact, (S, G) = measured[name]
+                if name in again:
+                    best = min(best, again[name][0])
                 k = S64.shape[0]
                 row = {
                     "N": n, "d": d, "impl": name, "seconds": best, "first_call_seconds": first,
@@ -289,7 +301,7 @@ def main(argv=None) -> None:
                 del S, G
                 gc.collect()
 
-    stem = args.out or RESULTS / f"reductions-{device.type}"
+    stem = args.out.with_name(f"{args.out.name}-{device.type}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     lines = [

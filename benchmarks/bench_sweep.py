@@ -23,11 +23,11 @@ shared machine falls on them alike.
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_sweep.py                 # the 2-core CPU table
-    python benchmarks/bench_sweep.py --device cuda --gpus-per-run 0.25 --n 100000 1000000 --out results/sweep-gpu
+    python benchmarks/bench_sweep.py --device cuda --gpus-per-run 0.25 --n 100000 1000000 --out benchmarks/results/sweep
 
 On a GPU node the second command runs every mode on ``cuda`` (Ray tasks reserve a quarter GPU each,
-so four runs share a device; packed batches use one device each). Results go to stdout and to
-benchmarks/results/sweep-<device>.{md,json}.
+so four runs share a device; packed batches use one device each). Results go to stdout and to ``--out``
+(default ~/.cache/measureflow/benchmarks/sweep-<device>.{md,json}; benchmarks/results/ only on purpose).
 """
 
 from __future__ import annotations
@@ -48,10 +48,11 @@ import h5py
 import numpy as np
 import torch
 
+from benchkit import add_standard_arguments, prepare_machine
+
 from measureflow.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIO = ROOT / "scenarios" / "relaxation.py"
 MODES = ("serial", "serial-pack", "ray-cold", "ray-warm", "ray-pack")
 LABELS = {"serial": "serial", "serial-pack": "serial --pack", "ray-cold": "ray, cold (cluster start included)",
@@ -92,15 +93,15 @@ def main(argv=None) -> None:
     parser.add_argument("--gpus-per-run", type=float, default=0.0, help="Ray: GPUs each task reserves")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--repeats", type=int, default=3, help="timed sweeps per mode (best and median reported)")
-    parser.add_argument("--out", type=Path, default=None, help="output stem (default results/sweep-<device>)")
+    add_standard_arguments(parser, "sweep", "4 seeds, 20 steps, 1 repeat, serial modes only")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.steps, args.repeats = 4, 20, 1
+        args.modes = [m for m in args.modes if not m.startswith("ray")]
 
     env = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        **prepare_machine(args),
         "device": args.device if args.device != "cpu" else (platform.processor() or platform.machine()),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
         "runs": 4 * args.seeds,
         "n": args.n,
         "steps": args.steps,
@@ -169,9 +170,7 @@ def main(argv=None) -> None:
                      "best_runs_per_minute": 60.0 * runs / best, "median_runs_per_minute": 60.0 * runs / median,
                      "identical_to_first": identical.get(mode)})
 
-    stem = args.out if args.out is not None else RESULTS / f"sweep-{'cpu' if args.device == 'cpu' else 'gpu'}"
-    if not stem.is_absolute():
-        stem = Path(__file__).resolve().parent / stem
+    stem = args.out.with_name(f"{args.out.name}-{'cpu' if args.device == 'cpu' else 'gpu'}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     lines = ["# Sweep throughput (benchmarks/bench_sweep.py)", "", "  ".join(f"{k}={v}" for k, v in env.items()), "",

@@ -7,17 +7,21 @@ book-keeping of complete rows and, on its schedule, two-phase flushes (data, the
 
 A second table answers the question a user asks: what does writing cost a whole run? It times
 the same ``Simulation`` (N particles, d = 2, an Ornstein–Uhlenbeck field under Euler–Maruyama,
-``--steps`` steps) with no writer and with an H5MD writer every 10th step (default flush schedule),
-interleaving the two so that machine noise hits both alike.
+``--steps`` steps) with no writer, with an H5MD writer every 10th step (default flush schedule) and
+with the same writer on its background thread (``background=True``: the run's thread only copies the
+frame), interleaving the three so that machine noise hits them alike. The background share is the
+time the run's thread spends in the writer; the wall-time difference also carries the writing
+thread's competition for the cores (on a loaded machine it has none to spare).
 
 Usage::
 
-    python benchmarks/bench_writer.py [--frames 100] [--repeats 3] [--sizes 10000 100000]
+    python benchmarks/bench_writer.py [--frames 100] [--repeats 3] [--sizes 10000 100000] [--quick] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -26,6 +30,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+
+from benchkit import add_standard_arguments, prepare_machine
 
 import measureflow as mf
 from measureflow.io import RunInfo
@@ -94,11 +100,12 @@ class TimedWriter(H5MDWriter):
         return self._timed(H5MDWriter.close)
 
 
-def bench_run(path: Path | None, n: int, steps: int, every: int = 10) -> tuple[float, float]:
-    """(wall time of a whole run, time spent inside the writer), an H5MD frame every ``every`` steps."""
+def bench_run(path: Path | None, n: int, steps: int, every: int = 10, background: bool = False) -> tuple[float, float]:
+    """(wall time of a whole run, time the run's thread spent inside the writer), an H5MD frame every ``every``
+    steps; ``background``: H5MDWriter(background=True), whose thread's own time is not the run's."""
     field = mf.field("ornstein_uhlenbeck", theta=1.0, sigma=0.5)
     x = torch.randn(1, n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    writers = [TimedWriter(path, every=every)] if path is not None else []
+    writers = [TimedWriter(path, every=every, background=background)] if path is not None else []
     simulation = mf.Simulation(mf.Particles(x), field, "euler_maruyama", 0.0, 1.0, steps=steps,
                                writers=writers, seed=0, progress=False)
     start = time.perf_counter()
@@ -114,7 +121,12 @@ def main(argv=None) -> None:
     parser.add_argument("--dim", type=int, default=2)
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--steps", type=int, default=500, help="steps of the whole-run comparison")
+    add_standard_arguments(parser, "writer", "N = 10⁴, 20 frames, 100 steps, 2 repeats")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.frames, args.steps, args.repeats = [10_000], 20, 100, 2
+    env = prepare_machine(args)
+    rows = []
     dtype = getattr(torch, args.dtype)
     print(f"h5py {h5py.__version__}, HDF5 {h5py.version.hdf5_version}, torch {torch.__version__}")
     print(f"R = 1, d = {args.dim}, {args.dtype}, {args.frames} frames, median of {args.repeats} runs")
@@ -133,6 +145,7 @@ def main(argv=None) -> None:
                 results["flush10"].append(bench_writer(tmp / f"f{r}.h5", x, args.frames, flush_every=10))
             per = {k: 1e3 * statistics.median(v) / args.frames for k, v in results.items()}
             mb = x.numel() * x.element_size() / 1e6
+            rows.append({"part": "frames", "N": n, "MB_per_frame": mb, "ms_per_frame": per})
             print(
                 f"{n:>8} {mb:>9.2f} {per['bare']:>14.3f} {per['writer']:>16.3f} "
                 f"{per['writer'] / per['bare']:>6.2f} {per['flush10']:>17.3f} ({per['flush10'] / per['bare']:.2f}×)"
@@ -142,17 +155,28 @@ def main(argv=None) -> None:
               f"median of {max(args.repeats, 5)} interleaved runs")
         print("(the share is the time inside the writer's methods over the run's time: robust to machine noise;")
         print(" the difference of wall times measures the same thing but carries the noise of two runs)")
-        print(f"{'N':>8} {'no writer s':>12} {'h5md writer s':>14} {'writer share':>13} {'wall-time difference':>21}")
+        print(f"{'N':>8} {'no writer s':>12} {'h5md writer s':>14} {'writer share':>13} {'wall-time difference':>21}"
+              f" {'background s':>13} {'bg share':>9} {'bg wall diff':>13}")
         for n in args.sizes:
-            bare, written, shares = [], [], []
+            bare, written, shares, bg, bg_shares = [], [], [], [], []
             for r in range(max(args.repeats, 5)):
                 bare.append(bench_run(None, n, args.steps)[0])
                 total, spent = bench_run(tmp / f"run{n}_{r}.h5", n, args.steps)
                 written.append(total)
                 shares.append(spent / total)
-            b, w = statistics.median(bare), statistics.median(written)
+                total, spent = bench_run(tmp / f"bg{n}_{r}.h5", n, args.steps, background=True)
+                bg.append(total)
+                bg_shares.append(spent / total)
+            b, w, g = statistics.median(bare), statistics.median(written), statistics.median(bg)
+            rows.append({"part": "run", "N": n, "steps": args.steps, "no_writer_s": b, "writer_s": w,
+                         "writer_share": statistics.median(shares), "background_writer_s": g,
+                         "background_writer_share": statistics.median(bg_shares)})
             print(f"{n:>8} {b:>12.3f} {w:>14.3f} {100 * statistics.median(shares):>12.1f}% "
-                  f"{100 * (w / b - 1):>20.1f}%")
+                  f"{100 * (w / b - 1):>20.1f}% {g:>13.3f} {100 * statistics.median(bg_shares):>8.1f}% "
+                  f"{100 * (g / b - 1):>12.1f}%", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
+    print(f"written: {args.out.with_suffix('.json')}")
 
 if __name__ == "__main__":
     main()

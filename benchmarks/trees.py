@@ -49,17 +49,17 @@ def make_pyroot(tree: Path, where: Path) -> Path:
     return where
 
 
-def child_env(pyroot: Path) -> dict[str, str]:
-    """The environment of a child that imports the tree behind ``pyroot``, on one thread.
+def child_env(pyroot: Path, threads: int = 1) -> dict[str, str]:
+    """The environment of a child that imports the tree behind ``pyroot``, on ``threads`` threads (default 1).
 
     One intra-op thread on both sides: it makes timings comparable on a shared machine, and it
     keeps torch's reductions in one fixed summation order, so bit-for-bit comparisons do not
-    depend on how many cores happened to be free.
+    depend on how many cores happened to be free. Timing scripts may ask for more (``--threads``).
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = str(pyroot)
-    env["OMP_NUM_THREADS"] = "1"
-    env["MKL_NUM_THREADS"] = "1"
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["MKL_NUM_THREADS"] = str(threads)
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave no __pycache__ in a tree we do not own
     env.pop("MEASUREFLOW_STRICT_PLUGINS", None)
     return env

@@ -646,7 +646,7 @@ def positions(step):
 run = RunInfo(kind="particles", replicas=R, size=N, dim=D, parameters={{"seed": 3}},
               observable_names=["energy", "mean"], observable_shapes={{"energy": (R,), "mean": (R, D)}})
 flush = dict(flush_frames=5, flush_seconds=None) if mode != "atexit" else dict(flush_frames=None, flush_seconds=None)
-writer = H5MDWriter(path, **flush)
+writer = H5MDWriter(path, **flush, background={BG})
 writer.open(run)
 
 # A flag, as the simulation loop does: an exception raised from the handler could land inside a
@@ -678,9 +678,9 @@ def child_env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
 
 
-def start_child(tmp_path, path, mode):
+def start_child(tmp_path, path, mode, background=False):
     script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent(CHILD.format(R=R, N=N, D=D)))
+    script.write_text(textwrap.dedent(CHILD.format(R=R, N=N, D=D, BG=background)))
     command = [sys.executable, str(script), str(path), mode]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=child_env())
     try:
@@ -706,9 +706,10 @@ def check_consistent(traj, at_least):
     return n
 
 
-def test_file_survives_sigkill_and_resumes(tmp_path):
+@pytest.mark.parametrize("background", [False, True])  # the writing thread keeps the crash guarantees
+def test_file_survives_sigkill_and_resumes(tmp_path, background):
     path = tmp_path / "killed.h5"
-    proc = start_child(tmp_path, path, "kill")
+    proc = start_child(tmp_path, path, "kill", background)
     time.sleep(0.05)  # let it write (and flush) a few more frames
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -740,9 +741,10 @@ def test_file_survives_sigkill_and_resumes(tmp_path):
     assert not list(tmp_path.glob("*.tmp-*"))  # the rebuild's temporary was renamed over the file
 
 
-def test_sigterm_and_exit_leave_a_closed_file(tmp_path):
+@pytest.mark.parametrize("background", [False, True])  # the writing thread is drained on SIGTERM and at exit
+def test_sigterm_and_exit_leave_a_closed_file(tmp_path, background):
     path = tmp_path / "term.h5"
-    proc = start_child(tmp_path, path, "term")
+    proc = start_child(tmp_path, path, "term", background)
     time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
@@ -755,7 +757,7 @@ def test_sigterm_and_exit_leave_a_closed_file(tmp_path):
         assert traj.status.code == "interrupted"
 
     path = tmp_path / "exit.h5"
-    proc = start_child(tmp_path, path, "atexit")
+    proc = start_child(tmp_path, path, "atexit", background)
     assert proc.wait(timeout=30) == 0
     with open_trajectory(path) as traj:
         assert not traj.unclosed

@@ -45,6 +45,7 @@ import torch
 from .. import __version__
 from ..errors import MeasureflowError, ParameterError, ResumeRefusedError, ShapeError, TrajectoryFileError
 from . import layout as L
+from .background import BackgroundWork
 from .base import Writer
 from .runinfo import RunInfo
 from .atomic import atomic_replace
@@ -247,6 +248,13 @@ class H5MDWriter(Writer):
         frame), so a step's frame and observables are committed together.
     compression, compression_opts:
         Passed to h5py for the value datasets (e.g. "gzip", 4); off by default for speed.
+    background:
+        Write on a background thread (:class:`~measureflow.io.background.BackgroundWork`): the run's
+        thread copies each frame off the device and goes on while the thread appends it, at most one
+        more frame waiting (double buffering). Every flush (:meth:`flush`, hence before each
+        checkpoint), :meth:`close` (on SIGTERM, at exit) first waits for the thread, so the same
+        rows are durable at the same points and the file's bytes are those of a foreground write.
+        An error of the thread is raised by the next call of the writer.
     """
 
     def __init__(
@@ -259,6 +267,7 @@ class H5MDWriter(Writer):
         flush_seconds: float | None = 5.0,
         compression=None,
         compression_opts=None,
+        background: bool = False,
     ):
         super().__init__(every)
         self.path = Path(path)
@@ -299,6 +308,8 @@ class H5MDWriter(Writer):
         self._lock = OutputLock(self.path)
         self._where = self.path  # where the HDF5 file is written: a temporary when replacing a file
         self._replacing = None  # the atomic_replace in progress when an existing file is replaced
+        self.background = bool(background)
+        self._work: BackgroundWork | None = None  # the writing thread (background=True), from open()
 
     # -- opening ----------------------------------------------------------------------------------
     def open(self, run: RunInfo) -> None:
@@ -339,6 +350,8 @@ class H5MDWriter(Writer):
             self._lock.release()
             raise
         self._last_flush = _clock()
+        if self.background:
+            self._work = BackgroundWork(f"measureflow-h5md:{self.path.name}")
         _OPEN_WRITERS.add(self)
         _install_atexit()
 
@@ -664,6 +677,8 @@ class H5MDWriter(Writer):
 
     # -- writing ----------------------------------------------------------------------------------
     def _check_open(self) -> None:
+        if self._work is not None:
+            self._work.raise_error()
         if self._file is None:
             state = "closed" if self._closed else "not open"
             raise RuntimeError(f"H5MDWriter({self.path}) is {state}; call open(run) first")
@@ -694,60 +709,78 @@ class H5MDWriter(Writer):
     def write_frame(self, step: int, time: float, state) -> None:
         """Append the state at (step, time); the only place where positions leave the device."""
         self._check_open()
+        step, time = int(step), float(time)
+        if self._work is not None:
+            arrays = self._frame_arrays(state, copy=True)
+            self._work.submit(self._write_frame_arrays, step, time, arrays)
+            return
         with self._io("write a frame"):
             self._maybe_flush()
-            run = self.run
-            step, time = int(step), float(time)
-            if run.kind == "particles":
-                x = getattr(state, "x", None)
-                if x is None or tuple(x.shape) != (run.replicas, run.size, run.dim):
-                    raise ShapeError(
-                        f"{self.path}: expected a Particles state of shape (R, N, d) = "
-                        f"{(run.replicas, run.size, run.dim)}, received {state!r}"
-                    )
-                host = x.detach().reshape(run.rows, run.dim).cpu().numpy()
-                self._append(self._frame_elements[0], step, time, host)
-                if run.channels:
-                    held = getattr(state, "channels", {})
-                    for el, (name, tail) in zip(self._frame_elements[1:], run.channels.items()):
-                        value = held.get(name)
-                        if value is None or tuple(value.shape) != (run.replicas, run.size, *tail):
-                            got = None if value is None else tuple(value.shape)
-                            raise ShapeError(
-                                f"{self.path}: channel {name!r} must have shape {(run.replicas, run.size, *tail)} in "
-                                f"every frame; received {got}"
-                            )
-                        self._append(el, step, time, value.detach().reshape(run.rows, *tail).to(x.dtype).cpu().numpy())
-                if run.moving_weights:
-                    w = state.weights_or_uniform().detach().reshape(run.rows).to(torch.float64).cpu().numpy()
-                    self._append(self._frame_elements[-1], step, time, w)
-            elif run.kind == "mixtures":
-                R, K, d = run.replicas, run.size, run.dim
-                means = getattr(state, "means", None)
-                if means is None or tuple(means.shape) != (R, K, d):
-                    raise ShapeError(f"{self.path}: expected a GaussianMixtures state with means (R, K, d) = "
-                                     f"{(R, K, d)}, received {state!r}")
-                # One device→host transfer for the three parameters.
-                flat = torch.cat([state.weights.detach().reshape(R, K).to(means.dtype), means.detach().reshape(R, K * d),
-                                  state.covs.detach().reshape(R, K * d * d).to(means.dtype)], dim=1).cpu().numpy()
-                w_el, m_el, c_el = self._frame_elements
-                self._append(w_el, step, time, np.ascontiguousarray(flat[:, :K]))
-                self._append(m_el, step, time, np.ascontiguousarray(flat[:, K:K + K * d]).reshape(R, K, d))
-                self._append(c_el, step, time, np.ascontiguousarray(flat[:, K + K * d:]).reshape(R, K, d, d))
-            else:
-                mean, cov = getattr(state, "mean", None), getattr(state, "cov", None)
-                R, d = run.replicas, run.dim
-                if mean is None or tuple(mean.shape) != (R, d) or tuple(cov.shape) != (R, d, d):
-                    raise ShapeError(
-                        f"{self.path}: expected a Gaussians state with mean (R, d) = {(R, d)} and cov "
-                        f"{(R, d, d)}, received {state!r}"
-                    )
-                # One device→host transfer for both parameters.
-                flat = torch.cat([mean.detach().reshape(R, d), cov.detach().reshape(R, d * d).to(mean.dtype)], dim=1)
-                flat = flat.cpu().numpy()
-                m_el, c_el = self._frame_elements
-                self._append(m_el, step, time, np.ascontiguousarray(flat[:, :d]))
-                self._append(c_el, step, time, np.ascontiguousarray(flat[:, d:]).reshape(R, d, d))
+            self._write_frame_arrays(step, time, self._frame_arrays(state), flushed=True)
+
+    def _frame_arrays(self, state, copy: bool = False) -> list[np.ndarray]:
+        """The frame's host arrays, one per frame element, checked against the run's shapes. ``copy``: arrays
+        the caller owns (a host state's tensors share memory with the arrays otherwise)."""
+        run = self.run
+
+        def host(t: torch.Tensor) -> np.ndarray:
+            # .cpu() of a device tensor is already a new host copy; a host tensor's array is its memory
+            a = t.cpu().numpy()
+            return np.array(a) if copy and t.device.type == "cpu" else a
+
+        if run.kind == "particles":
+            x = getattr(state, "x", None)
+            if x is None or tuple(x.shape) != (run.replicas, run.size, run.dim):
+                raise ShapeError(
+                    f"{self.path}: expected a Particles state of shape (R, N, d) = "
+                    f"{(run.replicas, run.size, run.dim)}, received {state!r}"
+                )
+            arrays = [host(x.detach().reshape(run.rows, run.dim))]
+            if run.channels:
+                held = getattr(state, "channels", {})
+                for name, tail in run.channels.items():
+                    value = held.get(name)
+                    if value is None or tuple(value.shape) != (run.replicas, run.size, *tail):
+                        got = None if value is None else tuple(value.shape)
+                        raise ShapeError(
+                            f"{self.path}: channel {name!r} must have shape {(run.replicas, run.size, *tail)} in "
+                            f"every frame; received {got}"
+                        )
+                    arrays.append(host(value.detach().reshape(run.rows, *tail).to(x.dtype)))
+            if run.moving_weights:
+                arrays.append(host(state.weights_or_uniform().detach().reshape(run.rows).to(torch.float64)))
+            return arrays
+        if run.kind == "mixtures":
+            R, K, d = run.replicas, run.size, run.dim
+            means = getattr(state, "means", None)
+            if means is None or tuple(means.shape) != (R, K, d):
+                raise ShapeError(f"{self.path}: expected a GaussianMixtures state with means (R, K, d) = "
+                                 f"{(R, K, d)}, received {state!r}")
+            # One device→host transfer for the three parameters (a new tensor: the arrays own their memory).
+            flat = torch.cat([state.weights.detach().reshape(R, K).to(means.dtype), means.detach().reshape(R, K * d),
+                              state.covs.detach().reshape(R, K * d * d).to(means.dtype)], dim=1).cpu().numpy()
+            return [np.ascontiguousarray(flat[:, :K]), np.ascontiguousarray(flat[:, K:K + K * d]).reshape(R, K, d),
+                    np.ascontiguousarray(flat[:, K + K * d:]).reshape(R, K, d, d)]
+        mean, cov = getattr(state, "mean", None), getattr(state, "cov", None)
+        R, d = run.replicas, run.dim
+        if mean is None or tuple(mean.shape) != (R, d) or tuple(cov.shape) != (R, d, d):
+            raise ShapeError(
+                f"{self.path}: expected a Gaussians state with mean (R, d) = {(R, d)} and cov "
+                f"{(R, d, d)}, received {state!r}"
+            )
+        # One device→host transfer for both parameters (a new tensor: the arrays own their memory).
+        flat = torch.cat([mean.detach().reshape(R, d), cov.detach().reshape(R, d * d).to(mean.dtype)], dim=1)
+        flat = flat.cpu().numpy()
+        return [np.ascontiguousarray(flat[:, :d]), np.ascontiguousarray(flat[:, d:]).reshape(R, d, d)]
+
+    def _write_frame_arrays(self, step: int, time: float, arrays: list[np.ndarray], flushed: bool = False) -> None:
+        """Append one frame's arrays (on the writing thread with ``background``); ``flushed``: the due
+        flush that precedes a frame already ran."""
+        with self._io("write a frame"):
+            if not flushed:
+                self._maybe_flush()
+            for el, value in zip(self._frame_elements, arrays):
+                self._append(el, step, time, value)
             self.stats["frames"] += 1
             self._pending_rows += 1
             if not self._observables and not self.run.observable_names:
@@ -756,12 +789,20 @@ class H5MDWriter(Writer):
     def write_observables(self, step: int, time: float, values: dict) -> None:
         """Append one sample of each observable (each (R,) or (R, ...)); values leave the device here."""
         self._check_open()
+        step, time = int(step), float(time)
+        if self._work is not None:
+            with self._io("write observables"):
+                host = {name: np.array(arr) for name, arr in _to_host(values).items()}
+            self._work.submit(self._write_observable_arrays, step, time, host)
+            return
         with self._io("write observables"):
-            host = _to_host(values)
+            self._write_observable_arrays(step, time, _to_host(values))
+
+    def _write_observable_arrays(self, step: int, time: float, host: dict) -> None:
+        with self._io("write observables"):
             missing = {name: arr.shape for name, arr in host.items() if name not in self._observables}
             if missing:
                 self._add_observables(missing)
-            step, time = int(step), float(time)
             for name, arr in host.items():
                 el = self._observables[name]
                 if arr.shape != el.sample_shape:
@@ -856,6 +897,8 @@ class H5MDWriter(Writer):
 
     def flush(self) -> None:
         """Make every complete row durable; safe after an interrupted write and when closed."""
+        if self._work is not None:
+            self._work.drain()  # the rows handed to the writing thread first
         if self._file is None:
             return
         if self._failed:
@@ -895,8 +938,21 @@ class H5MDWriter(Writer):
         """Flush, leave SWMR mode, record the status; idempotent."""
         if self._closed:
             return
+        pending = None
+        if self._work is not None:
+            # Everything handed to the writing thread is written first (also on SIGTERM and at exit).
+            # An I/O error of the thread has set _failed (close then writes nothing more); any other error
+            # (e.g. a step out of order) left the rows before it, which close commits, as a foreground write would.
+            pending, self._work = self._work.stop(), None
         self._closed = True
         _OPEN_WRITERS.discard(self)
+        try:
+            self._close()
+        finally:
+            if pending is not None:
+                raise pending
+
+    def _close(self) -> None:
         f = self._file
         if f is None:
             self._lock.release()
@@ -942,6 +998,8 @@ class H5MDWriter(Writer):
     @property
     def frames(self) -> int:
         """Frames written (complete rows of the position / mean dataset)."""
+        if self._work is not None:
+            self._work.drain()
         return self._frame_elements[0].rows if self._frame_elements else 0
 
     def __repr__(self) -> str:

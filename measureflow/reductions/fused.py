@@ -39,14 +39,22 @@ def _specialise(fn: Callable, tag: str) -> Callable:
 
 
 def compiled_kernel(kind: str, key: tuple, make: Callable) -> Callable:
-    """The compiled ``make(*key)`` for reduction ``kind``, compiled on first use (one per process)."""
-    full = (kind,) + key
+    """The compiled ``make(*key)`` for reduction ``kind``, compiled on first use (one per process and
+    threading mode).
+
+    Inductor's CPU code is parallel (an OpenMP loop that takes torch's thread count when it runs) only
+    when torch had more than one thread at compile time; compiled under one thread it stays serial.
+    So the serial and the parallel variants are separate kernels: a process that raises
+    ``torch.set_num_threads`` after its first call compiles the parallel one instead of keeping one core.
+    """
+    parallel = torch.get_num_threads() > 1
+    full = (kind,) + key + (parallel,)
     fn = kernels.get(full)
     if fn is None:
         with _compile_lock:
             fn = kernels.get(full)
             if fn is None:
-                tag = "_".join(str(int(k) if isinstance(k, bool) else k) for k in key)
+                tag = "_".join(str(int(k) if isinstance(k, bool) else k) for k in key) + ("_par" if parallel else "")
                 fn = torch.compile(_specialise(make(*key), tag), dynamic=True, fullgraph=True, options=_options())
                 kernels[full] = fn
     return fn

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["exp32", "make_fused_kernel_sum", "make_fused_softmax"]
+__all__ = ["exp32", "make_fused_kernel_sum", "make_fused_softmax", "make_fused_shifted_sum"]
 
 
 def exp32(x: torch.Tensor) -> torch.Tensor:
@@ -114,3 +114,25 @@ def make_fused_softmax(score: str, d: int, n_values: int, negate: bool, poly_exp
     return fused_softmax
 
 
+
+
+def make_fused_shifted_sum(d: int, poly_exp: bool):
+    """The one-pass shifted exponential sum Σⱼ e^{ℓⱼ − |qᵢ − kⱼ|² − bᵢ} (one column block) of
+    :func:`~measureflow.reductions.logsumexp.shifted_logsumexp`, for one static configuration (d, polynomial
+    exp or not). The exponent is capped at 88 (exp32's domain): a capped row is beyond the trusted range
+    anyway and is recomputed by the caller."""
+    exp = exp32 if poly_exp else torch.exp
+
+    def fused_shifted_sum(qs, ks, lw, bound):
+        # One replica, one column block: qs (d, n), ks (d, b) in units of √scale, lw (b,), bound (n,)
+        if not torch.compiler.is_compiling():
+            return None
+        diff = qs[0, :, None] - ks[0, None, :]
+        r2 = diff * diff
+        for c in range(1, d):
+            diff = qs[c, :, None] - ks[c, None, :]
+            r2 = r2 + diff * diff
+        s = (lw[None, :] - bound[:, None]) - r2
+        return exp(torch.clamp(s, max=88.0)).sum(-1)
+
+    return fused_shifted_sum

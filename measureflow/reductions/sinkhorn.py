@@ -10,8 +10,10 @@ gⱼ ← −ε log Σᵢ wᵢ e^{(fᵢ − Cᵢⱼ)/ε}, fᵢ ← −ε log Σ�
 damped update f ← ⅓f + ⅔T(f). The two-sided sweeps are over-relaxed, g ← (1 − ω)g + ωT(f) and likewise f
 (same fixed point): with ``relaxation=("auto", ω₀)`` ω is learnt from the observed contraction (Young's
 optimum for a two-block Gauss–Seidel iteration, see :func:`_iterate`), typically 1.3–1.6 at ε comparable
-to the data's variance, which cuts the sweeps 2–5× against plain Sinkhorn. Every log-sum-exp is a
-:func:`~measureflow.reductions.softmax_average` call (streamed: no N×M matrix). Iterations stop once one
+to the data's variance, which cuts the sweeps 2–5× against plain Sinkhorn. Every log-sum-exp is streamed (no N×M
+matrix): one exponential sum shifted row by row by the previous sweep's potential, which is the row's
+log-sum-exp at the fixed point (:func:`.logsumexp.shifted_logsumexp`, the cost of one kernel sum), with
+rows the shift misses redone by the two-pass :func:`~measureflow.reductions.softmax_average`. Iterations stop once one
 sweep changes no potential by more than ``tol``·ε (the marginals then hold to a relative error of about
 ``tol``), after ``max_iter`` sweeps at most; the test runs every ``check_every`` sweeps and is the only
 read-back from the device (``tol=None``: exactly ``max_iter`` sweeps and none). *ε-scaling*
@@ -53,6 +55,7 @@ from ..linalg import matrix_function
 from ..state import Gaussians, Particles
 from ..targets import as_target, check_points, check_replicas, check_state, gaussian_target, positive
 from ..validators import check_int
+from .logsumexp import shifted_logsumexp
 from .softmax import softmax_average
 
 __all__ = ["sinkhorn_potentials", "symmetric_potential", "SinkhornDivergence"]
@@ -67,10 +70,17 @@ _MARGIN = 0.03
 # -- log-domain Sinkhorn through the streaming softmax ------------------------------------------------------
 
 
-def _c_transform(queries, keys, log_weights, potential, epsilon):
-    """−ε log Σⱼ wⱼ e^{(φⱼ − |q − kⱼ|²)/ε} at every query (one half-sweep of log-domain Sinkhorn)."""
-    _, lse = softmax_average(queries, keys, log_weights=log_weights + potential / epsilon, scale=1.0 / epsilon,
-                             return_logsumexp=True)
+def _c_transform(queries, keys, log_weights, potential, epsilon, previous=None):
+    """−ε log Σⱼ wⱼ e^{(φⱼ − |q − kⱼ|²)/ε} at every query (one half-sweep of log-domain Sinkhorn).
+
+    With ``previous`` (the last sweep's potential at the queries) the log-sum-exp is one shifted
+    exponential sum, −previous/ε being its value at the fixed point (:func:`.logsumexp.shifted_logsumexp`;
+    rows it misses fall back to two passes); without it, the streaming softmax's two passes.
+    """
+    lw = log_weights + potential / epsilon
+    if previous is not None:
+        return -epsilon * shifted_logsumexp(queries, keys, lw, previous / -epsilon, scale=1.0 / epsilon)
+    _, lse = softmax_average(queries, keys, log_weights=lw, scale=1.0 / epsilon, return_logsumexp=True)
     return -epsilon * lse
 
 
@@ -134,7 +144,7 @@ def _damping(epsilon, reach):
 
 
 def sinkhorn_potentials(x, logw, y, logq, epsilon, *, f=None, g=None, relaxation=("auto", 1.0), tol=1e-6,
-                        max_iter=1000, check_every=2, epsilon_scaling=None, reach=None):
+                        max_iter=1000, check_every=2, epsilon_scaling=None, reach=None, single_pass=True):
     """(f, g, ω, sweeps, residual) of OT_ε between Σwᵢδ_{xᵢ} and Σqⱼδ_{yⱼ}, cost |x − y|² (log-domain;
     module docstring, MATH.md §7).
 
@@ -144,6 +154,9 @@ def sinkhorn_potentials(x, logw, y, logq, epsilon, *, f=None, g=None, relaxation
     fixed ω or ("auto", ω₀). ``residual`` is the last measured change in units of ε (None with tol=None).
     ``reach`` = ρ > 0 (length²): unbalanced OT with KL marginal penalties ρ·KL, whose c-transforms are
     damped by λ = 1/(1 + ε/ρ) (Séjourné et al. 2019); None: balanced.
+    ``single_pass``: each half-sweep is one exponential sum shifted by the previous potential (divided by
+    λ: the undamped c-transform's value at the fixed point) (:func:`.logsumexp.shifted_logsumexp`; same
+    result, rows it misses are redone in two passes); False: the two-pass streaming softmax throughout.
     """
     R = max(x.shape[0], y.shape[0])
     f = torch.zeros(R, x.shape[1], dtype=x.dtype, device=x.device) if f is None else f
@@ -153,10 +166,10 @@ def sinkhorn_potentials(x, logw, y, logq, epsilon, *, f=None, g=None, relaxation
     def sweep(fg, e, check, w):
         f_old, g_old = fg
         lam = _damping(e, reach)
-        g_new = lam * _c_transform(y, x, logw, f_old, e)
+        g_new = lam * _c_transform(y, x, logw, f_old, e, g_old / lam if single_pass else None)
         if w != 1.0:
             g_new = torch.lerp(g_old, g_new, w)
-        f_new = lam * _c_transform(x, y, logq, g_new, e)
+        f_new = lam * _c_transform(x, y, logq, g_new, e, f_old / lam if single_pass else None)
         if w != 1.0:
             f_new = torch.lerp(f_old, f_new, w)
         change = (f_new - f_old).abs().amax() if check else None
@@ -170,19 +183,22 @@ def sinkhorn_potentials(x, logw, y, logq, epsilon, *, f=None, g=None, relaxation
 
 
 def symmetric_potential(x, logw, epsilon, *, f=None, tol=1e-6, max_iter=1000, check_every=2,
-                        epsilon_scaling=None, reach=None):
+                        epsilon_scaling=None, reach=None, single_pass=True):
     """(f, sweeps, residual) of OT_ε(α, α), α = Σwᵢδ_{xᵢ}, by the damped update f ← ⅓f + ⅔T(f).
 
     T alone oscillates: near the fixed point δT(f) = −Pδf with P = softmax matrix, similar to a congruence
     of the positive semi-definite Gibbs kernel and row-stochastic, so spec(P) ⊂ [0, 1]. The damped map
     (1 − θ)I − θP contracts every mode by at most max(|1 − 2θ|, 1 − θ), which θ = ⅔ minimises: ⅓ per
-    sweep (the classical average θ = ½ gives ½). ``reach``: as in :func:`sinkhorn_potentials` (T damped by λ).
+    sweep (the classical average θ = ½ gives ½). ``reach``: as in :func:`sinkhorn_potentials` (T damped by λ);
+    ``single_pass`` likewise.
     """
     cold = f is None
     f = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device) if f is None else f
 
     def sweep(f_old, e, check, w):
-        f_new = torch.lerp(f_old, _damping(e, reach) * _c_transform(x, x, logw, f_old, e), 2.0 / 3.0)
+        lam = _damping(e, reach)
+        bound = f_old / lam if single_pass else None
+        f_new = torch.lerp(f_old, lam * _c_transform(x, x, logw, f_old, e, bound), 2.0 / 3.0)
         change = (f_new - f_old).abs().amax() if check else None
         return f_new, change
 

@@ -1,0 +1,67 @@
+"""Calls run in order on one background thread, with a bounded backlog: what lets a writer overlap the run.
+
+:class:`BackgroundWork` is the H5MD writer's ``background=True`` machinery (DESIGN.md "Trajectory files"):
+the run's thread copies a frame off the device and hands the file work to the thread; at most ``depth``
+calls wait (``depth = 1``: one frame being written while the next waits, double buffering), so memory
+stays bounded and a slow disk slows the run instead of filling memory. The first exception a call raises
+is kept, later calls are skipped, and :meth:`drain` raises it on the run's thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable
+
+__all__ = ["BackgroundWork"]
+
+
+class BackgroundWork:
+    """One daemon thread running submitted calls in submission order (module docstring)."""
+
+    def __init__(self, name: str, depth: int = 1):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self.error is None:
+                    fn, args = item
+                    fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the run's thread by drain()
+                self.error = exc
+            finally:
+                self._queue.task_done()
+
+    @property
+    def on_worker(self) -> bool:
+        """Whether the caller is the background thread itself."""
+        return threading.current_thread() is self._thread
+
+    def submit(self, fn: Callable, *args) -> None:
+        """Queue ``fn(*args)``; blocks while the backlog is full; raises a pending error first."""
+        self.raise_error()
+        self._queue.put((fn, args))
+
+    def drain(self) -> None:
+        """Wait until every submitted call has run, then raise the first error one raised (if any)."""
+        if not self.on_worker:
+            self._queue.join()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> BaseException | None:
+        """Run what is queued, end the thread and return the pending error (not raised)."""
+        if self._thread.is_alive() and not self.on_worker:
+            self._queue.put(None)
+            self._thread.join()
+        return self.error

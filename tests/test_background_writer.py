@@ -1,0 +1,93 @@
+"""H5MDWriter(background=True): a writing thread that changes nothing on disk.
+
+The same run written in the foreground and by the background thread gives the same file, byte for
+byte (HDF5 sees the same calls in the same order; only the thread differs); every flush — the one
+before each checkpoint included — waits for the thread, so what a flush reports durable is on disk;
+an error of the thread reaches the run's thread at its next call of the writer. The crash guarantees
+(SIGKILL, SIGTERM, exit) are the foreground's tests run with background=True (tests/test_io.py).
+"""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import measureflow as mf
+from measureflow.io import RunInfo
+from measureflow.io.h5md import H5MDWriter, valid_rows
+
+
+def _simulate(path, background, state):
+    field = mf.field("ornstein_uhlenbeck", theta=1.0, sigma=0.5)
+    writer = H5MDWriter(path, every=2, flush_frames=3, flush_seconds=None, background=background)
+    sim = mf.Simulation(state, field, "euler_maruyama" if isinstance(state, mf.Particles) else "rk4", 0.0, 1.0,
+                        steps=20, writers=[writer], observers=["mean"], observe_every=2, seed=4, progress=False)
+    sim.run()
+    return writer
+
+
+@pytest.mark.parametrize("kind", ["particles", "gaussians"])
+def test_background_file_is_byte_identical(tmp_path, kind):
+    if kind == "particles":
+        state = mf.Particles(torch.randn(2, 50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    else:
+        state = mf.Gaussians(torch.zeros(2, 2, dtype=torch.float64),
+                             torch.eye(2, dtype=torch.float64).expand(2, 2, 2).clone())
+    fg, bg = tmp_path / "fg.h5", tmp_path / "bg.h5"
+    w_fg = _simulate(fg, False, state)
+    w_bg = _simulate(bg, True, state)
+    assert w_bg.frames == w_fg.frames == 11 and w_bg.stats == w_fg.stats
+    assert fg.read_bytes() == bg.read_bytes()
+
+
+def _run(R=1, N=8, d=2):
+    return RunInfo(kind="particles", replicas=R, size=N, dim=d, parameters={},
+                   observable_names=["energy"], observable_shapes={"energy": (R,)})
+
+
+def test_flush_waits_for_the_thread_and_frames_own_their_memory(tmp_path):
+    """After flush() every frame handed over is committed; the state tensor, changed in place right after
+    write_frame, does not change what was written (the frame was copied before the call returned)."""
+    path = tmp_path / "t.h5"
+    writer = H5MDWriter(path, flush_frames=None, flush_seconds=None, background=True)
+    writer.open(_run())
+    x = torch.zeros(1, 8, 2, dtype=torch.float64)
+    for step in range(6):
+        x.fill_(step)
+        writer.write_frame(step, 0.1 * step, mf.Particles(x))
+        writer.write_observables(step, 0.1 * step, {"energy": x.sum(dim=(1, 2))})
+    x.fill_(-1.0)
+    writer.flush()
+    with h5py.File(path, "r", libver="latest", swmr=True) as f:
+        assert valid_rows(f)["particles/trajectory/position"] == 6
+        values = f["particles/trajectory/position/value"][:6]
+        np.testing.assert_array_equal(values, np.arange(6, dtype=np.float64)[:, None, None] * np.ones((1, 8, 2)))
+        np.testing.assert_array_equal(f["observables/energy/value"][:6, 0], 16.0 * np.arange(6))
+    writer.close()
+
+
+def test_an_error_of_the_thread_reaches_the_next_call(tmp_path):
+    """A step out of order fails on the thread; the next flush raises it, close raises it too and keeps the
+    rows before it (as the foreground writer, which raises at the call, keeps them)."""
+    path = tmp_path / "e.h5"
+    writer = H5MDWriter(path, flush_frames=None, flush_seconds=None, background=True)
+    writer.open(_run())
+    x = torch.ones(1, 8, 2, dtype=torch.float64)
+    writer.write_frame(0, 0.0, mf.Particles(x))
+    writer.write_frame(1, 0.1, mf.Particles(x))
+    writer.write_frame(1, 0.2, mf.Particles(x))  # not after step 1
+    with pytest.raises(ValueError, match="not after the last written step"):
+        writer.flush()
+    with pytest.raises(ValueError, match="not after the last written step"):
+        writer.close()
+    with h5py.File(path, "r") as f:
+        assert f["particles/trajectory/position/step"][:].tolist() == [0, 1]
+    writer.close()  # idempotent
+
+
+def test_shape_errors_are_raised_at_the_call(tmp_path):
+    writer = H5MDWriter(tmp_path / "s.h5", background=True)
+    writer.open(_run())
+    with pytest.raises(mf.errors.ShapeError):
+        writer.write_frame(0, 0.0, mf.Particles(torch.ones(1, 7, 2, dtype=torch.float64)))
+    writer.close()
