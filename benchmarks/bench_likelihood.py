@@ -14,8 +14,12 @@ tanh, float32) on both sides:
   ``torchdiffeq.odeint`` / ``odeint_adjoint`` (method ``rk4``, the same grid); wall time, peak memory
   (CUDA), and the max relative difference of the gradients.
 
-torchdiffeq is optional: ``pip install torchdiffeq`` (or put it on PYTHONPATH). Timings on a shared
-CPU mean little; the load average is printed with the results.
+torchdiffeq is optional: ``pip install torchdiffeq`` (or put it on PYTHONPATH). Every method runs
+once untimed (warm-up: allocator, lazy imports), then ``--repeats`` times with the two libraries
+alternating, and the best time is kept, so a load spike on a shared machine hits both sides alike.
+Each ratio compares like with like: measureflow exact / Hutchinson against torchdiffeq exact /
+Hutchinson, ``backprop`` against ``odeint`` and ``adjoint`` against ``odeint_adjoint`` (> 1: measureflow
+faster). The load average and the torch thread count are printed with the results.
 
     python benchmarks/bench_likelihood.py                       # n = 10⁴, d = 2 and 16
     python benchmarks/bench_likelihood.py --quick --device cpu  # n = 10³
@@ -50,6 +54,20 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _best(fns, device, repeats):
+    """{name: (best wall time, peak MiB, result)} of callables run once untimed, then ``repeats``
+    times each, alternating."""
+    out = {}
+    for name, fn in fns.items():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            res, wall, peak = _timed(fn, device)
+            prev = out.get(name)
+            out[name] = (min(wall, prev[0]) if prev else wall, max(peak, prev[1]) if prev else peak, res)
+    return out
+
+
 def _timed(fn, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -61,7 +79,7 @@ def _timed(fn, device):
     return out, time.perf_counter() - start, peak
 
 
-def likelihood_case(d, n, device, tol):
+def likelihood_case(d, n, device, tol, repeats=3):
     from torchdiffeq import odeint
 
     torch.manual_seed(0)
@@ -69,11 +87,10 @@ def likelihood_case(d, n, device, tol):
     x = torch.randn(n, d, device=device)
     field = measureflow.field("learned", model=model)
     solver = measureflow.integrator("dopri5", rtol=tol, atol=tol)
-    rows = {}
+    fns = {}
     for mode in ("exact", "hutchinson"):
-        res, wall, peak = _timed(lambda: measureflow.likelihood(field, x, integrator=solver, log_density=mode,
-                                                                batch_size=n, progress=False).log_prob, device)
-        rows[f"measureflow {mode}"] = (wall, peak, res)
+        fns[f"measureflow {mode}"] = (lambda mode=mode: measureflow.likelihood(
+            field, x, integrator=solver, log_density=mode, batch_size=n, progress=False).log_prob)
 
     def ffjord(hutchinson: bool):
         eps = torch.sign(torch.randn_like(x))
@@ -96,28 +113,27 @@ def likelihood_case(d, n, device, tol):
         return -0.5 * (z1 * z1).sum(-1) - 0.5 * d * torch.log(torch.tensor(2 * torch.pi)) - l1
 
     for mode, hut in (("exact", False), ("hutchinson", True)):
-        res, wall, peak = _timed(lambda: ffjord(hut), device)
-        rows[f"torchdiffeq {mode}"] = (wall, peak, res)
+        fns[f"torchdiffeq {mode}"] = lambda hut=hut: ffjord(hut)
+    rows = _best(fns, device, repeats)
     agree = float((rows["measureflow exact"][2] - rows["torchdiffeq exact"][2]).abs().max())
     return rows, agree
 
 
-def gradient_case(n, device, steps=100, d=2):
+def gradient_case(n, device, steps=100, d=2, repeats=3):
     from torchdiffeq import odeint, odeint_adjoint
 
     torch.manual_seed(1)
     model = MLP(d).to(device)
     x = torch.randn(n, d, device=device)
     params = list(model.parameters())
-    rows = {}
+    fns = {}
     for mode in ("backprop", "adjoint"):
-        def ours():
+        def ours(mode=mode):
             end = Simulation(Particles(x[None]), measureflow.field("learned", model=model), "rk4", t1=1.0,
                              steps=steps, gradient=mode, progress=False, blowup=None).run()
             return torch.autograd.grad((end.state.x ** 2).sum(-1).mean(), params)
 
-        grads, wall, peak = _timed(ours, device)
-        rows[f"measureflow {mode}"] = (wall, peak, grads)
+        fns[f"measureflow {mode}"] = ours
 
     class Func(nn.Module):
         def __init__(self):
@@ -130,12 +146,14 @@ def gradient_case(n, device, steps=100, d=2):
     func = Func()
     grid = torch.linspace(0.0, 1.0, steps + 1, device=device)
     for name, solve in (("odeint", odeint), ("odeint_adjoint", odeint_adjoint)):
-        def theirs():
+        def theirs(solve=solve):
             z1 = solve(func, x, grid[[0, -1]], method="rk4", options={"step_size": 1.0 / steps})[-1]
             return torch.autograd.grad((z1 ** 2).sum(-1).mean(), params)
 
-        grads, wall, peak = _timed(theirs, device)
-        rows[f"torchdiffeq {name}"] = (wall, peak, grads)
+        fns[f"torchdiffeq {name}"] = theirs
+    # Alternate each of ours with its peer.
+    order = ("measureflow backprop", "torchdiffeq odeint", "measureflow adjoint", "torchdiffeq odeint_adjoint")
+    rows = _best({k: fns[k] for k in order}, device, repeats)
     ref = rows["torchdiffeq odeint"][2]
     diffs = {k: max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(v[2], ref)) for k, v in rows.items()}
     return rows, diffs
@@ -146,21 +164,26 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="n = 10³ instead of 10⁴")
     parser.add_argument("--tol", type=float, default=1e-5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (best kept)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     n = 1000 if args.quick else 10_000
-    print(f"device {device}, n = {n}, load average {os.getloadavg()}")
+    print(f"device {device}, n = {n}, torch threads {torch.get_num_threads()}, best of {args.repeats}, "
+          f"load average {os.getloadavg()}")
     for d in (2, 16):
-        rows, agree = likelihood_case(d, n, device, args.tol)
+        rows, agree = likelihood_case(d, n, device, args.tol, args.repeats)
         print(f"\nlog-likelihood, d = {d}, dopri5 tol {args.tol:g} (exact log p agree to {agree:.2e}):")
-        base = rows["torchdiffeq exact"][0]
         for name, (wall, peak, _) in rows.items():
-            print(f"  {name:24s} {wall:8.3f} s  peak {peak:8.1f} MiB  (torchdiffeq exact / this: {base / wall:.2f})")
-    rows, diffs = gradient_case(n, device)
+            peer = rows["torchdiffeq " + name.split()[1]][0]
+            print(f"  {name:24s} {wall:8.3f} s  peak {peak:8.1f} MiB  (torchdiffeq / this: {peer / wall:.2f})")
+    rows, diffs = gradient_case(n, device, repeats=args.repeats)
     print("\ngradient of mean |x(1)|² through 100 RK4 steps (relative difference to odeint's gradient):")
-    base = rows["torchdiffeq odeint"][0]
+    peers = {"measureflow backprop": "torchdiffeq odeint", "measureflow adjoint": "torchdiffeq odeint_adjoint"}
     for name, (wall, peak, _) in rows.items():
-        print(f"  {name:26s} {wall:8.3f} s  peak {peak:8.1f} MiB  diff {diffs[name]:.1e}  (odeint / this: {base / wall:.2f})")
+        peer = rows[peers.get(name, name)][0]
+        print(f"  {name:26s} {wall:8.3f} s  peak {peak:8.1f} MiB  diff {diffs[name]:.1e}  (torchdiffeq / this: {peer / wall:.2f})")
     print(f"\nload average after: {os.getloadavg()}")
 
 
