@@ -101,14 +101,17 @@ def velocity_and_divergence(field, t, x, state, *, probes=None, create_graph: bo
         if probes is None:
             div = None
             for k in range(d):
-                (g,) = torch.autograd.grad(v[..., k].sum(), z, retain_graph=True, create_graph=create_graph)
+                # The last pass frees the graph's buffers unless the run differentiates through it.
+                keep = create_graph or k + 1 < d
+                (g,) = torch.autograd.grad(v[..., k].sum(), z, retain_graph=keep, create_graph=create_graph)
                 div = g[..., k] if div is None else div + g[..., k]
         else:
             total = None
             count = probes.shape[0]
             for j in range(count):
                 eps = probes[j]
-                (g,) = torch.autograd.grad((v * eps).sum(), z, retain_graph=j + 1 < count, create_graph=create_graph)
+                (g,) = torch.autograd.grad((v * eps).sum(), z, retain_graph=create_graph or j + 1 < count,
+                                           create_graph=create_graph)
                 part = (g * eps).sum(-1)
                 total = part if total is None else total + part
             div = total / count
