@@ -71,10 +71,15 @@ def check_log_density(field, state, mode, probes: int, probe: str) -> None:
 
 def _query(field, t, x, state):
     """v at query points x + z (z = 0, a leaf) so that ∂/∂z is the Jacobian in the query point only,
-    while the graph from x (backprop through a run) is kept."""
-    z = torch.zeros_like(x, requires_grad=True)
+    while the graph from x (backprop through a run) is kept; z is x itself when x carries no graph."""
+    if x.requires_grad:
+        z = torch.zeros_like(x, requires_grad=True)
+        query = x + z
+    else:
+        # No graph to keep: x itself is the leaf, sparing an addition and its backward in each of the d passes.
+        z = query = x.detach().requires_grad_(True)
     try:
-        v = field.velocity(t, x + z, state)
+        v = field.velocity(t, query, state)
         if not v.requires_grad:
             raise RuntimeError("no autograd path")
     except (RuntimeError, MeasureflowError) as exc:
