@@ -71,10 +71,15 @@ def check_log_density(field, state, mode, probes: int, probe: str) -> None:
 
 def _query(field, t, x, state):
     """v at query points x + z (z = 0, a leaf) so that ∂/∂z is the Jacobian in the query point only,
-    while the graph from x (backprop through a run) is kept."""
-    z = torch.zeros_like(x, requires_grad=True)
+    while the graph from x (backprop through a run) is kept; z is x itself when x carries no graph."""
+    if x.requires_grad:
+        z = torch.zeros_like(x, requires_grad=True)
+        query = x + z
+    else:
+        # No graph to keep: x itself is the leaf, sparing an addition and its backward in each of the d passes.
+        z = query = x.detach().requires_grad_(True)
     try:
-        v = field.velocity(t, x + z, state)
+        v = field.velocity(t, query, state)
         if not v.requires_grad:
             raise RuntimeError("no autograd path")
     except (RuntimeError, MeasureflowError) as exc:
@@ -101,14 +106,17 @@ def velocity_and_divergence(field, t, x, state, *, probes=None, create_graph: bo
         if probes is None:
             div = None
             for k in range(d):
-                (g,) = torch.autograd.grad(v[..., k].sum(), z, retain_graph=True, create_graph=create_graph)
+                # The last pass frees the graph's buffers unless the run differentiates through it.
+                keep = create_graph or k + 1 < d
+                (g,) = torch.autograd.grad(v[..., k].sum(), z, retain_graph=keep, create_graph=create_graph)
                 div = g[..., k] if div is None else div + g[..., k]
         else:
             total = None
             count = probes.shape[0]
             for j in range(count):
                 eps = probes[j]
-                (g,) = torch.autograd.grad((v * eps).sum(), z, retain_graph=j + 1 < count, create_graph=create_graph)
+                (g,) = torch.autograd.grad((v * eps).sum(), z, retain_graph=create_graph or j + 1 < count,
+                                           create_graph=create_graph)
                 part = (g * eps).sum(-1)
                 total = part if total is None else total + part
             div = total / count

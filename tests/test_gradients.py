@@ -157,6 +157,36 @@ def test_backprop_through_the_log_density_channel():
     assert torch.allclose(gA, -5 * T * torch.eye(2, dtype=F64), rtol=0, atol=1e-12)
 
 
+def test_backprop_through_the_hutchinson_channel():
+    # Rademacher probes: εᵀAε has ∂/∂Aᵢᵢ = εᵢ² = 1 whatever the draw, so the diagonal of ∂/∂A of the channel
+    # summed over N particles is −N·T exactly (rk4 integrates the constant rate exactly); the single probe's
+    # vector–Jacobian pass must keep the graph that the backward pass through the run still needs.
+    class Opaque(measureflow.Field):
+        name = "opaque"
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def velocity(self, t, x, state):
+            return self.inner.velocity(t, x, state)
+
+        def trainable(self):
+            return self.inner.trainable()
+
+    A = torch.tensor(A0, requires_grad=True)
+    x = torch.randn(1, 5, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    def run(**kw):
+        return Simulation(Particles(x), Opaque(measureflow.field("linear", A=A)), "rk4", t1=T, steps=10,
+                          gradient="backprop", progress=False, **kw).run().state
+
+    end = run(log_density="hutchinson")
+    # A loss on both the positions and the channel: the positions' backward pass crosses the field's graph
+    # after the probe's pass has been taken through it.
+    (g_both,) = torch.autograd.grad(end.log_density.sum() + (end.x ** 2).sum(), A)
+    (g_x,) = torch.autograd.grad((run().x ** 2).sum(), A)
+    assert torch.allclose(torch.diagonal(g_both - g_x), torch.full((2,), -5 * T, dtype=F64), rtol=0, atol=1e-10)
+
+
 def test_adjoint_reaches_a_depth_dependent_attention_table():
     # θ(t) as a layer table (pieces of the run): the adjoint rebuilds each layer with its graph to the table.
     g = torch.Generator().manual_seed(3)
