@@ -166,6 +166,19 @@ class Field:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+def field_parts(field):
+    """``field`` and every field it is made of (the ``terms`` of a sum, the ``field`` a wrapper such
+    as a geometry holds), depth first: what a check that must see every part walks."""
+    stack = [field]
+    while stack:
+        part = stack.pop()
+        yield part
+        stack.extend(getattr(part, "terms", ()))
+        inner = getattr(part, "field", None)
+        if inner is not None and inner is not part:
+            stack.append(inner)
+
+
 def capabilities(field) -> frozenset[str]:
     """The parts of the protocol ``field`` implements (detected from overrides of :class:`Field`)."""
     own = getattr(field, "_capabilities", None)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .errors import CapabilityError, MeasureflowError
-from .fields import keep_graph, trainable
+from .fields import field_parts, keep_graph, trainable
 from .integrators import combine, rk_stages
 from .state import state_kind
 
@@ -42,13 +42,7 @@ def _name(field) -> str:
 def _not_differentiable(field, state):
     """(field, reason) of the first part of ``field`` declaring itself not differentiable on
     ``state`` (``differentiable = False``, or a method ``differentiable(state) -> bool``), else None."""
-    stack = [field]
-    while stack:
-        f = stack.pop()
-        stack.extend(getattr(f, "terms", ()))
-        inner = getattr(f, "field", None)
-        if inner is not None and inner is not f:
-            stack.append(inner)
+    for f in field_parts(field):
         flag = getattr(f, "differentiable", True)
         if (flag(state) if callable(flag) else flag) is False:
             return f, getattr(f, "not_differentiable_because", "it calls a non-differentiable solver")

@@ -25,7 +25,7 @@ from . import __version__
 from .errors import CapabilityError, MeasureflowError, StepFailure, TimeRangeError
 from .density import LogDensity, check_log_density
 from .events import Event, EventMonitor
-from .fields import capabilities, keep_graph
+from .fields import capabilities, field_parts, keep_graph
 from .gradients import AdjointPlan, attach_adjoint, check_gradient, differentiable_parameters
 from .integrators import BrownianTree, NoiseStream, Stepper
 from .io.base import Series
@@ -81,13 +81,7 @@ def _resolve_writer(writer):
 def _field_owners(field, registry) -> dict[str, str]:
     """Plugin name → version for every registered class that makes up ``field``."""
     found = {}
-    stack = [field]
-    while stack:
-        f = stack.pop()
-        stack.extend(getattr(f, "terms", ()))
-        inner = getattr(f, "field", None)
-        if inner is not None and inner is not f:
-            stack.append(inner)
+    for f in field_parts(field):
         for entry in registry.entries("fields"):
             if entry.obj is type(f):
                 found[entry.owner] = entry.version
