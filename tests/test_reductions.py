@@ -277,7 +277,7 @@ def test_fused_kernel_is_served_from_disk_to_a_fresh_process(monkeypatch):
 
 
 def test_compile_cache_directory_defaults_to_a_lasting_one(monkeypatch, tmp_path):
-    """Unset: $XDG_CACHE_HOME/measureflow/inductor, created; set (by the user or torch): left alone."""
+    """Unset or torch's default: $XDG_CACHE_HOME/measureflow/inductor, created; set by the user: left alone."""
     cc = compile_cache
     monkeypatch.setenv(cc.ENV, "")  # recorded, so that teardown restores the variable as it was
     monkeypatch.delenv(cc.ENV)
@@ -287,10 +287,15 @@ def test_compile_cache_directory_defaults_to_a_lasting_one(monkeypatch, tmp_path
     assert Path(chosen).is_dir()
     monkeypatch.setenv(cc.ENV, str(tmp_path / "mine"))
     assert cc.use_lasting_directory() == str(tmp_path / "mine")
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv(cc.ENV, default_cache_dir())  # what importing torch._dynamo writes there
+    assert cc.use_lasting_directory() == str(tmp_path / "measureflow" / "inductor")
     monkeypatch.delenv(cc.ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
     (tmp_path / "file").write_text("not a directory")
-    assert cc.use_lasting_directory() is None and cc.ENV not in os.environ  # torch keeps its default
+    assert cc.use_lasting_directory() is None  # torch keeps its default
+    assert os.environ.get(cc.ENV) in (None, default_cache_dir())
 
 
 def test_singular_kernels_at_coincident_points(path):

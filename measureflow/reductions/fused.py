@@ -70,14 +70,22 @@ def _options() -> dict:
     the exp polynomial and the weighted sums costs two instructions; allowing contraction into
     FMAs makes the CPU kernels ≈ 1.6× faster and rounds once instead of twice (never less
     accurate). Ignored by the GPU backend; left out where this torch has no such option.
+
+    No precompiled header: with one, every process that loads a cached kernel first preprocesses
+    and hashes torch's headers again (a ``g++ -E``, ≈ 0.3 s on a loaded 2-core machine) to find
+    the header's key; the kernels are compiled once per machine, so what the header saves a
+    compile never repays that. The same source and flags build the same code either way.
     """
     try:
         from torch._inductor import config as inductor_config
     except ImportError:
         return {}
+    options = {}
     if hasattr(inductor_config, "cpp") and hasattr(inductor_config.cpp, "enable_floating_point_contract_flag"):
-        return {"cpp.enable_floating_point_contract_flag": "fast"}
-    return {}
+        options["cpp.enable_floating_point_contract_flag"] = "fast"
+    if hasattr(inductor_config, "cpp_cache_precompile_headers"):
+        options["cpp_cache_precompile_headers"] = False
+    return options
 
 
 def _shape_options():
