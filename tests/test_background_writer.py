@@ -7,6 +7,8 @@ an error of the thread reaches the run's thread at its next call of the writer. 
 (SIGKILL, SIGTERM, exit) are the foreground's tests run with background=True (tests/test_io.py).
 """
 
+import errno
+
 import h5py
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import torch
 
 import measureflow as mf
 from measureflow.io import RunInfo
+from measureflow.io import h5md
 from measureflow.io.h5md import H5MDWriter, valid_rows
 
 
@@ -66,19 +69,29 @@ def test_flush_waits_for_the_thread_and_frames_own_their_memory(tmp_path):
     writer.close()
 
 
-def test_an_error_of_the_thread_reaches_the_next_call(tmp_path):
-    """A step out of order fails on the thread; the next flush raises it, close raises it too and keeps the
-    rows before it (as the foreground writer, which raises at the call, keeps them)."""
+def test_an_error_of_the_thread_reaches_the_next_call(tmp_path, monkeypatch):
+    """A step out of order is refused at the call, as in the foreground (rows are staged on the run's
+    thread). An I/O error of the writing thread reaches the run's thread at its next flush; close raises
+    it too and the file keeps the rows of the flush before it."""
+    monkeypatch.setattr(h5md, "STAGE_BYTES", 0)  # every row goes to the writing thread at once
     path = tmp_path / "e.h5"
     writer = H5MDWriter(path, flush_frames=None, flush_seconds=None, background=True)
     writer.open(_run())
     x = torch.ones(1, 8, 2, dtype=torch.float64)
     writer.write_frame(0, 0.0, mf.Particles(x))
     writer.write_frame(1, 0.1, mf.Particles(x))
-    writer.write_frame(1, 0.2, mf.Particles(x))  # not after step 1
-    with pytest.raises(ValueError, match="not after the last written step"):
+    with pytest.raises(ValueError, match="not after the last written step 1"):
+        writer.write_frame(1, 0.2, mf.Particles(x))
+    writer.flush()
+
+    def vanish(self, *args):
+        raise OSError(errno.EIO, "the disk went away")
+
+    monkeypatch.setattr(h5md._Element, "append_rows", vanish)
+    writer.write_frame(2, 0.2, mf.Particles(x))  # handed to the thread: the call returns
+    with pytest.raises(mf.errors.TrajectoryFileError, match="cannot write a frame .*EIO"):
         writer.flush()
-    with pytest.raises(ValueError, match="not after the last written step"):
+    with pytest.raises(mf.errors.TrajectoryFileError, match="cannot write a frame"):
         writer.close()
     with h5py.File(path, "r") as f:
         assert f["particles/trajectory/position/step"][:].tolist() == [0, 1]

@@ -112,6 +112,9 @@ class _Element:
     stage_value: np.ndarray | None = None
     stage_step: np.ndarray | None = None
     stage_time: np.ndarray | None = None
+    handed: int = 0  # rows handed to the datasets' writing (written, or queued for the writing thread)
+    handed_last_step: int | None = None
+    spare: list = attrs.field(factory=list)  # staging buffers the writing thread is done with
 
     def bind(self, file: h5py.File) -> None:
         group = file[self.path]
@@ -128,11 +131,14 @@ class _Element:
         self.rows = rows
 
     def stage(self, step: int, time: float, value: np.ndarray) -> None:
-        """Copy one row into the staging buffers (allocated at the first row)."""
+        """Copy one row into the staging buffers (a spare set, or new ones, at the first row of a batch)."""
         if self.stage_value is None or self.stage_value.shape[0] != self.batch:
-            self.stage_value = np.empty((self.batch, *self.sample_shape), dtype=self.value.dtype)
-            self.stage_step = np.empty(self.batch, dtype=np.int64)
-            self.stage_time = np.empty(self.batch, dtype=np.float64)
+            if self.spare:
+                self.stage_value, self.stage_step, self.stage_time = self.spare.pop()
+            else:
+                self.stage_value = np.empty((self.batch, *self.sample_shape), dtype=self.value.dtype)
+                self.stage_step = np.empty(self.batch, dtype=np.int64)
+                self.stage_time = np.empty(self.batch, dtype=np.float64)
         k = self.staged
         self.stage_value[k] = value
         self.stage_step[k] = step
@@ -151,12 +157,21 @@ class _Element:
                 ds[i : i + k] = data
         self.rows = i + k
 
-    def write_staged(self) -> None:
-        """Append the staged rows to the datasets and empty the stage."""
-        k = self.staged
-        if k:
-            self.append_rows(self.stage_value[:k], self.stage_step[:k], self.stage_time[:k])
-            self.staged = 0
+    def take_staged(self) -> tuple:
+        """The staged rows as ``(values, steps, times, buffers)``, handed over: the stage starts a new batch
+        (in other buffers, so that a writing thread may still read these; return them to ``spare``)."""
+        k, buffers = self.staged, (self.stage_value, self.stage_step, self.stage_time)
+        self.stage_value = self.stage_step = self.stage_time = None
+        self.staged = 0
+        self.handed += k
+        self.handed_last_step = int(buffers[1][k - 1])
+        return buffers[0][:k], buffers[1][:k], buffers[2][:k], buffers
+
+    def restage(self, k: int, buffers: tuple) -> None:
+        """Undo :meth:`take_staged` (its ``k`` rows were not written)."""
+        self.stage_value, self.stage_step, self.stage_time = buffers
+        self.staged = k
+        self.handed -= k
 
 
 def batch_rows(value: h5py.Dataset) -> int:
@@ -744,18 +759,25 @@ class H5MDWriter(Writer):
             raise TrajectoryFileError(f"{self.path}: an earlier write failed; the file holds the rows flushed before it")
 
     def _append(self, el: _Element, step: int, time: float, value: np.ndarray) -> None:
+        """Stage one row of ``el`` (on the run's thread); a full batch goes to the datasets."""
         if el.last_step is not None and step <= el.last_step:
             raise ValueError(
                 f"{self.path}:{el.path}: step {step} is not after the last written step {el.last_step}; "
                 "H5MD needs increasing steps (resume with RunInfo.resume_step to rewrite a run's tail)"
             )
         if el.batch == 1:
-            with self._writing():
-                el.append_rows(value[None], np.array([step], dtype=np.int64), np.array([time], dtype=np.float64))
+            # A row of STAGE_BYTES or more: written at once (by the writing thread, from an array it owns).
+            rows = (value[None], np.array([step], dtype=np.int64), np.array([time], dtype=np.float64))
+            if self._work is None:
+                self._write_rows(el, *rows)
+            else:
+                self._work.submit(self._write_rows, el, *rows)
+            el.handed += 1
+            el.handed_last_step = step
         else:
             el.stage(step, time, value)
             if el.staged == el.batch:
-                self._write_staged(el)
+                self._hand_over([el])
         el.last_step = step
 
     @contextlib.contextmanager
@@ -766,48 +788,68 @@ class H5MDWriter(Writer):
         yield
         self._incomplete = before
 
-    def _write_staged(self, el: _Element) -> None:
-        if el.staged:
-            with self._writing():
-                el.write_staged()
+    def _write_rows(self, el: _Element, values, steps, times, buffers=None) -> None:
+        """Append rows to ``el``'s datasets (on the writing thread with ``background``); ``buffers``: the
+        staging buffers they came from, given back to ``el`` afterwards."""
+        with self._io("write a frame"), self._writing():
+            el.append_rows(values, steps, times)
+        if buffers is not None and len(el.spare) < 2:
+            el.spare.append(buffers)
 
-    def _write_all_staged(self) -> None:
-        """Append every element's staged rows (each flush does, first)."""
-        # A frame's elements are staged one after the other: an interruption between two leaves one a row
-        # ahead, and a frame counts only when all its elements hold it (as _repair does for written rows).
-        totals = [el.rows + el.staged for el in self._frame_elements]
+    def _write_batches(self, batches: list, commit: bool = False) -> None:
+        """Append staged batches, then (``commit``) make the rows durable: a flush's work on the writing thread."""
+        for el, *rows in batches:
+            self._write_rows(el, *rows)
+        if commit and not self._failed:
+            self._commit_rows()
+
+    def _hand_over(self, elements, commit: bool = False) -> None:
+        """Hand the staged rows of ``elements`` to the datasets: written now, or queued as one call of the
+        writing thread (the run's thread goes on filling other buffers: double buffering)."""
+        batches = [(el, *el.take_staged()) for el in elements if el.staged]
+        if self._work is not None:
+            if batches or commit:
+                self._work.submit(self._write_batches, batches, commit)
+            return
+        for i, (el, *rows) in enumerate(batches):
+            try:
+                self._write_rows(el, *rows)
+            except BaseException:
+                for late, values, *_, buffers in batches[i:]:  # kept staged, appended by the next flush
+                    late.restage(len(values), buffers)
+                raise
+        if commit:
+            self._commit_rows()
+
+    def _align_staged(self) -> None:
+        """Drop a frame's rows staged for some of its elements only (an interruption between two)."""
+        totals = [el.handed + el.staged for el in self._frame_elements]
         if len(set(totals)) > 1:
             common = min(totals)
             for el in self._frame_elements:
-                el.staged -= min(el.staged, el.rows + el.staged - common)
-                if el.staged:
-                    el.last_step = int(el.stage_step[el.staged - 1])
-                else:  # _repair cuts the written rows back if they are ahead too
-                    el.last_step = int(el.step[el.rows - 1]) if el.rows else None
-        for el in self._elements():
-            self._write_staged(el)
+                el.staged -= min(el.staged, el.handed + el.staged - common)
+                # Rows already handed over beyond the common count are cut back by _repair.
+                el.last_step = int(el.stage_step[el.staged - 1]) if el.staged else el.handed_last_step
 
     def write_frame(self, step: int, time: float, state) -> None:
         """Append the state at (step, time); the only place where positions leave the device."""
         self._check_open()
         step, time = int(step), float(time)
-        if self._work is not None:
-            arrays = self._frame_arrays(state, copy=True)
-            self._work.submit(self._write_frame_arrays, step, time, arrays)
-            return
         with self._io("write a frame"):
             self._maybe_flush()
-            self._write_frame_arrays(step, time, self._frame_arrays(state), flushed=True)
+            # The writing thread writes a row of STAGE_BYTES or more from the array: a copy it owns.
+            owned = [self._work is not None and el.batch == 1 for el in self._frame_elements]
+            self._write_frame_arrays(step, time, self._frame_arrays(state, copy=owned))
 
-    def _frame_arrays(self, state, copy: bool = False) -> list[np.ndarray]:
-        """The frame's host arrays, one per frame element, checked against the run's shapes. ``copy``: arrays
-        the caller owns (a host state's tensors share memory with the arrays otherwise)."""
+    def _frame_arrays(self, state, copy=()) -> list[np.ndarray]:
+        """The frame's host arrays, one per frame element, checked against the run's shapes. ``copy[i]``: the
+        caller owns the i-th array (a host state's tensors share memory with the arrays otherwise)."""
         run = self.run
 
-        def host(t: torch.Tensor) -> np.ndarray:
+        def host(t: torch.Tensor, i: int) -> np.ndarray:
             # .cpu() of a device tensor is already a new host copy; a host tensor's array is its memory
             a = t.cpu().numpy()
-            return np.array(a) if copy and t.device.type == "cpu" else a
+            return np.array(a) if i < len(copy) and copy[i] and t.device.type == "cpu" else a
 
         if run.kind == "particles":
             x = getattr(state, "x", None)
@@ -816,7 +858,7 @@ class H5MDWriter(Writer):
                     f"{self.path}: expected a Particles state of shape (R, N, d) = "
                     f"{(run.replicas, run.size, run.dim)}, received {state!r}"
                 )
-            arrays = [host(x.detach().reshape(run.rows, run.dim))]
+            arrays = [host(x.detach().reshape(run.rows, run.dim), 0)]
             if run.channels:
                 held = getattr(state, "channels", {})
                 for name, tail in run.channels.items():
@@ -827,9 +869,9 @@ class H5MDWriter(Writer):
                             f"{self.path}: channel {name!r} must have shape {(run.replicas, run.size, *tail)} in "
                             f"every frame; received {got}"
                         )
-                    arrays.append(host(value.detach().reshape(run.rows, *tail).to(x.dtype)))
+                    arrays.append(host(value.detach().reshape(run.rows, *tail).to(x.dtype), len(arrays)))
             if run.moving_weights:
-                arrays.append(host(state.weights_or_uniform().detach().reshape(run.rows).to(torch.float64)))
+                arrays.append(host(state.weights_or_uniform().detach().reshape(run.rows).to(torch.float64), len(arrays)))
             return arrays
         if run.kind == "mixtures":
             R, K, d = run.replicas, run.size, run.dim
@@ -854,45 +896,35 @@ class H5MDWriter(Writer):
         flat = flat.cpu().numpy()
         return [np.ascontiguousarray(flat[:, :d]), np.ascontiguousarray(flat[:, d:]).reshape(R, d, d)]
 
-    def _write_frame_arrays(self, step: int, time: float, arrays: list[np.ndarray], flushed: bool = False) -> None:
-        """Append one frame's arrays (on the writing thread with ``background``); ``flushed``: the due
-        flush that precedes a frame already ran."""
-        with self._io("write a frame"):
-            if not flushed:
-                self._maybe_flush()
-            for el, value in zip(self._frame_elements, arrays):
-                self._append(el, step, time, value)
-            self.stats["frames"] += 1
-            self._pending_rows += 1
-            if not self._observables and not self.run.observable_names:
-                self._maybe_flush()
+    def _write_frame_arrays(self, step: int, time: float, arrays: list[np.ndarray]) -> None:
+        """Append one frame's arrays (staged on the run's thread; see :meth:`_append`)."""
+        for el, value in zip(self._frame_elements, arrays):
+            self._append(el, step, time, value)
+        self.stats["frames"] += 1
+        self._pending_rows += 1
+        if not self._observables and not self.run.observable_names:
+            self._maybe_flush()
 
     def write_observables(self, step: int, time: float, values: dict) -> None:
         """Append one sample of each observable (each (R,) or (R, ...)); values leave the device here."""
         self._check_open()
         step, time = int(step), float(time)
-        if self._work is not None:
-            with self._io("write observables"):
-                host = {name: np.array(arr) for name, arr in _to_host(values).items()}
-            self._work.submit(self._write_observable_arrays, step, time, host)
-            return
         with self._io("write observables"):
             self._write_observable_arrays(step, time, _to_host(values))
 
     def _write_observable_arrays(self, step: int, time: float, host: dict) -> None:
-        with self._io("write observables"):
-            missing = {name: arr.shape for name, arr in host.items() if name not in self._observables}
-            if missing:
-                self._add_observables(missing)
-            for name, arr in host.items():
-                el = self._observables[name]
-                if arr.shape != el.sample_shape:
-                    raise ShapeError(
-                        f"{self.path}: observable {name!r} has shape {el.sample_shape} per sample in this file, "
-                        f"received {arr.shape}"
-                    )
-                self._append(el, step, time, arr)
-            self._maybe_flush()
+        missing = {name: arr.shape for name, arr in host.items() if name not in self._observables}
+        if missing:
+            self._add_observables(missing)
+        for name, arr in host.items():
+            el = self._observables[name]
+            if arr.shape != el.sample_shape:
+                raise ShapeError(
+                    f"{self.path}: observable {name!r} has shape {el.sample_shape} per sample in this file, "
+                    f"received {arr.shape}"
+                )
+            self._append(el, step, time, arr if self._work is None or el.batch > 1 else np.array(arr))
+        self._maybe_flush()
 
     def _add_observables(self, shapes: dict) -> None:
         # New datasets cannot be created safely in SWMR mode: leave it (a clean close), add them,
@@ -918,7 +950,15 @@ class H5MDWriter(Writer):
         if not due and self.flush_seconds is not None:
             due = _clock() - self._last_flush >= self.flush_seconds
         if due:
-            self.flush()
+            if self._work is None:
+                self.flush()
+            else:
+                # The writing thread appends the staged rows and commits them; the run goes on.
+                self._work.raise_error()
+                self._align_staged()
+                self._hand_over(self._elements(), commit=True)
+                self._pending_rows = 0
+                self._last_flush = _clock()
 
     def _repair(self) -> None:
         """Cut datasets back to complete rows after an interrupted write."""
@@ -985,14 +1025,22 @@ class H5MDWriter(Writer):
         if self._failed:
             # Never let a checkpoint be saved after rows that did not reach the file.
             raise TrajectoryFileError(f"{self.path}: an earlier write failed; the file holds the rows flushed before it")
-        with self._io("flush the trajectory"):
-            self._check_space()
-            self._write_all_staged()
-            self._repair()
-            self._commit()
-        self.stats["flushes"] += 1
+        self._align_staged()
+        self._hand_over(self._elements(), commit=True)
+        if self._work is not None:
+            self._work.drain()
         self._pending_rows = 0
         self._last_flush = _clock()
+
+    def _commit_rows(self) -> None:
+        """Cut back an interrupted write, then make the rows durable (module docstring, "Durability")."""
+        if self._failed:
+            raise TrajectoryFileError(f"{self.path}: an earlier write failed; the file holds the rows flushed before it")
+        with self._io("flush the trajectory"):
+            self._repair()
+            self._check_space()
+            self._commit()
+        self.stats["flushes"] += 1
 
     def set_status(self, status: str, step: int, time: float, message: str = "") -> None:
         """Record the run's final status in /measureflow/status (written at close)."""
