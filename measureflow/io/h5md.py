@@ -1038,8 +1038,10 @@ class H5MDWriter(Writer):
             raise TrajectoryFileError(f"{self.path}: an earlier write failed; the file holds the rows flushed before it")
         with self._io("flush the trajectory"):
             self._repair()
-            self._check_space()
-            self._commit()
+            # Nothing new since the last commit (a flush right before close): the file already says it all.
+            if any(el.rows != el.committed for el in self._elements()):
+                self._check_space()
+                self._commit()
         self.stats["flushes"] += 1
 
     def set_status(self, status: str, step: int, time: float, message: str = "") -> None:
