@@ -21,8 +21,9 @@ frames, or one large frame split into equal parts). Rows are staged in memory, u
 batch: one resize and one write per dataset, instead of three of each per row (HDF5's per-call cost,
 not the bytes, dominates a frame of 10⁴ particles). Every flush appends the staged rows first, so
 what is on disk after a flush, a checkpoint, a SIGTERM, an exception or exit is what writing each
-row at once gives; a SIGKILL loses the rows since the last flush either way. A row of
-:data:`STAGE_BYTES` or more is written at once, without a staging copy.
+row at once gives; a SIGKILL loses the rows since the last flush either way. A row of more than a
+quarter of :data:`STAGE_BYTES` (a frame of 10⁵ particles) is written at once, without a staging
+copy: there the bytes, not the calls, cost the time.
 
 Interrupted writes
 ------------------
@@ -176,13 +177,15 @@ class _Element:
 
 def batch_rows(value: h5py.Dataset) -> int:
     """Rows of ``value`` one batch write appends: as many whole chunks as :data:`STAGE_BYTES` holds,
-    at most :data:`STEP_CHUNK` rows; 1 (no staging) when one row is :data:`STAGE_BYTES` or more."""
+    at most :data:`STEP_CHUNK` rows; 1 (no staging) when that is fewer than 4 rows: for rows that large
+    (over 1 MiB with 4 MiB staged) the bytes, not the calls, cost the time, and a staging copy would cost
+    about what the saved calls do."""
     row_bytes = int(np.prod(value.shape[1:], dtype=np.int64)) * value.dtype.itemsize
     rows = min(STAGE_BYTES // max(row_bytes, 1), STEP_CHUNK)
     chunk_rows = value.chunks[0] if value.chunks else 1
     if rows >= chunk_rows:
         rows -= rows % chunk_rows
-    return max(int(rows), 1)
+    return int(rows) if rows >= 4 else 1
 
 
 def _create_element(file: h5py.File, path: str, sample_shape, dtype, large: bool, compression=None, opts=None):
@@ -323,11 +326,13 @@ class H5MDWriter(Writer):
         Passed to h5py for the value datasets (e.g. "gzip", 4); off by default for speed.
     background:
         Write on a background thread (:class:`~measureflow.io.background.BackgroundWork`): the run's
-        thread copies each frame off the device and goes on while the thread appends it, at most one
-        more frame waiting (double buffering). Every flush (:meth:`flush`, hence before each
-        checkpoint), :meth:`close` (on SIGTERM, at exit) first waits for the thread, so the same
-        rows are durable at the same points and the file's bytes are those of a foreground write.
-        An error of the thread is raised by the next call of the writer.
+        thread copies each frame off the device into the staging buffers and goes on; full batches
+        (module docstring, "Growth") and scheduled flushes are handed to the thread, which appends
+        them while the run fills other buffers, at most one more batch waiting (double buffering).
+        Every flush (:meth:`flush`, hence before each checkpoint), :meth:`close` (on SIGTERM, at
+        exit) first waits for the thread, so the same rows are durable at the same points and the
+        file's bytes are those of a foreground write. A step out of order is refused at the call; an
+        I/O error of the thread is raised by the writer's next call (at the latest the next flush).
     """
 
     def __init__(
@@ -766,7 +771,7 @@ class H5MDWriter(Writer):
                 "H5MD needs increasing steps (resume with RunInfo.resume_step to rewrite a run's tail)"
             )
         if el.batch == 1:
-            # A row of STAGE_BYTES or more: written at once (by the writing thread, from an array it owns).
+            # A large row (batch_rows): written at once (by the writing thread, from an array it owns).
             rows = (value[None], np.array([step], dtype=np.int64), np.array([time], dtype=np.float64))
             if self._work is None:
                 self._write_rows(el, *rows)
@@ -837,7 +842,7 @@ class H5MDWriter(Writer):
         step, time = int(step), float(time)
         with self._io("write a frame"):
             self._maybe_flush()
-            # The writing thread writes a row of STAGE_BYTES or more from the array: a copy it owns.
+            # The writing thread writes a large row (batch_rows) from the array itself: a copy it owns.
             owned = [self._work is not None and el.batch == 1 for el in self._frame_elements]
             self._write_frame_arrays(step, time, self._frame_arrays(state, copy=owned))
 
