@@ -59,7 +59,7 @@ from .atomic import atomic_replace
 from .lock import OutputLock
 from .hdf5file import START_OVER, damaged, first_row_off_disk, io_failure, open_h5, open_swmr
 
-__all__ = ["H5MDWriter", "rebuild_file", "repair_file", "valid_rows", "STEP_CHUNK", "SUFFIXES"]
+__all__ = ["H5MDWriter", "rebuild_file", "repair_file", "valid_rows", "STEP_CHUNK", "STAGE_BYTES", "SUFFIXES"]
 
 #: File name endings of a trajectory file: what it holds is HDF5, and its name says so.
 SUFFIXES = (".h5", ".hdf5", ".h5md")
@@ -109,6 +109,7 @@ class _Element:
     step: h5py.Dataset | None = None
     time: h5py.Dataset | None = None
     batch: int = 1  # rows one batch write appends (1: every row is written at once, no staging)
+    dtype: np.dtype | None = None  # of the value dataset
     staged: int = 0  # rows waiting in the staging buffers
     stage_value: np.ndarray | None = None
     stage_step: np.ndarray | None = None
@@ -120,6 +121,8 @@ class _Element:
     def bind(self, file: h5py.File) -> None:
         group = file[self.path]
         self.value, self.step, self.time = group["value"], group["step"], group["time"]
+        # Kept here: staging (on the run's thread) then makes no h5py call while the writing thread makes one.
+        self.dtype = self.value.dtype
         self.batch = batch_rows(self.value)
 
     def lengths(self) -> tuple[int, int, int]:
@@ -137,7 +140,7 @@ class _Element:
             if self.spare:
                 self.stage_value, self.stage_step, self.stage_time = self.spare.pop()
             else:
-                self.stage_value = np.empty((self.batch, *self.sample_shape), dtype=self.value.dtype)
+                self.stage_value = np.empty((self.batch, *self.sample_shape), dtype=self.dtype)
                 self.stage_step = np.empty(self.batch, dtype=np.int64)
                 self.stage_time = np.empty(self.batch, dtype=np.float64)
         k = self.staged
