@@ -3,13 +3,14 @@
 The bare loop is the floor for appending to HDF5 from Python: per frame it resizes and assigns the
 value, step and time datasets of one element (what H5MD asks for), in the same chunk layout, with
 SWMR mode on as in the writer. The writer adds: host copy of a torch tensor, shape checks,
-book-keeping of complete rows and, on its schedule, two-phase flushes (data, then row counts).
+book-keeping of complete rows and, on its schedule, two-phase flushes (data, then row counts); it
+saves calls by staging rows and appending them in batches (one resize and one write per dataset).
 
 A second table answers the question a user asks: what does writing cost a whole run? It times
 the same ``Simulation`` (N particles, d = 2, an Ornstein–Uhlenbeck field under Euler–Maruyama,
 ``--steps`` steps) with no writer, with an H5MD writer every 10th step (default flush schedule) and
 with the same writer on its background thread (``background=True``: the run's thread only copies the
-frame), interleaving the three so that machine noise hits them alike. The background share is the
+frame into a staging buffer and hands whole batches to the thread), interleaving the three so that machine noise hits them alike. The background share is the
 time the run's thread spends in the writer; the wall-time difference also carries the writing
 thread's competition for the cores (on a loaded machine it has none to spare).
 

@@ -7,6 +7,8 @@ an error of the thread reaches the run's thread at its next call of the writer. 
 (SIGKILL, SIGTERM, exit) are the foreground's tests run with background=True (tests/test_io.py).
 """
 
+import errno
+
 import h5py
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import torch
 
 import measureflow as mf
 from measureflow.io import RunInfo
+from measureflow.io import h5md
 from measureflow.io.h5md import H5MDWriter, valid_rows
 
 
@@ -66,19 +69,29 @@ def test_flush_waits_for_the_thread_and_frames_own_their_memory(tmp_path):
     writer.close()
 
 
-def test_an_error_of_the_thread_reaches_the_next_call(tmp_path):
-    """A step out of order fails on the thread; the next flush raises it, close raises it too and keeps the
-    rows before it (as the foreground writer, which raises at the call, keeps them)."""
+def test_an_error_of_the_thread_reaches_the_next_call(tmp_path, monkeypatch):
+    """A step out of order is refused at the call, as in the foreground (rows are staged on the run's
+    thread). An I/O error of the writing thread reaches the run's thread at its next flush; close raises
+    it too and the file keeps the rows of the flush before it."""
+    monkeypatch.setattr(h5md, "STAGE_BYTES", 0)  # every row goes to the writing thread at once
     path = tmp_path / "e.h5"
     writer = H5MDWriter(path, flush_frames=None, flush_seconds=None, background=True)
     writer.open(_run())
     x = torch.ones(1, 8, 2, dtype=torch.float64)
     writer.write_frame(0, 0.0, mf.Particles(x))
     writer.write_frame(1, 0.1, mf.Particles(x))
-    writer.write_frame(1, 0.2, mf.Particles(x))  # not after step 1
-    with pytest.raises(ValueError, match="not after the last written step"):
+    with pytest.raises(ValueError, match="not after the last written step 1"):
+        writer.write_frame(1, 0.2, mf.Particles(x))
+    writer.flush()
+
+    def vanish(self, *args):
+        raise OSError(errno.EIO, "the disk went away")
+
+    monkeypatch.setattr(h5md._Element, "append_rows", vanish)
+    writer.write_frame(2, 0.2, mf.Particles(x))  # handed to the thread: the call returns
+    with pytest.raises(mf.errors.TrajectoryFileError, match="cannot write a frame .*EIO"):
         writer.flush()
-    with pytest.raises(ValueError, match="not after the last written step"):
+    with pytest.raises(mf.errors.TrajectoryFileError, match="cannot write a frame"):
         writer.close()
     with h5py.File(path, "r") as f:
         assert f["particles/trajectory/position/step"][:].tolist() == [0, 1]
@@ -91,3 +104,58 @@ def test_shape_errors_are_raised_at_the_call(tmp_path):
     with pytest.raises(mf.errors.ShapeError):
         writer.write_frame(0, 0.0, mf.Particles(torch.ones(1, 7, 2, dtype=torch.float64)))
     writer.close()
+
+
+def _datasets(path) -> dict:
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("kind", ["particles", "gaussians"])
+def test_batched_rows_give_the_datasets_of_rows_written_at_once(tmp_path, monkeypatch, kind, background):
+    """Staging rows and appending them in batches changes no dataset: the file holds the same datasets,
+    shapes and values as one written row by row (STAGE_BYTES = 0: one resize and write per row)."""
+    if kind == "particles":
+        state = mf.Particles(torch.randn(2, 50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    else:
+        state = mf.Gaussians(torch.zeros(2, 2, dtype=torch.float64),
+                             torch.eye(2, dtype=torch.float64).expand(2, 2, 2).clone())
+    batched = _simulate(tmp_path / "batched.h5", background, state)
+    assert batched._frame_elements[0].batch > 3  # rows were staged between the flushes (every 3 frames)
+    monkeypatch.setattr(h5md, "STAGE_BYTES", 0)
+    rows = _simulate(tmp_path / "rows.h5", False, state)
+    assert rows._frame_elements[0].batch == 1 and batched.stats == rows.stats
+    a, b = _datasets(tmp_path / "batched.h5"), _datasets(tmp_path / "rows.h5")
+    assert sorted(a) == sorted(b) and any(name.endswith("/value") for name in a)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_live_reader_sees_the_flushed_frames_while_rows_are_staged(tmp_path, background):
+    """A reader opening the file while the run goes on (SWMR) sees whole frames up to the last flush, even
+    with later rows staged in memory or half appended; close appends and commits the rest."""
+    path = tmp_path / "live.h5"
+    writer = H5MDWriter(path, flush_frames=None, flush_seconds=None, background=background)
+    writer.open(_run())
+    x = torch.zeros(1, 8, 2, dtype=torch.float64)
+    for step in range(8):
+        if step == 5:
+            writer.flush()
+        x.fill_(step)
+        writer.write_frame(step, 0.1 * step, mf.Particles(x))
+        writer.write_observables(step, 0.1 * step, {"energy": x.sum(dim=(1, 2))})
+    assert writer.frames == 8
+    with h5py.File(path, "r", libver="latest", swmr=True) as f:
+        valid = valid_rows(f)
+        assert valid["particles/trajectory/position"] == valid["observables/energy"] == 5
+        np.testing.assert_array_equal(f["particles/trajectory/position/value"][:5, 0, 0], np.arange(5.0))
+        np.testing.assert_array_equal(f["particles/trajectory/position/step"][:5], np.arange(5))
+    writer.close()
+    with h5py.File(path, "r") as f:
+        assert valid_rows(f)["particles/trajectory/position"] == 8
+        np.testing.assert_array_equal(f["particles/trajectory/position/value"][:, 0, 0], np.arange(8.0))
+        np.testing.assert_array_equal(f["observables/energy/value"][:, 0], 16.0 * np.arange(8))

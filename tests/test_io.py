@@ -235,16 +235,22 @@ def test_parameters_round_trip_as_json(tmp_path):
 
 # -- growth and flushing -----------------------------------------------------------------------------
 def test_datasets_grow_by_exactly_the_frames_written(tmp_path):
-    writer = H5MDWriter(tmp_path / "g.h5")
+    """Between flushes rows wait in the staging buffers (never an extent beyond the rows written); each
+    flush appends them, so after it every dataset holds exactly the frames written."""
+    writer = H5MDWriter(tmp_path / "g.h5", flush_frames=None, flush_seconds=None)
     writer.open(run_info())
     f = writer._file
     for k in range(1, 8):
         write_steps(writer, [k - 1])
-        for name in ("particles/trajectory/position", "observables/energy", "observables/mean"):
-            for key in ("step", "time", "value"):
-                ds = f[f"{name}/{key}"]
-                assert ds.shape[0] == k, (name, key)
-                assert ds.chunks is not None and ds.maxshape[0] is None
+        assert writer.frames == k
+        for flushed in (False, True):
+            if flushed:
+                writer.flush()
+            for name in ("particles/trajectory/position", "observables/energy", "observables/mean"):
+                for key in ("step", "time", "value"):
+                    ds = f[f"{name}/{key}"]
+                    assert ds.shape[0] == k if flushed else ds.shape[0] <= k, (name, key, flushed)
+                    assert ds.chunks is not None and ds.maxshape[0] is None
     writer.close()
     assert writer.frames == 7
 
@@ -275,11 +281,21 @@ def test_flush_schedule_counts_frames_and_seconds(tmp_path, monkeypatch):
         write_steps(writer, [4])
 
 
-def test_interrupted_write_is_cut_back_on_close(tmp_path, monkeypatch):
+@pytest.mark.parametrize("staged", [False, True])
+def test_interrupted_write_is_cut_back_on_close(tmp_path, monkeypatch, staged):
+    """A write interrupted between two h5py calls leaves no partial row. Rows written at once
+    (STAGE_BYTES = 0): the frame whose write_frame raised is lost. Staged rows: write_frame only copies,
+    the batch write of the flush is interrupted, and close appends the staged rows again, so every frame
+    whose write_frame returned is in the file."""
+    if not staged:
+        monkeypatch.setattr(h5md_module, "STAGE_BYTES", 0)
     path = tmp_path / "i.h5"
     writer = H5MDWriter(path)
     writer.open(run_info())
     write_steps(writer, range(3))
+    if staged:
+        writer.flush()
+        write_steps(writer, [3])
     real_resize = h5py.Dataset.resize
 
     def interrupt(self, *args, **kwargs):  # like a SIGTERM handler raising between two h5py calls
@@ -289,14 +305,16 @@ def test_interrupted_write_is_cut_back_on_close(tmp_path, monkeypatch):
 
     monkeypatch.setattr(h5py.Dataset, "resize", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        write_steps(writer, [3])
+        writer.flush() if staged else write_steps(writer, [3])
     monkeypatch.setattr(h5py.Dataset, "resize", real_resize)
     writer.set_status("interrupted", 3, 0.75, "SIGTERM")
     writer.close()
+    kept = [0, 1, 2, 3] if staged else [0, 1, 2]
     with open_trajectory(path) as traj:
-        assert len(traj) == 3 and traj.steps.tolist() == [0, 1, 2]
+        assert len(traj) == len(kept) and traj.steps.tolist() == kept
         assert traj.status.code == "interrupted" and traj.status.message == "SIGTERM"
-    assert tree(path)["particles/trajectory/position/value"][1][0] == 3
+        np.testing.assert_array_equal(np.asarray(traj.positions[len(kept) - 1]), positions(kept[-1]).numpy())
+    assert tree(path)["particles/trajectory/position/value"][1][0] == len(kept)
 
 
 def test_steps_must_increase(tmp_path):

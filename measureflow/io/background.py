@@ -1,10 +1,11 @@
 """Calls run in order on one background thread, with a bounded backlog: what lets a writer overlap the run.
 
 :class:`BackgroundWork` is the H5MD writer's ``background=True`` machinery (DESIGN.md "Trajectory files"):
-the run's thread copies a frame off the device and hands the file work to the thread; at most ``depth``
-calls wait (``depth = 1``: one frame being written while the next waits, double buffering), so memory
-stays bounded and a slow disk slows the run instead of filling memory. The first exception a call raises
-is kept, later calls are skipped, and :meth:`drain` raises it on the run's thread.
+the run's thread stages frames in host buffers and hands each full batch (and each scheduled flush) to the
+thread as one call; at most ``depth`` calls wait (``depth = 1``: one batch being written while the next
+waits, double buffering), so memory stays bounded and a slow disk slows the run instead of filling
+memory. The first exception a call raises is kept, later calls are skipped, and :meth:`drain` raises it
+on the run's thread.
 """
 
 from __future__ import annotations

@@ -14,9 +14,16 @@ reader never trusts a row beyond it, so a row whose data had not reached the dis
 
 Growth
 ------
-The frame axis of every time-dependent dataset is unlimited and grows by exactly one row per write
+The frame axis of every time-dependent dataset is unlimited and never longer than the rows written
 (no over-allocated extent, no fill rows). Chunks hold about 1 MiB of frame data (several small
-frames, or one large frame split into equal parts).
+frames, or one large frame split into equal parts). Rows are staged in memory, up to
+:data:`STAGE_BYTES` (whole chunks, at most :data:`STEP_CHUNK` rows) per element, and appended as one
+batch: one resize and one write per dataset, instead of three of each per row (HDF5's per-call cost,
+not the bytes, dominates a frame of 10⁴ particles). Every flush appends the staged rows first, so
+what is on disk after a flush, a checkpoint, a SIGTERM, an exception or exit is what writing each
+row at once gives; a SIGKILL loses the rows since the last flush either way. A row of more than a
+quarter of :data:`STAGE_BYTES` (a frame of 10⁵ particles) is written at once, without a staging
+copy: there the bytes, not the calls, cost the time.
 
 Interrupted writes
 ------------------
@@ -52,7 +59,7 @@ from .atomic import atomic_replace
 from .lock import OutputLock
 from .hdf5file import START_OVER, damaged, first_row_off_disk, io_failure, open_h5, open_swmr
 
-__all__ = ["H5MDWriter", "rebuild_file", "repair_file", "valid_rows", "STEP_CHUNK", "SUFFIXES"]
+__all__ = ["H5MDWriter", "rebuild_file", "repair_file", "valid_rows", "STEP_CHUNK", "STAGE_BYTES", "SUFFIXES"]
 
 #: File name endings of a trajectory file: what it holds is HDF5, and its name says so.
 SUFFIXES = (".h5", ".hdf5", ".h5md")
@@ -63,6 +70,9 @@ SPACE_MARGIN = 256 << 10
 UNCLOSED_AFTER_ERROR: set[str] = set()
 #: Rows per chunk of the step and time datasets (2 KiB each).
 STEP_CHUNK = 256
+#: Bytes of rows an element stages in memory between two batch writes (module docstring, "Growth").
+#: 0 writes every row at once, as one resize and one write per dataset.
+STAGE_BYTES = 4 << 20
 #: Clock used by the flush schedule (replaceable in tests so that no test depends on wall time).
 _clock = _time.monotonic
 
@@ -87,20 +97,33 @@ def _install_atexit() -> None:
 
 @attrs.define(eq=False)
 class _Element:
-    """Book-keeping of one time-dependent element: complete rows and the last step written."""
+    """Book-keeping of one time-dependent element: complete rows, the last step written, and the rows
+    staged in memory that the next batch write appends (module docstring, "Growth")."""
 
     path: str
     sample_shape: tuple
-    rows: int = 0
+    rows: int = 0  # complete rows in the datasets
     last_step: int | None = None
     committed: int = 0  # rows the last successful flush made durable
     value: h5py.Dataset | None = None
     step: h5py.Dataset | None = None
     time: h5py.Dataset | None = None
+    batch: int = 1  # rows one batch write appends (1: every row is written at once, no staging)
+    dtype: np.dtype | None = None  # of the value dataset
+    staged: int = 0  # rows waiting in the staging buffers
+    stage_value: np.ndarray | None = None
+    stage_step: np.ndarray | None = None
+    stage_time: np.ndarray | None = None
+    handed: int = 0  # rows handed to the datasets' writing (written, or queued for the writing thread)
+    handed_last_step: int | None = None
+    spare: list = attrs.field(factory=list)  # staging buffers the writing thread is done with
 
     def bind(self, file: h5py.File) -> None:
         group = file[self.path]
         self.value, self.step, self.time = group["value"], group["step"], group["time"]
+        # Kept here: staging (on the run's thread) then makes no h5py call while the writing thread makes one.
+        self.dtype = self.value.dtype
+        self.batch = batch_rows(self.value)
 
     def lengths(self) -> tuple[int, int, int]:
         return self.value.shape[0], self.step.shape[0], self.time.shape[0]
@@ -110,6 +133,62 @@ class _Element:
             if ds.shape[0] != rows:
                 ds.resize(rows, axis=0)
         self.rows = rows
+
+    def stage(self, step: int, time: float, value: np.ndarray) -> None:
+        """Copy one row into the staging buffers (a spare set, or new ones, at the first row of a batch)."""
+        if self.stage_value is None or self.stage_value.shape[0] != self.batch:
+            if self.spare:
+                self.stage_value, self.stage_step, self.stage_time = self.spare.pop()
+            else:
+                self.stage_value = np.empty((self.batch, *self.sample_shape), dtype=self.dtype)
+                self.stage_step = np.empty(self.batch, dtype=np.int64)
+                self.stage_time = np.empty(self.batch, dtype=np.float64)
+        k = self.staged
+        self.stage_value[k] = value
+        self.stage_step[k] = step
+        self.stage_time[k] = time
+        self.staged = k + 1
+
+    def append_rows(self, values: np.ndarray, steps: np.ndarray, times: np.ndarray) -> None:
+        """Append ``len(steps)`` rows: one resize and one slab write per dataset. ``rows`` counts them
+        only once all three datasets hold them (an interruption leaves them out, and a flush cuts back)."""
+        i, k = self.rows, len(steps)
+        for ds, data in ((self.value, values), (self.step, steps), (self.time, times)):
+            ds.resize(i + k, axis=0)
+            if data.flags.c_contiguous and data.dtype == ds.dtype:
+                ds.write_direct(data, dest_sel=np.s_[i : i + k])
+            else:
+                ds[i : i + k] = data
+        self.rows = i + k
+
+    def take_staged(self) -> tuple:
+        """The staged rows as ``(values, steps, times, buffers)``, handed over: the stage starts a new batch
+        (in other buffers, so that a writing thread may still read these; return them to ``spare``)."""
+        k, buffers = self.staged, (self.stage_value, self.stage_step, self.stage_time)
+        self.stage_value = self.stage_step = self.stage_time = None
+        self.staged = 0
+        self.handed += k
+        self.handed_last_step = int(buffers[1][k - 1])
+        return buffers[0][:k], buffers[1][:k], buffers[2][:k], buffers
+
+    def restage(self, k: int, buffers: tuple) -> None:
+        """Undo :meth:`take_staged` (its ``k`` rows were not written)."""
+        self.stage_value, self.stage_step, self.stage_time = buffers
+        self.staged = k
+        self.handed -= k
+
+
+def batch_rows(value: h5py.Dataset) -> int:
+    """Rows of ``value`` one batch write appends: as many whole chunks as :data:`STAGE_BYTES` holds,
+    at most :data:`STEP_CHUNK` rows; 1 (no staging) when that is fewer than 4 rows: for rows that large
+    (over 1 MiB with 4 MiB staged) the bytes, not the calls, cost the time, and a staging copy would cost
+    about what the saved calls do."""
+    row_bytes = int(np.prod(value.shape[1:], dtype=np.int64)) * value.dtype.itemsize
+    rows = min(STAGE_BYTES // max(row_bytes, 1), STEP_CHUNK)
+    chunk_rows = value.chunks[0] if value.chunks else 1
+    if rows >= chunk_rows:
+        rows -= rows % chunk_rows
+    return int(rows) if rows >= 4 else 1
 
 
 def _create_element(file: h5py.File, path: str, sample_shape, dtype, large: bool, compression=None, opts=None):
@@ -250,11 +329,13 @@ class H5MDWriter(Writer):
         Passed to h5py for the value datasets (e.g. "gzip", 4); off by default for speed.
     background:
         Write on a background thread (:class:`~measureflow.io.background.BackgroundWork`): the run's
-        thread copies each frame off the device and goes on while the thread appends it, at most one
-        more frame waiting (double buffering). Every flush (:meth:`flush`, hence before each
-        checkpoint), :meth:`close` (on SIGTERM, at exit) first waits for the thread, so the same
-        rows are durable at the same points and the file's bytes are those of a foreground write.
-        An error of the thread is raised by the next call of the writer.
+        thread copies each frame off the device into the staging buffers and goes on; full batches
+        (module docstring, "Growth") and scheduled flushes are handed to the thread, which appends
+        them while the run fills other buffers, at most one more batch waiting (double buffering).
+        Every flush (:meth:`flush`, hence before each checkpoint), :meth:`close` (on SIGTERM, at
+        exit) first waits for the thread, so the same rows are durable at the same points and the
+        file's bytes are those of a foreground write. A step out of order is refused at the call; an
+        I/O error of the thread is raised by the writer's next call (at the latest the next flush).
     """
 
     def __init__(
@@ -686,47 +767,97 @@ class H5MDWriter(Writer):
             raise TrajectoryFileError(f"{self.path}: an earlier write failed; the file holds the rows flushed before it")
 
     def _append(self, el: _Element, step: int, time: float, value: np.ndarray) -> None:
+        """Stage one row of ``el`` (on the run's thread); a full batch goes to the datasets."""
         if el.last_step is not None and step <= el.last_step:
             raise ValueError(
                 f"{self.path}:{el.path}: step {step} is not after the last written step {el.last_step}; "
                 "H5MD needs increasing steps (resume with RunInfo.resume_step to rewrite a run's tail)"
             )
-        i = el.rows
-        self._incomplete = True
-        el.value.resize(i + 1, axis=0)
-        if value.flags.c_contiguous and value.dtype == el.value.dtype:
-            el.value.write_direct(value, dest_sel=np.s_[i])
+        if el.batch == 1:
+            # A large row (batch_rows): written at once (by the writing thread, from an array it owns).
+            rows = (value[None], np.array([step], dtype=np.int64), np.array([time], dtype=np.float64))
+            if self._work is None:
+                self._write_rows(el, *rows)
+            else:
+                self._work.submit(self._write_rows, el, *rows)
+            el.handed += 1
+            el.handed_last_step = step
         else:
-            el.value[i] = value
-        el.step.resize(i + 1, axis=0)
-        el.step[i] = step
-        el.time.resize(i + 1, axis=0)
-        el.time[i] = time
-        el.rows = i + 1
+            el.stage(step, time, value)
+            if el.staged == el.batch:
+                self._hand_over([el])
         el.last_step = step
-        self._incomplete = False
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Mark the datasets as possibly longer than their complete rows while appending; an earlier
+        interrupted write's mark stays until :meth:`_repair` cuts back."""
+        before, self._incomplete = self._incomplete, True
+        yield
+        self._incomplete = before
+
+    def _write_rows(self, el: _Element, values, steps, times, buffers=None) -> None:
+        """Append rows to ``el``'s datasets (on the writing thread with ``background``); ``buffers``: the
+        staging buffers they came from, given back to ``el`` afterwards."""
+        with self._io("write a frame"), self._writing():
+            el.append_rows(values, steps, times)
+        if buffers is not None and len(el.spare) < 2:
+            el.spare.append(buffers)
+
+    def _write_batches(self, batches: list, commit: bool = False) -> None:
+        """Append staged batches, then (``commit``) make the rows durable: a flush's work on the writing thread."""
+        for el, *rows in batches:
+            self._write_rows(el, *rows)
+        if commit and not self._failed:
+            self._commit_rows()
+
+    def _hand_over(self, elements, commit: bool = False) -> None:
+        """Hand the staged rows of ``elements`` to the datasets: written now, or queued as one call of the
+        writing thread (the run's thread goes on filling other buffers: double buffering)."""
+        batches = [(el, *el.take_staged()) for el in elements if el.staged]
+        if self._work is not None:
+            if batches or commit:
+                self._work.submit(self._write_batches, batches, commit)
+            return
+        for i, (el, *rows) in enumerate(batches):
+            try:
+                self._write_rows(el, *rows)
+            except BaseException:
+                for late, values, *_, buffers in batches[i:]:  # kept staged, appended by the next flush
+                    late.restage(len(values), buffers)
+                raise
+        if commit:
+            self._commit_rows()
+
+    def _align_staged(self) -> None:
+        """Drop a frame's rows staged for some of its elements only (an interruption between two)."""
+        totals = [el.handed + el.staged for el in self._frame_elements]
+        if len(set(totals)) > 1:
+            common = min(totals)
+            for el in self._frame_elements:
+                el.staged -= min(el.staged, el.handed + el.staged - common)
+                # Rows already handed over beyond the common count are cut back by _repair.
+                el.last_step = int(el.stage_step[el.staged - 1]) if el.staged else el.handed_last_step
 
     def write_frame(self, step: int, time: float, state) -> None:
         """Append the state at (step, time); the only place where positions leave the device."""
         self._check_open()
         step, time = int(step), float(time)
-        if self._work is not None:
-            arrays = self._frame_arrays(state, copy=True)
-            self._work.submit(self._write_frame_arrays, step, time, arrays)
-            return
         with self._io("write a frame"):
             self._maybe_flush()
-            self._write_frame_arrays(step, time, self._frame_arrays(state), flushed=True)
+            # The writing thread writes a large row (batch_rows) from the array itself: a copy it owns.
+            owned = [self._work is not None and el.batch == 1 for el in self._frame_elements]
+            self._write_frame_arrays(step, time, self._frame_arrays(state, copy=owned))
 
-    def _frame_arrays(self, state, copy: bool = False) -> list[np.ndarray]:
-        """The frame's host arrays, one per frame element, checked against the run's shapes. ``copy``: arrays
-        the caller owns (a host state's tensors share memory with the arrays otherwise)."""
+    def _frame_arrays(self, state, copy=()) -> list[np.ndarray]:
+        """The frame's host arrays, one per frame element, checked against the run's shapes. ``copy[i]``: the
+        caller owns the i-th array (a host state's tensors share memory with the arrays otherwise)."""
         run = self.run
 
-        def host(t: torch.Tensor) -> np.ndarray:
+        def host(t: torch.Tensor, i: int) -> np.ndarray:
             # .cpu() of a device tensor is already a new host copy; a host tensor's array is its memory
             a = t.cpu().numpy()
-            return np.array(a) if copy and t.device.type == "cpu" else a
+            return np.array(a) if i < len(copy) and copy[i] and t.device.type == "cpu" else a
 
         if run.kind == "particles":
             x = getattr(state, "x", None)
@@ -735,7 +866,7 @@ class H5MDWriter(Writer):
                     f"{self.path}: expected a Particles state of shape (R, N, d) = "
                     f"{(run.replicas, run.size, run.dim)}, received {state!r}"
                 )
-            arrays = [host(x.detach().reshape(run.rows, run.dim))]
+            arrays = [host(x.detach().reshape(run.rows, run.dim), 0)]
             if run.channels:
                 held = getattr(state, "channels", {})
                 for name, tail in run.channels.items():
@@ -746,9 +877,9 @@ class H5MDWriter(Writer):
                             f"{self.path}: channel {name!r} must have shape {(run.replicas, run.size, *tail)} in "
                             f"every frame; received {got}"
                         )
-                    arrays.append(host(value.detach().reshape(run.rows, *tail).to(x.dtype)))
+                    arrays.append(host(value.detach().reshape(run.rows, *tail).to(x.dtype), len(arrays)))
             if run.moving_weights:
-                arrays.append(host(state.weights_or_uniform().detach().reshape(run.rows).to(torch.float64)))
+                arrays.append(host(state.weights_or_uniform().detach().reshape(run.rows).to(torch.float64), len(arrays)))
             return arrays
         if run.kind == "mixtures":
             R, K, d = run.replicas, run.size, run.dim
@@ -773,45 +904,35 @@ class H5MDWriter(Writer):
         flat = flat.cpu().numpy()
         return [np.ascontiguousarray(flat[:, :d]), np.ascontiguousarray(flat[:, d:]).reshape(R, d, d)]
 
-    def _write_frame_arrays(self, step: int, time: float, arrays: list[np.ndarray], flushed: bool = False) -> None:
-        """Append one frame's arrays (on the writing thread with ``background``); ``flushed``: the due
-        flush that precedes a frame already ran."""
-        with self._io("write a frame"):
-            if not flushed:
-                self._maybe_flush()
-            for el, value in zip(self._frame_elements, arrays):
-                self._append(el, step, time, value)
-            self.stats["frames"] += 1
-            self._pending_rows += 1
-            if not self._observables and not self.run.observable_names:
-                self._maybe_flush()
+    def _write_frame_arrays(self, step: int, time: float, arrays: list[np.ndarray]) -> None:
+        """Append one frame's arrays (staged on the run's thread; see :meth:`_append`)."""
+        for el, value in zip(self._frame_elements, arrays):
+            self._append(el, step, time, value)
+        self.stats["frames"] += 1
+        self._pending_rows += 1
+        if not self._observables and not self.run.observable_names:
+            self._maybe_flush()
 
     def write_observables(self, step: int, time: float, values: dict) -> None:
         """Append one sample of each observable (each (R,) or (R, ...)); values leave the device here."""
         self._check_open()
         step, time = int(step), float(time)
-        if self._work is not None:
-            with self._io("write observables"):
-                host = {name: np.array(arr) for name, arr in _to_host(values).items()}
-            self._work.submit(self._write_observable_arrays, step, time, host)
-            return
         with self._io("write observables"):
             self._write_observable_arrays(step, time, _to_host(values))
 
     def _write_observable_arrays(self, step: int, time: float, host: dict) -> None:
-        with self._io("write observables"):
-            missing = {name: arr.shape for name, arr in host.items() if name not in self._observables}
-            if missing:
-                self._add_observables(missing)
-            for name, arr in host.items():
-                el = self._observables[name]
-                if arr.shape != el.sample_shape:
-                    raise ShapeError(
-                        f"{self.path}: observable {name!r} has shape {el.sample_shape} per sample in this file, "
-                        f"received {arr.shape}"
-                    )
-                self._append(el, step, time, arr)
-            self._maybe_flush()
+        missing = {name: arr.shape for name, arr in host.items() if name not in self._observables}
+        if missing:
+            self._add_observables(missing)
+        for name, arr in host.items():
+            el = self._observables[name]
+            if arr.shape != el.sample_shape:
+                raise ShapeError(
+                    f"{self.path}: observable {name!r} has shape {el.sample_shape} per sample in this file, "
+                    f"received {arr.shape}"
+                )
+            self._append(el, step, time, arr if self._work is None or el.batch > 1 else np.array(arr))
+        self._maybe_flush()
 
     def _add_observables(self, shapes: dict) -> None:
         # New datasets cannot be created safely in SWMR mode: leave it (a clean close), add them,
@@ -837,7 +958,15 @@ class H5MDWriter(Writer):
         if not due and self.flush_seconds is not None:
             due = _clock() - self._last_flush >= self.flush_seconds
         if due:
-            self.flush()
+            if self._work is None:
+                self.flush()
+            else:
+                # The writing thread appends the staged rows and commits them; the run goes on.
+                self._work.raise_error()
+                self._align_staged()
+                self._hand_over(self._elements(), commit=True)
+                self._pending_rows = 0
+                self._last_flush = _clock()
 
     def _repair(self) -> None:
         """Cut datasets back to complete rows after an interrupted write."""
@@ -870,7 +999,7 @@ class H5MDWriter(Writer):
         free = st.f_bavail * st.f_frsize
         need = SPACE_MARGIN
         for el in self._elements():
-            pending = el.rows - el.committed
+            pending = el.rows + el.staged - el.committed
             if pending <= 0:
                 continue
             for ds in (el.value, el.step, el.time):
@@ -904,13 +1033,24 @@ class H5MDWriter(Writer):
         if self._failed:
             # Never let a checkpoint be saved after rows that did not reach the file.
             raise TrajectoryFileError(f"{self.path}: an earlier write failed; the file holds the rows flushed before it")
-        with self._io("flush the trajectory"):
-            self._repair()
-            self._check_space()
-            self._commit()
-        self.stats["flushes"] += 1
+        self._align_staged()
+        self._hand_over(self._elements(), commit=True)
+        if self._work is not None:
+            self._work.drain()
         self._pending_rows = 0
         self._last_flush = _clock()
+
+    def _commit_rows(self) -> None:
+        """Cut back an interrupted write, then make the rows durable (module docstring, "Durability")."""
+        if self._failed:
+            raise TrajectoryFileError(f"{self.path}: an earlier write failed; the file holds the rows flushed before it")
+        with self._io("flush the trajectory"):
+            self._repair()
+            # Nothing new since the last commit (a flush right before close): the file already says it all.
+            if any(el.rows != el.committed for el in self._elements()):
+                self._check_space()
+                self._commit()
+        self.stats["flushes"] += 1
 
     def set_status(self, status: str, step: int, time: float, message: str = "") -> None:
         """Record the run's final status in /measureflow/status (written at close)."""
@@ -965,6 +1105,7 @@ class H5MDWriter(Writer):
                 # that already have their place in the file.
                 with contextlib.suppress(Exception):
                     for el in self._elements():
+                        el.staged = 0
                         el.cut(el.committed)
                 self._file = None
                 try:
@@ -1000,7 +1141,10 @@ class H5MDWriter(Writer):
         """Frames written (complete rows of the position / mean dataset)."""
         if self._work is not None:
             self._work.drain()
-        return self._frame_elements[0].rows if self._frame_elements else 0
+        if not self._frame_elements:
+            return 0
+        el = self._frame_elements[0]
+        return el.rows + el.staged
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("open" if self._file is not None else "new")
