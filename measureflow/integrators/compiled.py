@@ -44,6 +44,10 @@ import torch
 
 __all__ = ["CompiledStep", "compilable", "compile_available"]
 
+#: The torch.compile backend of compiled steps ("aot_eager" traces the same graphs without generating
+#: code: faster to compile, for checks of the tracing itself).
+backend = "inductor"
+
 _lock = threading.Lock()
 #: Compiled updates of this process, by (method, device type).
 _updates: dict = {}
@@ -71,7 +75,7 @@ def _update(solver, dynamics, times, y0, k1):
 
 
 def _compiled_update(solver, device: torch.device):
-    key = (solver.tableau, solver.name, type(solver), device.type)
+    key = (solver.tableau, solver.name, type(solver), device.type, backend)
     with _lock:
         fn = _updates.get(key)
         if fn is None:
@@ -79,10 +83,10 @@ def _compiled_update(solver, device: torch.device):
             # code object per method and device keeps runs of different methods from crowding out
             # each other's graphs.
             tag = "".join(c if c.isalnum() else "_" for c in solver.name)
-            code = _update.__code__.replace(co_name=f"compiled_step_{tag}_{device.type}")
+            code = _update.__code__.replace(co_name=f"compiled_step_{tag}_{device.type}_{backend}")
             fresh = types.FunctionType(code, _update.__globals__, code.co_name)
-            mode = "reduce-overhead" if device.type == "cuda" else None
-            fn = torch.compile(fresh, mode=mode, dynamic=None)
+            mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+            fn = torch.compile(fresh, mode=mode, backend=backend)
             _updates[key] = fn
     return fn
 

@@ -28,6 +28,10 @@ from torch import nn
 
 __all__ = ["CompiledGradient"]
 
+#: The torch.compile backend ("aot_eager" traces the same graph without generating code: faster to
+#: compile, for checks of the tracing itself).
+backend = "inductor"
+
 
 class CompiledGradient:
     """``loss(model, *batch)`` and its gradient with respect to ``model``'s trainable weights, compiled.
@@ -59,7 +63,7 @@ class CompiledGradient:
             with torch.no_grad():
                 return grad_and_value(params, *batch)
 
-        self._compiled = torch.compile(gradient)
+        self._compiled = torch.compile(gradient, backend=backend)
 
     def __call__(self, *batch) -> torch.Tensor:
         if self.failure is None:
