@@ -18,8 +18,10 @@ between. :class:`CompiledStep` wraps a solver for one run:
   stage times as 0-dim tensors. A field that reads t as a Python number (``float(t)``,
   ``math.exp(t)``) still works but recompiles at every new time until torch's recompile limit sends
   it back to eager; such a field gains nothing from ``compile=True``. A first-same-as-last method
-  compiles twice (without, then with the carried first stage), and a new shape or dtype once more. Compiled graphs are
-  cached per process and method, so later runs of the same field reuse them;
+  compiles twice (without, then with the carried first stage), a new shape or dtype once more.
+  Likewise a field or network that changes its own Python attributes at every call (a call
+  counter) is guarded on them and recompiles at every step: keep such state out of the field.
+  Compiled graphs are cached per process and method, so later runs of the same field reuse them;
 * on CPU the graph goes to inductor's default mode; on CUDA to ``mode="reduce-overhead"`` (CUDA
   graphs: one launch per step), whose outputs live in a pool the next replay overwrites, so they are
   copied out before the step returns;
