@@ -46,6 +46,7 @@ import pytest
 import torch
 
 from measureflow import reductions as red
+from measureflow.reductions import compile_cache
 from measureflow.errors import ShapeError, StateError
 
 RTOL64 = 1e-11
@@ -220,7 +221,8 @@ def test_fused_kernel_is_reused_across_shapes(monkeypatch):
     monkeypatch.setattr(red, "config", red.ReductionConfig(compile="on"))
     x, y = clouds(1, 40, 50, 2, seed=20)
     red.kernel_sum(x, y, bandwidth=0.9, gradient="both")  # compiled here if not yet
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    counters = torch._dynamo.utils.counters
+    graphs, built = counters["stats"]["unique_graphs"], counters["inductor"]["fxgraph_cache_miss"]
     for R, N, M in ((1, 1, 7), (3, 5, 1), (2, 33, 33), (4, 2, 2)):
         x, y = clouds(R, N, M, 2, seed=R + N + M)
         w = simplex(R, M, seed=N)
@@ -228,7 +230,72 @@ def test_fused_kernel_is_reused_across_shapes(monkeypatch):
         S, G = red.kernel_sum(x, y, weights=w, bandwidth=0.9, gradient="both", block_size=(3, 4))
         close(S, S_ref, RTOL64)
         close(G, G_ref, RTOL64)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a new shape recompiled"
+    assert counters["stats"]["unique_graphs"] == graphs, "a new shape recompiled"
+    assert counters["inductor"]["fxgraph_cache_miss"] == built, "a new shape made inductor generate code"
+
+
+FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from torch._dynamo.utils import counters
+    from measureflow import reductions as red
+    torch.set_num_threads(int(sys.argv[1]))  # the serial and the parallel kernels are separate compiles
+    red.config.compile = "on"
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(1, 123, 2, generator=g, dtype=torch.float64), torch.randn(1, 77, 2, generator=g, dtype=torch.float64)
+    red.kernel_sum(x, y, bandwidth=0.9, gradient="both")
+    assert "kernel_sum" in str(list(red.fused.kernels)), "the fused path did not run"
+    print(json.dumps({**counters["inductor"], **counters["aot_autograd"]}))
+    """
+)
+
+
+def test_fused_kernel_is_served_from_disk_to_a_fresh_process(monkeypatch):
+    """After one compile on this machine, a new process at a new N compiles nothing.
+
+    This process compiles the float64 Gaussian kernel sum (or finds it on disk already); a fresh
+    interpreter, with the environment this one compiled under (so the same
+    TORCHINDUCTOR_CACHE_DIR, the lasting directory of ``reductions.compile_cache`` unless set),
+    calls it at sizes this process never used. A compile there is an inductor FX-graph or
+    AOTAutograd cache miss; finding the kernel on disk is a hit. No counter depends on timing.
+    """
+    if not HAS_COMPILER:
+        pytest.skip("torch.compile on CPU needs a C++ compiler; none found")
+    monkeypatch.setattr(red, "config", red.ReductionConfig(compile="on"))
+    x, y = clouds(1, 40, 50, 2, seed=20)
+    red.kernel_sum(x, y, bandwidth=0.9, gradient="both")
+    assert os.environ.get(compile_cache.ENV), "no compile-cache directory chosen before the compile"
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_SCRIPT, str(torch.get_num_threads())],
+        capture_output=True, text=True, env=dict(os.environ), timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert counts.get("fxgraph_cache_miss", 0) == 0 and counts.get("autograd_cache_miss", 0) == 0, counts
+    assert counts.get("fxgraph_cache_hit", 0) + counts.get("autograd_cache_hit", 0) >= 1, counts
+
+
+def test_compile_cache_directory_defaults_to_a_lasting_one(monkeypatch, tmp_path):
+    """Unset or torch's default: $XDG_CACHE_HOME/measureflow/inductor, created; set by the user: left alone."""
+    cc = compile_cache
+    monkeypatch.setenv(cc.ENV, "")  # recorded, so that teardown restores the variable as it was
+    monkeypatch.delenv(cc.ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    chosen = cc.use_lasting_directory()
+    assert chosen == str(tmp_path / "measureflow" / "inductor") == os.environ[cc.ENV]
+    assert Path(chosen).is_dir()
+    monkeypatch.setenv(cc.ENV, str(tmp_path / "mine"))
+    assert cc.use_lasting_directory() == str(tmp_path / "mine")
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv(cc.ENV, default_cache_dir())  # what importing torch._dynamo writes there
+    assert cc.use_lasting_directory() == str(tmp_path / "measureflow" / "inductor")
+    monkeypatch.delenv(cc.ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("not a directory")
+    assert cc.use_lasting_directory() is None  # torch keeps its default
+    assert os.environ.get(cc.ENV) in (None, default_cache_dir())
 
 
 def test_singular_kernels_at_coincident_points(path):

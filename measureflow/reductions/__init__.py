@@ -17,8 +17,10 @@ Two execution paths compute the same numbers:
   distance, kernel and every weighted sum in registers, without writing any N×M temporary. Used for
   d ≤ ``config.fused_max_dim`` and named kernels when compiling is allowed (``MEASUREFLOW_COMPILE``,
   see :class:`ReductionConfig`). One compile serves every N, M and R (shapes are symbolic and the
-  replica loop runs in Python), so a process pays it once per static configuration (reduction,
-  kernel or score, d, number of value channels, gradient or not, dtype). float32 on CPU uses a
+  replica loop runs in Python), and torch's on-disk caches, kept in a lasting directory
+  (:mod:`.compile_cache`), hand it to later processes: a machine pays it once per static
+  configuration (reduction, kernel or score, d, number of value channels, gradient or not, dtype,
+  serial or parallel) and torch version; a fresh process only traces and loads it. float32 on CPU uses a
   polynomial exp accurate to ~2·10⁻⁷ relative (float32 rounding), otherwise ``torch.exp``; the
   CPU code is compiled with FMA contraction.
 * **blocked eager**: (bn × bm) blocks sized from a memory budget, GEMMs for the value sums, the
@@ -39,7 +41,8 @@ Layout (one job a module): :mod:`.settings` (:class:`ReductionConfig` and :data:
 :mod:`.arguments` (argument checks), :mod:`.blocking` (eager block sizes, explicit squared
 distances), :mod:`.kernel_sums` and :mod:`.softmax` (the two reductions and their eager paths),
 :mod:`.cpu_attention` (softmax averages on torch's CPU attention kernel), :mod:`.fused` and
-:mod:`.fused_kernels` (the compiled path); :mod:`.sinkhorn` (log-domain Sinkhorn on the softmax
+:mod:`.fused_kernels` (the compiled path), :mod:`.compile_cache` (where its compiled code
+persists); :mod:`.sinkhorn` (log-domain Sinkhorn on the softmax
 average: OT_ε potentials and the debiased divergence, which fields import from here, never from a
 plugin).
 """

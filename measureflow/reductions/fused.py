@@ -2,7 +2,9 @@
 
 The kernels themselves (:mod:`.fused_kernels`) are loop nests that ``torch.compile`` turns into one
 generated kernel per (replica, column block). One compile serves every N, M and R (the shapes are
-symbolic and the replica loop runs in Python), so a process pays it once per static configuration.
+symbolic and the replica loop runs in Python), and torch's on-disk caches, kept in a lasting
+directory (:mod:`.compile_cache`), serve it to later processes: a machine pays it once per torch
+version, dtype and static configuration; a fresh process traces the kernel and loads it.
 A failed compile or call warns once and turns the fused path off for the rest of the process
 (:data:`failure`); the callers then take the blocked eager path.
 """
@@ -17,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from . import settings
+from . import compile_cache, settings
 from .blocking import spans
 
 __all__ = ["kernels", "failure", "compiled_kernel", "use_fused", "run", "packed", "fused_spans"]
@@ -54,6 +56,7 @@ def compiled_kernel(kind: str, key: tuple, make: Callable) -> Callable:
         with _compile_lock:
             fn = kernels.get(full)
             if fn is None:
+                compile_cache.use_lasting_directory()
                 tag = "_".join(str(int(k) if isinstance(k, bool) else k) for k in key) + ("_par" if parallel else "")
                 fn = torch.compile(_specialise(make(*key), tag), dynamic=True, fullgraph=True, options=_options())
                 kernels[full] = fn
@@ -67,14 +70,22 @@ def _options() -> dict:
     the exp polynomial and the weighted sums costs two instructions; allowing contraction into
     FMAs makes the CPU kernels ≈ 1.6× faster and rounds once instead of twice (never less
     accurate). Ignored by the GPU backend; left out where this torch has no such option.
+
+    No precompiled header: with one, every process that loads a cached kernel first preprocesses
+    and hashes torch's headers again (a ``g++ -E``, ≈ 0.3 s on a loaded 2-core machine) to find
+    the header's key; the kernels are compiled once per machine, so what the header saves a
+    compile never repays that. The same source and flags build the same code either way.
     """
     try:
         from torch._inductor import config as inductor_config
     except ImportError:
         return {}
+    options = {}
     if hasattr(inductor_config, "cpp") and hasattr(inductor_config.cpp, "enable_floating_point_contract_flag"):
-        return {"cpp.enable_floating_point_contract_flag": "fast"}
-    return {}
+        options["cpp.enable_floating_point_contract_flag"] = "fast"
+    if hasattr(inductor_config, "cpp_cache_precompile_headers"):
+        options["cpp_cache_precompile_headers"] = False
+    return options
 
 
 def _shape_options():
