@@ -44,6 +44,8 @@ import warnings
 
 import torch
 
+from ..reductions.compile_cache import use_lasting_directory
+
 __all__ = ["CompiledStep", "compilable", "compile_available"]
 
 #: The torch.compile backend of compiled steps ("aot_eager" traces the same graphs without generating
@@ -88,6 +90,7 @@ def _compiled_update(solver, device: torch.device):
             code = _update.__code__.replace(co_name=f"compiled_step_{tag}_{device.type}_{backend}")
             fresh = types.FunctionType(code, _update.__globals__, code.co_name)
             mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+            use_lasting_directory()  # the compiled code outlives the process (as the fused reductions')
             fn = torch.compile(fresh, mode=mode, backend=backend)
             _updates[key] = fn
     return fn

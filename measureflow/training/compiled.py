@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..reductions.compile_cache import use_lasting_directory
+
 __all__ = ["CompiledGradient"]
 
 #: The torch.compile backend ("aot_eager" traces the same graph without generating code: faster to
@@ -63,6 +65,7 @@ class CompiledGradient:
             with torch.no_grad():
                 return grad_and_value(params, *batch)
 
+        use_lasting_directory()  # the compiled code outlives the process (as the fused reductions')
         self._compiled = torch.compile(gradient, backend=backend)
 
     def __call__(self, *batch) -> torch.Tensor:
