@@ -121,6 +121,25 @@ class Counted(nn.Module):
         return self.net(x, t)
 
 
+def take_turns(sides: dict, run, warm, repeats: int) -> dict:
+    """``run(side)`` for every side ``repeats`` times in turns (order reversed every other round), after
+    one untimed ``warm(side)`` each (which also pays a compiled side's compile). Per side, the list of
+    what ``run`` returned, in round order."""
+    names = list(sides)
+    for name in names:
+        warm(sides[name])
+    out = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else reversed(names):
+            out[name].append(run(sides[name]))
+    return out
+
+
+def paired(num: list, den: list) -> float:
+    """Median over rounds of wall(num) / wall(den), each ratio from one round's adjacent blocks."""
+    return median(a[0] / b[0] for a, b in zip(num, den))
+
+
 # -- training ---------------------------------------------------------------------------------------
 
 
@@ -142,10 +161,10 @@ class Clock:
         return False
 
 
-def train_measureflow(net, source, points, coupling, batch, steps, device):
+def train_measureflow(net, source, points, coupling, batch, steps, device, compile=False):
     with Clock(device) as clock:
         train_velocity(source, points, "linear", coupling=coupling, model=net, steps=steps, batch_size=batch,
-                       lr=1e-3, progress=False, device=device)
+                       lr=1e-3, progress=False, device=device, compile=compile)
     return clock.wall / steps, clock.cpu / steps
 
 
@@ -178,14 +197,16 @@ def bench_training(args, device, net0, points):
     rows = []
     for batch in args.batch_sizes:
         for coupling, matcher, steps in cases:
-            ours = lambda n: train_measureflow(copy.deepcopy(net0), source, points, coupling, batch, n, device)  # noqa: E731
-            peer = lambda n: train_torchcfm(copy.deepcopy(net0), matcher, points, batch, n, device)  # noqa: E731
-            ours(2), peer(2)  # warm-up: allocator, POT import, first-call paths
-            mine, theirs = [], []
-            for r in range(args.repeats):
-                pair = ((mine, ours), (theirs, peer)) if r % 2 == 0 else ((theirs, peer), (mine, ours))
-                for out, fn in pair:
-                    out.append(fn(steps))
+            sides = {
+                "measureflow": lambda n: train_measureflow(copy.deepcopy(net0), source, points, coupling, batch, n,
+                                                           device),
+                "torchcfm": lambda n: train_torchcfm(copy.deepcopy(net0), matcher, points, batch, n, device),
+            }
+            if args.compile:
+                sides["compiled"] = lambda n: train_measureflow(copy.deepcopy(net0), source, points, coupling, batch,
+                                                                n, device, compile=True)
+            times = take_turns(sides, lambda fn: fn(steps), lambda fn: fn(2), args.repeats)
+            mine, theirs = times["measureflow"], times["torchcfm"]
             row = {"batch": batch, "coupling": coupling, "steps_timed": steps,
                    "measureflow_s": min(w for w, _ in mine), "torchcfm_s": min(w for w, _ in theirs),
                    "measureflow_cpu_s": min(c for _, c in mine), "torchcfm_cpu_s": min(c for _, c in theirs),
@@ -193,17 +214,27 @@ def bench_training(args, device, net0, points):
             row["ratio"] = row["torchcfm_s"] / row["measureflow_s"]
             row["cpu_ratio"] = row["torchcfm_cpu_s"] / row["measureflow_cpu_s"]
             row["median_ratio"] = median(w for w, _ in theirs) / median(w for w, _ in mine)
+            row["paired_ratio"] = paired(theirs, mine)
+            line = (f"train  B={batch:<5} {coupling:<12} measureflow {1e3 * row['measureflow_s']:9.3f} ms  "
+                    f"TorchCFM {1e3 * row['torchcfm_s']:9.3f} ms  TorchCFM/measureflow {row['ratio']:5.2f} "
+                    f"(CPU time {row['cpu_ratio']:5.2f}, medians {row['median_ratio']:5.2f}, paired {row['paired_ratio']:5.2f})")
+            if args.compile:
+                comp = times["compiled"]
+                row.update(compiled_s=min(w for w, _ in comp), compiled_cpu_s=min(c for _, c in comp), compiled_all=comp)
+                row["compiled_ratio"] = row["torchcfm_s"] / row["compiled_s"]
+                row["compiled_cpu_ratio"] = row["torchcfm_cpu_s"] / row["compiled_cpu_s"]
+                row["compiled_paired_ratio"] = paired(theirs, comp)
+                line += (f"\n       compiled {1e3 * row['compiled_s']:9.3f} ms  TorchCFM/compiled {row['compiled_ratio']:5.2f} "
+                         f"(CPU time {row['compiled_cpu_ratio']:5.2f}, paired {row['compiled_paired_ratio']:5.2f})")
             rows.append(row)
-            print(f"train  B={batch:<5} {coupling:<12} measureflow {1e3 * row['measureflow_s']:9.3f} ms  "
-                  f"TorchCFM {1e3 * row['torchcfm_s']:9.3f} ms  TorchCFM/measureflow {row['ratio']:5.2f} "
-                  f"(CPU time {row['cpu_ratio']:5.2f}, medians {row['median_ratio']:5.2f})", flush=True)
+            print(line, flush=True)
     return rows
 
 
 # -- sampling ---------------------------------------------------------------------------------------
 
 
-def integrate_measureflow(counted, x0, method, n, tol):
+def integrate_measureflow(counted, x0, method, n, tol, compile=False, with_nfev=False):
     if method == "rk4":
         integrator = measureflow.integrator("rk4")
     elif method == "rk4_3/8":
@@ -212,10 +243,12 @@ def integrate_measureflow(counted, x0, method, n, tol):
         integrator = DormandPrince5(rtol=tol, atol=tol)
     field = measureflow.field("learned", model=counted)
     sim = measureflow.Simulation(measureflow.Particles(x0[None]), field, integrator, 0.0, 1.0,
-                                 steps=n if method != "dopri5" else 1, progress=False)
+                                 steps=n if method != "dopri5" else 1, progress=False, compile=compile)
     result = sim.run()
     if not result.ok:
         raise RuntimeError(f"measureflow run did not complete: {result.status}")
+    if with_nfev:
+        return result.state.x[0], result.integrator_stats["nfev"]
     return result.state.x[0]
 
 
@@ -240,15 +273,16 @@ def timed(fn, counted, device):
     return clock.wall, clock.cpu, counted.calls, out
 
 
-def bench_sampling(args, device, net):
+def bench_sampling(args, device, net, dtype):
     gen = torch.Generator().manual_seed(args.seed + 1)
-    x0 = torch.randn(args.particles, 2, generator=gen).to(device=device, dtype=args.dtype)
-    net = copy.deepcopy(net).to(device=device, dtype=args.dtype).eval()
+    x0 = torch.randn(args.particles, 2, generator=gen).to(device=device, dtype=dtype)
+    net = copy.deepcopy(net).to(device=device, dtype=dtype).eval()
     counted = Counted(net)
     reference = integrate_measureflow(counted, x0, "dopri5", 1, 1e-12)
     check = integrate_torchdiffeq(counted, x0, "dopri5", 1, 1e-12)
     ref_gap = float((reference - check).abs().max())
-    print(f"sample reference (dopri5, tol 1e-12): measureflow vs torchdiffeq max |diff| {ref_gap:.1e}")
+    tag = str(dtype).replace("torch.", "")
+    print(f"sample {tag} reference (dopri5, tol 1e-12): measureflow vs torchdiffeq max |diff| {ref_gap:.1e}")
 
     # The 3/8-rule rows check that the same method gives the same endpoints: one step count is enough.
     cases = [("rk4", n, None) for n in args.rk4_steps] + [("rk4_3/8", args.rk4_steps[0], None)]
@@ -256,22 +290,30 @@ def bench_sampling(args, device, net):
     rows = []
     for method, n, tol in cases:
         peer_method = "dopri5" if method == "dopri5" else "rk4"
-        ours = lambda: integrate_measureflow(counted, x0, method, n, tol)  # noqa: E731
-        peer = lambda: integrate_torchdiffeq(counted, x0, peer_method, n, tol)  # noqa: E731
-        ours(), peer()  # warm-up
-        mine, theirs = [], []
-        for r in range(args.repeats):
-            pair = ((mine, ours), (theirs, peer)) if r % 2 == 0 else ((theirs, peer), (mine, ours))
-            for out, fn in pair:
-                out.append(timed(fn, counted, device))
+        sides = {
+            "measureflow": lambda: integrate_measureflow(counted, x0, method, n, tol),
+            "torchdiffeq": lambda: integrate_torchdiffeq(counted, x0, peer_method, n, tol),
+        }
+        if args.compile:
+            def compiled_side(method=method, n=n, tol=tol):
+                # The bare network: a Python counter inside a compiled graph is a side effect that
+                # dynamo guards on (a recompile per call); the run's own counter gives the evaluations.
+                y, nfev = integrate_measureflow(net, x0, method, n, tol, compile=True, with_nfev=True)
+                counted.calls += nfev
+                return y
+
+            sides["compiled"] = compiled_side
+        times = take_turns(sides, lambda fn: timed(fn, counted, device), lambda fn: fn(), args.repeats)
+        mine, theirs = times["measureflow"], times["torchdiffeq"]
         t_m, _, nfev_m, y_m = min(mine, key=lambda v: v[0])
         t_p, _, nfev_p, y_p = min(theirs, key=lambda v: v[0])
         c_m, c_p = min(v[1] for v in mine), min(v[1] for v in theirs)
         row = {
-            "method": method, "steps": n, "tol": tol,
+            "dtype": tag, "particles": args.particles, "method": method, "steps": n, "tol": tol,
             "measureflow_s": t_m, "torchdiffeq_s": t_p, "ratio": t_p / t_m,
             "measureflow_cpu_s": c_m, "torchdiffeq_cpu_s": c_p, "cpu_ratio": c_p / c_m,
             "median_ratio": median(v[0] for v in theirs) / median(v[0] for v in mine),
+            "paired_ratio": paired(theirs, mine),
             "measureflow_nfev": nfev_m, "torchdiffeq_nfev": nfev_p,
             "measureflow_per_eval_s": t_m / nfev_m, "torchdiffeq_per_eval_s": t_p / nfev_p,
             "max_diff": float((y_m - y_p).abs().max()),
@@ -279,11 +321,24 @@ def bench_sampling(args, device, net):
             "torchdiffeq_err": float((y_p - reference).abs().max()),
             "measureflow_all": [v[:2] for v in mine], "torchdiffeq_all": [v[:2] for v in theirs],
         }
-        rows.append(row)
         label = f"{method} n={n}" if tol is None else f"{method} tol={tol:g}"
-        print(f"sample {label:<16} measureflow {t_m:8.4f} s ({nfev_m:4d} evals)  torchdiffeq {t_p:8.4f} s "
-              f"({nfev_p:4d} evals)  torchdiffeq/measureflow {row['ratio']:5.2f} (CPU {row['cpu_ratio']:5.2f}, medians {row['median_ratio']:5.2f})  max|diff| {row['max_diff']:.1e}  "
-              f"err {row['measureflow_err']:.1e} / {row['torchdiffeq_err']:.1e}", flush=True)
+        line = (f"sample {tag} {label:<16} measureflow {t_m:8.4f} s ({nfev_m:4d} evals)  torchdiffeq {t_p:8.4f} s "
+                f"({nfev_p:4d} evals)  torchdiffeq/measureflow {row['ratio']:5.2f} (CPU {row['cpu_ratio']:5.2f}, "
+                f"medians {row['median_ratio']:5.2f}, paired {row['paired_ratio']:5.2f})  max|diff| {row['max_diff']:.1e}  "
+                f"err {row['measureflow_err']:.1e} / {row['torchdiffeq_err']:.1e}")
+        if args.compile:
+            comp = times["compiled"]
+            t_c, _, nfev_c, y_c = min(comp, key=lambda v: v[0])
+            c_c = min(v[1] for v in comp)
+            row.update(compiled_s=t_c, compiled_cpu_s=c_c, compiled_nfev=nfev_c, compiled_ratio=t_p / t_c,
+                       compiled_cpu_ratio=c_p / c_c, compiled_paired_ratio=paired(theirs, comp),
+                       compiled_vs_eager=float((y_c - y_m).abs().max()),
+                       compiled_err=float((y_c - reference).abs().max()), compiled_all=[v[:2] for v in comp])
+            line += (f"\n       compiled {t_c:8.4f} s ({nfev_c:4d} evals)  torchdiffeq/compiled {row['compiled_ratio']:5.2f} "
+                     f"(CPU {row['compiled_cpu_ratio']:5.2f}, paired {row['compiled_paired_ratio']:5.2f})  "
+                     f"max|compiled − eager| {row['compiled_vs_eager']:.1e}  err {row['compiled_err']:.1e}")
+        rows.append(row)
+        print(line, flush=True)
     return rows, ref_gap
 
 
@@ -298,10 +353,14 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--particles", type=int, default=10_000)
-    parser.add_argument("--rk4-steps", type=int, nargs="+", default=[20, 100])
+    parser.add_argument("--rk4-steps", type=int, nargs="+", default=None, help="default 20 100 (--quick: 20)")
     parser.add_argument("--tols", type=float, nargs="+", default=[1e-5, 1e-7], help="dopri5 rtol = atol")
     parser.add_argument("--pretrain", type=int, default=2000, help="training steps of the sampled network (0: random)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64", help="sampling precision")
+    parser.add_argument("--dtype", choices=["float32", "float64"], nargs="+", default=["float64"],
+                        help="sampling precision(s)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a third side: measureflow compiled (train_velocity(compile=True), "
+                             "Simulation(compile=True)); its compile is paid in the untimed warm-up")
     parser.add_argument("--repeats", type=int, default=9, help="timed blocks per side (best kept)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--skip", choices=["training", "sampling"], nargs="*", default=[])
@@ -309,8 +368,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.quick:
-        args.train_steps, args.ot_steps, args.repeats, args.pretrain, args.rk4_steps = 50, 5, 3, 0, [20]
-    args.dtype = getattr(torch, args.dtype)
+        args.train_steps, args.ot_steps, args.repeats, args.pretrain = 50, 5, 3, 0
+    if args.rk4_steps is None:
+        args.rk4_steps = [20] if args.quick else [20, 100]
+    args.dtype = [getattr(torch, d) for d in args.dtype]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
@@ -336,7 +397,7 @@ def main(argv=None) -> None:
     net0 = VelocityMLP(2, hidden=args.hidden, depth=args.depth, generator=gen).to(device)
 
     training = [] if "training" in args.skip else bench_training(args, device, net0, points)
-    sampling, ref_gap = [], None
+    sampling = []
     if "sampling" not in args.skip:
         net = copy.deepcopy(net0)
         if args.pretrain > 0:
@@ -346,9 +407,11 @@ def main(argv=None) -> None:
             env["sampled_network"] = f"trained {args.pretrain} steps, final loss {result.final_loss:.4g}"
         else:
             env["sampled_network"] = "random initialisation"
-        sampling, ref_gap = bench_sampling(args, device, net)
-        env["sampling_dtype"] = str(args.dtype).replace("torch.", "")
-        env["reference_gap"] = ref_gap
+        for dtype in args.dtype:
+            rows, ref_gap = bench_sampling(args, device, net, dtype)
+            sampling += rows
+            env[f"reference_gap_{str(dtype).replace('torch.', '')}"] = ref_gap
+        env["sampling_particles"] = args.particles
 
     stem = args.out.with_name(f"{args.out.name}-{device.type}")
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -358,28 +421,40 @@ def main(argv=None) -> None:
              "  ".join(f"{k}={v}" for k, v in env.items()), ""]
     if training:
         lines += [
-            "| batch | coupling | measureflow ms / step | TorchCFM ms / step | TorchCFM / measureflow "
-            "| same, CPU time | same, medians |",
-            "|---:|---|---:|---:|---:|---:|---:|",
+            "| batch | coupling | side | ms / step | TorchCFM ms / step | TorchCFM / side "
+            "| same, CPU time | same, paired rounds |",
+            "|---:|---|---|---:|---:|---:|---:|---:|",
         ]
         for r in training:
-            lines.append(f"| {r['batch']} | {r['coupling']} | {1e3 * r['measureflow_s']:.3f} | "
-                         f"{1e3 * r['torchcfm_s']:.3f} | {r['ratio']:.2f} | {r['cpu_ratio']:.2f} | "
-                         f"{r['median_ratio']:.2f} |")
+            for side, key in (("measureflow", ""), ("measureflow compiled", "compiled")):
+                if key and key + "_s" not in r:
+                    continue
+                k = key or "measureflow"
+                ratio, cpu = (r["compiled_ratio"], r["compiled_cpu_ratio"]) if key else (r["ratio"], r["cpu_ratio"])
+                pr = r["compiled_paired_ratio"] if key else r["paired_ratio"]
+                lines.append(f"| {r['batch']} | {r['coupling']} | {side} | {1e3 * r[k + '_s']:.3f} | "
+                             f"{1e3 * r['torchcfm_s']:.3f} | {ratio:.2f} | {cpu:.2f} | {pr:.2f} |")
         lines.append("")
     if sampling:
         lines += [
-            "| method | steps / tol | measureflow s | torchdiffeq s | torchdiffeq / measureflow | same, CPU time "
-            "| same, medians | evals mf | evals td | max \\|diff\\| | err mf | err td |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| dtype | method | steps / tol | side | s | torchdiffeq s | torchdiffeq / side | same, CPU time "
+            "| same, paired rounds | evals | evals td | max \\|diff\\| vs td | err side | err td |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in sampling:
             which = f"{r['steps']}" if r["tol"] is None else f"{r['tol']:g}"
             lines.append(
-                f"| {r['method']} | {which} | {r['measureflow_s']:.4f} | {r['torchdiffeq_s']:.4f} | {r['ratio']:.2f} | {r['cpu_ratio']:.2f} | "
-                f"{r['median_ratio']:.2f} | {r['measureflow_nfev']} | {r['torchdiffeq_nfev']} | {r['max_diff']:.1e} | "
-                f"{r['measureflow_err']:.1e} | {r['torchdiffeq_err']:.1e} |"
+                f"| {r['dtype']} | {r['method']} | {which} | measureflow | {r['measureflow_s']:.4f} | {r['torchdiffeq_s']:.4f} | "
+                f"{r['ratio']:.2f} | {r['cpu_ratio']:.2f} | {r['paired_ratio']:.2f} | {r['measureflow_nfev']} | "
+                f"{r['torchdiffeq_nfev']} | {r['max_diff']:.1e} | {r['measureflow_err']:.1e} | {r['torchdiffeq_err']:.1e} |"
             )
+            if "compiled_s" in r:
+                lines.append(
+                    f"| {r['dtype']} | {r['method']} | {which} | measureflow compiled | {r['compiled_s']:.4f} | "
+                    f"{r['torchdiffeq_s']:.4f} | {r['compiled_ratio']:.2f} | {r['compiled_cpu_ratio']:.2f} | "
+                    f"{r['compiled_paired_ratio']:.2f} | {r['compiled_nfev']} | {r['torchdiffeq_nfev']} | "
+                    f"{r['compiled_vs_eager']:.1e} (vs eager) | {r['compiled_err']:.1e} | {r['torchdiffeq_err']:.1e} |"
+                )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"\nwritten: {stem.with_suffix('.md')} and .json")
 

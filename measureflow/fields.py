@@ -60,9 +60,16 @@ def keep_graph():
         _KEEP_GRAPH.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _graph_kept() -> bool:
+    # torch.compile cannot trace a ContextVar read: a compiled step takes its value at compile
+    # time. Compiled steps never run inside keep_graph() (Simulation refuses compile with gradient=).
+    return _KEEP_GRAPH.get()
+
+
 def keeps_graph() -> bool:
     """Whether a field evaluated now should keep its autograd graph (see :func:`keep_graph`)."""
-    return _KEEP_GRAPH.get() and torch.is_grad_enabled()
+    return torch.is_grad_enabled() and _graph_kept()
 
 
 def trainable(field) -> dict:

@@ -60,6 +60,17 @@ def _check_finite(values: torch.Tensor, name: str, what: str, bad: torch.Tensor 
     )
 
 
+def _shallow_copy(state):
+    """``copy.copy`` of a slotted attrs state, written out: a compiled solver step
+    (:class:`~measureflow.integrators.CompiledStep`) builds its stage states inside the traced
+    graph, and torch.compile cannot trace copy's ``__reduce_ex__`` path through a class with slots
+    and a ``__getattr__``."""
+    new = object.__new__(type(state))
+    for attribute in type(state).__attrs_attrs__:
+        object.__setattr__(new, attribute.name, getattr(state, attribute.name))
+    return new
+
+
 @attrs.frozen(eq=False)
 class Particles:
     """Weighted particles μ = Σᵢ wᵢ δ_{xᵢ}, batched over R replicas (MATH.md §0).
@@ -163,21 +174,21 @@ class Particles:
     # -- derived states -------------------------------------------------------------------------
     def with_positions(self, x: torch.Tensor) -> "Particles":
         """Same weights, new positions; no validation (used inside the step loop)."""
-        new = copy.copy(self)
+        new = _shallow_copy(self)
         object.__setattr__(new, "x", x)
         return new
 
     def with_weights(self, weights: torch.Tensor) -> "Particles":
         """Same positions, new weights (R, N); no validation (used inside the step loop when weights
         move, MATH.md §15.6; an unbalanced flow's weights need not sum to one)."""
-        new = copy.copy(self)
+        new = _shallow_copy(self)
         object.__setattr__(new, "weights", weights)
         return new
 
     def with_channels(self, channels: dict) -> "Particles":
         """Same positions and weights, these channels added or replaced; no validation (used inside
         the step loop)."""
-        new = copy.copy(self)
+        new = _shallow_copy(self)
         object.__setattr__(new, "channels", {**self.channels, **channels})
         return new
 
@@ -195,7 +206,7 @@ class Particles:
     def to(self, device=None, dtype=None) -> "Particles":
         x = self.x.to(device=device, dtype=dtype)
         w = None if self.weights is None else self.weights.to(device=device, dtype=dtype)
-        new = copy.copy(self)
+        new = _shallow_copy(self)
         object.__setattr__(new, "x", x)
         object.__setattr__(new, "weights", w)
         object.__setattr__(new, "channels", {k: v.to(device=device, dtype=dtype) for k, v in self.channels.items()})
@@ -304,7 +315,7 @@ class Gaussians:
 
     def with_parameters(self, mean: torch.Tensor, cov: torch.Tensor) -> "Gaussians":
         """New mean and covariance; no validation (used inside the step loop)."""
-        new = copy.copy(self)
+        new = _shallow_copy(self)
         object.__setattr__(new, "mean", mean)
         object.__setattr__(new, "cov", cov)
         return new
@@ -429,7 +440,7 @@ class GaussianMixtures:
 
     def with_parameters(self, weights, means, covs) -> "GaussianMixtures":
         """New weights, means and covariances; no validation (used inside the step loop)."""
-        new = copy.copy(self)
+        new = _shallow_copy(self)
         object.__setattr__(new, "weights", weights)
         object.__setattr__(new, "means", means)
         object.__setattr__(new, "covs", covs)

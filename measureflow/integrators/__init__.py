@@ -10,6 +10,8 @@ controllers, dense output, and the run-side :class:`Stepper` that crosses output
   and :class:`PIController` (error control).
 * :class:`BrownianTree`: a fixed, refinable Brownian path, passed as a run's noise so that runs at
   several step sizes see the same path (strong errors).
+* :class:`CompiledStep`: a solver's steps compiled as one graph each (``Stepper(..., compile=True)``,
+  ``Simulation(..., compile=True)``).
 * :class:`Dynamics` binds a field to a run (channels, noise, counters); :class:`Channel` adds an
   auxiliary quantity integrated with the particles.
 
@@ -28,6 +30,7 @@ from .dynamics import Channel, Dynamics, as_dynamics
 from .noise import NoiseStream, noise_seed, standard_normal
 from .runge_kutta import DormandPrince5, ExplicitRungeKutta, rk_stages
 from .combine import combine
+from .compiled import CompiledStep, compilable, compile_available
 from .stepper import Carry, Stepper
 from .sde import SRA1, Milstein, StochasticHeun
 from .stochastic import EulerMaruyama
@@ -53,6 +56,9 @@ __all__ = [
     "noise_seed",
     "standard_normal",
     "Stepper",
+    "CompiledStep",
+    "compilable",
+    "compile_available",
     "Carry",
     "ButcherTableau",
     "ExplicitRungeKutta",

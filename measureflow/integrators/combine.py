@@ -11,7 +11,7 @@ __all__ = ["combine", "Tensors"]
 Tensors = tuple[torch.Tensor, ...]
 
 
-def combine(y: Tensors, h: float, weights: Sequence[float], ks: Sequence[Tensors]) -> Tensors:
+def combine(y: Tensors, h, weights: Sequence[float], ks: Sequence[Tensors]) -> Tensors:
     """y + h Σᵢ wᵢ kᵢ, skipping zero weights (component-wise over the tuple y).
 
     The weighted sum is accumulated first, in one fresh buffer (so small increments are summed
@@ -27,5 +27,6 @@ def combine(y: Tensors, h: float, weights: Sequence[float], ks: Sequence[Tensors
         acc = k0[comp] * w0
         for w, k in terms[1:]:
             acc.add_(k[comp], alpha=w)
-        out.append(torch.add(y_c, acc, alpha=h))
+        # A compiled step passes h as a 0-dim tensor (a Python float would be a graph constant).
+        out.append(torch.add(y_c, acc, alpha=h) if not isinstance(h, torch.Tensor) else y_c + acc * h)
     return tuple(out)

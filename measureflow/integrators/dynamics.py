@@ -160,6 +160,11 @@ class Dynamics:
         self.stats["nfev"] += 1
         return self._rate(t, y)
 
+    def evaluate(self, t: float, y) -> tuple[torch.Tensor, ...]:
+        """:meth:`rate` without counting: for a compiled step, which counts its evaluations itself
+        (a counter in a compiled graph would be a side effect to replay)."""
+        return self._rate(t, y)
+
     def _check_velocity(self, v, x):
         if v.shape != x.shape:
             raise ShapeError(

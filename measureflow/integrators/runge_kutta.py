@@ -131,9 +131,36 @@ class ExplicitRungeKutta(Solver):
         dyn = as_dynamics(dynamics, y)
         return solver_state.continues(dyn.field, t0, dyn.pack(y))
 
-    def step(self, dynamics, t0: float, t1: float, y, solver_state=None, *, dt: float | None = None) -> StepResult:
+    def stage_update(self, rate, t0: float, t1: float, h: float, y0: Tensors, k1: Tensors | None = None):
+        """The tensor work of one step, ``(y', [k₁ … k_s], error)`` from the channels ``y0`` at t0
+        (error None without an embedded pair). ``rate(t, y)`` evaluates the field; ``k1`` is f(t0, y0)
+        when already known (FSAL). It evaluates ``rate`` ``self.evaluations(k1)`` times. Pure in its
+        arguments, so :class:`~measureflow.integrators.CompiledStep` compiles it as one graph."""
+        tab = self.tableau
+        if tab.fsal:
+            ks = rk_stages(tab, rate, t0, y0, h, k1, stages=tab.stages - 1)
+            y1 = combine(y0, h, tab.b, ks)
+            # The last stage sits at (t1, y'): evaluated at t1 exactly, so that a next step starting
+            # from the returned state at t1 sees the bit-identical first stage.
+            ks.append(rate(t1, y1))
+        else:
+            ks = rk_stages(tab, rate, t0, y0, h, k1)
+            y1 = combine(y0, h, tab.b, ks)
+        error = None
+        if tab.embedded:
+            error = combine(tuple(torch.zeros_like(c) for c in y0), h, tab.b_error, ks)
+        return y1, ks, error
+
+    def evaluations(self, k1=None) -> int:
+        """Field evaluations of one :meth:`stage_update` (one fewer when the first stage is given)."""
+        return self.tableau.stages - (k1 is not None)
+
+    def step(self, dynamics, t0: float, t1: float, y, solver_state=None, *, dt: float | None = None,
+             update=None) -> StepResult:
         """One step from (t0, y) to t1. ``dt`` is the step length when the caller computed it (the
-        stage times are t0 + cᵢ·dt with the caller's rounding); by default t1 − t0."""
+        stage times are t0 + cᵢ·dt with the caller's rounding); by default t1 − t0. ``update``
+        replaces :meth:`stage_update` with a function of the same signature less ``rate`` (a
+        compiled one: :class:`~measureflow.integrators.CompiledStep`); it must count nothing."""
         dyn = as_dynamics(dynamics, y)
         h = t1 - t0 if dt is None else dt
         tab = self.tableau
@@ -144,21 +171,14 @@ class ExplicitRungeKutta(Solver):
         k1 = None
         if isinstance(solver_state, FirstStage) and solver_state.continues(dyn.field, t0, y0):
             k1 = solver_state.derivative
-        if tab.fsal:
-            ks = rk_stages(tab, dyn.rate, t0, y0, h, k1, stages=tab.stages - 1)
-            y1 = combine(y0, h, tab.b, ks)
-            # The last stage sits at (t1, y'): evaluated at t1 exactly, so that a next step starting
-            # from the returned state at t1 sees the bit-identical first stage.
-            ks.append(dyn.rate(t1, y1))
+        if update is None:
+            y1, ks, error = self.stage_update(dyn.rate, t0, t1, h, y0, k1)
         else:
-            ks = rk_stages(tab, dyn.rate, t0, y0, h, k1)
-            y1 = combine(y0, h, tab.b, ks)
+            y1, ks, error = update(dyn, t0, t1, h, y0, k1)
+            dyn.stats["nfev"] += self.evaluations(k1)
         out = dyn.unpack(y1, y)
         # Keyed on the returned state's own tensors: the next step packs exactly those.
         state = FirstStage(float(t1), dyn.field, dyn.pack(out), ks[-1]) if tab.fsal else None
-        error = None
-        if tab.embedded:
-            error = combine(tuple(torch.zeros_like(c) for c in y0), h, tab.b_error, ks)
         if tab.dense is not None:
             dense = RungeKuttaDense(dyn, t0, t1, y0, y1, y, ks, tab.dense)
         else:

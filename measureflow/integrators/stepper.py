@@ -28,6 +28,7 @@ import math
 import attrs
 
 from ..errors import TimeRangeError
+from .compiled import CompiledStep
 from .controllers import ConstantController
 from .dynamics import STAT_KEYS, Dynamics
 
@@ -61,10 +62,16 @@ class Stepper:
         the run's noise stream (a :class:`~measureflow.integrators.NoiseStream` or torch.Generator).
     channels:
         auxiliary :class:`~measureflow.integrators.Channel` rules integrated with the particles.
+    compile:
+        run each step compiled (:class:`~measureflow.integrators.CompiledStep`: stages, field
+        evaluations and update as one ``torch.compile`` graph; CUDA graphs on a GPU). Explicit
+        Runge–Kutta solvers only.
     """
 
-    def __init__(self, solver, field, state, *, controller=None, noise=None, channels=()):
+    def __init__(self, solver, field, state, *, controller=None, noise=None, channels=(), compile: bool = False):
         solver.check(field, state)
+        if compile:
+            solver = CompiledStep(solver)
         self.solver = solver
         self.controller = controller or getattr(solver, "controller", None) or ConstantController()
         self.dynamics = Dynamics(field, state, noise=noise, channels=channels)

@@ -50,6 +50,7 @@ from ..status import Status
 from ..jsonable import to_jsonable_lenient
 from ..parameterisation import check_prediction, training_target
 from ..validators import check_int, check_positive
+from .compiled import CompiledGradient
 from .common import default_device, default_optimizer, model_dtype, steps_kept
 from .networks import VelocityMLP
 
@@ -287,7 +288,7 @@ class VelocityTrainingProcess(Process):
 
     def __init__(self, *, model, optimizer, lr_scheduler, generator, draw_source, draw_target, pair, schedule,
                  t_range, batch_size: int, steps: int, device, dtype, fingerprint: str,
-                 prediction: str = "velocity", sigma: float = 1.0):
+                 prediction: str = "velocity", sigma: float = 1.0, compile: bool = False):
         self.model = model
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -309,6 +310,8 @@ class VelocityTrainingProcess(Process):
         # instead of an indexed copy per step (the step's fixed cost matters for small networks).
         self.pending: list[torch.Tensor] = []
         self.written = 0
+        #: the compiled loss-and-gradient of a step (``compile=True``), or None for eager autograd
+        self.gradient = CompiledGradient(model, self.loss) if compile else None
 
     def time_at(self, step: int) -> float:
         return float(step)
@@ -319,33 +322,18 @@ class VelocityTrainingProcess(Process):
 
     def advance(self, state, step: int):
         batch, generator, device, dtype = self.batch_size, self.generator, self.device, self.dtype
-        lo, span = self.t_lo, self.t_hi - self.t_lo
         x0 = self.draw_source(batch, generator)
         x1 = self.draw_target(batch, generator)
         if self.pair is not None:
             x0, x1 = self.pair(x0, x1, generator=generator)
         t = torch.rand(batch, generator=generator, device=device, dtype=dtype)
-        if lo != 0.0 or span != 1.0:
-            t = lo + span * t
-        # Coefficients of shape (B, 1), broadcasting against the (B, d) batch.
-        a, da, b, db = self.schedule.coefficients(t.unsqueeze(-1))
-        if a.dtype != dtype:
-            a, da, b, db = (c.to(dtype) for c in (a, da, b, db))
-        z = torch.addcmul(a * x0, b, x1)
-        if self.prediction == "velocity":
-            u = torch.addcmul(da * x0, db, x1)
-            v = self.model(z, t)
-            # mean_i |v_i − u_i|², one fused kernel with one backward node
-            loss = F.mse_loss(v, u, reduction="sum") / v.shape[0]
-        else:
-            # x0 / noise regression, or denoising score matching weighted by (bσ)² (MATH.md §15.2)
-            u, weight = training_target(self.prediction, x0, x1, (a, da, b, db), self.sigma)
-            v = self.model(z, t)
-            sq = (v - u).square()
-            loss = (sq if weight is None else sq * weight).sum() / v.shape[0]
         opt = self.optimizer
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.gradient is not None:
+            loss = self.gradient(x0, x1, t)  # sets every weight's .grad
+        else:
+            loss = self.loss(self.model, x0, x1, t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
@@ -354,6 +342,28 @@ class VelocityTrainingProcess(Process):
         if len(self.pending) >= _LOSS_BUFFER:
             self.flush_losses()
         return loss
+
+    def loss(self, model, x0, x1, t):
+        """The mini-batch loss of ``model`` at the pairs (x0, x1) and uniform draws t ∈ [0, 1)
+        (rescaled to the run's t_range): mean_i |v_θ(Z_t, t) − (a'_t X0 + b'_t X1)|² for a velocity."""
+        lo, span = self.t_lo, self.t_hi - self.t_lo
+        if lo != 0.0 or span != 1.0:
+            t = lo + span * t
+        # Coefficients of shape (B, 1), broadcasting against the (B, d) batch.
+        a, da, b, db = self.schedule.coefficients(t.unsqueeze(-1))
+        if a.dtype != self.dtype:
+            a, da, b, db = (c.to(self.dtype) for c in (a, da, b, db))
+        z = torch.addcmul(a * x0, b, x1)
+        if self.prediction == "velocity":
+            u = torch.addcmul(da * x0, db, x1)
+            v = model(z, t)
+            # mean_i |v_i − u_i|², one fused kernel with one backward node
+            return F.mse_loss(v, u, reduction="sum") / v.shape[0]
+        # x0 / noise regression, or denoising score matching weighted by (bσ)² (MATH.md §15.2)
+        u, weight = training_target(self.prediction, x0, x1, (a, da, b, db), self.sigma)
+        v = model(z, t)
+        sq = (v - u).square()
+        return (sq if weight is None else sq * weight).sum() / v.shape[0]
 
     def flush_losses(self) -> None:
         """Copy the pending step losses into the loss history (one stacked copy on the device)."""
@@ -446,6 +456,7 @@ def train_velocity(
     callback: Callable | None = None,
     prediction: str = "velocity",
     sigma: float = 1.0,
+    compile: bool = False,
 ) -> TrainingResult:
     """Fit v_θ(z, t) to the flow-matching regression target (module docstring, MATH.md §1), or a model
     of another parameterisation (``prediction``, MATH.md §15.2).
@@ -509,11 +520,22 @@ def train_velocity(
         noise N(0, σ²I) (``sigma``; default 1). The trained model carries ``model.parameterisation``
         (prediction, schedule, σ), so the ``learned`` field turns it into a velocity and a score.
 
+    compile:
+        compute each step's loss and gradient as one compiled graph (``torch.func.grad_and_value``
+        under ``torch.compile``, :class:`~measureflow.training.compiled.CompiledGradient`); the
+        optimiser step stays the optimiser's own. Losses and weights equal eager training's up to
+        rounding (which then grows along the run as in any chaotic optimisation); the first step
+        pays the compile (seconds), so it is worth it for runs of hundreds of steps or more of a
+        small network. A model that fails to compile warns once and trains eagerly. Not part of the
+        checkpoint fingerprint: a run may resume with or without it.
+
     A NaN or infinite loss ends training with status ``nonfinite`` naming the first bad step (the
     loss is checked at checkpoints, every max(64, steps // 100) steps and at the end, without a
     per-step host synchronisation); the result keeps the losses before that step.
     """
     steps = check_int(steps, "steps", "train_velocity")
+    if not isinstance(compile, bool):
+        raise ParameterError(f"train_velocity: compile must be True or False; received {compile!r}")
     batch_size = check_int(batch_size, "batch_size", "train_velocity")
     lr = check_positive(lr, "lr", "train_velocity")
     if generator is not None and seed is not None:
@@ -606,7 +628,7 @@ def train_velocity(
     process = VelocityTrainingProcess(
         model=model, optimizer=opt, lr_scheduler=sched, generator=generator, draw_source=draw0, draw_target=draw1,
         pair=pair, schedule=schedule, t_range=(lo, hi), batch_size=batch_size, steps=steps, device=device,
-        dtype=dtype, fingerprint=fingerprint, prediction=prediction, sigma=sigma,
+        dtype=dtype, fingerprint=fingerprint, prediction=prediction, sigma=sigma, compile=compile,
     )
     model.parameterisation = {"prediction": prediction, "schedule": schedule, "sigma": float(sigma)}
     operations = [] if callback is None else [Callback(_loss_callback(callback, model))]

@@ -1,0 +1,200 @@
+"""Compiled steps: ``Simulation(compile=True)`` and ``train_velocity(compile=True)`` against eager.
+
+A compiled step runs the same operations as an eager one; inductor may fuse and reorder the
+elementwise sums (y + h Σ bᵢkᵢ in one loop, FMA contraction), so results agree to a few units in the
+last place per step, not bit for bit. The tolerances below are that: float64, |x| ≲ 5 after ≤ 20
+steps of a few roundings each: ≲ 20 · 4 · 5 · 2⁻⁵³ ≈ 5e-14, tested at 1e-12; float32: the same
+count of float32 roundings (2⁻²⁴ ≈ 6e-8 relative) gives ≲ 2e-5 at worst and about 1e-6 in
+practice (errors of opposite signs cancel), tested at 1e-5.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import measureflow
+from measureflow import Particles, Simulation
+from measureflow.errors import ParameterError
+from measureflow.integrators import compile_available
+from measureflow.measures import Gaussian
+from measureflow.run import Callback
+from measureflow.triggers import Periodic
+from measureflow.training import VelocityMLP, train_velocity
+
+pytestmark = pytest.mark.skipif(
+    not compile_available() or not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+    reason="torch.compile (with a C++ compiler for CPU inductor) is unavailable here",
+)
+
+
+@pytest.fixture
+def tracing_only(monkeypatch):
+    """Compile with the aot_eager backend: the same tracing, guards and recompiles as inductor without
+    generating code (seconds less per compile), for the tests that check the step's logic."""
+    from measureflow.integrators import compiled as steps
+    from measureflow.training import compiled as training
+
+    monkeypatch.setattr(steps, "backend", "aot_eager")
+    monkeypatch.setattr(training, "backend", "aot_eager")
+
+
+def _counters():
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _net(dtype):
+    return VelocityMLP(2, hidden=16, depth=2, generator=torch.Generator().manual_seed(3)).to(dtype)
+
+
+def _x0(dtype, n=64):
+    return torch.randn(1, n, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(dtype)
+
+
+def _run(field, x0, compile, method="rk4", steps=20, **kw):
+    return Simulation(Particles(x0), field, method, 0.0, 1.0, steps=steps, progress=False, compile=compile,
+                      **kw).run()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_compiled_rk4_equals_eager_on_a_learned_field(dtype, tol):
+    field = measureflow.field("learned", model=_net(dtype))
+    x0 = _x0(dtype)
+    compiled, eager = _run(field, x0, True), _run(field, x0, False)
+    assert compiled.ok and compiled.state.x.dtype == dtype
+    assert float((compiled.state.x - eager.state.x).abs().max()) <= tol
+    assert compiled.integrator_stats == eager.integrator_stats == {"nfev": 80, "steps": 20, "accepted": 20,
+                                                                   "rejected": 0}
+
+
+def test_compiled_rk4_on_the_linear_field_matches_eager_and_the_exact_flow():
+    # v(x) = A x: x(1) = exp(A) x(0) (MATH.md §0, linear fields).
+    A = torch.tensor([[-0.5, 1.0], [-1.0, -0.5]], dtype=torch.float64)
+    field = measureflow.field("linear", A=A)
+    x0 = _x0(torch.float64)
+    compiled, eager = _run(field, x0, True), _run(field, x0, False)
+    assert float((compiled.state.x - eager.state.x).abs().max()) <= 1e-12
+    exact = x0 @ torch.linalg.matrix_exp(A).T
+    # rk4 is exact to order 4 in hA: n = 20 steps of local error ≤ (h‖A‖)⁵/5! · |x| (the damping of A
+    # only shrinks it), about 1.6e-7 here against a bound of 2e-7.
+    h, norm = 1 / 20, float(torch.linalg.matrix_norm(A, ord=2))
+    bound = 20 * (h * norm) ** 5 / 120 * float(x0.norm(dim=-1).max())
+    assert float((compiled.state.x - exact).abs().max()) < bound
+
+
+def test_a_run_compiles_once_not_once_per_step(tracing_only):
+    field = measureflow.field("learned", model=_net(torch.float64))
+    x0 = _x0(torch.float64)
+    _run(field, x0, True, steps=3)  # the graph of this field and shape, once
+    before = _counters()
+    # another step size and more steps: times are graph inputs, not constants
+    result = _run(field, x0, True, steps=37)
+    assert result.ok and _counters() == before
+
+
+def test_compiled_dopri5_takes_the_eager_steps(tracing_only):
+    field = measureflow.field("learned", model=_net(torch.float64))
+    x0 = _x0(torch.float64)
+    method = measureflow.integrator("dopri5", rtol=1e-6, atol=1e-8)
+    compiled, eager = _run(field, x0, True, method, steps=2), _run(field, x0, False, method, steps=2)
+    assert compiled.integrator_stats == eager.integrator_stats
+    assert float((compiled.state.x - eager.state.x).abs().max()) <= 1e-12
+
+
+def test_a_resumed_compiled_run_equals_the_uninterrupted_one(tmp_path, tracing_only):
+    field = measureflow.field("learned", model=_net(torch.float64))
+    x0 = _x0(torch.float64)
+    ckpt = tmp_path / "c.ckpt"
+    stop = Callback(lambda step, time, state: step == 7, every=Periodic(1))
+    first = _run(field, x0, True, checkpoint=ckpt, callbacks=[stop])
+    assert first.status.code == "stopped" and first.steps_done == 7
+    resumed = _run(field, x0, True, checkpoint=ckpt, resume=True)
+    whole = _run(field, x0, True)
+    assert resumed.ok and torch.equal(resumed.state.x, whole.state.x)
+
+
+class _NotTraceable:
+    """Rotation field that refuses to be traced (stands for any field dynamo cannot follow)."""
+
+    name = "not_traceable"
+    time_range = (-np.inf, np.inf)
+
+    def velocity(self, t, x, state):
+        if torch.compiler.is_compiling():
+            raise RuntimeError("cannot be traced")
+        return torch.stack([-x[..., 1], x[..., 0]], dim=-1)
+
+
+def test_a_field_dynamo_cannot_trace_runs_eagerly_with_the_eager_result(tracing_only):
+    x0 = _x0(torch.float64, n=8)
+    compiled, eager = _run(_NotTraceable(), x0, True), _run(_NotTraceable(), x0, False)
+    # dynamo runs the field's frame eagerly and still compiles the stage arithmetic around it
+    assert compiled.ok and float((compiled.state.x - eager.state.x).abs().max()) <= 1e-12
+
+
+def test_a_compile_that_fails_warns_once_and_the_run_goes_on_eagerly(monkeypatch):
+    from measureflow.integrators import compiled as steps
+
+    def broken(solver, device):
+        def fail(*args):
+            raise RuntimeError("backend compiler failed")
+
+        return fail
+
+    monkeypatch.setattr(steps, "_compiled_update", broken)
+    field = measureflow.field("learned", model=_net(torch.float64))
+    x0 = _x0(torch.float64, n=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = _run(field, x0, True)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "backend compiler failed" in messages[0] and "eager steps" in messages[0]
+    eager = _run(field, x0, False)
+    assert torch.equal(compiled.state.x, eager.state.x) and compiled.integrator_stats == eager.integrator_stats
+
+
+def test_compile_refuses_a_stochastic_integrator_in_one_line():
+    field = measureflow.field("ornstein_uhlenbeck", theta=1.0, sigma=0.5)
+    with pytest.raises(ParameterError, match="explicit Runge–Kutta") as err:
+        Simulation(Particles(_x0(torch.float64)), field, "euler_maruyama", 0.0, 1.0, steps=5, compile=True)
+    assert "\n" not in str(err.value)
+
+
+# -- training --------------------------------------------------------------------------------------------------
+def _train(compile, steps=25, **kw):
+    dtype = torch.float64
+    source = Gaussian(torch.zeros(2, dtype=dtype), torch.eye(2, dtype=dtype))
+    target = torch.randn(500, 2, generator=torch.Generator().manual_seed(1), dtype=dtype) + 2.0
+    return train_velocity(source, target, "linear", model=_net(dtype), steps=steps, batch_size=64, lr=1e-2,
+                          seed=2, progress=False, compile=compile, **kw)
+
+
+def test_compiled_training_follows_the_eager_loss_curve():
+    compiled, eager = _train(True), _train(False)
+    # Same draws, same optimiser; gradients agree to rounding, and 25 Adam steps of a small network
+    # amplify a 1e-16 difference by far less than 1e6.
+    np.testing.assert_allclose(compiled.losses, eager.losses, rtol=1e-10)
+    for a, b in zip(compiled.model.parameters(), eager.model.parameters()):
+        assert float((a - b).detach().abs().max()) < 1e-10
+
+
+def test_compiled_training_resumes_bit_for_bit(tmp_path, tracing_only):
+    ckpt = tmp_path / "t.ckpt"
+
+    def crash(step, loss, model):
+        if step == 13:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        _train(True, checkpoint=ckpt, checkpoint_every=10, callback=crash)
+    resumed = _train(True, checkpoint=ckpt, checkpoint_every=10, resume=True)
+    whole = _train(True)
+    assert np.array_equal(resumed.losses, whole.losses)
+    for a, b in zip(resumed.model.parameters(), whole.model.parameters()):
+        assert torch.equal(a, b)
