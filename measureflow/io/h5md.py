@@ -117,6 +117,7 @@ class _Element:
     handed: int = 0  # rows handed to the datasets' writing (written, or queued for the writing thread)
     handed_last_step: int | None = None
     spare: list = attrs.field(factory=list)  # staging buffers the writing thread is done with
+    chunks: tuple | None = None  # of the value dataset, for an element not created yet
 
     def bind(self, file: h5py.File) -> None:
         group = file[self.path]
@@ -183,33 +184,49 @@ def batch_rows(value: h5py.Dataset) -> int:
     at most :data:`STEP_CHUNK` rows; 1 (no staging) when that is fewer than 4 rows: for rows that large
     (over 1 MiB with 4 MiB staged) the bytes, not the calls, cost the time, and a staging copy would cost
     about what the saved calls do."""
-    row_bytes = int(np.prod(value.shape[1:], dtype=np.int64)) * value.dtype.itemsize
+    return _batch(value.shape[1:], value.dtype.itemsize, value.chunks[0] if value.chunks else 1)
+
+
+def _batch(sample_shape, itemsize: int, chunk_rows: int) -> int:
+    """:func:`batch_rows` from the dataset's layout, before (or without) the dataset."""
+    row_bytes = int(np.prod(sample_shape, dtype=np.int64)) * itemsize
     rows = min(STAGE_BYTES // max(row_bytes, 1), STEP_CHUNK)
-    chunk_rows = value.chunks[0] if value.chunks else 1
     if rows >= chunk_rows:
         rows -= rows % chunk_rows
     return int(rows) if rows >= 4 else 1
 
 
-def _create_element(file: h5py.File, path: str, sample_shape, dtype, large: bool, compression=None, opts=None):
-    group = file.require_group(path)
-    dtype = np.dtype(dtype)
+def _plan_element(path: str, sample_shape, dtype, large: bool) -> _Element:
+    """The book-keeping of an element about to be created: its layout is known before the file is
+    (what lets a background writer stage rows while the writing thread creates the file)."""
+    sample_shape, dtype = tuple(int(n) for n in sample_shape), np.dtype(dtype)
+    el = _Element(path, sample_shape, dtype=dtype)
+    el.chunks = _value_chunks(sample_shape, dtype, large)
+    el.batch = _batch(sample_shape, dtype.itemsize, el.chunks[0])
+    return el
+
+
+def _value_chunks(sample_shape, dtype: np.dtype, large: bool) -> tuple:
     if large:
         target, frames = L.FRAME_CHUNK_BYTES, L.FRAME_CHUNK_FRAMES
     else:
         target, frames = L.SMALL_CHUNK_BYTES, L.SMALL_CHUNK_FRAMES
+    return L.chunk_shape(tuple(sample_shape), dtype.itemsize, target, frames)
+
+
+def _create_datasets(file: h5py.File, el: _Element, compression=None, opts=None) -> None:
+    group = file.require_group(el.path)
     group.create_dataset(
         "value",
-        shape=(0, *sample_shape),
-        maxshape=(None, *sample_shape),
-        chunks=L.chunk_shape(tuple(sample_shape), dtype.itemsize, target, frames),
-        dtype=dtype,
+        shape=(0, *el.sample_shape),
+        maxshape=(None, *el.sample_shape),
+        chunks=el.chunks,
+        dtype=el.dtype,
         compression=compression,
         compression_opts=opts,
     )
     group.create_dataset("step", shape=(0,), maxshape=(None,), chunks=(STEP_CHUNK,), dtype=np.int64)
     group.create_dataset("time", shape=(0,), maxshape=(None,), chunks=(STEP_CHUNK,), dtype=np.float64)
-    return _Element(path, tuple(int(n) for n in sample_shape))
 
 
 def valid_rows(file: h5py.File) -> dict[str, int]:
@@ -391,6 +408,7 @@ class H5MDWriter(Writer):
         self._replacing = None  # the atomic_replace in progress when an existing file is replaced
         self.background = bool(background)
         self._work: BackgroundWork | None = None  # the writing thread (background=True), from open()
+        self._opened = False  # open() succeeded (with ``background``, the file may still be being created)
 
     # -- opening ----------------------------------------------------------------------------------
     def open(self, run: RunInfo) -> None:
@@ -415,13 +433,15 @@ class H5MDWriter(Writer):
                     raise ResumeRefusedError(str(exc)) from exc
             if run.resume_step is not None and self.path.exists():
                 self._reopen_for_resume(run)
+                self._start_swmr()
             else:
                 if self.path.exists():
                     # Never truncate an existing file: write beside it, replace it when the run ends.
                     self._replacing = atomic_replace(self.path)
                     self._where = self._replacing.__enter__()
-                self._create(run)
-            self._start_swmr()
+                self._plan(run)
+                if not self.background:
+                    self._prepare(run)
         except BaseException:
             if self._file is not None:
                 with contextlib.suppress(Exception):
@@ -433,6 +453,11 @@ class H5MDWriter(Writer):
         self._last_flush = _clock()
         if self.background:
             self._work = BackgroundWork(f"measureflow-h5md:{self.path.name}")
+            if self._file is None:
+                # A new file is created by the writing thread while the run starts: its rows are staged
+                # meanwhile (the elements' layout is planned), and an error surfaces at the next call.
+                self._work.submit(self._prepare, run)
+        self._opened = True
         _OPEN_WRITERS.add(self)
         _install_atexit()
 
@@ -492,6 +517,25 @@ class H5MDWriter(Writer):
             replacing.__exit__(RuntimeError, reason, None)
         self._where = self.path
 
+    def _prepare(self, run: RunInfo) -> None:
+        """Create the new file of the planned elements and enter SWMR mode (on the writing thread with
+        ``background``); an HDF5 error becomes one line naming the file."""
+        try:
+            self._create(run)
+            self._start_swmr()
+        except BaseException as exc:
+            if self._file is not None:
+                with contextlib.suppress(Exception):
+                    self._file.close()
+                self._file = None
+            if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, MeasureflowError):
+                self._failed = True
+                lines = str(exc).strip().splitlines()
+                raise TrajectoryFileError(
+                    f"{self.path}: cannot create the trajectory file ({lines[0] if lines else type(exc).__name__})"
+                ) from exc
+            raise
+
     def _create(self, run: RunInfo) -> None:
         f = self._file = self._h5("w")
         h5md = f.create_group("h5md")
@@ -524,26 +568,10 @@ class H5MDWriter(Writer):
                 weights = run.weights if run.weights is not None else np.full((R, N), 1.0 / N)
                 f.create_dataset(L.WEIGHT, data=weights.reshape(R * N).astype(np.float64))
             f.create_dataset(L.REPLICA, data=np.repeat(np.arange(R, dtype=np.int32), N))
-            self._frame_elements = [self._new_element(f, L.POSITION, (R * N, d), run.dtype, True)]
-            for name, tail in run.channels.items():
-                self._frame_elements.append(
-                    self._new_element(f, f"{L.PARTICLES}/{name}", (R * N,) + tuple(tail), run.dtype, True))
-            if run.moving_weights:
-                # H5MD's time-dependent form of the same element: one row of weights per frame (last).
-                self._frame_elements.append(self._new_element(f, L.WEIGHT, (R * N,), np.float64, True))
-        elif run.kind == "mixtures":
-            R, K, d = run.replicas, run.size, run.dim
-            self._frame_elements = [
-                self._new_element(f, L.MIX_WEIGHTS, (R, K), run.dtype, False),
-                self._new_element(f, L.MIX_MEAN, (R, K, d), run.dtype, True),
-                self._new_element(f, L.MIX_COV, (R, K, d, d), run.dtype, True),
-            ]
-        else:
+        for el in self._frame_elements:
+            _create_datasets(f, el, self.compression, self.compression_opts)
+        if run.kind == "gaussians":
             R, d = run.replicas, run.dim
-            self._frame_elements = [
-                self._new_element(f, L.MEAN, (R, d), run.dtype, True),
-                self._new_element(f, L.COV, (R, d, d), run.dtype, True),
-            ]
             # The H5MD-standard view: each replica's mean as a "particle" position, so H5MD tools
             # see a trajectory. Soft links: one copy of the data, and element walks visit it once.
             box = f.create_group(L.GAUSSIAN_BOX)
@@ -552,11 +580,8 @@ class H5MDWriter(Writer):
             f[L.GAUSSIAN_POSITION] = h5py.SoftLink("/" + L.MEAN)
             f[L.GAUSSIAN_COVARIANCE] = h5py.SoftLink("/" + L.COV)
         f.create_group(L.OBSERVABLES, track_order=True)
-        for name in run.observable_names:
-            if name in run.observable_shapes:
-                self._observables[name] = self._new_element(
-                    f, f"{L.OBSERVABLES}/{name}", run.observable_shapes[name], np.float64, False
-                )
+        for el in self._observables.values():
+            _create_datasets(f, el, self.compression, self.compression_opts)
         self._order = [e.path for e in self._elements()]
         committed = f.create_dataset(
             L.COMMITTED, shape=(len(self._order),), maxshape=(None,), chunks=(64,), dtype=np.int64
@@ -566,7 +591,38 @@ class H5MDWriter(Writer):
         self._write_status_attrs(status, "running", -1, float("nan"), "")
 
     def _new_element(self, f, path, sample_shape, dtype, large: bool) -> _Element:
-        return _create_element(f, path, sample_shape, dtype, large, self.compression, self.compression_opts)
+        el = _plan_element(path, sample_shape, dtype, large)
+        _create_datasets(f, el, self.compression, self.compression_opts)
+        return el
+
+    def _plan(self, run: RunInfo) -> None:
+        """The elements of a new file (:func:`_plan_element`), in the order :meth:`_create` creates them."""
+        if run.kind == "particles":
+            R, N, d = run.replicas, run.size, run.dim
+            self._frame_elements = [_plan_element(L.POSITION, (R * N, d), run.dtype, True)]
+            for name, tail in run.channels.items():
+                self._frame_elements.append(
+                    _plan_element(f"{L.PARTICLES}/{name}", (R * N,) + tuple(tail), run.dtype, True))
+            if run.moving_weights:
+                # H5MD's time-dependent form of the same element: one row of weights per frame (last).
+                self._frame_elements.append(_plan_element(L.WEIGHT, (R * N,), np.float64, True))
+        elif run.kind == "mixtures":
+            R, K, d = run.replicas, run.size, run.dim
+            self._frame_elements = [
+                _plan_element(L.MIX_WEIGHTS, (R, K), run.dtype, False),
+                _plan_element(L.MIX_MEAN, (R, K, d), run.dtype, True),
+                _plan_element(L.MIX_COV, (R, K, d, d), run.dtype, True),
+            ]
+        else:
+            R, d = run.replicas, run.dim
+            self._frame_elements = [
+                _plan_element(L.MEAN, (R, d), run.dtype, True),
+                _plan_element(L.COV, (R, d, d), run.dtype, True),
+            ]
+        for name in run.observable_names:
+            if name in run.observable_shapes:
+                self._observables[name] = _plan_element(
+                    f"{L.OBSERVABLES}/{name}", run.observable_shapes[name], np.float64, False)
 
     def _elements(self) -> list[_Element]:
         return [*self._frame_elements, *self._observables.values()]
@@ -760,10 +816,12 @@ class H5MDWriter(Writer):
     def _check_open(self) -> None:
         if self._work is not None:
             self._work.raise_error()
-        if self._file is None:
+        if not self._opened or self._closed:
             state = "closed" if self._closed else "not open"
             raise RuntimeError(f"H5MDWriter({self.path}) is {state}; call open(run) first")
         if self._failed:
+            if self._work is not None:
+                self._work.drain()  # the writing thread's own error, once it has stored it
             raise TrajectoryFileError(f"{self.path}: an earlier write failed; the file holds the rows flushed before it")
 
     def _append(self, el: _Element, step: int, time: float, value: np.ndarray) -> None:
@@ -1095,6 +1153,9 @@ class H5MDWriter(Writer):
     def _close(self) -> None:
         f = self._file
         if f is None:
+            # Never opened, or the writing thread failed to create it: an earlier file stays.
+            with contextlib.suppress(Exception):
+                self._finish_replace(keep_new=False)
             self._lock.release()
             return
         try:
