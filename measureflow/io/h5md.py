@@ -112,6 +112,7 @@ class _Element:
     dtype: np.dtype | None = None  # of the value dataset
     staged: int = 0  # rows waiting in the staging buffers
     stage_value: np.ndarray | None = None
+    stage_tensor: torch.Tensor | None = None  # stage_value's memory, for copies from a tensor
     stage_step: np.ndarray | None = None
     stage_time: np.ndarray | None = None
     handed: int = 0  # rows handed to the datasets' writing (written, or queued for the writing thread)
@@ -135,20 +136,32 @@ class _Element:
                 ds.resize(rows, axis=0)
         self.rows = rows
 
-    def stage(self, step: int, time: float, value: np.ndarray) -> None:
-        """Copy one row into the staging buffers (a spare set, or new ones, at the first row of a batch)."""
+    def stage(self, step: int, time: float, value) -> None:
+        """Copy one row (an array, or a tensor on any device: copied straight into the buffer, with
+        no host array between) into the staging buffers (a spare set, or new ones, at the first row of
+        a batch)."""
         if self.stage_value is None or self.stage_value.shape[0] != self.batch:
-            if self.spare:
-                self.stage_value, self.stage_step, self.stage_time = self.spare.pop()
-            else:
-                self.stage_value = np.empty((self.batch, *self.sample_shape), dtype=self.dtype)
-                self.stage_step = np.empty(self.batch, dtype=np.int64)
-                self.stage_time = np.empty(self.batch, dtype=np.float64)
+            self.stage_value, self.stage_step, self.stage_time = self.spare.pop() if self.spare else self.buffers()
+            self.stage_tensor = None
         k = self.staged
-        self.stage_value[k] = value
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            if self.stage_tensor is None:  # the buffer's memory as a tensor (made once per batch)
+                self.stage_tensor = torch.from_numpy(self.stage_value)
+            self.stage_tensor[k].copy_(value)
+        else:
+            # A host tensor's array is its memory (numpy's copy costs less than a tensor copy's dispatch).
+            self.stage_value[k] = value.numpy() if isinstance(value, torch.Tensor) else value
         self.stage_step[k] = step
         self.stage_time[k] = time
         self.staged = k + 1
+
+    def buffers(self, touched: bool = False) -> tuple:
+        """A new set of staging buffers; ``touched``: its pages written once already (the writing thread
+        prepares one so that the run's first copies into it do not fault the pages in)."""
+        value = np.empty((self.batch, *self.sample_shape), dtype=self.dtype)
+        if touched:
+            value.fill(0)
+        return value, np.empty(self.batch, dtype=np.int64), np.empty(self.batch, dtype=np.float64)
 
     def append_rows(self, values: np.ndarray, steps: np.ndarray, times: np.ndarray) -> None:
         """Append ``len(steps)`` rows: one resize and one slab write per dataset. ``rows`` counts them
@@ -166,7 +179,7 @@ class _Element:
         """The staged rows as ``(values, steps, times, buffers)``, handed over: the stage starts a new batch
         (in other buffers, so that a writing thread may still read these; return them to ``spare``)."""
         k, buffers = self.staged, (self.stage_value, self.stage_step, self.stage_time)
-        self.stage_value = self.stage_step = self.stage_time = None
+        self.stage_value = self.stage_step = self.stage_time = self.stage_tensor = None
         self.staged = 0
         self.handed += k
         self.handed_last_step = int(buffers[1][k - 1])
@@ -175,6 +188,7 @@ class _Element:
     def restage(self, k: int, buffers: tuple) -> None:
         """Undo :meth:`take_staged` (its ``k`` rows were not written)."""
         self.stage_value, self.stage_step, self.stage_time = buffers
+        self.stage_tensor = None
         self.staged = k
         self.handed -= k
 
@@ -520,6 +534,10 @@ class H5MDWriter(Writer):
     def _prepare(self, run: RunInfo) -> None:
         """Create the new file of the planned elements and enter SWMR mode (on the writing thread with
         ``background``); an HDF5 error becomes one line naming the file."""
+        if self._work is not None:
+            for el in self._elements():
+                if el.batch > 1 and not el.spare:
+                    el.spare.append(el.buffers(touched=True))
         try:
             self._create(run)
             self._start_swmr()
@@ -903,19 +921,23 @@ class H5MDWriter(Writer):
         step, time = int(step), float(time)
         with self._io("write a frame"):
             self._maybe_flush()
-            # The writing thread writes a large row (batch_rows) from the array itself: a copy it owns.
-            owned = [self._work is not None and el.batch == 1 for el in self._frame_elements]
-            self._write_frame_arrays(step, time, self._frame_arrays(state, copy=owned))
+            # A staged row is copied from the tensor into the staging buffer; the writing thread writes a
+            # large row (batch_rows) from the array itself: a copy it owns.
+            staged = [el.batch > 1 for el in self._frame_elements]
+            self._write_frame_arrays(step, time, self._frame_arrays(state, copy=self._work is not None, staged=staged))
 
-    def _frame_arrays(self, state, copy=()) -> list[np.ndarray]:
-        """The frame's host arrays, one per frame element, checked against the run's shapes. ``copy[i]``: the
-        caller owns the i-th array (a host state's tensors share memory with the arrays otherwise)."""
+    def _frame_arrays(self, state, copy: bool = False, staged=()) -> list:
+        """The frame's rows, one per frame element, checked against the run's shapes: the tensor itself
+        where ``staged[i]`` (the staging buffer copies it, off the device included), else a host array;
+        ``copy``: the caller owns the arrays (a host state's tensors share memory with them otherwise)."""
         run = self.run
 
-        def host(t: torch.Tensor, i: int) -> np.ndarray:
+        def host(t: torch.Tensor, i: int):
+            if i < len(staged) and staged[i]:
+                return t
             # .cpu() of a device tensor is already a new host copy; a host tensor's array is its memory
             a = t.cpu().numpy()
-            return np.array(a) if i < len(copy) and copy[i] and t.device.type == "cpu" else a
+            return np.array(a) if copy and t.device.type == "cpu" else a
 
         if run.kind == "particles":
             x = getattr(state, "x", None)
