@@ -159,3 +159,35 @@ def test_a_live_reader_sees_the_flushed_frames_while_rows_are_staged(tmp_path, b
         assert valid_rows(f)["particles/trajectory/position"] == 8
         np.testing.assert_array_equal(f["particles/trajectory/position/value"][:, 0, 0], np.arange(8.0))
         np.testing.assert_array_equal(f["observables/energy/value"][:, 0], 16.0 * np.arange(8))
+
+
+@pytest.mark.parametrize("replacing", [False, True])
+def test_an_error_creating_the_file_ends_the_run_with_the_same_line(tmp_path, monkeypatch, replacing):
+    """In the background the new file is created by the writing thread (open returns at once): an error
+    there reaches the run at its first frame, and the run ends with the foreground's one-line error; the
+    lock is released, and an earlier file at the path is kept as it was, with no temporary left beside it."""
+    real = H5MDWriter._create
+
+    def full(self, run):
+        real(self, run)  # the file exists, half made, when the disk fills up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(H5MDWriter, "_create", full)
+    state = mf.Particles(torch.randn(1, 20, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+    messages = []
+    for background in (False, True):
+        folder = tmp_path / ("bg" if background else "fg")
+        folder.mkdir()
+        path = folder / "t.h5"
+        if replacing:
+            path.write_bytes(b"an earlier run")
+        with pytest.raises(mf.errors.TrajectoryFileError) as raised:
+            _simulate(path, background, state)
+        message = str(raised.value)
+        assert "\n" not in message and "cannot create the trajectory file" in message and "No space left" in message
+        messages.append(message.replace(str(folder), "FOLDER"))
+        assert not (folder / "t.h5.lock").exists()
+        names = sorted(p.name for p in folder.iterdir())
+        if replacing:
+            assert names == ["t.h5"] and path.read_bytes() == b"an earlier run"
+    assert messages[0] == messages[1]
