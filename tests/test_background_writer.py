@@ -191,3 +191,33 @@ def test_an_error_creating_the_file_ends_the_run_with_the_same_line(tmp_path, mo
         if replacing:
             assert names == ["t.h5"] and path.read_bytes() == b"an earlier run"
     assert messages[0] == messages[1]
+
+
+def test_full_batches_leave_the_chunk_cache_but_commit_nothing(tmp_path, monkeypatch):
+    """A full batch's chunks are written out of HDF5's chunk cache when the batch is appended (on the
+    writing thread in the background, not at the run's close), in both modes alike (the files are the
+    same bytes); a reader still trusts only the rows of the last flush."""
+    monkeypatch.setattr(h5md, "STAGE_BYTES", 16 * 8 * 2 * 8)  # 16 rows of (8, 2) float64: one chunk
+    flushed = []
+    real = h5py.Dataset.flush
+    monkeypatch.setattr(h5py.Dataset, "flush", lambda ds: (flushed.append(ds.name), real(ds)))
+    files = []
+    for background in (False, True):
+        path = tmp_path / f"{background}.h5"
+        writer = H5MDWriter(path, flush_frames=None, flush_seconds=None, background=background)
+        writer.open(_run())
+        x = torch.zeros(1, 8, 2, dtype=torch.float64)
+        for step in range(40):
+            x.fill_(step)
+            writer.write_frame(step, 0.1 * step, mf.Particles(x))
+        assert writer._frame_elements[0].batch == 16 and writer.frames == 40
+        assert flushed == ["/particles/trajectory/position/value"] * 2  # after rows 16 and 32
+        flushed.clear()
+        with h5py.File(path, "r", libver="latest", swmr=True) as f:
+            assert valid_rows(f)["particles/trajectory/position"] == 0  # nothing flushed yet
+        writer.close()
+        with h5py.File(path, "r") as f:
+            assert valid_rows(f)["particles/trajectory/position"] == 40
+            np.testing.assert_array_equal(f["particles/trajectory/position/value"][:, 0, 0], np.arange(40.0))
+        files.append(path.read_bytes())
+    assert files[0] == files[1]

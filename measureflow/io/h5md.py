@@ -173,6 +173,11 @@ class _Element:
                 ds.write_direct(data, dest_sel=np.s_[i : i + k])
             else:
                 ds[i : i + k] = data
+        if k == self.batch > 1:
+            # A full batch fills whole chunks: write them out of HDF5's chunk cache now (on the writing
+            # thread with background=True) rather than at the next commit, which is the run's close in a
+            # short run (a 4 MiB cache holds a batch: the close would write it on the run's thread).
+            self.value.flush()
         self.rows = i + k
 
     def take_staged(self) -> tuple:
