@@ -19,7 +19,9 @@ The frame axis of every time-dependent dataset is unlimited and never longer tha
 frames, or one large frame split into equal parts). Rows are staged in memory, up to
 :data:`STAGE_BYTES` (whole chunks, at most :data:`STEP_CHUNK` rows) per element, and appended as one
 batch: one resize and one write per dataset, instead of three of each per row (HDF5's per-call cost,
-not the bytes, dominates a frame of 10⁴ particles). Every flush appends the staged rows first, so
+not the bytes, dominates a frame of 10⁴ particles); a full batch fills whole chunks, which leave
+HDF5's chunk cache right away (by the writing thread with ``background``), not at the next commit:
+that changes what is durable at no point (the committed counts do). Every flush appends the staged rows first, so
 what is on disk after a flush, a checkpoint, a SIGTERM, an exception or exit is what writing each
 row at once gives; a SIGKILL loses the rows since the last flush either way. A row of more than a
 quarter of :data:`STAGE_BYTES` (a frame of 10⁵ particles) is written at once, without a staging
@@ -364,8 +366,11 @@ class H5MDWriter(Writer):
     compression, compression_opts:
         Passed to h5py for the value datasets (e.g. "gzip", 4); off by default for speed.
     background:
-        Write on a background thread (:class:`~measureflow.io.background.BackgroundWork`): the run's
-        thread copies each frame off the device into the staging buffers and goes on; full batches
+        Write on a background thread (:class:`~measureflow.io.background.BackgroundWork`): the thread
+        creates a new file (:meth:`open` takes the lock, checks an existing file and plans the datasets'
+        layout, then returns; an error creating the file is raised by the next call, as the one-line
+        error a foreground open raises), the run's thread copies each frame off the device into the
+        staging buffers and goes on; full batches
         (module docstring, "Growth") and scheduled flushes are handed to the thread, which appends
         them while the run fills other buffers, at most one more batch waiting (double buffering).
         Every flush (:meth:`flush`, hence before each checkpoint), :meth:`close` (on SIGTERM, at
