@@ -432,6 +432,7 @@ class H5MDWriter(Writer):
         self._replacing = None  # the atomic_replace in progress when an existing file is replaced
         self.background = bool(background)
         self._work: BackgroundWork | None = None  # the writing thread (background=True), from open()
+        self._closing = False  # the final flush of close(): the file's close flushes the count
         self._opened = False  # open() succeeded (with ``background``, the file may still be being created)
 
     # -- opening ----------------------------------------------------------------------------------
@@ -1072,10 +1073,12 @@ class H5MDWriter(Writer):
                 el.last_step = int(el.step[common - 1]) if common else None
 
     def _commit(self) -> None:
-        # Data first, then the count of trustworthy rows, each made durable by a flush.
+        # Data first, then the count of trustworthy rows, each made durable by a flush (at close, the
+        # file's close flushes the count: a kill before it leaves the earlier count, which is safe).
         self._file.flush()
         self._committed[...] = np.array([el.rows for el in self._elements()], dtype=np.int64)
-        self._file.flush()
+        if not self._closing:
+            self._file.flush()
         for el in self._elements():
             el.committed = el.rows
 
@@ -1211,6 +1214,7 @@ class H5MDWriter(Writer):
                 return
             with self._io("close the trajectory"):
                 try:
+                    self._closing = True
                     self.flush()
                 finally:
                     self._file = None
