@@ -629,6 +629,17 @@ class SimulationProcess(Process):
                 self._stop = Status("event", step + 1, t_event, f"terminal event {', '.join(names)} at t = {t_event:.12g}")
         return new
 
+    def steps_at_once(self, step: int) -> int:
+        # Several steps in one compiled graph only where each step is the solver's step alone:
+        # no events to locate, no Hutchinson probes to draw, no adjoint to record per step.
+        if self.events is not None or self.log_density is not None or self.adjoint is not None:
+            return 1
+        return self.stepper.steps_at_once
+
+    def advance_steps(self, state, step: int, k: int):
+        """The state at step + k (``k`` ≤ :meth:`steps_at_once`) and |x|'s peak after each step."""
+        return self.stepper.advance_steps(state, self._times[step: step + k + 1])
+
     def stop_request(self):
         return self._stop
 
