@@ -55,7 +55,7 @@ backend = "inductor"
 
 #: The most fixed-size steps :meth:`CompiledStep.steps` takes in one graph; a run takes chunks of
 #: 1, 2, 4 … this many steps, each length compiled once per process, method and shape.
-max_steps_at_once = 16
+max_steps_at_once = 8
 
 _lock = threading.Lock()
 #: Compiled updates of this process, by (method, device type).
