@@ -180,6 +180,11 @@ class Simulation:
         run compiles once (seconds) and later runs in the process reuse it; a field that fails to
         compile warns once and runs eagerly. Worth it where a step is many small operations (a small
         network, few particles); recorded in the run's parameters, so a compiled run resumes compiled.
+        A fixed-step run of particles (no adaptive controller, events, channels, log-density or
+        adjoint) takes up to 8 steps per compiled graph wherever no observer, writer, checkpoint,
+        callback or health check is due in between: the same steps, frames and checkpoints, each
+        step's times the grid's; a wall-clock budget or SIGTERM is then honoured at the end of such
+        a chunk, and a run that goes non-finite inside one names its first bad step as before.
     events:
         :class:`~measureflow.Event` objects (``fn(t, state) -> (R,)``): sign changes are located on
         each step's dense output and listed in ``result.events``; a terminal one ends the run with

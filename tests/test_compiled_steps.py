@@ -43,6 +43,15 @@ def tracing_only(monkeypatch):
     monkeypatch.setattr(training, "backend", "aot_eager")
 
 
+@pytest.fixture
+def short_chunks(monkeypatch):
+    """Chunks of at most 2 steps: the inductor tests check the generated code of a chunk (the same
+    per-step arithmetic at any length) without paying the compile of an 8-step graph (~20 s)."""
+    from measureflow.integrators import compiled as steps
+
+    monkeypatch.setattr(steps, "max_steps_at_once", 2)
+
+
 def _counters():
     from torch._dynamo.utils import counters
 
@@ -63,17 +72,20 @@ def _run(field, x0, compile, method="rk4", steps=20, **kw):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_compiled_rk4_equals_eager_on_a_learned_field(dtype, tol):
+def test_compiled_rk4_equals_eager_on_a_learned_field(dtype, tol, short_chunks):
     field = measureflow.field("learned", model=_net(dtype))
     x0 = _x0(dtype)
-    compiled, eager = _run(field, x0, True), _run(field, x0, False)
+    compiled, eager = _run(field, x0, True), _run(field, x0, False)  # 10 chunks of 2 steps
     assert compiled.ok and compiled.state.x.dtype == dtype
     assert float((compiled.state.x - eager.state.x).abs().max()) <= tol
+    # one step at a time (a check due at every step): the same per-step arithmetic as in a chunk
+    single = _run(field, x0, True, check_every=1)
+    assert float((compiled.state.x - single.state.x).abs().max()) <= tol
     assert compiled.integrator_stats == eager.integrator_stats == {"nfev": 80, "steps": 20, "accepted": 20,
                                                                    "rejected": 0}
 
 
-def test_compiled_rk4_on_the_linear_field_matches_eager_and_the_exact_flow():
+def test_compiled_rk4_on_the_linear_field_matches_eager_and_the_exact_flow(short_chunks):
     # v(x) = A x: x(1) = exp(A) x(0) (MATH.md §0, linear fields).
     A = torch.tensor([[-0.5, 1.0], [-1.0, -0.5]], dtype=torch.float64)
     field = measureflow.field("linear", A=A)
@@ -91,9 +103,11 @@ def test_compiled_rk4_on_the_linear_field_matches_eager_and_the_exact_flow():
 def test_a_run_compiles_once_not_once_per_step(tracing_only):
     field = measureflow.field("learned", model=_net(torch.float64))
     x0 = _x0(torch.float64)
-    _run(field, x0, True, steps=3)  # the graph of this field and shape, once
+    # the graphs of this field and shape, once: 23 = 8 + 8 + 4 + 2 + 1 steps, every chunk length
+    # (an 8-step chunk from the initial state and from an 8-step chunk's output: layouts differ)
+    _run(field, x0, True, steps=23)
     before = _counters()
-    # another step size and more steps: times are graph inputs, not constants
+    # another step size and more steps (8 + 8 + 8 + 8 + 4 + 1): times are graph inputs, not constants
     result = _run(field, x0, True, steps=37)
     assert result.ok and _counters() == before
 

@@ -32,6 +32,20 @@ between. :class:`CompiledStep` wraps a solver for one run:
   compile or a compiled call that fails where the eager step succeeds warns once and the run goes
   on with eager steps (:attr:`CompiledStep.failure` says why).
 
+Several steps per graph. A fixed-step run of particles takes runs of steps with nothing due in
+between — no observer, writer, checkpoint, callback or health check — as one graph of 2, 4 or 8
+steps (:meth:`CompiledStep.steps`, :data:`max_steps_at_once`; the run loop chooses the length,
+:class:`~measureflow.integrators.Stepper` and the process say when it may): a step of a small network
+costs tens of microseconds of Python, dispatch and guards around a compiled call, which a chunk
+pays once. Inside the graph every step is the same sequence of operations as a single compiled
+step, with the times the run's grid gives that step (t₀, t₁ and h = t₁ − t₀ from the same floats),
+so a chunk's result equals stepping one at a time (bit for bit in practice: the tests check it
+under the tracing backend; inductor may round a fused sum differently across graphs); the graph
+also returns the largest |x| after each step, so the health record still names the first
+non-finite or blown-up step; the solver state and dense output are the last step's. Each length is
+compiled once per process, method, shape and dtype (an 8-step rk4 graph of a 3 × 64 MLP in about
+20 s on one core), and cached on disk with the single-step graphs.
+
 Stochastic solvers (they draw noise, which a graph would have to replay) are not compiled:
 ``Simulation(..., compile=True)`` refuses them with a one-line error.
 """
@@ -249,10 +263,12 @@ def _copied_out(update):
 
     def call(*args):
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs were copied out
-        y1, ks, error, *more = update(*args)
+        out = update(*args)
         copy = lambda ts: None if ts is None else tuple(t.clone() for t in ts)  # noqa: E731
-        if more:  # several steps: (y', the last step's start, its stages, error, peaks)
-            return copy(y1), copy(ks), [copy(k) for k in error], copy(more[0]), more[1].clone()
+        if len(out) == 5:  # several steps (_steps)
+            y1, start, ks, error, peaks = out
+            return copy(y1), copy(start), [copy(k) for k in ks], copy(error), peaks.clone()
+        y1, ks, error = out
         return copy(y1), [copy(k) for k in ks], copy(error)
 
     return call

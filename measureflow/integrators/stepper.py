@@ -28,7 +28,8 @@ import math
 import attrs
 
 from ..errors import TimeRangeError
-from .compiled import CompiledStep, max_steps_at_once
+from . import compiled
+from .compiled import CompiledStep
 from .controllers import ConstantController
 from .dynamics import STAT_KEYS, Dynamics
 
@@ -115,7 +116,7 @@ class Stepper:
         if (isinstance(solver, CompiledStep) and solver.failure is None and type(self.controller) is ConstantController
                 and self.dynamics.kind == "particles" and not self.dynamics.channels
                 and not self.dynamics.moving_weights and self._pieces is None and self._project is None):
-            return max_steps_at_once
+            return compiled.max_steps_at_once
         return 1
 
     def advance_steps(self, state, times):

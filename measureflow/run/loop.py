@@ -24,6 +24,12 @@ Per-step order (a documented contract; operations may rely on it):
      flushes its writers and saves a checkpoint when it has a checkpoint path, so ``resume``
      continues it.
 
+A process may take several steps in one call (:meth:`~measureflow.run.Process.steps_at_once`: a
+compiled fixed-step simulation); the loop then takes as many (a power of two) as it can without
+skipping a step where an operation fires (progress bars aside, which catch up) or a check is due,
+records the health peak of each, and treats the last as step k above. Stop requests (wall-clock
+budget, SIGTERM) are then honoured at the end of such a run of steps.
+
 A step that cannot be taken (:class:`~measureflow.errors.StepFailure`) ends the run with status
 ``step_failure`` — or with the health status when the state had already gone bad, the cause rather
 than its symptom. Any other exception is recorded as ``interrupted`` in the writers' files, which are
