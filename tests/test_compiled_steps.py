@@ -46,7 +46,7 @@ def tracing_only(monkeypatch):
 @pytest.fixture
 def short_chunks(monkeypatch):
     """Chunks of at most 2 steps: the inductor tests check the generated code of a chunk (the same
-    per-step arithmetic at any length) without paying the compile of an 8-step graph (~20 s)."""
+    per-step arithmetic at any length) without paying the compile of an 8-step graph (several single steps' compile)."""
     from measureflow.integrators import compiled as steps
 
     monkeypatch.setattr(steps, "max_steps_at_once", 2)

@@ -43,8 +43,8 @@ so a chunk's result equals stepping one at a time (bit for bit in practice: the 
 under the tracing backend; inductor may round a fused sum differently across graphs); the graph
 also returns the largest |x| after each step, so the health record still names the first
 non-finite or blown-up step; the solver state and dense output are the last step's. Each length is
-compiled once per process, method, shape and dtype (an 8-step rk4 graph of a 3 × 64 MLP in about
-20 s on one core), and cached on disk with the single-step graphs.
+compiled once per process, method, shape and dtype (a graph of k steps takes several times a single
+step's compile; at most 8 bounds it), and cached on disk with the single-step graphs.
 
 Stochastic solvers (they draw noise, which a graph would have to replay) are not compiled:
 ``Simulation(..., compile=True)`` refuses them with a one-line error.
