@@ -180,6 +180,11 @@ class Simulation:
         run compiles once (seconds) and later runs in the process reuse it; a field that fails to
         compile warns once and runs eagerly. Worth it where a step is many small operations (a small
         network, few particles); recorded in the run's parameters, so a compiled run resumes compiled.
+        A fixed-step run of particles (no adaptive controller, events, channels, log-density or
+        adjoint) takes up to 8 steps per compiled graph wherever no observer, writer, checkpoint,
+        callback or health check is due in between: the same steps, frames and checkpoints, each
+        step's times the grid's; a wall-clock budget or SIGTERM is then honoured at the end of such
+        a chunk, and a run that goes non-finite inside one names its first bad step as before.
     events:
         :class:`~measureflow.Event` objects (``fn(t, state) -> (R,)``): sign changes are located on
         each step's dense output and listed in ``result.events``; a terminal one ends the run with
@@ -628,6 +633,17 @@ class SimulationProcess(Process):
                 names = sorted({r.name for r in events.records if r.terminal})
                 self._stop = Status("event", step + 1, t_event, f"terminal event {', '.join(names)} at t = {t_event:.12g}")
         return new
+
+    def steps_at_once(self, step: int) -> int:
+        # Several steps in one compiled graph only where each step is the solver's step alone:
+        # no events to locate, no Hutchinson probes to draw, no adjoint to record per step.
+        if self.events is not None or self.log_density is not None or self.adjoint is not None:
+            return 1
+        return self.stepper.steps_at_once
+
+    def advance_steps(self, state, step: int, k: int):
+        """The state at step + k (``k`` ≤ :meth:`steps_at_once`) and |x|'s peak after each step."""
+        return self.stepper.advance_steps(state, self._times[step: step + k + 1])
 
     def stop_request(self):
         return self._stop

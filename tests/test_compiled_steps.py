@@ -43,6 +43,15 @@ def tracing_only(monkeypatch):
     monkeypatch.setattr(training, "backend", "aot_eager")
 
 
+@pytest.fixture
+def short_chunks(monkeypatch):
+    """Chunks of at most 2 steps: the inductor tests check the generated code of a chunk (the same
+    per-step arithmetic at any length) without paying the compile of an 8-step graph (several single steps' compile)."""
+    from measureflow.integrators import compiled as steps
+
+    monkeypatch.setattr(steps, "max_steps_at_once", 2)
+
+
 def _counters():
     from torch._dynamo.utils import counters
 
@@ -63,17 +72,20 @@ def _run(field, x0, compile, method="rk4", steps=20, **kw):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_compiled_rk4_equals_eager_on_a_learned_field(dtype, tol):
+def test_compiled_rk4_equals_eager_on_a_learned_field(dtype, tol, short_chunks):
     field = measureflow.field("learned", model=_net(dtype))
     x0 = _x0(dtype)
-    compiled, eager = _run(field, x0, True), _run(field, x0, False)
+    compiled, eager = _run(field, x0, True), _run(field, x0, False)  # 10 chunks of 2 steps
     assert compiled.ok and compiled.state.x.dtype == dtype
     assert float((compiled.state.x - eager.state.x).abs().max()) <= tol
+    # one step at a time (a check due at every step): the same per-step arithmetic as in a chunk
+    single = _run(field, x0, True, check_every=1)
+    assert float((compiled.state.x - single.state.x).abs().max()) <= tol
     assert compiled.integrator_stats == eager.integrator_stats == {"nfev": 80, "steps": 20, "accepted": 20,
                                                                    "rejected": 0}
 
 
-def test_compiled_rk4_on_the_linear_field_matches_eager_and_the_exact_flow():
+def test_compiled_rk4_on_the_linear_field_matches_eager_and_the_exact_flow(short_chunks):
     # v(x) = A x: x(1) = exp(A) x(0) (MATH.md §0, linear fields).
     A = torch.tensor([[-0.5, 1.0], [-1.0, -0.5]], dtype=torch.float64)
     field = measureflow.field("linear", A=A)
@@ -91,9 +103,11 @@ def test_compiled_rk4_on_the_linear_field_matches_eager_and_the_exact_flow():
 def test_a_run_compiles_once_not_once_per_step(tracing_only):
     field = measureflow.field("learned", model=_net(torch.float64))
     x0 = _x0(torch.float64)
-    _run(field, x0, True, steps=3)  # the graph of this field and shape, once
+    # the graphs of this field and shape, once: 23 = 8 + 8 + 4 + 2 + 1 steps, every chunk length
+    # (an 8-step chunk from the initial state and from an 8-step chunk's output: layouts differ)
+    _run(field, x0, True, steps=23)
     before = _counters()
-    # another step size and more steps: times are graph inputs, not constants
+    # another step size and more steps (8 + 8 + 8 + 8 + 4 + 1): times are graph inputs, not constants
     result = _run(field, x0, True, steps=37)
     assert result.ok and _counters() == before
 
@@ -141,7 +155,7 @@ def test_a_field_dynamo_cannot_trace_runs_eagerly_with_the_eager_result(tracing_
 def test_a_compile_that_fails_warns_once_and_the_run_goes_on_eagerly(monkeypatch):
     from measureflow.integrators import compiled as steps
 
-    def broken(solver, device):
+    def broken(solver, device, steps=0):
         def fail(*args):
             raise RuntimeError("backend compiler failed")
 
@@ -157,6 +171,93 @@ def test_a_compile_that_fails_warns_once_and_the_run_goes_on_eagerly(monkeypatch
     assert len(messages) == 1 and "backend compiler failed" in messages[0] and "eager steps" in messages[0]
     eager = _run(field, x0, False)
     assert torch.equal(compiled.state.x, eager.state.x) and compiled.integrator_stats == eager.integrator_stats
+
+
+# -- several steps per compiled graph -----------------------------------------------------------------------
+@pytest.fixture
+def chunks(monkeypatch):
+    """The (first, last) step of every multi-step call a run makes."""
+    from measureflow.simulation import SimulationProcess
+
+    taken = []
+    advance_steps = SimulationProcess.advance_steps
+
+    def spy(self, state, step, k):
+        taken.append((step, step + k))
+        return advance_steps(self, state, step, k)
+
+    monkeypatch.setattr(SimulationProcess, "advance_steps", spy)
+    return taken
+
+
+def test_a_compiled_fixed_step_run_takes_its_steps_in_chunks_equal_to_single_steps(tracing_only, chunks):
+    field = measureflow.field("learned", model=_net(torch.float64))
+    x0 = _x0(torch.float64)
+    chunked = _run(field, x0, True)
+    assert chunks == [(0, 8), (8, 16), (16, 20)]  # powers of two up to max_steps_at_once (8)
+    del chunks[:]
+    single = _run(field, x0, True, check_every=1)  # a check due at every step: one step at a time
+    assert chunks == []
+    eager = _run(field, x0, False)
+    # the same graph operations step after step, so the same bits as one step at a time (aot_eager)
+    assert torch.equal(chunked.state.x, single.state.x)
+    assert float((chunked.state.x - eager.state.x).abs().max()) <= 1e-12
+    assert chunked.integrator_stats == eager.integrator_stats
+    # dopri5 under a constant controller: fixed steps with its first-same-as-last stage carried along
+    dopri = measureflow.integrator("dopri5", controller=measureflow.integrators.ConstantController())
+    del chunks[:]
+    chunked, eager = _run(field, x0, True, dopri, steps=6), _run(field, x0, False, dopri, steps=6)
+    assert chunks == [(0, 4), (4, 6)]
+    assert float((chunked.state.x - eager.state.x).abs().max()) <= 1e-12
+    assert chunked.integrator_stats == eager.integrator_stats  # FSAL: 6 evaluations for the first step, 5 after
+
+
+def test_chunks_stop_where_observers_callbacks_and_checkpoints_fire(tmp_path, tracing_only, chunks):
+    field = measureflow.field("learned", model=_net(torch.float64))
+    x0 = _x0(torch.float64)
+    seen = []
+    callback = Callback(lambda step, time, state: seen.append(step), every=Periodic(7))
+    kw = dict(observers=["mean"], observe_every=5, callbacks=[callback])
+    chunked = _run(field, x0, True, checkpoint=tmp_path / "c.ckpt", checkpoint_every=6, **kw)
+    eager = _run(field, x0, False, **kw)
+    due = {s for s in range(1, 21) if s % 5 == 0 or s % 7 == 0 or s % 6 == 0}
+    assert chunks and all(not (a < s < b) for a, b in chunks for s in due)
+    assert seen == [7, 14, 7, 14]
+    mean_c, mean_e = chunked.observables["mean"], eager.observables["mean"]
+    assert list(mean_c.steps) == list(mean_e.steps) == [0, 5, 10, 15, 20]
+    assert np.abs(np.asarray(mean_c.values) - np.asarray(mean_e.values)).max() <= 1e-12
+
+
+def test_a_chunked_run_resumes_bit_for_bit(tmp_path, tracing_only, chunks):
+    field = measureflow.field("learned", model=_net(torch.float64))
+    x0 = _x0(torch.float64)
+    ckpt = tmp_path / "c.ckpt"
+    stop = Callback(lambda step, time, state: step == 8, every=Periodic(8))
+    first = _run(field, x0, True, checkpoint=ckpt, checkpoint_every=8, callbacks=[stop])
+    assert first.status.code == "stopped" and first.steps_done == 8
+    del chunks[:]
+    resumed = _run(field, x0, True, checkpoint=ckpt, checkpoint_every=8, resume=True)
+    assert chunks == [(8, 16), (16, 20)]
+    whole = _run(field, x0, True, checkpoint=tmp_path / "w.ckpt", checkpoint_every=8)
+    assert resumed.ok and torch.equal(resumed.state.x, whole.state.x)
+    assert resumed.integrator_stats == whole.integrator_stats
+
+
+@pytest.mark.parametrize("blowup", [None, 1e6])
+def test_a_chunked_run_reports_the_first_bad_step_as_a_step_by_step_run(tracing_only, chunks, blowup):
+    # v = 60 x, h = 0.05: rk4 multiplies x by 1 + z + z²/2 + z³/6 + z⁴/24 = 16.4 per step (z = 3), so
+    # |x| ≲ 4 passes 1e6 near step 5 and overflows float64 (1.8e308) near step 308·ln10/ln16.4 ≈ 253:
+    # inside a chunk (not at a check), found at the run's end; 300 steps over [0, 15].
+    A = 60.0 * torch.eye(2, dtype=torch.float64)
+    field = measureflow.field("linear", A=A)
+    x0 = _x0(torch.float64, n=8)
+    kw = dict(steps=300, blowup=blowup)
+    chunked = Simulation(Particles(x0), field, "rk4", 0.0, 15.0, progress=False, compile=True, **kw).run()
+    assert chunks  # it did take several steps at once
+    eager = Simulation(Particles(x0), field, "rk4", 0.0, 15.0, progress=False, **kw).run()
+    assert chunked.status.code == eager.status.code == ("nonfinite" if blowup is None else "blowup")
+    assert chunked.status.step == eager.status.step
+    assert f"step {eager.status.step}" in chunked.status.message or blowup is not None
 
 
 def test_compile_refuses_a_stochastic_integrator_in_one_line():

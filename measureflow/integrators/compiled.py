@@ -32,12 +32,27 @@ between. :class:`CompiledStep` wraps a solver for one run:
   compile or a compiled call that fails where the eager step succeeds warns once and the run goes
   on with eager steps (:attr:`CompiledStep.failure` says why).
 
+Several steps per graph. A fixed-step run of particles takes runs of steps with nothing due in
+between — no observer, writer, checkpoint, callback or health check — as one graph of 2, 4 or 8
+steps (:meth:`CompiledStep.steps`, :data:`max_steps_at_once`; the run loop chooses the length,
+:class:`~measureflow.integrators.Stepper` and the process say when it may): a step of a small network
+costs tens of microseconds of Python, dispatch and guards around a compiled call, which a chunk
+pays once. Inside the graph every step is the same sequence of operations as a single compiled
+step, with the times the run's grid gives that step (t₀, t₁ and h = t₁ − t₀ from the same floats),
+so a chunk's result equals stepping one at a time (bit for bit in practice: the tests check it
+under the tracing backend; inductor may round a fused sum differently across graphs); the graph
+also returns the largest |x| after each step, so the health record still names the first
+non-finite or blown-up step; the solver state and dense output are the last step's. Each length is
+compiled once per process, method, shape and dtype (a graph of k steps takes several times a single
+step's compile; at most 8 bounds it), and cached on disk with the single-step graphs.
+
 Stochastic solvers (they draw noise, which a graph would have to replay) are not compiled:
 ``Simulation(..., compile=True)`` refuses them with a one-line error.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import types
 import warnings
@@ -46,11 +61,15 @@ import torch
 
 from ..reductions.compile_cache import use_lasting_directory
 
-__all__ = ["CompiledStep", "compilable", "compile_available"]
+__all__ = ["CompiledStep", "compilable", "compile_available", "max_steps_at_once"]
 
 #: The torch.compile backend of compiled steps ("aot_eager" traces the same graphs without generating
 #: code: faster to compile, for checks of the tracing itself).
 backend = "inductor"
+
+#: The most fixed-size steps :meth:`CompiledStep.steps` takes in one graph; a run takes chunks of
+#: 1, 2, 4 … this many steps, each length compiled once per process, method and shape.
+max_steps_at_once = 8
 
 _lock = threading.Lock()
 #: Compiled updates of this process, by (method, device type).
@@ -78,17 +97,35 @@ def _update(solver, dynamics, times, y0, k1):
     return solver.stage_update(dynamics.evaluate, t0, t1, h, y0, k1)
 
 
-def _compiled_update(solver, device: torch.device):
-    key = (solver.tableau, solver.name, type(solver), device.type, backend)
+def _steps(solver, dynamics, times, y0, k1):
+    # times: one row (t0, t1, h) per step; its length is fixed per code object (_compiled_update),
+    # so the loop unrolls into one graph of that many steps.
+    peaks = []
+    y, start, ks, error = y0, y0, None, None
+    for row in times.unbind():
+        t0, t1, h = row.unbind()
+        start = y
+        y, ks, error = solver.stage_update(dynamics.evaluate, t0, t1, h, y, k1)
+        k1 = ks[-1] if solver.tableau.fsal else None
+        peaks.append(torch.linalg.vector_norm(y[0], ord=math.inf))
+    return y, start, ks, error, torch.stack(peaks)
+
+
+def _compiled_update(solver, device: torch.device, steps: int = 0):
+    """The compiled update of ``solver`` on ``device``: one step (``steps=0``, :func:`_update`) or
+    ``steps`` steps in one graph (:func:`_steps`)."""
+    key = (solver.tableau, solver.name, type(solver), device.type, backend, steps)
     with _lock:
         fn = _updates.get(key)
         if fn is None:
             # torch.compile caches graphs on the code object (and stops after a few variants): one
-            # code object per method and device keeps runs of different methods from crowding out
-            # each other's graphs.
+            # code object per method, device and number of steps keeps runs of different methods
+            # (and chunks of different lengths) from crowding out each other's graphs.
             tag = "".join(c if c.isalnum() else "_" for c in solver.name)
-            code = _update.__code__.replace(co_name=f"compiled_step_{tag}_{device.type}_{backend}")
-            fresh = types.FunctionType(code, _update.__globals__, code.co_name)
+            source = _steps if steps else _update
+            name = f"compiled_step_{tag}_{device.type}_{backend}" + (f"_x{steps}" if steps else "")
+            code = source.__code__.replace(co_name=name)
+            fresh = types.FunctionType(code, source.__globals__, code.co_name)
             mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
             use_lasting_directory()  # the compiled code outlives the process (as the fused reductions')
             fn = torch.compile(fresh, mode=mode, backend=backend)
@@ -165,15 +202,59 @@ class CompiledStep:
             return self.solver.step(dynamics, t0, t1, y, solver_state, dt=dt, update=update)
         except Exception as exc:  # noqa: BLE001 - decided below, by whether the eager step works
             result = self.solver.step(dynamics, t0, t1, y, solver_state, dt=dt)  # raises the field's own error
-            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            warnings.warn(
-                f"measureflow: compiling the {self.name!r} step of field "
-                f"{getattr(getattr(dynamics, 'field', None), 'name', '?')!r} failed ({self.failure}); "
-                "this run goes on with eager steps",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self._fail(exc, dynamics)
             return result
+
+    def steps(self, dynamics, times, y, solver_state=None):
+        """``len(times) - 1`` consecutive steps t₀ → t₁ → … of a particle state ``y`` without
+        auxiliary channels, as one compiled graph (fixed-step runs: the run loop takes them where
+        nothing is due between t₀ and the last time). Returns ``(result, peaks)``: the
+        :class:`~measureflow.integrators.StepResult` of the last step (its state, first-same-as-last
+        stage and dense output, as that step taken alone gives them) and the largest |x| after each
+        step (a tensor on the device, for the run's health record). Each step's times are the ones
+        a step-by-step run uses (t₀, t₁ and h = t₁ − t₀ from the same floats), so results equal
+        stepping one at a time up to the rounding a compiled step allows. Counts the field
+        evaluations; the caller counts the steps."""
+        solver, dyn = self.solver, dynamics
+        n = len(times) - 1
+        y0 = dyn.pack(y)
+        k1 = None
+        if solver_state is not None and solver.continues(dyn, times[0], y, solver_state):
+            k1 = solver_state.derivative
+        if self.failure is None:
+            rows = torch.tensor([(a, b, b - a) for a, b in zip(times[:-1], times[1:])], dtype=torch.float64,
+                                device=y0[0].device)
+            compiled = _compiled_update(solver, y0[0].device, n)
+            if y0[0].device.type == "cuda":
+                compiled = _copied_out(compiled)
+            try:
+                y1, start, ks, error, peaks = compiled(solver, dyn, rows, y0, k1)
+            except Exception as exc:  # noqa: BLE001 - the eager steps below decide whether the field fails
+                failed = exc
+            else:
+                evaluations = solver.evaluations(k1) + (n - 1) * solver.evaluations(ks[-1] if solver.tableau.fsal else None)
+                dyn.stats["nfev"] += evaluations
+                return solver.result(dyn, times[-2], times[-1], y, start, y1, ks, error), peaks
+        # Eager, one step at a time: after a failed compile (whose failure is reported once the
+        # eager steps show the field itself works).
+        peaks = []
+        for a, b in zip(times[:-1], times[1:]):
+            result = solver.step(dyn, a, b, y, solver_state)
+            y, solver_state = result.y, result.solver_state
+            peaks.append(torch.linalg.vector_norm(y.x, ord=math.inf))
+        if self.failure is None:
+            self._fail(failed, dynamics)
+        return result, torch.stack(peaks)
+
+    def _fail(self, exc, dynamics) -> None:
+        self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        warnings.warn(
+            f"measureflow: compiling the {self.name!r} step of field "
+            f"{getattr(getattr(dynamics, 'field', None), 'name', '?')!r} failed ({self.failure}); "
+            "this run goes on with eager steps",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _copied_out(update):
@@ -182,8 +263,12 @@ def _copied_out(update):
 
     def call(*args):
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs were copied out
-        y1, ks, error = update(*args)
+        out = update(*args)
         copy = lambda ts: None if ts is None else tuple(t.clone() for t in ts)  # noqa: E731
+        if len(out) == 5:  # several steps (_steps)
+            y1, start, ks, error, peaks = out
+            return copy(y1), copy(start), [copy(k) for k in ks], copy(error), peaks.clone()
+        y1, ks, error = out
         return copy(y1), [copy(k) for k in ks], copy(error)
 
     return call

@@ -176,6 +176,13 @@ class ExplicitRungeKutta(Solver):
         else:
             y1, ks, error = update(dyn, t0, t1, h, y0, k1)
             dyn.stats["nfev"] += self.evaluations(k1)
+        return self.result(dyn, t0, t1, y, y0, y1, ks, error)
+
+    def result(self, dyn, t0: float, t1: float, y, y0: Tensors, y1: Tensors, ks, error) -> StepResult:
+        """The :class:`StepResult` of a step from the channels ``y0`` at t0 (state ``y``, the template
+        of fixed parts) to ``y1`` at t1 with stages ``ks``: the new state, its first-same-as-last
+        stage and the step's dense output."""
+        tab = self.tableau
         out = dyn.unpack(y1, y)
         # Keyed on the returned state's own tensors: the next step packs exactly those.
         state = FirstStage(float(t1), dyn.field, dyn.pack(out), ks[-1]) if tab.fsal else None

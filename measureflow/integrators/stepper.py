@@ -28,6 +28,7 @@ import math
 import attrs
 
 from ..errors import TimeRangeError
+from . import compiled
 from .compiled import CompiledStep
 from .controllers import ConstantController
 from .dynamics import STAT_KEYS, Dynamics
@@ -103,6 +104,36 @@ class Stepper:
                 denses.extend(self.carry.dense)
             self.carry.dense = tuple(denses)
         return self._project(state) if self._project is not None else state
+
+    @property
+    def steps_at_once(self) -> int:
+        """How many fixed-size steps :meth:`advance_steps` may take in one call: up to
+        :data:`~measureflow.integrators.compiled.max_steps_at_once` for a compiled explicit
+        Runge–Kutta solver under the plain :class:`~measureflow.integrators.ConstantController`
+        (one step per interval) on particles without auxiliary channels, moving weights, pieces or
+        a projection; 1 otherwise."""
+        solver = self.solver
+        if (isinstance(solver, CompiledStep) and solver.failure is None and type(self.controller) is ConstantController
+                and self.dynamics.kind == "particles" and not self.dynamics.channels
+                and not self.dynamics.moving_weights and self._pieces is None and self._project is None):
+            return compiled.max_steps_at_once
+        return 1
+
+    def advance_steps(self, state, times):
+        """The state at ``times[-1]`` from ``state`` at ``times[0]``, one step per interval of
+        ``times`` taken as one compiled graph (only where :attr:`steps_at_once` allows as many), and
+        the largest |x| after each step (on the device). Leaves the counters, the solver state and
+        the dense output (the last step's) as :meth:`advance` over each interval would."""
+        if len(times) - 1 > self.steps_at_once:
+            raise ValueError(f"this stepper takes at most {self.steps_at_once} steps at once; asked {len(times) - 1}")
+        times = [as_time(t, "t") for t in times]
+        result, peaks = self.solver.steps(self.dynamics, times, state, self.carry.solver_state)
+        n = len(times) - 1
+        self.stats["steps"] += n
+        self.stats["accepted"] += n
+        self.carry.solver_state = result.solver_state
+        self.carry.dense = (result.dense,)
+        return result.y, peaks
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -40,6 +40,22 @@ class Health:
         if self.filled == self.block:
             self._fold()
 
+    def record_peaks(self, peaks: torch.Tensor, first_step: int) -> None:
+        """Remember peaks already taken (a 1-d tensor on the run's device: the largest |value| at
+        ``first_step``, ``first_step + 1`` …), as :meth:`record` of each step would."""
+        done = 0
+        while done < len(peaks):
+            if self.peaks is None or self.peaks.dtype != peaks.dtype or self.peaks.device != peaks.device:
+                self._fold()
+                self.peaks = torch.empty(self.block, dtype=peaks.dtype, device=peaks.device)
+            m = min(self.block - self.filled, len(peaks) - done)
+            self.peaks[self.filled: self.filled + m].copy_(peaks[done: done + m])
+            self.host_steps.extend(range(first_step + done, first_step + done + m))
+            self.filled += m
+            done += m
+            if self.filled == self.block:
+                self._fold()
+
     def _fold(self) -> None:
         if not self.filled:
             return

@@ -24,6 +24,12 @@ Per-step order (a documented contract; operations may rely on it):
      flushes its writers and saves a checkpoint when it has a checkpoint path, so ``resume``
      continues it.
 
+A process may take several steps in one call (:meth:`~measureflow.run.Process.steps_at_once`: a
+compiled fixed-step simulation); the loop then takes as many (a power of two) as it can without
+skipping a step where an operation fires (progress bars aside, which catch up) or a check is due,
+records the health peak of each, and treats the last as step k above. Stop requests (wall-clock
+budget, SIGTERM) are then honoured at the end of such a run of steps.
+
 A step that cannot be taken (:class:`~measureflow.errors.StepFailure`) ends the run with status
 ``step_failure`` — or with the health status when the state had already gone bad, the cause rather
 than its symptom. Any other exception is recorded as ``interrupted`` in the writers' files, which are
@@ -41,7 +47,7 @@ import attrs
 from ..errors import MeasureflowError, StepFailure, TrajectoryFileError
 from ..status import STATUS_COMPLETED, Status
 from .health import Health
-from .operations import WRITE, Checkpoint, Observer, Progress, progress_enabled
+from .operations import REPORT, WRITE, Checkpoint, Observer, Progress, progress_enabled
 from .process import Process
 from .signals import install_sigterm
 from .specs import Checkpointing, StopPolicy
@@ -214,14 +220,20 @@ class RunLoop:
             wall_time = self.stop.wall_time
             syncing = [op for op in ops if op.reads_host]
             n = process.n_steps
+            # What must see every state it fires on (a progress bar catches up at the next it sees).
+            due = [op for op in ops if op.phase != REPORT]
             while step < n:
+                k = self._steps_at_once(step, times, due, check_every)
                 try:
-                    new_state = process.advance(state, step)
+                    if k == 1:
+                        new_state, peaks = process.advance(state, step), None
+                    else:
+                        new_state, peaks = process.advance_steps(state, step, k)
                 except StepFailure as exc:
                     status = self._health_status(health, state) or Status(
                         "step_failure", step + 1, float(getattr(exc, "time", process.time_at(step + 1))), str(exc))
                     break
-                step += 1
+                step += k
                 t = process.time_at(step)
                 last = step == n
                 requested = process.stop_request()
@@ -229,10 +241,14 @@ class RunLoop:
                     # The process ended the run inside this step (a terminal event): the state is at
                     # the requested time, and it is the last one observed and written.
                     t, last = requested.time, True
-                health.record(process.health(new_state), step)
+                if peaks is None:
+                    health.record(process.health(new_state), step)
+                else:
+                    health.record_peaks(peaks, step - k + 1)
                 if last or (check_every is not None and step % check_every == 0) or any(
                         op.fires(step, t, last) for op in syncing):
-                    status = self._health_status(health, new_state, state, step)
+                    # The state one step before is held only after a single step.
+                    status = self._health_status(health, new_state, state if k == 1 else None, step)
                     if status is not None:
                         break
                 state, step_done = new_state, step
@@ -282,6 +298,19 @@ class RunLoop:
             wall_time=self._earlier_time + (_time.monotonic() - self._started),
             resumed_from=resumed,
         )
+
+    def _steps_at_once(self, step: int, times, ops, check_every) -> int:
+        """How many steps to take from ``step`` in one call: as many as the process allows (a
+        compiled fixed-step simulation: several in one graph) while no operation fires and no check
+        is due before the last of them, rounded down to a power of two (few graph lengths to
+        compile). The steps where something is due are the same as stepping one at a time."""
+        limit = min(self.process.steps_at_once(step), self.process.n_steps - step)
+        for j in range(1, limit):
+            s = step + j
+            if (check_every is not None and s % check_every == 0) or any(op.fires(s, times[s], False) for op in ops):
+                limit = j
+                break
+        return 1 << (max(limit, 1).bit_length() - 1)
 
     def _health_status(self, health: Health, state=None, previous=None, step: int | None = None) -> Status | None:
         """The status of the first unhealthy step recorded, or None. ``state`` is the state at

@@ -42,6 +42,13 @@ class Process(abc.ABC):
     def advance(self, state, step: int) -> Any:
         """The state at step + 1 from ``state`` at ``step``; raises StepFailure when it cannot."""
 
+    def steps_at_once(self, step: int) -> int:
+        """How many steps from ``step`` the process can take in one call of ``advance_steps(state,
+        step, k) -> (state at step + k, largest |health| after each step)`` (k ≤ this); the loop
+        takes several only where nothing is due in between. By default 1: one :meth:`advance` at a
+        time (a process returning more must have ``advance_steps``)."""
+        return 1
+
     @abc.abstractmethod
     def health(self, state):
         """A tensor that must stay finite (and under the run's blow-up bound): its largest |value|
