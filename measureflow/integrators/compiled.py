@@ -139,46 +139,23 @@ class CompiledStep:
     :class:`~measureflow.integrators.Stepper` when asked with ``compile=True``.
 
     It answers to everything a solver does (``name``, ``order``, ``controller``, ``init``…) with
-    the wrapped solver's values, so controllers and the run loop see no difference.
+    the wrapped solver's values (attribute look-ups fall through to it), so controllers and the run
+    loop see no difference.
     """
 
     def __init__(self, solver):
         if not compilable(solver):
             raise TypeError(f"CompiledStep needs an explicit Runge–Kutta solver; received {solver!r}")
         self.solver = solver
-        self.name = solver.name
-        self.order = solver.order
-        self.adaptive = solver.adaptive
-        self.stochastic = solver.stochastic
-        self.needs = solver.needs
-        self.controller = solver.controller
-        self.tableau = solver.tableau
         #: why this run went back to eager steps (the first compiled step that failed), or None
         self.failure: str | None = None
 
-    @property
-    def options(self) -> dict:
-        return self.solver.options
-
-    @property
-    def error_order(self) -> int:
-        return self.solver.error_order
-
-    def init(self, dynamics, t0, y):
-        return self.solver.init(dynamics, t0, y)
-
-    def continues(self, dynamics, t0, y, solver_state) -> bool:
-        return self.solver.continues(dynamics, t0, y, solver_state)
-
-    def check(self, field, state) -> None:
-        self.solver.check(field, state)
-
-    def uses_noise(self, field) -> bool:
-        return self.solver.uses_noise(field)
-
-    @property
-    def max_halvings(self):
-        return self.solver.max_halvings
+    def __getattr__(self, name):
+        # Called only for what this class does not define itself (step, steps, failure…): every
+        # other attribute — name, order, controller, init, check… — is the wrapped solver's.
+        if name == "solver":  # not yet set (copy/unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.solver, name)
 
     def __repr__(self) -> str:
         return f"CompiledStep({self.solver!r})"
