@@ -285,6 +285,19 @@ def test_compiled_training_follows_the_eager_loss_curve():
         assert float((a - b).detach().abs().max()) < 1e-10
 
 
+def test_later_compiled_trainings_of_new_networks_reuse_the_graph():
+    """Each train_velocity(compile=True) compiles with the same inductor options (one pass object per
+    process): a new network of the same shape is no new graph, so a process that trains many times
+    never reaches torch's recompile limit and never falls back to eager steps unannounced."""
+    first = _train(True)
+    before = _counters()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to eager warns
+        later = [_train(True, steps=3) for _ in range(3)]
+    assert _counters() == before
+    assert all(np.isfinite(r.losses).all() for r in later) and np.isfinite(first.losses).all()
+
+
 def test_compiled_training_resumes_bit_for_bit(tmp_path, tracing_only):
     ckpt = tmp_path / "t.ckpt"
 
@@ -299,3 +312,51 @@ def test_compiled_training_resumes_bit_for_bit(tmp_path, tracing_only):
     assert np.array_equal(resumed.losses, whole.losses)
     for a, b in zip(resumed.model.parameters(), whole.model.parameters()):
         assert torch.equal(a, b)
+
+
+def _traced(fn, *args):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(fn, tracing_mode="fake")(*args)
+
+
+def _targets(graph_module):
+    return [node.target for node in graph_module.graph.nodes if node.op == "call_function"]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-15), (torch.float32, 1e-6)])
+def test_bias_into_pointwise_rewrites_linear_layers_followed_by_elementwise_work(dtype, tol):
+    """addmm(b, x, W) whose uses are all elementwise becomes mm(x, W) + b; one whose result leaves the
+    graph (or feeds a matrix product) stays an addmm. Same values to one rounding: |Wx + b| ≲ 10 here,
+    so 2 ulp of 10 is 4e-15 (f64) / 2e-6 (f32) absolute, tested relative to the output scale."""
+    from measureflow.compile_passes import BiasIntoPointwise
+
+    aten = torch.ops.aten
+    gen = torch.Generator().manual_seed(3)
+    x, w1, w2 = (torch.randn(*s, generator=gen, dtype=dtype) for s in ((256, 11), (64, 11), (2, 64)))
+    b1, b2 = torch.randn(64, generator=gen, dtype=dtype), torch.randn(2, generator=gen, dtype=dtype)
+
+    def mlp(x, w1, b1, w2, b2):
+        hidden = torch.nn.functional.silu(torch.nn.functional.linear(x, w1, b1))
+        return torch.nn.functional.linear(hidden, w2, b2)  # a graph output: stays fused
+
+    graph_module = _traced(mlp, x, w1, b1, w2, b2)
+    assert _targets(graph_module).count(aten.addmm.default) == 2
+    BiasIntoPointwise()(graph_module.graph)
+    graph_module.recompile()
+    targets = _targets(graph_module)
+    assert targets.count(aten.addmm.default) == 1 and targets.count(aten.mm.default) == 1
+    assert aten.add.Tensor in targets
+    expected = mlp(x, w1, b1, w2, b2)
+    assert torch.allclose(graph_module(x, w1, b1, w2, b2), expected, rtol=0, atol=tol * float(expected.abs().max()))
+
+
+def test_bias_into_pointwise_keys_the_compile_cache():
+    """The pass names itself in torch's cache key: graphs compiled with and without it never collide."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from measureflow.compile_passes import BiasIntoPointwise, inductor_options
+
+    options = inductor_options()
+    assert isinstance(options["post_grad_custom_post_pass"], CustomGraphPass)
+    assert BiasIntoPointwise().uuid() == options["post_grad_custom_post_pass"].uuid() != ""

@@ -59,6 +59,7 @@ import warnings
 
 import torch
 
+from ..compile_passes import inductor_options
 from ..reductions.compile_cache import use_lasting_directory
 
 __all__ = ["CompiledStep", "compilable", "compile_available", "max_steps_at_once"]
@@ -70,6 +71,10 @@ backend = "inductor"
 #: The most fixed-size steps :meth:`CompiledStep.steps` takes in one graph; a run takes chunks of
 #: 1, 2, 4 … this many steps, each length compiled once per process, method and shape.
 max_steps_at_once = 8
+
+#: Whether CPU graphs take :class:`~measureflow.compile_passes.BiasIntoPointwise` (a linear layer's
+#: bias added in the elementwise loop after the GEMM instead of copied into its output first).
+bias_into_pointwise = True
 
 _lock = threading.Lock()
 #: Compiled updates of this process, by (method, device type).
@@ -114,7 +119,8 @@ def _steps(solver, dynamics, times, y0, k1):
 def _compiled_update(solver, device: torch.device, steps: int = 0):
     """The compiled update of ``solver`` on ``device``: one step (``steps=0``, :func:`_update`) or
     ``steps`` steps in one graph (:func:`_steps`)."""
-    key = (solver.tableau, solver.name, type(solver), device.type, backend, steps)
+    passes = bias_into_pointwise and device.type == "cpu" and backend == "inductor"
+    key = (solver.tableau, solver.name, type(solver), device.type, backend, steps, passes)
     with _lock:
         fn = _updates.get(key)
         if fn is None:
@@ -123,12 +129,14 @@ def _compiled_update(solver, device: torch.device, steps: int = 0):
             # (and chunks of different lengths) from crowding out each other's graphs.
             tag = "".join(c if c.isalnum() else "_" for c in solver.name)
             source = _steps if steps else _update
-            name = f"compiled_step_{tag}_{device.type}_{backend}" + (f"_x{steps}" if steps else "")
+            name = f"compiled_step_{tag}_{device.type}_{backend}" + (f"_x{steps}" if steps else "") + ("_p" if passes else "")
             code = source.__code__.replace(co_name=name)
             fresh = types.FunctionType(code, source.__globals__, code.co_name)
             mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
             use_lasting_directory()  # the compiled code outlives the process (as the fused reductions')
-            fn = torch.compile(fresh, mode=mode, backend=backend)
+            # torch.compile takes a mode or options, not both: CUDA graphs on a GPU, the passes on CPU.
+            options = {"options": inductor_options()} if passes else {"mode": mode}
+            fn = torch.compile(fresh, backend=backend, **options)
             _updates[key] = fn
     return fn
 

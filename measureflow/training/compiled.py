@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..compile_passes import inductor_options
 from ..reductions.compile_cache import use_lasting_directory
 
 __all__ = ["CompiledGradient"]
@@ -33,6 +34,9 @@ __all__ = ["CompiledGradient"]
 #: The torch.compile backend ("aot_eager" traces the same graph without generating code: faster to
 #: compile, for checks of the tracing itself).
 backend = "inductor"
+
+#: Whether the graph takes :class:`~measureflow.compile_passes.BiasIntoPointwise` (on CPU tensors).
+bias_into_pointwise = True
 
 
 class CompiledGradient:
@@ -66,7 +70,8 @@ class CompiledGradient:
                 return grad_and_value(params, *batch)
 
         use_lasting_directory()  # the compiled code outlives the process (as the fused reductions')
-        self._compiled = torch.compile(gradient, backend=backend)
+        options = {"options": inductor_options()} if bias_into_pointwise and backend == "inductor" else {}
+        self._compiled = torch.compile(gradient, backend=backend, **options)
 
     def __call__(self, *batch) -> torch.Tensor:
         if self.failure is None:
