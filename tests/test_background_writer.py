@@ -221,3 +221,55 @@ def test_full_batches_leave_the_chunk_cache_but_commit_nothing(tmp_path, monkeyp
             np.testing.assert_array_equal(f["particles/trajectory/position/value"][:, 0, 0], np.arange(40.0))
         files.append(path.read_bytes())
     assert files[0] == files[1]
+
+
+def test_a_batch_is_one_chunk_of_a_frame_of_ten_thousand_particles():
+    """Staged batches are whole chunks of about STAGE_BYTES (1 MiB): 6 rows of 160 kB (N = 10⁴, d = 2,
+    float64); rows over a quarter of it are staged up to MAX_STAGE_BYTES so a batch holds at least 4;
+    rows over 1 MiB (N = 10⁵) are not staged."""
+    def batch(n):
+        chunks = h5md._value_chunks((n, 2), np.dtype(np.float64), True)
+        return h5md._batch((n, 2), 8, chunks[0]), chunks[0]
+
+    assert batch(10_000) == (6, 6)
+    assert batch(20_000) == (12, 3)  # 320 kB rows: four chunks of three
+    assert batch(1_000) == (64, 16)  # 16 kB rows: 1 MiB of whole chunks
+    assert batch(100_000)[0] == 1
+
+
+def test_a_later_writer_of_the_same_layout_stages_into_the_earlier_ones_buffers(tmp_path, monkeypatch):
+    """A closed writer's staging buffers go to the process's pool (their pages stay mapped) and the next
+    writer of that layout takes them; what it writes is unchanged. The pool keeps at most PER_LAYOUT sets
+    a layout and MAX_BYTES in all, the least recently returned layout going first."""
+    from measureflow.io import staging
+
+    monkeypatch.setattr(staging, "pool", staging.StagingPool())
+    first = []
+    for i in range(2):
+        path = tmp_path / f"{i}.h5"
+        writer = H5MDWriter(path, flush_frames=None, flush_seconds=None)
+        writer.open(_run(N=1000))
+        x = torch.zeros(1, 1000, 2, dtype=torch.float64)
+        for step in range(70):  # one batch of 64 rows and 6 staged at close
+            x.fill_(step)
+            writer.write_frame(step, 0.1 * step, mf.Particles(x))
+            if step == 0:
+                first.append(writer._frame_elements[0].stage_value)
+        kept = writer._frame_elements[0].stage_value
+        writer.close()
+        with h5py.File(path, "r") as f:
+            np.testing.assert_array_equal(f["particles/trajectory/position/value"][:, 0, 0], np.arange(70.0))
+        assert staging.pool.nbytes == kept.nbytes + 2 * 64 * 8  # its one set (values, steps, times) kept
+    assert first[1] is kept is first[0]  # the second writer staged into the first one's buffer
+
+    pool = staging.StagingPool(max_bytes=3 * 800, per_layout=2)
+    sets = [(np.zeros((4, 10)), np.zeros(4, np.int64), np.zeros(4)) for _ in range(3)]  # 320 + 32 + 32 bytes
+    for s in sets:
+        pool.give(s)
+    assert pool.nbytes == 2 * 384  # two sets of this layout kept, the third not
+    other = (np.zeros((2, 10)), np.zeros(2, np.int64), np.zeros(2))  # 192 bytes, another layout
+    pool.give(other)
+    pool.give((np.zeros((2, 10)), np.zeros(2, np.int64), np.zeros(2)))
+    assert pool.nbytes <= 3 * 800 and pool.take(2, (10,), np.float64) is not None
+    assert pool.take(4, (10,), np.float64)[0] is sets[1][0]  # the last returned first
+    assert pool.take(3, (10,), np.float64) is None

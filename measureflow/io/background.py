@@ -45,6 +45,11 @@ class BackgroundWork:
         """Whether the caller is the background thread itself."""
         return threading.current_thread() is self._thread
 
+    @property
+    def running(self) -> bool:
+        """Whether the thread is still alive (after :meth:`stop` from another thread: never)."""
+        return self._thread.is_alive()
+
     def submit(self, fn: Callable, *args) -> None:
         """Queue ``fn(*args)``; blocks while the backlog is full; raises a pending error first."""
         self.raise_error()

@@ -17,14 +17,14 @@ Growth
 The frame axis of every time-dependent dataset is unlimited and never longer than the rows written
 (no over-allocated extent, no fill rows). Chunks hold about 1 MiB of frame data (several small
 frames, or one large frame split into equal parts). Rows are staged in memory, up to
-:data:`STAGE_BYTES` (whole chunks, at most :data:`STEP_CHUNK` rows) per element, and appended as one
+:data:`STAGE_BYTES` (whole chunks, at most :data:`STEP_CHUNK` rows; :func:`batch_rows`) per element, and appended as one
 batch: one resize and one write per dataset, instead of three of each per row (HDF5's per-call cost,
 not the bytes, dominates a frame of 10⁴ particles); a full batch fills whole chunks, which leave
 HDF5's chunk cache right away (by the writing thread with ``background``), not at the next commit:
 that changes what is durable at no point (the committed counts do). Every flush appends the staged rows first, so
 what is on disk after a flush, a checkpoint, a SIGTERM, an exception or exit is what writing each
 row at once gives; a SIGKILL loses the rows since the last flush either way. A row of more than a
-quarter of :data:`STAGE_BYTES` (a frame of 10⁵ particles) is written at once, without a staging
+quarter of :data:`MAX_STAGE_BYTES` (a frame of 10⁵ particles) is written at once, without a staging
 copy: there the bytes, not the calls, cost the time.
 
 Interrupted writes
@@ -54,6 +54,7 @@ import torch
 from .. import __version__
 from ..errors import MeasureflowError, ParameterError, ResumeRefusedError, ShapeError, TrajectoryFileError
 from . import layout as L
+from . import staging
 from .background import BackgroundWork
 from .base import Writer
 from .runinfo import RunInfo
@@ -61,7 +62,7 @@ from .atomic import atomic_replace
 from .lock import OutputLock
 from .hdf5file import START_OVER, damaged, first_row_off_disk, io_failure, open_h5, open_swmr
 
-__all__ = ["H5MDWriter", "rebuild_file", "repair_file", "valid_rows", "STEP_CHUNK", "STAGE_BYTES", "SUFFIXES"]
+__all__ = ["H5MDWriter", "rebuild_file", "repair_file", "valid_rows", "STEP_CHUNK", "STAGE_BYTES", "MAX_STAGE_BYTES", "SUFFIXES"]
 
 #: File name endings of a trajectory file: what it holds is HDF5, and its name says so.
 SUFFIXES = (".h5", ".hdf5", ".h5md")
@@ -72,9 +73,12 @@ SPACE_MARGIN = 256 << 10
 UNCLOSED_AFTER_ERROR: set[str] = set()
 #: Rows per chunk of the step and time datasets (2 KiB each).
 STEP_CHUNK = 256
-#: Bytes of rows an element stages in memory between two batch writes (module docstring, "Growth").
-#: 0 writes every row at once, as one resize and one write per dataset.
-STAGE_BYTES = 4 << 20
+#: Bytes of rows an element stages in memory between two batch writes (module docstring, "Growth"):
+#: one chunk of a frame of 10⁴ particles. 0 writes every row at once, as one resize and one write per
+#: dataset.
+STAGE_BYTES = 1 << 20
+#: Bytes staged for rows of over a quarter of :data:`STAGE_BYTES`, so that a batch still holds 4 of them.
+MAX_STAGE_BYTES = 4 << 20
 #: Clock used by the flush schedule (replaceable in tests so that no test depends on wall time).
 _clock = _time.monotonic
 
@@ -158,8 +162,12 @@ class _Element:
         self.staged = k + 1
 
     def buffers(self, touched: bool = False) -> tuple:
-        """A new set of staging buffers; ``touched``: its pages written once already (the writing thread
-        prepares one so that the run's first copies into it do not fault the pages in)."""
+        """A set of staging buffers: one an earlier writer of this layout kept (:mod:`.staging`), else a
+        new one; ``touched``: its pages written once already (the writing thread prepares one so that
+        the run's first copies into it do not fault the pages in)."""
+        kept = staging.pool.take(self.batch, self.sample_shape, self.dtype)
+        if kept is not None:
+            return kept
         value = np.empty((self.batch, *self.sample_shape), dtype=self.dtype)
         if touched:
             value.fill(0)
@@ -192,6 +200,18 @@ class _Element:
         self.handed_last_step = int(buffers[1][k - 1])
         return buffers[0][:k], buffers[1][:k], buffers[2][:k], buffers
 
+    def release_buffers(self) -> None:
+        """Give the staging buffers to the pool for a later writer (nothing may write or read them after)."""
+        sets = list(self.spare)
+        if self.stage_value is not None:
+            sets.append((self.stage_value, self.stage_step, self.stage_time))
+        self.spare.clear()
+        self.stage_value = self.stage_step = self.stage_time = self.stage_tensor = None
+        self.staged = 0
+        for buffers in sets:
+            if buffers[0].shape[0] == self.batch > 1:
+                staging.pool.give(buffers)
+
     def restage(self, k: int, buffers: tuple) -> None:
         """Undo :meth:`take_staged` (its ``k`` rows were not written)."""
         self.stage_value, self.stage_step, self.stage_time = buffers
@@ -201,17 +221,27 @@ class _Element:
 
 
 def batch_rows(value: h5py.Dataset) -> int:
-    """Rows of ``value`` one batch write appends: as many whole chunks as :data:`STAGE_BYTES` holds,
-    at most :data:`STEP_CHUNK` rows; 1 (no staging) when that is fewer than 4 rows: for rows that large
-    (over 1 MiB with 4 MiB staged) the bytes, not the calls, cost the time, and a staging copy would cost
-    about what the saved calls do."""
+    """Rows of ``value`` one batch write appends: as many whole chunks as :data:`STAGE_BYTES` holds
+    (:data:`MAX_STAGE_BYTES` for rows of over a quarter of it), at most :data:`STEP_CHUNK` rows; 1 (no
+    staging) when that is fewer than 4 rows: for rows that large (over 1 MiB) the bytes, not the calls,
+    cost the time, and a staging copy would cost about what the saved calls do.
+
+    Why a batch is small (one 1 MiB chunk of a frame of 10⁴ particles, not 4 MiB): the run's thread
+    copies each row into the batch's buffer, and a first write into memory not written for a while
+    costs several times a copy within cache on the machines measured (a copy of 160 kB into a buffer
+    of 24 rows took 32 µs, 270 µs at the 90th percentile, against 9 and 25 µs into one of 2 rows,
+    6 ms of other work between copies): a few small buffers in turn stay warm."""
     return _batch(value.shape[1:], value.dtype.itemsize, value.chunks[0] if value.chunks else 1)
 
 
 def _batch(sample_shape, itemsize: int, chunk_rows: int) -> int:
     """:func:`batch_rows` from the dataset's layout, before (or without) the dataset."""
-    row_bytes = int(np.prod(sample_shape, dtype=np.int64)) * itemsize
-    rows = min(STAGE_BYTES // max(row_bytes, 1), STEP_CHUNK)
+    row_bytes = max(int(np.prod(sample_shape, dtype=np.int64)) * itemsize, 1)
+    if STAGE_BYTES <= 0:
+        return 1
+    rows = min(STAGE_BYTES // row_bytes, STEP_CHUNK)
+    if rows < 4:
+        rows = min(max(STAGE_BYTES, MAX_STAGE_BYTES) // row_bytes, STEP_CHUNK)
     if rows >= chunk_rows:
         rows -= rows % chunk_rows
     return int(rows) if rows >= 4 else 1
@@ -1164,24 +1194,29 @@ class H5MDWriter(Writer):
             last = self._frame_elements[0] if self._frame_elements else None
             step = -1 if last is None or last.last_step is None else last.last_step
             status = ("closed", step, float("nan"), "the writer was closed without a run status")
-        with self._h5("r+") as f:
-            self._write_status_attrs(f.require_group(L.STATUS), *status)
+        # No chunk cache: the status is a few attributes (a 4 MiB cache is set up per open).
+        with h5py.File(self._where, "r+", libver="latest", rdcc_nbytes=0) as f:
+            group = f.get(L.STATUS)
+            self._write_status_attrs(group if group is not None else f.create_group(L.STATUS), *status)
 
     def close(self) -> None:
         """Flush, leave SWMR mode, record the status; idempotent."""
         if self._closed:
             return
-        pending = None
-        if self._work is not None:
+        pending, work = None, self._work
+        if work is not None:
             # Everything handed to the writing thread is written first (also on SIGTERM and at exit).
             # An I/O error of the thread has set _failed (close then writes nothing more); any other error
             # (e.g. a step out of order) left the rows before it, which close commits, as a foreground write would.
-            pending, self._work = self._work.stop(), None
+            pending, self._work = work.stop(), None
         self._closed = True
         _OPEN_WRITERS.discard(self)
         try:
             self._close()
         finally:
+            if work is None or not work.running:  # no write can read the staging buffers any more
+                for el in self._elements():
+                    el.release_buffers()
             if pending is not None:
                 raise pending
 
