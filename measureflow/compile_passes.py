@@ -39,7 +39,7 @@ class BiasIntoPointwise:
 
     def __call__(self, graph) -> None:
         aten = torch.ops.aten
-        for node in list(graph.find_nodes(op="call_function", target=aten.addmm.default)):
+        for node in [n for n in graph.nodes if n.op == "call_function" and n.target is aten.addmm.default]:
             bias, left, right = node.args[:3]
             if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
                 continue
@@ -67,9 +67,15 @@ def inductor_options() -> dict:
     One dict (and one pass object) per process: dynamo keeps a compiled frame for the backend it was
     compiled with and compares backends by their options, so a fresh pass object per call would
     make every new compiled step or training run a recompile, and the ninth a silent fallback to
-    eager at torch's recompile limit."""
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-
+    eager at torch's recompile limit. Empty (inductor's defaults) in a torch without custom passes
+    that its compile cache can key."""
+    try:
+        from torch._inductor import config
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+    except ImportError:
+        return {}
+    if not hasattr(config, "post_grad_custom_post_pass"):
+        return {}
     # Registered as a virtual subclass: torch accepts a custom pass only as a CustomGraphPass, and
     # the import stays out of the module's import time (torch._inductor is heavy).
     CustomGraphPass.register(BiasIntoPointwise)
