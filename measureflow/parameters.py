@@ -91,19 +91,23 @@ class AtLeast(Rule):
 @attrs.frozen
 class Range(Rule):
     """A number in [``minimum``, ``maximum``] (an int parameter: a whole number); for counts whose
-    cost grows faster than memory can say (network depth, inner iterations)."""
+    cost grows faster than memory can say (network depth, inner iterations). ``open_below``: in
+    (``minimum``, ``maximum``], the minimum itself refused (an exponent whose limit is another model)."""
 
     minimum: float
     maximum: float
+    open_below: bool = False
 
     def check(self, value, name, where, params):
         out = AtLeast(self.minimum).check(value, name, where, params)
+        if self.open_below and out == self.minimum:
+            raise ParameterError(f"{where}: {name} must be greater than {self.minimum:g}; received {value!r}")
         if out > self.maximum:
             raise ParameterError(f"{where}: {name} must be at most {self.maximum:g}; received {value!r}")
         return out
 
     def describe(self) -> str:
-        return f"in [{self.minimum:g}, {self.maximum:g}]"
+        return f"in {'(' if self.open_below else '['}{self.minimum:g}, {self.maximum:g}]"
 
 
 @attrs.frozen

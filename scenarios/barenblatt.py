@@ -37,7 +37,7 @@ def second_moment(state, **_):
 
 @scenario
 def barenblatt(
-    m: Annotated[float, Range(1.0, 100.0)] = 2.0,
+    m: Annotated[float, Range(1.0, 100.0, open_below=True)] = 2.0,
     d: Annotated[int, Range(1, 1024)] = 1,
     n: Points = 200,
     epsilon: PositiveFloat = 0.01,

@@ -44,3 +44,12 @@ def test_barenblatt_exponent(tmp_path, d, n, epsilon):
     result, params, out = run(scn, tmp_path, picture=d == 1, d=d, n=n, epsilon=epsilon)
     a, _ = g["barenblatt_exponent"](2.0, d)
     assert abs(g["exponent"](result) / (2 * a / d) - 1.0) < 0.02
+
+
+def test_barenblatt_refuses_m_of_one_by_its_parameter_rule():
+    """m → 1 is the heat equation: the exponent's range is (1, 100], said before any work."""
+    scn, _ = load("barenblatt")
+    with pytest.raises(measureflow.ParameterError, match="m must be greater than 1") as err:
+        scn.build({"m": 1.0})
+    assert "\n" not in str(err.value)
+    assert "in (1, 100]" in measureflow.parameters.Range(1.0, 100.0, open_below=True).describe()
