@@ -55,6 +55,14 @@ class Trigger(abc.ABC):
     def __call__(self, step: int, time: float | None = None) -> bool:
         """Whether the operation runs at ``step`` (time ``time``)."""
 
+    @property
+    def pure(self) -> bool:
+        """Whether asking this trigger has no effect beyond its answer, so that a run may ask it about
+        steps ahead (a compiled run sizing a chunk of steps that nothing interrupts). False unless
+        the trigger says so: a subclass or a function of a user's may count its calls, and a run
+        then asks it about each step once, when the step is taken."""
+        return False
+
     def resolve(self, times) -> "Trigger":
         """This trigger for a run on the time grid ``times`` (times[k] is the time of step k);
         time-based triggers become step-based ones, others are returned unchanged."""
@@ -90,6 +98,8 @@ class Periodic(Trigger):
     [0, 2, 6, 8]
     """
 
+    pure = True  # its answer only (Trigger.pure)
+
     period: int = attrs.field(validator=_int_at_least(1, "period"))
     phase: int = attrs.field(default=0, validator=_int_at_least(0, "phase"))
 
@@ -113,6 +123,8 @@ class On(Trigger):
     (True, False)
     """
 
+    pure = True  # its answer only (Trigger.pure)
+
     steps: frozenset = attrs.field(converter=_steps)
 
     def __call__(self, step: int, time: float | None = None) -> bool:
@@ -134,6 +146,8 @@ def _times(value) -> tuple:
 class At(Trigger):
     """Fires on the first step whose time is at or past each listed time (in the run's direction);
     a time before the run's start fires at step 0, one after its end never fires."""
+
+    pure = True  # its answer only (Trigger.pure)
 
     times: tuple = attrs.field(converter=_times)
 
@@ -158,6 +172,8 @@ class At(Trigger):
 class Before(Trigger):
     """Fires on steps before ``step`` (step < k)."""
 
+    pure = True  # its answer only (Trigger.pure)
+
     step: int = attrs.field(validator=_int_at_least(0, "step"))
 
     def __call__(self, step: int, time: float | None = None) -> bool:
@@ -167,6 +183,8 @@ class Before(Trigger):
 @attrs.frozen
 class After(Trigger):
     """Fires on steps after ``step`` (step > k)."""
+
+    pure = True  # its answer only (Trigger.pure)
 
     step: int = attrs.field(validator=_int_at_least(0, "step"))
 
@@ -179,6 +197,10 @@ class And(Trigger):
     """Fires when every one of ``triggers`` fires."""
 
     triggers: tuple = attrs.field(converter=lambda ts: tuple(as_trigger(t) for t in ts))
+
+    @property
+    def pure(self) -> bool:
+        return all(t.pure for t in self.triggers)
 
     def resolve(self, times) -> Trigger:
         return And(tuple(t.resolve(times) for t in self.triggers))
@@ -193,6 +215,10 @@ class Or(Trigger):
 
     triggers: tuple = attrs.field(converter=lambda ts: tuple(as_trigger(t) for t in ts))
 
+    @property
+    def pure(self) -> bool:
+        return all(t.pure for t in self.triggers)
+
     def resolve(self, times) -> Trigger:
         return Or(tuple(t.resolve(times) for t in self.triggers))
 
@@ -206,6 +232,10 @@ class Not(Trigger):
 
     trigger: Trigger = attrs.field(converter=lambda t: as_trigger(t))
 
+    @property
+    def pure(self) -> bool:
+        return self.trigger.pure
+
     def resolve(self, times) -> Trigger:
         return Not(self.trigger.resolve(times))
 
@@ -217,6 +247,8 @@ class Not(Trigger):
 class Always(Trigger):
     """Fires on every step."""
 
+    pure = True  # its answer only (Trigger.pure)
+
     def __call__(self, step: int, time: float | None = None) -> bool:
         return True
 
@@ -224,6 +256,8 @@ class Always(Trigger):
 @attrs.frozen
 class Never(Trigger):
     """Never fires."""
+
+    pure = True  # its answer only (Trigger.pure)
 
     def __call__(self, step: int, time: float | None = None) -> bool:
         return False

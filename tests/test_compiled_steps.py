@@ -228,6 +228,33 @@ def test_chunks_stop_where_observers_callbacks_and_checkpoints_fire(tmp_path, tr
     assert np.abs(np.asarray(mean_c.values) - np.asarray(mean_e.values)).max() <= 1e-12
 
 
+_asked = []
+
+
+def _counting_trigger(step, time):
+    _asked.append(step)
+    return step % 5 == 0
+
+
+def test_a_trigger_that_may_do_more_than_answer_is_asked_once_per_step(tracing_only, chunks):
+    """A user's function trigger could count its calls: the run never asks it about steps ahead, so a
+    compiled run with one steps one at a time, and the trigger sees each step once, in order."""
+    from measureflow.triggers import FunctionTrigger, Periodic
+
+    field = measureflow.field("learned", model=_net(torch.float64))
+    x0 = _x0(torch.float64)
+    seen = []
+    callback = Callback(lambda step, time, state: seen.append(step), every=FunctionTrigger(_counting_trigger))
+    del _asked[:]
+    result = _run(field, x0, True, callbacks=[callback])
+    assert result.ok and chunks == []
+    assert _asked == list(range(1, 21)) and seen == [5, 10, 15, 20]
+    assert not FunctionTrigger(_counting_trigger).pure and not (Periodic(2) | FunctionTrigger(_counting_trigger)).pure
+    assert (Periodic(2) & ~Periodic(3)).pure  # built-in triggers only answer: chunks go on around them
+    _run(field, x0, True, callbacks=[Callback(lambda step, time, state: None, every=Periodic(2) & ~Periodic(3))])
+    assert chunks
+
+
 def test_a_chunked_run_resumes_bit_for_bit(tmp_path, tracing_only, chunks):
     field = measureflow.field("learned", model=_net(torch.float64))
     x0 = _x0(torch.float64)
