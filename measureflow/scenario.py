@@ -183,7 +183,7 @@ class Scenario:
         return run, params
 
     def run(self, overrides: dict | None = None, *, resume: bool = False, progress: bool | None = None,
-            restart: bool = False, overwrite: bool = False):
+            restart: bool = False, overwrite: bool = False, compile: bool = False):
         """Build, run (with a checkpoint beside any H5MD output) and report; returns the Result, or
         None when ``resume`` finds the run already completed in its file.
 
@@ -191,10 +191,18 @@ class Scenario:
         ``resume`` continues only a file it can verify, refusing another run's finished file unless
         ``overwrite`` (``restart`` starts over and drops the checkpoint)
         (:func:`measureflow.io.outputs.plan_output` has the table); a second process writing the same
-        output is refused before any work."""
+        output is refused before any work. ``compile``: the run's steps compiled
+        (``Simulation(compile=True)``; refused in one line where the run has no such steps)."""
         simulation, params = self.build(overrides)
         if progress is not None:
             simulation = simulation.with_options(progress=progress)
+        if compile:
+            from .simulation import Simulation  # the core's run engine: imported when asked for
+
+            if not isinstance(simulation, Simulation):
+                raise ParameterError(f"scenario {self.name!r}: --compile compiles a Simulation's solver steps; this "
+                                     f"scenario runs a {type(simulation).__name__}, which has none")
+            simulation = simulation.with_options(compile=True)
         h5_path = output_path(simulation)
         for name, path in output_files(self.parameters, params).items():
             # Made before the run, as the output file's folder is: the report writes there afterwards.
@@ -309,6 +317,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="with --resume: replace a finished output of other parameters instead of refusing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile each solver step (Simulation(compile=True): explicit Runge–Kutta runs; worth "
+                             "it for small networks and few particles; recorded in the file, so resume with it too)")
     parser.add_argument("--params", action="store_true",
                         help="list the scenario's parameters (with the --set values, checked) and exit")
 
@@ -320,7 +331,7 @@ def run_from_args(scn: Scenario, args) -> int:
         print(scn.describe(scn.resolve(overrides)))
         return 0
     result = scn.run(overrides, resume=args.resume, progress=False if args.no_progress else None,
-                     restart=args.restart, overwrite=args.overwrite)
+                     restart=args.restart, overwrite=args.overwrite, compile=getattr(args, "compile", False))
     if result is None:
         return 0
     return 0 if result.status.ok else 3

@@ -190,3 +190,18 @@ def test_killed_run_resumes_to_the_same_frames(tmp_path, how):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     again = cli("run", script, "--set", f"out={target}", "--resume", "--no-progress")
     assert "already completed" in again.stderr
+
+
+def test_cli_run_compiles_a_scenario_on_request(tmp_path):
+    """--compile runs the scenario's Simulation with compile=True (recorded in the file's parameters, so
+    the run resumes compiled); a scenario whose steps cannot be compiled is refused in one line."""
+    out = tmp_path / "c.h5"
+    cli("run", RELAXATION, "--compile", "--set", "n=64", "--set", "steps=8", "--set", f"out={out}",
+        "--set", "picture=", "--no-progress")
+    with measureflow.open(out) as traj:
+        assert traj.parameters["compile"] is True and len(traj) > 1
+    noisy = cli("run", ROOT / "scenarios" / "birth_death_sampling.py", "--compile", "--set", "n=20",
+                "--set", "steps=4", "--set", f"out={tmp_path / 'b.h5'}", check=False)
+    assert noisy.returncode == 2
+    lines = [line for line in noisy.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "compile" in lines[0]
