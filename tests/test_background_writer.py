@@ -273,3 +273,24 @@ def test_a_later_writer_of_the_same_layout_stages_into_the_earlier_ones_buffers(
     assert pool.nbytes <= 3 * 800 and pool.take(2, (10,), np.float64) is not None
     assert pool.take(4, (10,), np.float64)[0] is sets[1][0]  # the last returned first
     assert pool.take(3, (10,), np.float64) is None
+
+
+def test_the_writing_thread_lets_the_run_take_the_interpreter_between_hdf5_calls(tmp_path, monkeypatch):
+    """let_the_run_go_on() releases the interpreter lock (sleep(0)) on a writing thread only: the run's
+    thread never sleeps in it, and a background writer's thread calls it between its HDF5 calls."""
+    from measureflow.io import background
+
+    slept = []
+    real_sleep = background.time.sleep
+    monkeypatch.setattr(background.time, "sleep", lambda s: (slept.append((s, background._worker.__dict__.get("active"))),
+                                                             real_sleep(s)))
+    background.let_the_run_go_on()
+    assert slept == []
+    writer = H5MDWriter(tmp_path / "y.h5", flush_frames=None, flush_seconds=None, background=True)
+    writer.open(_run())
+    for step in range(20):
+        writer.write_frame(step, 0.1 * step, mf.Particles(torch.full((1, 8, 2), float(step), dtype=torch.float64)))
+    writer.close()
+    assert slept and all(s == 0 and active for s, active in slept)
+    with h5py.File(tmp_path / "y.h5", "r") as f:
+        np.testing.assert_array_equal(f["particles/trajectory/position/value"][:, 0, 0], np.arange(20.0))

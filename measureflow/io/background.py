@@ -12,9 +12,23 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Callable
 
-__all__ = ["BackgroundWork"]
+__all__ = ["BackgroundWork", "let_the_run_go_on"]
+
+_worker = threading.local()
+
+
+def let_the_run_go_on() -> None:
+    """On a :class:`BackgroundWork` thread, between two calls that hold the interpreter lock (h5py
+    holds it through each of its calls): release it for a moment, so that the run's thread, if it
+    waits for it, takes it now rather than at the interpreter's next forced switch (5 ms by default).
+    Between a writing thread's HDF5 calls this lowered the run thread's share of time in the writer
+    from 7.00 to 6.68 % and from 7.81 to 7.26 %, and the run's wall time by 4.6 and 1.6 % (N = 10⁴,
+    a frame every 10th step; two measurements of 15 runs in turns). Anywhere else: nothing."""
+    if getattr(_worker, "active", False):
+        time.sleep(0)
 
 
 class BackgroundWork:
@@ -27,6 +41,7 @@ class BackgroundWork:
         self._thread.start()
 
     def _loop(self) -> None:
+        _worker.active = True
         while True:
             item = self._queue.get()
             try:

@@ -55,7 +55,7 @@ from .. import __version__
 from ..errors import MeasureflowError, ParameterError, ResumeRefusedError, ShapeError, TrajectoryFileError
 from . import layout as L
 from . import staging
-from .background import BackgroundWork
+from .background import BackgroundWork, let_the_run_go_on
 from .base import Writer
 from .runinfo import RunInfo
 from .atomic import atomic_replace
@@ -179,10 +179,12 @@ class _Element:
         i, k = self.rows, len(steps)
         for ds, data in ((self.value, values), (self.step, steps), (self.time, times)):
             ds.resize(i + k, axis=0)
+            let_the_run_go_on()
             if data.flags.c_contiguous and data.dtype == ds.dtype:
                 ds.write_direct(data, dest_sel=np.s_[i : i + k])
             else:
                 ds[i : i + k] = data
+            let_the_run_go_on()
         if k == self.batch > 1:
             # A full batch fills whole chunks: write them out of HDF5's chunk cache now (on the writing
             # thread with background=True) rather than at the next commit, which is the run's close in a
@@ -276,8 +278,10 @@ def _create_datasets(file: h5py.File, el: _Element, compression=None, opts=None)
         compression=compression,
         compression_opts=opts,
     )
+    let_the_run_go_on()
     group.create_dataset("step", shape=(0,), maxshape=(None,), chunks=(STEP_CHUNK,), dtype=np.int64)
     group.create_dataset("time", shape=(0,), maxshape=(None,), chunks=(STEP_CHUNK,), dtype=np.float64)
+    let_the_run_go_on()
 
 
 def valid_rows(file: h5py.File) -> dict[str, int]:
@@ -607,6 +611,7 @@ class H5MDWriter(Writer):
             "version", np.array(L.MODULE_VERSION, dtype=np.int32)
         )
 
+        let_the_run_go_on()
         params = f.require_group("parameters").create_dataset(
             "measureflow", data=json.dumps(run.parameters, sort_keys=False), dtype=h5py.string_dtype("utf-8")
         )
@@ -627,6 +632,7 @@ class H5MDWriter(Writer):
                 weights = run.weights if run.weights is not None else np.full((R, N), 1.0 / N)
                 f.create_dataset(L.WEIGHT, data=weights.reshape(R * N).astype(np.float64))
             f.create_dataset(L.REPLICA, data=np.repeat(np.arange(R, dtype=np.int32), N))
+        let_the_run_go_on()
         for el in self._frame_elements:
             _create_datasets(f, el, self.compression, self.compression_opts)
         if run.kind == "gaussians":
@@ -868,7 +874,9 @@ class H5MDWriter(Writer):
         for el in self._elements():
             el.bind(f)
         self._committed = f[L.COMMITTED]
+        let_the_run_go_on()
         f.swmr_mode = True
+        let_the_run_go_on()
         self._commit()
 
     # -- writing ----------------------------------------------------------------------------------
@@ -1106,6 +1114,7 @@ class H5MDWriter(Writer):
         # Data first, then the count of trustworthy rows, each made durable by a flush (at close, the
         # file's close flushes the count: a kill before it leaves the earlier count, which is safe).
         self._file.flush()
+        let_the_run_go_on()
         self._committed[...] = np.array([el.rows for el in self._elements()], dtype=np.int64)
         if not self._closing:
             self._file.flush()
