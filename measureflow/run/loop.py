@@ -222,8 +222,11 @@ class RunLoop:
             n = process.n_steps
             # What must see every state it fires on (a progress bar catches up at the next it sees).
             due = [op for op in ops if op.phase != REPORT]
+            # A trigger that may do more than answer (not Trigger.pure: a user's function or subclass)
+            # is never asked about steps ahead: such a run steps one at a time.
+            looks_ahead = all(getattr(getattr(op, "trigger", None), "pure", False) for op in due)
             while step < n:
-                k = self._steps_at_once(step, times, due, check_every)
+                k = self._steps_at_once(step, times, due, check_every) if looks_ahead else 1
                 try:
                     if k == 1:
                         new_state, peaks = process.advance(state, step), None
@@ -303,12 +306,9 @@ class RunLoop:
         """How many steps to take from ``step`` in one call: as many as the process allows (a
         compiled fixed-step simulation: several in one graph) while no operation fires and no check
         is due before the last of them, rounded down to a power of two (few graph lengths to
-        compile). The steps where something is due are the same as stepping one at a time. A
-        trigger that may do more than answer (not :attr:`~measureflow.triggers.Trigger.pure`: a
-        user's function or subclass) is never asked about steps ahead: its run steps one at a time."""
+        compile). The steps where something is due are the same as stepping one at a time. Asked
+        only where every trigger of ``ops`` is :attr:`~measureflow.triggers.Trigger.pure`."""
         limit = min(self.process.steps_at_once(step), self.process.n_steps - step)
-        if limit > 1 and not all(getattr(getattr(op, "trigger", None), "pure", False) for op in ops):
-            return 1
         for j in range(1, limit):
             s = step + j
             if (check_every is not None and s % check_every == 0) or any(op.fires(s, times[s], False) for op in ops):
