@@ -48,6 +48,12 @@ def _run(R=1, N=8, d=2):
                    observable_names=["energy"], observable_shapes={"energy": (R,)})
 
 
+def _write_frames(writer, steps, N=8):
+    """Frames of N points in 2-d, every coordinate equal to the frame's step, at time 0.1 · step."""
+    for step in steps:
+        writer.write_frame(step, 0.1 * step, mf.Particles(torch.full((1, N, 2), float(step), dtype=torch.float64)))
+
+
 def test_flush_waits_for_the_thread_and_frames_own_their_memory(tmp_path):
     """After flush() every frame handed over is committed; the state tensor, changed in place right after
     write_frame, does not change what was written (the frame was copied before the call returned)."""
@@ -206,10 +212,7 @@ def test_full_batches_leave_the_chunk_cache_but_commit_nothing(tmp_path, monkeyp
         path = tmp_path / f"{background}.h5"
         writer = H5MDWriter(path, flush_frames=None, flush_seconds=None, background=background)
         writer.open(_run())
-        x = torch.zeros(1, 8, 2, dtype=torch.float64)
-        for step in range(40):
-            x.fill_(step)
-            writer.write_frame(step, 0.1 * step, mf.Particles(x))
+        _write_frames(writer, range(40))
         assert writer._frame_elements[0].batch == 16 and writer.frames == 40
         assert flushed == ["/particles/trajectory/position/value"] * 2  # after rows 16 and 32
         flushed.clear()
@@ -249,12 +252,9 @@ def test_a_later_writer_of_the_same_layout_stages_into_the_earlier_ones_buffers(
         path = tmp_path / f"{i}.h5"
         writer = H5MDWriter(path, flush_frames=None, flush_seconds=None)
         writer.open(_run(N=1000))
-        x = torch.zeros(1, 1000, 2, dtype=torch.float64)
-        for step in range(70):  # one batch of 64 rows and 6 staged at close
-            x.fill_(step)
-            writer.write_frame(step, 0.1 * step, mf.Particles(x))
-            if step == 0:
-                first.append(writer._frame_elements[0].stage_value)
+        _write_frames(writer, range(1), N=1000)
+        first.append(writer._frame_elements[0].stage_value)
+        _write_frames(writer, range(1, 70), N=1000)  # one batch of 64 rows and 6 staged at close
         kept = writer._frame_elements[0].stage_value
         writer.close()
         with h5py.File(path, "r") as f:
@@ -288,8 +288,7 @@ def test_the_writing_thread_lets_the_run_take_the_interpreter_between_hdf5_calls
     assert slept == []
     writer = H5MDWriter(tmp_path / "y.h5", flush_frames=None, flush_seconds=None, background=True)
     writer.open(_run())
-    for step in range(20):
-        writer.write_frame(step, 0.1 * step, mf.Particles(torch.full((1, 8, 2), float(step), dtype=torch.float64)))
+    _write_frames(writer, range(20))
     writer.close()
     assert slept and all(s == 0 and active for s, active in slept)
     with h5py.File(tmp_path / "y.h5", "r") as f:
