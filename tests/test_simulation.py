@@ -211,6 +211,29 @@ def test_progress_bar_is_silent_off_a_terminal(capsys):
     assert "step" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bound", [None, 10.0])
+def test_health_answers_the_first_bad_step_whenever_asked(bound):
+    """Health.first_bad, asked at random steps (its one-read answer for a clean pending block, its fold
+    otherwise; blocks of 4 folded on the device in between), names the first step whose peak is NaN,
+    infinite or beyond the bound, and its kind, as a direct scan of the peaks does."""
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        peaks = rng.uniform(0.0, 9.0, 30)
+        for at in rng.choice(30, size=rng.integers(0, 3), replace=False):
+            peaks[at] = rng.choice([np.nan, np.inf, 11.0])
+        health = Health(bound, "cpu", block=4)
+        for step, peak in enumerate(peaks):
+            health.record(torch.tensor([peak]), step)
+            if rng.random() < 0.3 or step == len(peaks) - 1:
+                seen = peaks[: step + 1]
+                bad = ~np.isfinite(seen) | ((seen > bound) if bound is not None else False)
+                expected = None
+                if bad.any():
+                    first = int(np.argmax(bad))
+                    expected = (first, "nonfinite" if not np.isfinite(seen[first]) else "blowup")
+                assert health.first_bad() == expected
+
+
 @pytest.mark.gpu
 def test_data_leaves_the_device_only_where_a_writer_writes(monkeypatch):
     # CUDA's sync debug mode raises on any device→host synchronisation. It is switched off only
