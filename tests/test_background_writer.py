@@ -199,31 +199,61 @@ def test_an_error_creating_the_file_ends_the_run_with_the_same_line(tmp_path, mo
     assert messages[0] == messages[1]
 
 
-def test_full_batches_leave_the_chunk_cache_but_commit_nothing(tmp_path, monkeypatch):
-    """A full batch's chunks are written out of HDF5's chunk cache when the batch is appended (on the
-    writing thread in the background, not at the run's close), in both modes alike (the files are the
-    same bytes); a reader still trusts only the rows of the last flush."""
+def test_whole_chunks_go_to_the_file_as_they_are_and_batches_realign_after_a_flush(tmp_path, monkeypatch):
+    """A full batch of whole chunks is written to the file as it is (no chunk cache, nothing left for a
+    later flush to write), in both modes alike (the files are the same bytes); a reader still trusts
+    only the rows of the last flush. A flush hands over part of a batch (rows 32–39 of 16-row chunks):
+    the next batch is 8 rows, so the one after fills a whole chunk again (rows 48–63)."""
     monkeypatch.setattr(h5md, "STAGE_BYTES", 16 * 8 * 2 * 8)  # 16 rows of (8, 2) float64: one chunk
-    flushed = []
-    real = h5py.Dataset.flush
-    monkeypatch.setattr(h5py.Dataset, "flush", lambda ds: (flushed.append(ds.name), real(ds)))
+    direct, flushed = [], []
+    real_direct = h5md._write_whole_chunks
+    monkeypatch.setattr(h5md, "_write_whole_chunks",
+                        lambda ds, rows, first, c: (direct.append((first, len(rows))), real_direct(ds, rows, first, c)))
+    real_flush = h5py.Dataset.flush
+    monkeypatch.setattr(h5py.Dataset, "flush", lambda ds: (flushed.append(ds.name), real_flush(ds)))
     files = []
     for background in (False, True):
         path = tmp_path / f"{background}.h5"
         writer = H5MDWriter(path, flush_frames=None, flush_seconds=None, background=background)
         writer.open(_run())
         _write_frames(writer, range(40))
+        writer._work and writer._work.drain()
         assert writer._frame_elements[0].batch == 16 and writer.frames == 40
-        assert flushed == ["/particles/trajectory/position/value"] * 2  # after rows 16 and 32
-        flushed.clear()
+        assert direct == [(0, 16), (16, 16)] and flushed == []
         with h5py.File(path, "r", libver="latest", swmr=True) as f:
             assert valid_rows(f)["particles/trajectory/position"] == 0  # nothing flushed yet
+        writer.flush()
+        _write_frames(writer, range(40, 70))
+        writer._work and writer._work.drain()
+        assert direct == [(0, 16), (16, 16), (48, 16)]
+        direct.clear()
         writer.close()
         with h5py.File(path, "r") as f:
-            assert valid_rows(f)["particles/trajectory/position"] == 40
-            np.testing.assert_array_equal(f["particles/trajectory/position/value"][:, 0, 0], np.arange(40.0))
+            assert valid_rows(f)["particles/trajectory/position"] == 70
+            np.testing.assert_array_equal(f["particles/trajectory/position/value"][:, :, :],
+                                          np.broadcast_to(np.arange(70.0)[:, None, None], (70, 8, 2)))
+            np.testing.assert_array_equal(f["particles/trajectory/position/step"][:], np.arange(70))
         files.append(path.read_bytes())
     assert files[0] == files[1]
+
+
+def test_compressed_chunks_go_through_the_chunk_cache(tmp_path, monkeypatch):
+    """With a filter the chunk's bytes on disk are not the rows: full batches go through HDF5's chunk
+    cache, which is written out at once (not at the next commit), and the rows read back."""
+    monkeypatch.setattr(h5md, "STAGE_BYTES", 16 * 8 * 2 * 8)
+    direct, flushed = [], []
+    monkeypatch.setattr(h5md, "_write_whole_chunks", lambda *a: direct.append(a))
+    real_flush = h5py.Dataset.flush
+    monkeypatch.setattr(h5py.Dataset, "flush", lambda ds: (flushed.append(ds.name), real_flush(ds)))
+    path = tmp_path / "gzip.h5"
+    writer = H5MDWriter(path, flush_frames=None, flush_seconds=None, compression="gzip")
+    writer.open(_run())
+    _write_frames(writer, range(40))
+    assert direct == [] and flushed == ["/particles/trajectory/position/value"] * 2  # after rows 16 and 32
+    writer.close()
+    with h5py.File(path, "r") as f:
+        assert f["particles/trajectory/position/value"].compression == "gzip"
+        np.testing.assert_array_equal(f["particles/trajectory/position/value"][:, 0, 0], np.arange(40.0))
 
 
 def test_a_batch_is_one_chunk_of_a_frame_of_ten_thousand_particles():

@@ -281,35 +281,37 @@ def test_flush_schedule_counts_frames_and_seconds(tmp_path, monkeypatch):
         write_steps(writer, [4])
 
 
+@pytest.mark.parametrize("at", ["value", "step"])
 @pytest.mark.parametrize("staged", [False, True])
-def test_interrupted_write_is_cut_back_on_close(tmp_path, monkeypatch, staged):
-    """A write interrupted between two h5py calls leaves no partial row. Rows written at once
-    (STAGE_BYTES = 0): the frame whose write_frame raised is lost. Staged rows: write_frame only copies,
-    the batch write of the flush is interrupted, and close appends the staged rows again, so every frame
-    whose write_frame returned is in the file."""
+def test_interrupted_write_is_cut_back_on_close(tmp_path, monkeypatch, staged, at):
+    """A write interrupted between two h5py calls leaves no partial row. In the positions' write: rows
+    written at once (STAGE_BYTES = 0), the frame whose write_frame raised is lost; staged rows,
+    write_frame only copies, the batch write of the flush is interrupted, and close appends the staged
+    rows again, so every frame whose write_frame returned is in the file. In the write of the steps
+    (they wait for the flush's commit), close writes them again: every frame is in the file."""
     if not staged:
         monkeypatch.setattr(h5md_module, "STAGE_BYTES", 0)
     path = tmp_path / "i.h5"
     writer = H5MDWriter(path)
     writer.open(run_info())
     write_steps(writer, range(3))
-    if staged:
+    if staged or at == "step":
         writer.flush()
         write_steps(writer, [3])
-    real_resize = h5py.Dataset.resize
+    real_write = h5md_module._write_slab
 
-    def interrupt(self, *args, **kwargs):  # like a SIGTERM handler raising between two h5py calls
-        real_resize(self, *args, **kwargs)
-        if self.name.endswith("position/step"):
+    def interrupt(ds, rows, first):  # like a SIGTERM handler raising between two h5py calls
+        if ds.name.endswith(f"position/{at}"):  # extended already, not written
             raise KeyboardInterrupt
+        real_write(ds, rows, first)
 
-    monkeypatch.setattr(h5py.Dataset, "resize", interrupt)
+    monkeypatch.setattr(h5md_module, "_write_slab", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        writer.flush() if staged else write_steps(writer, [3])
-    monkeypatch.setattr(h5py.Dataset, "resize", real_resize)
+        writer.flush() if staged or at == "step" else write_steps(writer, [3])
+    monkeypatch.setattr(h5md_module, "_write_slab", real_write)
     writer.set_status("interrupted", 3, 0.75, "SIGTERM")
     writer.close()
-    kept = [0, 1, 2, 3] if staged else [0, 1, 2]
+    kept = [0, 1, 2, 3] if staged or at == "step" else [0, 1, 2]
     with open_trajectory(path) as traj:
         assert len(traj) == len(kept) and traj.steps.tolist() == kept
         assert traj.status.code == "interrupted" and traj.status.message == "SIGTERM"
