@@ -14,9 +14,16 @@ frame into a staging buffer and hands whole batches to the thread), interleaving
 time the run's thread spends in the writer; the wall-time difference also carries the writing
 thread's competition for the cores (on a loaded machine it has none to spare).
 
+Every file is deleted as soon as its run is timed. Kept, the files of the earlier runs (8 MB each at
+N = 10⁴) are written back to the disk by the kernel while the later runs write theirs, and a write
+into the page cache then took 2.7 ms a MiB instead of 0.28: the result said more about how many runs
+came before than about the writer (a single run's file is written back after it ends). A long run's
+own file is written back while it runs, on the same cores: ``--dir /dev/shm`` (memory, nothing to
+write back) separates that cost of the disk from the writer's.
+
 Usage::
 
-    python benchmarks/bench_writer.py [--frames 100] [--repeats 3] [--sizes 10000 100000] [--quick] [--threads 1]
+    python benchmarks/bench_writer.py [--frames 100] [--repeats 3] [--sizes 10000 100000] [--quick] [--threads 1] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -49,7 +56,9 @@ def bench_writer(path: Path, x: torch.Tensor, frames: int, **options) -> float:
     for step in range(frames):
         writer.write_frame(step, 0.01 * step, state)
     writer.close()
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return elapsed
 
 
 def bench_bare(path: Path, x: torch.Tensor, frames: int) -> float:
@@ -70,7 +79,9 @@ def bench_bare(path: Path, x: torch.Tensor, frames: int) -> float:
             steps[i] = i
             times.resize(i + 1, axis=0)
             times[i] = 0.01 * i
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return elapsed
 
 
 class TimedWriter(H5MDWriter):
@@ -111,7 +122,10 @@ def bench_run(path: Path | None, n: int, steps: int, every: int = 10, background
                                writers=writers, seed=0, progress=False)
     start = time.perf_counter()
     simulation.run()
-    return time.perf_counter() - start, (writers[0].spent if writers else 0.0)
+    elapsed = time.perf_counter() - start
+    if path is not None:
+        path.unlink()
+    return elapsed, (writers[0].spent if writers else 0.0)
 
 
 def main(argv=None) -> None:
@@ -122,6 +136,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dim", type=int, default=2)
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--steps", type=int, default=500, help="steps of the whole-run comparison")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="where the files are written (default: the system's temporary directory)")
     add_standard_arguments(parser, "writer", "N = 10⁴, 20 frames, 100 steps, 2 repeats")
     args = parser.parse_args(argv)
     if args.quick:
@@ -135,7 +151,8 @@ def main(argv=None) -> None:
         f"{'N':>8} {'MB/frame':>9} {'bare ms/frame':>14} {'writer ms/frame':>16} {'ratio':>6} "
         f"{'writer, flush every 10':>24}"
     )
-    with tempfile.TemporaryDirectory() as tmp:
+    print(f"files in {args.dir or tempfile.gettempdir()}")
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
         for n in args.sizes:
             x = torch.randn(1, n, args.dim, dtype=dtype)
@@ -176,6 +193,7 @@ def main(argv=None) -> None:
                   f"{100 * (w / b - 1):>20.1f}% {g:>13.3f} {100 * statistics.median(bg_shares):>8.1f}% "
                   f"{100 * (g / b - 1):>12.1f}%", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    env["files_in"] = str(args.dir or tempfile.gettempdir())
     args.out.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     print(f"written: {args.out.with_suffix('.json')}")
 
