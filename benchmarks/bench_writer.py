@@ -16,7 +16,8 @@ thread's competition for the cores (on a loaded machine it has none to spare).
 
 Every file is deleted as soon as its run is timed. Kept, the files of the earlier runs (8 MB each at
 N = 10⁴) are written back to the disk by the kernel while the later runs write theirs, and a write
-into the page cache then took 2.7 ms a MiB instead of 0.28: the result said more about how many runs
+into the page cache then took several times longer (3.1 against 0.22 ms a MiB right after 200 MB
+were written and kept): the result said more about how many runs
 came before than about the writer (a single run's file is written back after it ends). A long run's
 own file is written back while it runs, on the same cores: ``--dir /dev/shm`` (memory, nothing to
 write back) separates that cost of the disk from the writer's.
