@@ -313,8 +313,8 @@ def _whole_row_chunks(value: h5py.Dataset) -> int:
 
 
 def _write_slab(ds: h5py.Dataset, rows: np.ndarray, first: int) -> None:
-    """Write ``rows`` (C-contiguous; HDF5 converts their type) at row ``first`` of ``ds``, extended to hold
-    them. HDF5's own calls: between a run's steps h5py's slicing cost several times the write (a
+    """Write ``rows`` (C-contiguous; HDF5 converts their type) at row ``first`` of ``ds`` (already
+    extended to hold them). HDF5's own calls: between a run's steps h5py's slicing cost several times the write (a
     resize took 160 µs and a slab write of 6 steps 260 µs in a run, 19 and 60 µs in a loop; its
     own calls, 2 and 15 µs in the loop)."""
     zeros = (0,) * (rows.ndim - 1)
@@ -327,7 +327,8 @@ def _write_whole_chunks(value: h5py.Dataset, rows: np.ndarray, first: int, chunk
     """Write ``rows`` (whole chunks of ``chunk_rows`` rows of ``value``'s type) at row ``first``, a chunk
     boundary, to the file as they are: no copy into HDF5's chunk cache and no conversion, the same bytes
     on disk as a write through the cache (a 1 MiB chunk took 0.23 ms this way against 0.53 ms through the
-    cache in a loop here; in a run of 10⁴ particles the writer's share of each frame fell by 30 %)."""
+    cache in a loop here; a foreground run of 10⁴ particles spent 11.4 ms in ``write_frame`` for 51
+    frames, against 15.9 ms)."""
     zeros = (0,) * (rows.ndim - 1)
     for j in range(0, len(rows), chunk_rows):
         value.id.write_direct_chunk((first + j, *zeros), rows[j : j + chunk_rows])
