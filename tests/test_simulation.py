@@ -211,7 +211,7 @@ def test_progress_bar_is_silent_off_a_terminal(capsys):
     assert "step" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bound", [None, 10.0])
+@pytest.mark.parametrize("bound", [None, 10.0, float("inf")])
 def test_health_answers_the_first_bad_step_whenever_asked(bound):
     """Health.first_bad, asked at random steps (its one-read answer for a clean pending block, its fold
     otherwise; blocks of 4 folded on the device in between), names the first step whose peak is NaN,

@@ -81,7 +81,9 @@ class Health:
             # if any is NaN) within bounds and no offending step folded before. A full fold costs about
             # ten small operations, at every frame a run writes.
             peak = self.peaks[: self.filled].max()
-            fine = torch.isfinite(peak) if self.bound is None else peak <= self.bound
+            fine = torch.isfinite(peak)
+            if self.bound is not None:  # an infinite bound still counts an infinite peak, as _fold does
+                fine = fine & (peak <= self.bound)
             if bool(fine & (self.first < 0)):
                 self.filled = 0
                 self.host_steps = []
