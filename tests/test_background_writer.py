@@ -75,6 +75,32 @@ def test_flush_waits_for_the_thread_and_frames_own_their_memory(tmp_path):
     writer.close()
 
 
+def test_rows_held_for_the_writing_thread_and_rows_copied_at_once_mix_in_one_batch(tmp_path):
+    """A host tensor of the file's dtype is cloned and copied into the batch by the writing thread; one of
+    another dtype is converted into the batch at the call. Frames alternating the two land in their rows."""
+    path = tmp_path / "t.h5"
+    writer = H5MDWriter(path, flush_frames=None, flush_seconds=None, background=True)
+    writer.open(RunInfo(kind="particles", replicas=1, size=8, dim=2, dtype="float32"))
+    x = torch.zeros(1, 8, 2, dtype=torch.float32)
+    for step in range(7):
+        x.fill_(step + 0.5)
+        writer.write_frame(step, 0.1 * step, mf.Particles(x if step % 2 else x.double()))
+    assert writer._frame_elements[0].batch > 7  # all seven rows are one batch, handed over by the flush
+    x.fill_(-1.0)
+    writer.close()
+    with h5py.File(path, "r") as f:
+        values = f["particles/trajectory/position/value"][:]
+    np.testing.assert_array_equal(values, (np.arange(7, dtype=np.float32) + 0.5)[:, None, None] * np.ones((1, 8, 2)))
+
+
+def test_fill_held_copies_each_held_row_into_its_place():
+    values = np.zeros((4, 3))
+    h5md.fill_held(values, [(0, torch.ones(3, dtype=torch.float64)), (2, torch.full((3,), 2.0, dtype=torch.float64))])
+    np.testing.assert_array_equal(values, [[1, 1, 1], [0, 0, 0], [2, 2, 2], [0, 0, 0]])
+    h5md.fill_held(values, [(i, torch.full((3,), 5.0 + i, dtype=torch.float64)) for i in range(4)])
+    np.testing.assert_array_equal(values, 5.0 + np.arange(4)[:, None] * np.ones((1, 3)))
+
+
 def test_an_error_of_the_thread_reaches_the_next_call(tmp_path, monkeypatch):
     """A step out of order is refused at the call, as in the foreground (rows are staged on the run's
     thread). An I/O error of the writing thread reaches the run's thread at its next flush; close raises
