@@ -136,6 +136,7 @@ class _Element:
     whole_chunks: int = 0  # rows of a value chunk that holds whole rows and no filter (0: none such)
     waiting: list = attrs.field(factory=list)  # (steps, times) of the rows ``rows`` to ``written``
     chunk_sizes: tuple = ()  # (rows, bytes) of a chunk of the value, step and time datasets, from bind()
+    torch_dtype: object = None  # of the value dataset (False: none), found at the first staged tensor
     hold: bool = False  # stage a host tensor's row as a copy of its own, copied into the buffer later (:meth:`stage`)
     held: list = attrs.field(factory=list)  # (row, tensor) of the staged rows not yet in ``stage_value``
 
@@ -181,24 +182,30 @@ class _Element:
 
     def stage(self, step: int, time: float, value) -> None:
         """Copy one row (an array, or a tensor on any device: copied straight into the buffer, with
-        no host array between) into the staging buffers (a spare set, or new ones, at the first row of
-        a batch)."""
+        no host array between; a tensor may keep its own shape, of the row's size) into the staging
+        buffers (a spare set, or new ones, at the first row of a batch)."""
         if self.stage_value is None or self.stage_value.shape[0] != self.batch:
             self.stage_value, self.stage_step, self.stage_time = self.spare.pop() if self.spare else self.buffers()
             self.stage_tensor = None
         k = self.staged
-        if self.hold and isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dtype == _TORCH.get(self.dtype):
-            # With a writing thread: the row is cloned, and the thread copies it into the buffer (fill_held).
-            # The clone lands in memory this core just freed, the buffer in memory the writing thread's core
-            # last wrote: 31 against 60 µs for a row of 160 kB in a run of 10⁴ particles.
-            self.held.append((k, value.clone()))
-        elif isinstance(value, torch.Tensor) and value.device.type != "cpu":
-            if self.stage_tensor is None:  # the buffer's memory as a tensor (made once per batch)
-                self.stage_tensor = torch.from_numpy(self.stage_value)
-            self.stage_tensor[k].copy_(value)
+        if isinstance(value, torch.Tensor):
+            if self.torch_dtype is None:
+                self.torch_dtype = _TORCH.get(self.dtype, False)
+            if self.hold and value.is_cpu and value.dtype is self.torch_dtype:
+                # With a writing thread: the row is cloned, and the thread copies it into the buffer
+                # (fill_held). The clone lands in memory this core just freed, the buffer in memory the
+                # writing thread's core last wrote: 31 against 60 µs for a row of 160 kB in a run of 10⁴
+                # particles. One torch call: each lets the writing thread take the interpreter lock.
+                self.held.append((k, value.clone()))
+            elif not value.is_cpu:
+                if self.stage_tensor is None:  # the buffer's memory as a tensor (made once per batch)
+                    self.stage_tensor = torch.from_numpy(self.stage_value)
+                self.stage_tensor[k].view(value.shape).copy_(value)
+            else:
+                # A host tensor's array is its memory (numpy's copy costs less than a tensor copy's dispatch).
+                self.stage_value[k] = value.numpy().reshape(self.sample_shape)
         else:
-            # A host tensor's array is its memory (numpy's copy costs less than a tensor copy's dispatch).
-            self.stage_value[k] = value.numpy() if isinstance(value, torch.Tensor) else value
+            self.stage_value[k] = value
         self.stage_step[k] = step
         self.stage_time[k] = time
         self.staged = k + 1
@@ -296,10 +303,11 @@ def fill_held(values: np.ndarray, held: list) -> None:
         return
     target = torch.from_numpy(values)
     if len(held) == len(values) and all(row == i for i, (row, _) in enumerate(held)):
-        torch.stack([t for _, t in held], out=target)
+        rows = [t for _, t in held]
+        torch.stack(rows, out=target.view(len(rows), *rows[0].shape))
     else:
         for row, t in held:
-            target[row].copy_(t)
+            target[row].view(t.shape).copy_(t)
 
 
 #: The torch dtype of each numpy dtype a staged row may have (a held row is cloned only when it matches).
@@ -1119,12 +1127,17 @@ class H5MDWriter(Writer):
         """Append the state at (step, time); the only place where positions leave the device."""
         self._check_open()
         step, time = int(step), float(time)
-        with self._io("write a frame"):
+        try:  # self._io("write a frame"), inline: this runs at every frame
             self._maybe_flush()
             # A staged row is copied from the tensor into the staging buffer; the writing thread writes a
             # large row (batch_rows) from the array itself: a copy it owns.
             staged = [el.batch > 1 for el in self._frame_elements]
             self._write_frame_arrays(step, time, self._frame_arrays(state, copy=self._work is not None, staged=staged))
+        except MeasureflowError:
+            raise
+        except (OSError, RuntimeError) as exc:
+            self._failed = True
+            raise io_failure(self.path, "write a frame", exc) from exc
 
     def _frame_arrays(self, state, copy: bool = False, staged=()) -> list:
         """The frame's rows, one per frame element, checked against the run's shapes: the tensor itself
@@ -1132,12 +1145,14 @@ class H5MDWriter(Writer):
         ``copy``: the caller owns the arrays (a host state's tensors share memory with them otherwise)."""
         run = self.run
 
-        def host(t: torch.Tensor, i: int):
+        def host(t: torch.Tensor, i: int, shape: tuple):
+            """``t`` (of ``shape``'s size) where it is staged (which copies it, in its own shape: a reshape is
+            one more torch call), else a host array of ``shape``."""
             if i < len(staged) and staged[i]:
-                return t
+                return t.detach() if t.requires_grad else t
             # .cpu() of a device tensor is already a new host copy; a host tensor's array is its memory
-            a = t.cpu().numpy()
-            return np.array(a) if copy and t.device.type == "cpu" else a
+            a = t.detach().cpu().numpy().reshape(shape)
+            return np.array(a) if copy and t.is_cpu else a
 
         if run.kind == "particles":
             x = getattr(state, "x", None)
@@ -1146,7 +1161,7 @@ class H5MDWriter(Writer):
                     f"{self.path}: expected a Particles state of shape (R, N, d) = "
                     f"{(run.replicas, run.size, run.dim)}, received {state!r}"
                 )
-            arrays = [host(x.detach().reshape(run.rows, run.dim), 0)]
+            arrays = [host(x, 0, (run.rows, run.dim))]
             if run.channels:
                 held = getattr(state, "channels", {})
                 for name, tail in run.channels.items():
@@ -1157,9 +1172,9 @@ class H5MDWriter(Writer):
                             f"{self.path}: channel {name!r} must have shape {(run.replicas, run.size, *tail)} in "
                             f"every frame; received {got}"
                         )
-                    arrays.append(host(value.detach().reshape(run.rows, *tail).to(x.dtype), len(arrays)))
+                    arrays.append(host(value.to(x.dtype), len(arrays), (run.rows, *tail)))
             if run.moving_weights:
-                arrays.append(host(state.weights_or_uniform().detach().reshape(run.rows).to(torch.float64), len(arrays)))
+                arrays.append(host(state.weights_or_uniform().to(torch.float64), len(arrays), (run.rows,)))
             return arrays
         if run.kind == "mixtures":
             R, K, d = run.replicas, run.size, run.dim
