@@ -535,7 +535,8 @@ class H5MDWriter(Writer):
         creates a new file (:meth:`open` takes the lock, checks an existing file and plans the datasets'
         layout, then returns; an error creating the file is raised by the next call, as the one-line
         error a foreground open raises), the run's thread copies each frame off the device into the
-        staging buffers and goes on; full batches
+        staging buffers (a host tensor into a copy of its own, which the writing thread copies into
+        the buffers: :meth:`_Element.stage`) and goes on; full batches
         (module docstring, "Growth") and scheduled flushes are handed to the thread, which appends
         them while the run fills other buffers, at most one more batch waiting (double buffering).
         Every flush (:meth:`flush`, hence before each checkpoint), :meth:`close` (on SIGTERM, at
