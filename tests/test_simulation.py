@@ -211,6 +211,26 @@ def test_progress_bar_is_silent_off_a_terminal(capsys):
     assert "step" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_health_records_the_largest_absolute_value_as_the_infinity_norm_does(dtype):
+    """A step's peak is max |value| over every value of any shape: NaN if one is NaN, inf if one is ±inf,
+    the largest magnitude of a negative value included (the same as torch.linalg.vector_norm(ord=inf))."""
+    g = torch.Generator().manual_seed(5)
+    cases = [torch.randn(2, 7, 3, generator=g, dtype=dtype) * 4.0 for _ in range(4)]
+    cases[1].view(-1)[9] = -50.0  # the peak is a negative value's magnitude
+    cases[2].view(-1)[4] = -math.inf
+    cases[3].view(-1)[[2, 30]] = torch.tensor([math.inf, math.nan], dtype=dtype)
+    cases.append(torch.empty(0, dtype=dtype))
+    health = Health(None, "cpu", block=8)
+    for step, values in enumerate(cases):
+        health.record(values, step)
+    # (vector_norm refuses no values; the record takes their peak as 0)
+    expected = torch.stack([torch.linalg.vector_norm(v, ord=math.inf) if v.numel() else torch.zeros((), dtype=dtype)
+                            for v in cases])
+    torch.testing.assert_close(health.peaks[: len(cases)], expected, equal_nan=True, rtol=0, atol=0)
+    assert health.peaks[1].item() == 50.0 and health.peaks[2].item() == math.inf and health.first_bad() == (2, "nonfinite")
+
+
 @pytest.mark.parametrize("bound", [None, 10.0, float("inf")])
 def test_health_answers_the_first_bad_step_whenever_asked(bound):
     """Health.first_bad, asked at random steps (its one-read answer for a clean pending block, its fold
