@@ -93,6 +93,34 @@ def test_rows_held_for_the_writing_thread_and_rows_copied_at_once_mix_in_one_bat
     np.testing.assert_array_equal(values, (np.arange(7, dtype=np.float32) + 0.5)[:, None, None] * np.ones((1, 8, 2)))
 
 
+def test_a_frame_interrupted_between_its_elements_is_dropped_with_its_held_row(tmp_path, monkeypatch):
+    """An interruption after the positions of a frame were staged (held for the writing thread) but before
+    its channel was: close keeps the complete frames before it, each with its own positions and channel."""
+    path = tmp_path / "t.h5"
+    writer = H5MDWriter(path, flush_frames=None, flush_seconds=None, background=True)
+    writer.open(RunInfo(kind="particles", replicas=1, size=4, dim=2, dtype="float64", channels={"charge": ()}))
+    stage = h5md._Element.stage
+
+    def interrupted(el, step, time, value):
+        if step == 3 and el.path.endswith("charge"):
+            raise KeyboardInterrupt
+        stage(el, step, time, value)
+
+    monkeypatch.setattr(h5md._Element, "stage", interrupted)
+    x, charge = torch.zeros(1, 4, 2, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)
+    with pytest.raises(KeyboardInterrupt):
+        for step in range(5):
+            x.fill_(step)
+            charge.fill_(10.0 * step)
+            writer.write_frame(step, 0.1 * step, mf.Particles(x, channels={"charge": charge}))
+    assert [len(el.held) for el in writer._frame_elements] == [4, 3]  # frame 3's positions are held
+    writer.close()
+    with h5py.File(path, "r") as f:
+        assert valid_rows(f)["particles/trajectory/position"] == 3
+        np.testing.assert_array_equal(f["particles/trajectory/position/value"][:3], np.arange(3.0)[:, None, None] * np.ones((1, 4, 2)))
+        np.testing.assert_array_equal(f["particles/trajectory/charge/value"][:3], 10.0 * np.arange(3.0)[:, None] * np.ones((1, 4)))
+
+
 def test_fill_held_copies_each_held_row_into_its_place():
     values = np.zeros((4, 3))
     h5md.fill_held(values, [(0, torch.ones(3, dtype=torch.float64)), (2, torch.full((3,), 2.0, dtype=torch.float64))])

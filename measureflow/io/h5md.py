@@ -261,8 +261,9 @@ class _Element:
         self.waiting = []
 
     def take_staged(self) -> tuple:
-        """The staged rows as ``(values, steps, times, buffers)``, handed over: the stage starts a new batch
-        (in other buffers, so that a writing thread may still read these; return them to ``spare``)."""
+        """The staged rows as ``(values, steps, times, buffers, held)``, handed over: the stage starts a new
+        batch (in other buffers, so that a writing thread may still read these; return them to ``spare``);
+        ``held``: the rows still to be copied into ``values`` (:func:`fill_held`)."""
         k, buffers = self.staged, (self.stage_value, self.stage_step, self.stage_time)
         held, self.held = [(row, t) for row, t in self.held if row < k], []
         self.stage_value = self.stage_step = self.stage_time = self.stage_tensor = None
@@ -1121,6 +1122,7 @@ class H5MDWriter(Writer):
             common = min(totals)
             for el in self._frame_elements:
                 el.staged -= min(el.staged, el.handed + el.staged - common)
+                el.held = [(row, t) for row, t in el.held if row < el.staged]
                 # Rows already handed over beyond the common count are cut back by _repair.
                 el.last_step = int(el.stage_step[el.staged - 1]) if el.staged else el.handed_last_step
 
