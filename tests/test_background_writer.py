@@ -101,10 +101,10 @@ def test_a_frame_interrupted_between_its_elements_is_dropped_with_its_held_row(t
     writer.open(RunInfo(kind="particles", replicas=1, size=4, dim=2, dtype="float64", channels={"charge": ()}))
     stage = h5md._Element.stage
 
-    def interrupted(el, step, time, value):
+    def interrupted(el, step, time, value, **options):
         if step == 3 and el.path.endswith("charge"):
             raise KeyboardInterrupt
-        stage(el, step, time, value)
+        stage(el, step, time, value, **options)
 
     monkeypatch.setattr(h5md._Element, "stage", interrupted)
     x, charge = torch.zeros(1, 4, 2, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)
